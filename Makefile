@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: demo test install clean-data lock
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Main job on the embedded default: local Ray, generated benchmark, shipped weights.
+demo: $(STAMP)
+	$(BIN)/rrt-dist evaluate $(ARGS)
+
+## The test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+## Regenerate constraints.txt from the current environment (after changing dependencies).
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^rrt-dist' > constraints.txt
+
+clean-data:
+	rm -rf data outputs
