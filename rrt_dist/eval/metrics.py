@@ -160,7 +160,8 @@ def metric_learning_from_ranks(ranks: np.ndarray, query_labels: np.ndarray, gall
     """
     ranks = np.asarray(ranks)
     n_relevant = np.asarray(n_relevant)
-    relevant = np.asarray(gallery_labels)[ranks] == np.asarray(query_labels)[:, None]
+    # negative entries pad short rankings and never count as relevant
+    relevant = (np.asarray(gallery_labels)[ranks] == np.asarray(query_labels)[:, None]) & (ranks >= 0)
     depth = ranks.shape[1]
     need = max(max(recall_ks), int(n_relevant.max(initial=0)))
     if depth < min(need, len(gallery_labels) - 1):

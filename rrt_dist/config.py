@@ -1,0 +1,152 @@
+"""Structured configs (dataclasses) behind the Hydra groups in ``configs/``.
+
+Each YAML option extends one of these schemas, so a mistyped or unknown key fails at start-up
+with Hydra's message naming the key and the schema. Registered in Hydra's ConfigStore on import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RayConfig:
+    """``address: null`` starts an embedded Ray sized to this machine; ``auto`` or ``ray://host:port`` joins a cluster."""
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None          # embedded only; default: the CPUs this process may use
+    num_gpus: Optional[int] = None          # embedded only; default: what Ray detects
+    object_store_memory: Optional[int] = None
+    namespace: str = "rrt-dist"
+
+
+@dataclass
+class DistractorsConfig:
+    """Distractors appended after the gallery: ``none``, ``r1m`` (revisitop1m layout) or ``synthetic``."""
+    name: str = "none"
+    root: Optional[str] = None              # r1m: the revisitop1m folder; synthetic: <dataset.root>/distractors
+    limit: Optional[int] = None             # keep the first N (partial runs)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = MISSING
+    distractors: DistractorsConfig = field(default_factory=DistractorsConfig)
+
+
+@dataclass
+class RevisitopConfig(DatasetConfig):
+    """roxford5k / rparis6k: ``root`` holds gnd_<name>.pkl and jpg/."""
+
+
+@dataclass
+class GLDv2Config(DatasetConfig):
+    name: str = "gldv2"
+    train_landmarks: Optional[int] = 12000   # the RRT paper's training subset
+    train_min_images: int = 10
+    train_max_images: Optional[int] = 500
+    train_seed: int = 0
+
+
+@dataclass
+class MSLSConfig(DatasetConfig):
+    name: str = "msls"
+    cities: list[str] = field(default_factory=lambda: ["cph", "sf"])
+    radius_m: float = 25.0
+    subtask: str = "all"
+
+
+@dataclass
+class MetricLearningConfig(DatasetConfig):
+    """sop / cub200 / cars196."""
+    split: str = "test"
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    name: str = "folder"
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    """The generated benchmark; sizes default to the embedded demo (see presets in configs/experiment)."""
+    name: str = "synthetic"
+    root: str = "data/synthetic"
+    split: str = "test"                      # test | val (val is for model selection during training)
+    seed: int = 0
+    n_landmarks: int = 50
+    n_val_landmarks: int = 20
+    n_train_landmarks: int = 200
+    views_per_landmark: int = 8
+    train_views_per_landmark: int = 6
+    queries_per_landmark: int = 1
+    n_distractors: int = 1000
+    family_size: int = 4
+    view_width: int = 384
+    view_height: int = 288
+
+
+@dataclass
+class BackboneConfig:
+    """Descriptor extractor: a name from the ``rrt_dist.features`` registry and its weights."""
+    name: str = "tiny-image"
+    checkpoint: Optional[str] = None
+    batch_size: int = 64
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "Flat"                    # FAISS index_factory string (inner product)
+    k: int = 100                             # neighbours kept per query
+
+
+@dataclass
+class RerankerConfig:
+    name: str = "none"                       # none | gv | rrt | aqe+rrt
+    k: int = 100                             # top-K reranked
+
+
+@dataclass
+class TrainConfig:
+    """RRT training hyper-parameters (DELG / GLDv2 setting of the paper)."""
+    epochs: int = 15
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    batch_size: int = 12                     # triplets per step per worker
+    num_workers: int = 2
+    grad_clip: Optional[float] = 0.1
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    dataset: Any = MISSING
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+DATASET_SCHEMAS = {
+    "revisitop": RevisitopConfig, "gldv2": GLDv2Config, "msls": MSLSConfig,
+    "metric_learning": MetricLearningConfig, "folder": FolderConfig, "synthetic": SyntheticConfig,
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, schema in DATASET_SCHEMAS.items():
+        cs.store(group="dataset", name=f"schema_{name}", node=schema)
+    for group, schema in (("backbone", BackboneConfig), ("index", IndexConfig), ("reranker", RerankerConfig),
+                          ("train", TrainConfig), ("ray", RayConfig)):
+        cs.store(group=group, name="schema", node=schema)
+    cs.store(group="dataset/distractors", name="schema", node=DistractorsConfig)
+
+
+register()

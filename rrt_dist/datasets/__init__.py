@@ -1,0 +1,71 @@
+"""Benchmark readers: one ``Benchmark`` (manifests + ground truth + protocol) per dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (MANIFEST_SCHEMA, Benchmark, DatasetLayoutError, concat_manifests, make_manifest,
+                   stable_id)
+from .folder import read_folder
+from .gldv2 import read_gldv2_retrieval, read_gldv2_train
+from .metric_learning import read_cars196, read_cub200, read_sop
+from .msls import read_msls
+from .revisitop import read_r1m, read_revisitop
+
+__all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "load_benchmark", "load_distractors",
+           "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
+           "read_gldv2_retrieval", "read_gldv2_train", "read_msls", "read_sop", "read_cub200", "read_cars196",
+           "read_folder"]
+
+
+def synthetic_spec(cfg):
+    from dataclasses import fields
+
+    from .synthetic import SyntheticSpec
+
+    return SyntheticSpec(**{f.name: cfg[f.name] for f in fields(SyntheticSpec) if f.name in cfg})
+
+
+def load_distractors(cfg):
+    """The distractor manifest named by ``cfg.distractors`` (None for ``none``)."""
+    d = cfg.distractors
+    if d.name == "none":
+        return None
+    if d.name == "r1m":
+        if not d.root:
+            raise ValueError("dataset.distractors.root must point at the revisitop1m folder")
+        return read_r1m(d.root, d.limit)
+    if d.name == "synthetic":
+        if cfg.name != "synthetic" and not d.root:
+            raise ValueError("synthetic distractors need dataset.distractors.root (or dataset=synthetic)")
+        return read_r1m(d.root or Path(cfg.root) / "distractors", d.limit)
+    raise ValueError(f"unknown dataset.distractors.name {d.name!r}; expected none, r1m or synthetic")
+
+
+def load_benchmark(cfg) -> Benchmark:
+    """The benchmark a ``dataset`` config names; the synthetic one is generated on first use."""
+    name = cfg.name
+    if name == "synthetic":
+        from .generate import generate_synthetic
+
+        generate_synthetic(synthetic_spec(cfg), cfg.root)
+        if cfg.split not in ("test", "val"):
+            raise ValueError(f"dataset.split must be test or val, got {cfg.split!r}")
+        bench = read_revisitop(cfg.root, "synthetic" if cfg.split == "test" else "synthetic-val", load_distractors(cfg))
+        bench.name = "synthetic" if cfg.split == "test" else "synthetic-val"
+        return bench
+    if name in ("roxford5k", "rparis6k"):
+        return read_revisitop(cfg.root, name, load_distractors(cfg))
+    if load_distractors(cfg) is not None:
+        raise ValueError(f"distractors are only defined for revisitop-style benchmarks, not {name}")
+    readers = {
+        "gldv2": lambda: read_gldv2_retrieval(cfg.root),
+        "msls": lambda: read_msls(cfg.root, list(cfg.cities), cfg.radius_m, cfg.subtask),
+        "sop": lambda: read_sop(cfg.root, cfg.split),
+        "cub200": lambda: read_cub200(cfg.root, cfg.split),
+        "cars196": lambda: read_cars196(cfg.root, cfg.split),
+        "folder": lambda: read_folder(cfg.root),
+    }
+    if name not in readers:
+        raise ValueError(f"unknown dataset {name!r}; expected one of synthetic, roxford5k, rparis6k, "
+                         f"{', '.join(readers)}")
+    return readers[name]()

@@ -1,0 +1,231 @@
+"""The ``Benchmark`` abstraction: query + gallery manifests, ground truth and its protocol.
+
+A manifest is an Arrow table keyed by a stable int64 ``id``; every later stage (features,
+index, rerank) keys on these ids, never on row positions. Ids are derived from the image's
+path relative to the dataset root (:func:`stable_id`), so they survive re-ordering, partial
+runs (``distractors.limit``) and compaction. A ranking handed to :meth:`Benchmark.evaluate` is
+a matrix of gallery ids, best first.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rrt_dist.eval import metrics
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("label", pa.int64()),                     # class / landmark id where the benchmark has one
+    pa.field("bbox", pa.list_(pa.float32(), 4)),       # query crop x1, y1, x2, y2 in pixels
+    pa.field("gps", pa.list_(pa.float64(), 2)),        # latitude, longitude
+    pa.field("utm", pa.list_(pa.float64(), 2)),        # easting, northing (metres)
+    pa.field("split", pa.string(), nullable=False),    # query | gallery | distractor | train | ...
+])
+
+
+class DatasetLayoutError(FileNotFoundError, ValueError):
+    """A benchmark file is missing or malformed; the message names it and the expected layout."""
+
+    def __init__(self, path: Path | str, problem: str, expected: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {problem}. Expected layout: {expected}")
+
+
+def stable_id(key: str) -> int:
+    """A stable signed int64 for an image key (its path relative to the dataset root)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def make_manifest(ids: Sequence[int], uris: Sequence[str], split: str | Sequence[str], *, labels=None,
+                  bboxes=None, gps=None, utm=None) -> pa.Table:
+    """Build a manifest; optional columns are null where not given (``None`` entries allowed)."""
+    n = len(ids)
+    if len(uris) != n:
+        raise ValueError(f"{n} ids but {len(uris)} uris")
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(np.unique(ids)) != n:
+        dup = ids[np.flatnonzero(np.diff(np.sort(ids)) == 0)[:3]]
+        raise ValueError(f"duplicate image ids in manifest, e.g. {dup.tolist()}")
+    splits = [split] * n if isinstance(split, str) else list(split)
+
+    def column(values, typ):
+        return pa.nulls(n, typ) if values is None else pa.array(list(values), type=typ)
+
+    return pa.Table.from_arrays([
+        pa.array(ids, pa.int64()), pa.array(list(uris), pa.string()),
+        column(labels, pa.int64()), column(bboxes, pa.list_(pa.float32(), 4)),
+        column(gps, pa.list_(pa.float64(), 2)), column(utm, pa.list_(pa.float64(), 2)),
+        pa.array(splits, pa.string()),
+    ], schema=MANIFEST_SCHEMA)
+
+
+def concat_manifests(tables: Iterable[pa.Table]) -> pa.Table:
+    table = pa.concat_tables([t for t in tables if t is not None])
+    ids = table.column("id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("image ids collide across the concatenated manifests")
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Protocols: each evaluates a matrix of gallery *indices* (rows of the gallery manifest).
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RevisitopProtocol:
+    """Revisited Oxford/Paris: easy / medium / hard mAP and mP@k; ``gnd`` indexes the gallery."""
+    gnd: list[dict]
+    kappas: tuple[int, ...] = (1, 5, 10)
+    name: str = "revisitop"
+
+    def evaluate(self, ranks: np.ndarray) -> dict:
+        return metrics.revisitop(ranks, self.gnd, self.kappas)
+
+
+@dataclass
+class GLDv2Protocol:
+    """GLDv2 retrieval: mAP@100 on the Public and Private query sets (Ignored ones dropped)."""
+    relevant: list[set]           # per query: gallery indices
+    usage: list[str]              # per query: "Public" | "Private"
+    k: int = 100
+    name: str = "gldv2"
+
+    def evaluate(self, ranks: np.ndarray) -> dict:
+        out = {}
+        for usage in ("Public", "Private"):
+            rows = [q for q, u in enumerate(self.usage) if u == usage]
+            if rows:
+                out[f"mAP@{self.k}/{usage.lower()}"] = metrics.gldv2_map_at_k(
+                    {q: ranks[q].tolist() for q in rows}, {q: self.relevant[q] for q in rows}, self.k)
+        return out
+
+
+@dataclass
+class PlaceRecognitionProtocol:
+    """Recall@N for place recognition (positives = database images within a radius)."""
+    positives: list[np.ndarray]
+    ns: tuple[int, ...] = (1, 5, 10, 20)
+    name: str = "recall@n"
+
+    def evaluate(self, ranks: np.ndarray) -> dict:
+        return {f"R@{n}": v for n, v in metrics.recall_at_n(ranks, self.positives, self.ns).items()}
+
+
+@dataclass
+class MetricLearningProtocol:
+    """SOP / CUB / Cars: queries are the gallery, self excluded (R@k, P@1, RP, MAP@R)."""
+    labels: np.ndarray
+    recall_ks: tuple[int, ...] = (1, 10, 100)
+    name: str = "metric_learning"
+
+    def evaluate(self, ranks: np.ndarray) -> dict:
+        _, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+        return metrics.metric_learning_from_ranks(ranks, self.labels, self.labels, counts[inverse] - 1,
+                                                  self.recall_ks)
+
+
+@dataclass
+class PositivesProtocol:
+    """Generic retrieval with explicit positives per query: mAP (trapezoidal) and recall@k."""
+    positives: list[np.ndarray]
+    ks: tuple[int, ...] = (1, 5, 10)
+    name: str = "positives"
+
+    def evaluate(self, ranks: np.ndarray) -> dict:
+        aps = [metrics.average_precision(metrics.positive_positions(r, p), len(p))
+               for r, p in zip(ranks, self.positives) if len(p)]
+        out = {"mAP": float(np.mean(aps))}
+        out.update({f"R@{n}": v for n, v in metrics.recall_at_n(ranks, self.positives, self.ks).items()})
+        return out
+
+
+@dataclass
+class Benchmark:
+    """Query and gallery manifests plus the protocol that scores a ranking.
+
+    ``exclude_self``: the query set is the gallery (leave-one-out); each query's own id is removed
+    from its ranking before scoring.
+    """
+    name: str
+    queries: pa.Table
+    gallery: pa.Table
+    protocol: object
+    exclude_self: bool = False
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        gallery_ids = self.gallery.column("id").to_numpy()
+        self._order = np.argsort(gallery_ids, kind="stable")
+        self._sorted_ids = gallery_ids[self._order]
+
+    @property
+    def n_distractors(self) -> int:
+        return int(np.sum(np.asarray(self.gallery.column("split").to_pylist()) == "distractor"))
+
+    def gallery_indices(self, ids: np.ndarray) -> np.ndarray:
+        """Map gallery ids to gallery row indices; -1 (no result) stays -1, an unknown id is an error."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        if not np.all(found | (ids == -1)):
+            bad = ids[~found & (ids != -1)][:3]
+            raise KeyError(f"ids not in the {self.name} gallery, e.g. {bad.tolist()}")
+        return np.where(found, self._order[pos], -1)
+
+    def evaluate(self, ranked_ids: np.ndarray) -> dict:
+        """Score ``ranked_ids`` (``[n_queries, n_ranked]`` gallery ids, best first; -1 pads short rows)."""
+        ranked_ids = np.asarray(ranked_ids, dtype=np.int64)
+        if ranked_ids.ndim != 2 or ranked_ids.shape[0] != self.queries.num_rows:
+            raise ValueError(f"expected rankings for {self.queries.num_rows} queries, got shape {ranked_ids.shape}")
+        if self.exclude_self:
+            query_ids = self.queries.column("id").to_numpy()
+            keep = ranked_ids != query_ids[:, None]
+            width = int(keep.sum(axis=1).min())
+            ranked_ids = np.stack([row[k][:width] for row, k in zip(ranked_ids, keep)])
+        return self.protocol.evaluate(self.gallery_indices(ranked_ids))
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Ground-truth pickles hold lists, dicts and numpy arrays only; refuse anything else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("copyreg", "_reconstructor"), ("builtins", "object")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a ground-truth file")
+        return super().find_class(module, name)
+
+
+def load_ground_truth_pickle(path: Path) -> object:
+    with open(path, "rb") as f:
+        return _GroundTruthUnpickler(f, encoding="latin1").load()
+
+
+def require_file(path: Path, expected: str) -> Path:
+    if not path.is_file():
+        raise DatasetLayoutError(path, "file not found", expected)
+    return path
+
+
+def read_csv(path: Path, expected: str, columns: Sequence[str], **kwargs):
+    """Read a CSV with pandas, naming the file and the expected layout when it doesn't fit."""
+    import pandas as pd
+
+    require_file(path, expected)
+    try:
+        frame = pd.read_csv(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any parser failure is a layout problem of this file
+        raise DatasetLayoutError(path, f"cannot parse ({err})", expected) from err
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DatasetLayoutError(path, f"missing column(s) {missing}, found {list(frame.columns)}", expected)
+    return frame

@@ -1,0 +1,75 @@
+"""Reports: every number and the config as JSON, plus Markdown tables laid out like the papers'."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _pct(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def revisitop_table(rows: dict[str, dict[str, dict]], settings: list[str]) -> str:
+    """Paper layout (RRT Tables 1–3): rows = methods; mAP under Medium and Hard for each setting."""
+    head = ["Method"] + [f"{p} {s}" for p in ("Medium", "Hard") for s in settings]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_setting in rows.items():
+        cells = [_pct(by_setting.get(s, {}).get(p.lower(), {}).get("mAP")) for p in ("Medium", "Hard") for s in settings]
+        lines.append("| " + " | ".join([method] + cells) + " |")
+    return "\n".join(lines)
+
+
+def revisitop_detail_table(rows: dict[str, dict[str, dict]], settings: list[str]) -> str:
+    """Every revisitop number: mAP and mP@k for easy / medium / hard."""
+    lines = ["| Method | Setting | Protocol | mAP | " + " | ".join(f"mP@{k}" for k in (1, 5, 10)) + " |",
+             "|---|---|---|---|---|---|---|"]
+    for method, by_setting in rows.items():
+        for s in settings:
+            for proto in ("easy", "medium", "hard"):
+                m = by_setting.get(s, {}).get(proto)
+                if m is None:
+                    continue
+                mpk = [_pct(m["mP@k"].get(k)) for k in (1, 5, 10)]
+                lines.append(f"| {method} | {s} | {proto} | {_pct(m['mAP'])} | " + " | ".join(mpk) + " |")
+    return "\n".join(lines)
+
+
+def metrics_table(rows: dict[str, dict[str, dict]], settings: list[str]) -> str:
+    """Generic layout for flat metric dicts (GLDv2, MSLS, metric learning, folder)."""
+    names = []
+    for by_setting in rows.values():
+        for s in settings:
+            names += [n for n in by_setting.get(s, {}) if n not in names]
+    head = ["Method", "Setting"] + names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_setting in rows.items():
+        for s in settings:
+            lines.append("| " + " | ".join([method, s] + [_pct(by_setting.get(s, {}).get(n)) for n in names]) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(protocol: str, rows: dict, settings: list[str], title: str) -> str:
+    if protocol == "revisitop":
+        body = (f"mAP (%)\n\n{revisitop_table(rows, settings)}\n\nAll revisitop numbers (%)\n\n"
+                f"{revisitop_detail_table(rows, settings)}")
+    else:
+        body = metrics_table(rows, settings)
+    return f"## {title}\n\n{body}\n"
+
+
+def write_report(out_dir: str | Path, payload: dict, markdown: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(payload, indent=2, default=_json_default))
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

@@ -1,0 +1,36 @@
+"""Descriptor extractors behind one registry, in the style of timm's ``create_model``."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+from .tiny_image import TinyImageExtractor
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register_extractor(name: str, factory: Callable) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"extractor {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def list_extractors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_extractor(name: str, **cfg):
+    """Instantiate a registered extractor; unknown names list the known ones."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+    return _REGISTRY[name](**cfg)
+
+
+def fingerprint(extractor) -> str:
+    """Identifies an extractor and its configuration; an index refuses queries from another one."""
+    payload = json.dumps({"name": extractor.name, "config": extractor.config}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+register_extractor("tiny-image", TinyImageExtractor)

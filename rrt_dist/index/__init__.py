@@ -1,0 +1,1 @@
+"""Global nearest-neighbour search over descriptor matrices keyed by image id."""
