@@ -34,8 +34,9 @@ def init_ray(cfg) -> dict:
     else:
         num_cpus = cfg.num_cpus or available_cpus()
         log.info("starting embedded Ray with %d CPUs", num_cpus)
+        # Loopback only: an embedded Ray serves this process alone.
         ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, **common)
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **common)
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources

@@ -202,6 +202,11 @@ def view_homography(rng, rect, difficulty: float, width: int, height: int) -> np
     if obj_h > height * 0.95 * 2.0 ** (0.6 * d):  # keep tall facades in frame at low difficulty
         obj_w, obj_h = obj_w * height * 0.9 / obj_h, height * 0.9
     centre = np.array([width / 2, height / 2]) + rng.uniform(-1, 1, 2) * d * np.array([width, height]) * 0.5
+    if rng.random() < 0.6 * d:
+        # A close-up of part of the facade (revisitop's partial views): much of it leaves the frame.
+        zoom = rng.uniform(1.6, 3.0)
+        obj_w, obj_h = obj_w * zoom, obj_h * zoom
+        centre = centre + rng.uniform(-0.45, 0.45, 2) * np.array([obj_w, obj_h])
     angle = np.deg2rad(rng.uniform(-1, 1) * 30 * d)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     half = np.array([[-obj_w, -obj_h], [obj_w, -obj_h], [obj_w, obj_h], [-obj_w, obj_h]]) / 2

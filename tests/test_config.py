@@ -1,0 +1,66 @@
+"""Hydra structured configs: the defaults compose, overrides validate, and mistakes fail clearly."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+import rrt_dist.config  # noqa: F401
+from rrt_dist.cli import available_jobs, main as cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make(overrides=()):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_is_the_embedded_demo():
+    cfg = make()
+    assert cfg.dataset.name == "synthetic" and cfg.dataset.distractors.name == "synthetic"
+    assert cfg.ray.address is None and cfg.backbone.name == "tiny-image"
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 5e-4 and cfg.train.batch_size == 12
+
+
+def test_dataset_switch_and_r1m_distractors():
+    cfg = make(["dataset=roxford5k", "dataset.root=/data/roxf", "dataset/distractors=r1m",
+                "dataset.distractors.limit=1000"])
+    assert cfg.dataset.name == "roxford5k" and cfg.dataset.root == "/data/roxf"
+    assert cfg.dataset.distractors.name == "r1m" and cfg.dataset.distractors.limit == 1000
+    assert make(["dataset=msls"]).dataset.cities == ["cph", "sf"]
+
+
+def test_experiment_presets_compose():
+    cfg = make(["experiment=synthetic_small"])
+    assert cfg.dataset.n_landmarks == 12 and cfg.dataset.root == "data/synthetic-small"
+
+
+@pytest.mark.parametrize("override, key", [("dataset.n_landmark=3", "n_landmark"), ("index.factroy=Flat", "factroy"),
+                                           ("dataset.distractors.limt=5", "limt")])
+def test_unknown_keys_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        make([override])
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_msls_key_is_not_valid_for_synthetic():
+    with pytest.raises(ConfigCompositionException, match="radius_m"):
+        make(["dataset.radius_m=10"])
+
+
+def test_wrong_types_fail():
+    with pytest.raises(ConfigCompositionException) as err:
+        make(["dataset.n_landmarks=many"])
+    assert isinstance(err.value.__cause__, (ValidationError, ConfigAttributeError))
+
+
+def test_cli_lists_jobs_and_rejects_unknown(capsys):
+    assert "evaluate" in available_jobs()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["nosuchjob"])
+    assert exit_.value.code == 2 and "unknown job 'nosuchjob'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0 and "evaluate" in capsys.readouterr().out

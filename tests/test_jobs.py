@@ -1,0 +1,103 @@
+"""Jobs end to end: embedded Ray through the console script, and a real cluster via job submission."""
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rrt_dist.datasets import make_manifest
+from rrt_dist.features.extract import extract_globals
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_corrupt_image_is_recorded_not_fatal(local_ray, small_synthetic, tmp_path):
+    _, root = small_synthetic
+    good = sorted((root / "jpg" / "test").glob("g*.jpg"))[:3]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:300])
+    missing = tmp_path / "missing.jpg"
+    manifest = make_manifest([1, 2, 3, 4, 5], [str(p) for p in good] + [str(truncated), str(missing)], "gallery")
+    feats = extract_globals(manifest, "tiny-image", chunk_size=2)
+    assert feats.ids.tolist() == [1, 2, 3] and feats.vectors.shape[0] == 3
+    assert set(feats.errors) == {4, 5} and "truncated.jpg" in feats.errors[4] and "missing.jpg" in feats.errors[5]
+    np.testing.assert_allclose(np.linalg.norm(feats.vectors, axis=1), 1.0, rtol=1e-5)
+    # the Ray path equals the in-process path
+    import ray
+
+    ray.shutdown()
+    try:
+        local = extract_globals(manifest, "tiny-image")
+    finally:
+        from rrt_dist.config import RayConfig
+        from rrt_dist.runtime import init_ray
+
+        init_ray(RayConfig(num_cpus=2))
+    np.testing.assert_array_equal(local.ids, feats.ids)
+    np.testing.assert_allclose(local.vectors, feats.vectors, atol=1e-6)
+
+
+def test_main_command_on_small_preset(tmp_path):
+    """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray."""
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", "experiment=synthetic_small",
+                           f"dataset.root={tmp_path / 'syn'}", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| global-only |" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    medium = report["results"]["global-only"]["synthetic"]["medium"]["mAP"]
+    hard = report["results"]["global-only"]["synthetic"]["hard"]["mAP"]
+    with_d = report["results"]["global-only"]["synthetic+100"]["medium"]["mAP"]
+    # the benchmark leaves room for reranking, and distractors make it harder
+    assert 0.0 < hard < medium < 0.8 and with_d <= medium
+    assert report["config"]["dataset"]["n_landmarks"] == 12
+
+
+@pytest.mark.ray
+def test_job_submission_to_local_head(tmp_path):
+    """The cluster path: `ray start --head` on loopback, submit jobs/evaluate.py with a working_dir."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    gcs_port, dash_port = free_port(), free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = loopback
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"ray-test-{secrets.token_hex(4)}"  # short path: unix socket names are limited
+    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        client = JobSubmissionClient(f"http://127.0.0.1:{dash_port}",
+                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+        out = tmp_path / "out"
+        entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster "
+                      f"dataset.root={tmp_path / 'syn'} hydra.run.dir={out}")
+        job = client.submit_job(entrypoint=entrypoint, runtime_env={
+            "working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]})
+        deadline = time.time() + 480
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, "job did not finish in time"
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "joining Ray cluster" in logs and "| global-only |" in logs
+        report = json.loads((out / "report.json").read_text())
+        assert report["config"]["ray"]["address"] == "auto"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
