@@ -2,6 +2,8 @@
 import json
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,22 +76,37 @@ def test_job_submission_to_local_head(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     gcs_port, dash_port = free_port(), free_port()
+    # Every service port explicit: the session's embedded Ray already holds Ray's default ports.
+    agent_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "runtime-env-agent-port", "metrics-export-port",
+                                                          "ray-client-server-port")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = loopback
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"ray-test-{secrets.token_hex(4)}"  # short path: unix socket names are limited
-    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
+    start = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+             "--disable-usage-stats", *agent_ports]
+    # --block in its own process group: stopping it stops this head only (`ray stop` would stop every
+    # Ray on the machine, the test session's embedded one included).
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        client = JobSubmissionClient(f"http://127.0.0.1:{dash_port}",
-                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
         out = tmp_path / "out"
         entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster "
                       f"dataset.root={tmp_path / 'syn'} hydra.run.dir={out}")
-        job = client.submit_job(entrypoint=entrypoint, runtime_env={
-            "working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]})
+        runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
+        deadline = time.time() + 120
+        while True:  # the head and its job agent take a few seconds to come up
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash_port}",
+                                             headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+                job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+                break
+            except (RuntimeError, ConnectionError) as err:
+                if time.time() > deadline:
+                    raise
+                time.sleep(2)
         deadline = time.time() + 480
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.time() < deadline, "job did not finish in time"
@@ -100,4 +117,9 @@ def test_job_submission_to_local_head(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["config"]["ray"]["address"] == "auto"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
