@@ -5,6 +5,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at test time: hub lookups fail fast
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ import hashlib
 import json
 from collections.abc import Callable
 
+from .grid import DenseGrid, ViTTokens
+from .multiscale import MultiscaleCNN
 from .tiny_image import TinyImageExtractor
 
 _REGISTRY: dict[str, Callable] = {}
@@ -27,6 +29,13 @@ def create_extractor(name: str, **cfg):
     return _REGISTRY[name](**cfg)
 
 
+def create_preparer(name: str, **cfg):
+    """The CPU-side resize of extractor ``name`` (no model is loaded): ``rgb -> Prepared``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+    return _REGISTRY[name].preparer(**cfg)
+
+
 def fingerprint(extractor) -> str:
     """Identifies an extractor and its configuration; an index refuses queries from another one."""
     payload = json.dumps({"name": extractor.name, "config": extractor.config}, sort_keys=True, default=str)
@@ -34,3 +43,6 @@ def fingerprint(extractor) -> str:
 
 
 register_extractor("tiny-image", TinyImageExtractor)
+register_extractor("multiscale-cnn", MultiscaleCNN)
+register_extractor("dense-grid", DenseGrid)
+register_extractor("vit", ViTTokens)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .base import ImageFeatures, Prepared, resize_longest
+
 
 @dataclass(frozen=True)
 class TinyImageConfig:
@@ -21,9 +23,20 @@ class TinyImageConfig:
 class TinyImageExtractor:
     name = "tiny-image"
 
+    local_dim = max_local = 0  # global only
+
+    @staticmethod
+    def parse_config(**cfg) -> TinyImageConfig:
+        return TinyImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+    @classmethod
+    def preparer(cls, **cfg):
+        cls.parse_config(**cfg)
+        return lambda rgb: resize_longest(rgb, 1024)
+
     def __init__(self, **cfg):
-        self.cfg = TinyImageConfig(**cfg)
-        self.dim = int(np.prod(self.cfg.hist_bins)) + self.cfg.thumb[0] * self.cfg.thumb[1]
+        self.cfg = self.parse_config(**cfg)
+        self.global_dim = int(np.prod(self.cfg.hist_bins)) + self.cfg.thumb[0] * self.cfg.thumb[1]
 
     @property
     def config(self) -> dict:
@@ -39,7 +52,7 @@ class TinyImageExtractor:
         vec = np.concatenate([hist, self.cfg.thumb_weight * thumb]).astype(np.float32)
         return vec / (np.linalg.norm(vec) + 1e-12)
 
-    def __call__(self, images: list[np.ndarray]) -> dict:
-        """Batch interface shared by all extractors: ``{"global": [B, d] float32, L2-normalised}``."""
-        return {"global": np.stack([self.describe(im) for im in images]) if images else np.zeros((0, self.dim),
-                                                                                                 np.float32)}
+    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        empty = np.zeros((0, 0), np.float32)
+        return [ImageFeatures(self.describe(p.image), empty, np.zeros((0, 2), np.float32), np.zeros(0, np.int64))
+                for p in batch]

@@ -1,0 +1,97 @@
+"""What every extractor returns, and the pieces they share.
+
+An extractor splits its work in two: ``prepare`` (CPU: resize the decoded RGB image to what the
+model reads; runs in Ray Data tasks) and ``extract`` (the model; runs in the actor pool). Local
+positions come back in prepared-image pixels and :func:`to_original` maps them to the original
+image (undoing the resize and, for queries, the bbox crop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageFeatures:
+    global_: np.ndarray      # [d_g] float32, L2-normalised
+    local: np.ndarray        # [n, d_l] float32, L2-normalised, best first
+    positions: np.ndarray    # [n, 2] float32 (x, y) pixels
+    scales: np.ndarray       # [n] int scale index
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local)
+
+
+@dataclass
+class Prepared:
+    image: np.ndarray        # uint8 [H, W, 3] RGB, what the model reads
+    factor: tuple            # (sx, sy): original pixels per prepared pixel
+    offset: tuple            # (x, y) of the crop in the original image
+
+
+def resize_longest(rgb: np.ndarray, max_size: int) -> Prepared:
+    """Downscale so the longest side is at most ``max_size`` (never upscale)."""
+    h, w = rgb.shape[:2]
+    s = min(1.0, max_size / max(h, w))
+    if s < 1.0:
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    return Prepared(rgb, (w / rgb.shape[1], h / rgb.shape[0]), (0.0, 0.0))
+
+
+def resize_exact(rgb: np.ndarray, size: int) -> Prepared:
+    h, w = rgb.shape[:2]
+    out = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if min(h, w) > size else cv2.INTER_CUBIC)
+    return Prepared(out, (w / size, h / size), (0.0, 0.0))
+
+
+def to_original(features: ImageFeatures, prepared: Prepared, offset=(0.0, 0.0)) -> ImageFeatures:
+    pos = features.positions * np.asarray(prepared.factor, np.float32) + np.asarray(offset, np.float32)
+    return ImageFeatures(features.global_, features.local, pos.astype(np.float32), features.scales)
+
+
+def orthogonal_projection(in_dim: int, out_dim: int, seed: int = 0) -> np.ndarray:
+    """A fixed ``[in_dim, out_dim]`` matrix with orthonormal columns (or rows), from a seed.
+
+    Used in place of a learned reduction when none is given: for ``out_dim >= in_dim`` it is an
+    isometry (inner products are kept exactly); otherwise a random orthogonal subspace.
+    """
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(max(in_dim, out_dim), min(in_dim, out_dim))))
+    return (q if out_dim <= in_dim else q.T).astype(np.float32)
+
+
+def load_projection(path: str | None, in_dim: int, out_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean [in], matrix [in, out])`` from an ``.npz`` (keys ``mean``, ``projection``) or a fixed orthogonal one."""
+    if path is None:
+        return np.zeros(in_dim, np.float32), orthogonal_projection(in_dim, out_dim, seed)
+    data = np.load(path)
+    mean, proj = data["mean"].astype(np.float32), data["projection"].astype(np.float32)
+    if mean.shape != (in_dim,) or proj.shape != (in_dim, out_dim):
+        raise ValueError(f"{path}: expected mean [{in_dim}] and projection [{in_dim}, {out_dim}], "
+                         f"got {mean.shape} and {proj.shape}")
+    return mean, proj
+
+
+def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def gem(features: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pooling over the spatial dims of ``[B, C, H, W]``."""
+    return features.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def image_tensor(image: np.ndarray, mean, std, device) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    return ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]

@@ -1,0 +1,73 @@
+"""Pure extraction core shared by the Ray pipeline and the in-process reference loop."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from rrt_dist.store import features_schema, features_to_table
+
+from .base import ImageFeatures, Prepared, to_original
+from .images import ImageError, load_image
+
+
+def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callable) -> tuple[Prepared, tuple]:
+    """Decode, crop to ``bbox`` (queries) and resize; returns the prepared image and the crop offset."""
+    rgb = load_image(uri, bbox)
+    offset = (0.0, 0.0) if bbox is None else (float(max(0, int(np.floor(bbox[0])))), float(max(0, int(np.floor(bbox[1])))))
+    return preparer(rgb), offset
+
+
+def schema_for(extractor, fingerprint: str) -> pa.Schema:
+    return features_schema(extractor.global_dim, extractor.local_dim, extractor.max_local, extractor.name,
+                           extractor.config, fingerprint)
+
+
+def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures]) -> pa.Table:
+    """Pad each image's locals to the table width (rows beyond ``n_local`` are zero)."""
+    n = len(ids)
+    width = schema.field("scales").type.list_size
+    d_g = schema.field("global").type.list_size
+    d_l = schema.field("local").type.list_size // max(width, 1)
+    glob = np.zeros((n, d_g), np.float32)
+    local = np.zeros((n, width, d_l), np.float32)
+    pos = np.zeros((n, width, 2), np.float32)
+    scl = np.zeros((n, width), np.int64)
+    n_local = np.zeros(n, np.int32)
+    for i, f in enumerate(feats):
+        k = min(f.n_local, width)
+        glob[i] = f.global_
+        if k:
+            local[i, :k], pos[i, :k], scl[i, :k] = f.local[:k], f.positions[:k], f.scales[:k]
+        n_local[i] = k
+    return features_to_table(schema, ids, glob, local, pos, scl, n_local)
+
+
+def extract_rows(extractor, preparer: Callable, rows: Sequence[dict], batch_size: int = 16):
+    """In-process reference: decode, prepare and extract ``rows`` (``id``, ``uri``, ``bbox``).
+
+    Returns ``(ids, features, errors)`` with positions in original-image pixels; unreadable images
+    are reported in ``errors`` (id -> reason) and skipped.
+    """
+    ids, feats, errors = [], [], {}
+    pending: list[tuple[int, Prepared, tuple]] = []
+
+    def flush():
+        for (image_id, prepared, offset), f in zip(pending, extractor.extract([p for _, p, _ in pending])):
+            ids.append(image_id)
+            feats.append(to_original(f, prepared, offset))
+        pending.clear()
+
+    for row in rows:
+        try:
+            prepared, offset = decode_and_prepare(row["uri"], row.get("bbox"), preparer)
+        except ImageError as err:
+            errors[row["id"]] = str(err)
+            continue
+        pending.append((row["id"], prepared, offset))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return ids, feats, errors

@@ -1,0 +1,167 @@
+"""Single-scale extractors whose locals are the cells / tokens of one feature map.
+
+- ``dense-grid`` (the RRT paper's SOP setting): 224×224 input, every cell of the last (stride-32)
+  CNN map is a local descriptor (7×7 = 49), global = spatial average; both linearly projected
+  to 128-d.
+- ``vit`` (the ViT-reranking paper): DeiT-S / Swin-T from timm, CvT-13 from Hugging Face
+  ``transformers`` (extra ``cvt``); global = CLS token, or the mean of the patch tokens where the
+  model has none; locals = patch tokens with their grid positions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .base import ImageFeatures, Prepared, image_tensor, l2n, load_projection, pick_device, resize_exact
+from .weights import WeightsUnavailable, create_backbone
+
+
+def grid_positions(h: int, w: int, size: int) -> np.ndarray:
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([(xs.ravel() + 0.5) * size / w, (ys.ravel() + 0.5) * size / h], 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DenseGridConfig:
+    model: str = "resnet50"
+    checkpoint: Optional[str] = None
+    pretrained: bool = True
+    image_size: int = 224
+    dim: int = 128
+    global_projection: Optional[str] = None   # .npz mean/projection [C, dim]; default: fixed orthogonal
+    local_projection: Optional[str] = None
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    device: str = "auto"
+    seed: int = 0
+
+
+class _SingleScale:
+    """Shared batching: prepare to a square input, one forward pass per batch."""
+    config_class: type
+
+    @classmethod
+    def parse_config(cls, **cfg):
+        return cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+    @classmethod
+    def preparer(cls, **cfg):
+        size = cls.parse_config(**cfg).image_size
+        return lambda rgb: resize_exact(rgb, size)
+
+    @property
+    def config(self) -> dict:
+        return {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+
+    def _batch(self, batch: list[Prepared]) -> torch.Tensor:
+        return torch.cat([image_tensor(p.image, self.cfg.mean, self.cfg.std, self.device) for p in batch])
+
+
+class DenseGrid(_SingleScale):
+    name = "dense-grid"
+    config_class = DenseGridConfig
+
+    def __init__(self, **cfg):
+        self.cfg = self.parse_config(**cfg)
+        self.device = pick_device(self.cfg.device)
+        self.model = create_backbone(self.cfg.model, self.cfg.checkpoint, self.cfg.pretrained).to(self.device)
+        self.last = len(self.model.feature_info) - 1
+        channels = self.model.feature_info[self.last]["num_chs"]
+        self.g_mean, self.g_proj = load_projection(self.cfg.global_projection, channels, self.cfg.dim, self.cfg.seed)
+        self.l_mean, self.l_proj = load_projection(self.cfg.local_projection, channels, self.cfg.dim, self.cfg.seed + 1)
+        self.global_dim = self.local_dim = self.cfg.dim
+        size = self.cfg.image_size // self.model.feature_info[self.last]["reduction"]
+        self.max_local = size * size
+
+    @torch.inference_mode()
+    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        if not batch:
+            return []
+        (fmap,) = self.model.forward_intermediates(self._batch(batch), indices=[self.last], intermediates_only=True)
+        fmap = fmap.float().cpu().numpy()                                    # [B, C, h, w]
+        b, c, h, w = fmap.shape
+        cells = fmap.reshape(b, c, h * w).transpose(0, 2, 1)                 # [B, hw, C]
+        glob = l2n((fmap.mean(axis=(2, 3)) - self.g_mean) @ self.g_proj)
+        local = l2n((cells - self.l_mean) @ self.l_proj)
+        pos = grid_positions(h, w, self.cfg.image_size)
+        return [ImageFeatures(glob[i], local[i], pos, np.zeros(h * w, np.int64)) for i in range(b)]
+
+
+TIMM_VITS = {"deit-s": "deit_small_patch16_224", "swin-t": "swin_tiny_patch4_window7_224"}
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    model: str = "deit-s"                     # deit-s | swin-t | cvt-13 (or any timm ViT name)
+    checkpoint: Optional[str] = None
+    pretrained: bool = True
+    image_size: int = 224
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    device: str = "auto"
+
+
+class ViTTokens(_SingleScale):
+    name = "vit"
+    config_class = ViTConfig
+
+    def __init__(self, **cfg):
+        self.cfg = self.parse_config(**cfg)
+        self.device = pick_device(self.cfg.device)
+        if self.cfg.model == "cvt-13":
+            self.model, dim, grid = _create_cvt13(self.cfg), 384, self.cfg.image_size // 16
+            self.has_cls = True
+        else:
+            name = TIMM_VITS.get(self.cfg.model, self.cfg.model)
+            self.model = create_backbone(name, self.cfg.checkpoint, self.cfg.pretrained)
+            dim = self.model.num_features
+            self.has_cls = getattr(self.model, "cls_token", None) is not None
+            grid = self.cfg.image_size // self.model.feature_info[-1]["reduction"]
+        self.model = self.model.to(self.device)
+        self.global_dim = self.local_dim = dim
+        self.max_local = grid * grid
+
+    @torch.inference_mode()
+    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        if not batch:
+            return []
+        x = self._batch(batch)
+        if self.cfg.model == "cvt-13":
+            out = self.model(pixel_values=x)
+            patches = out.last_hidden_state                                   # [B, C, h, w]
+            cls = out.cls_token_value[:, 0]
+            h, w = patches.shape[-2:]
+            tokens = patches.flatten(2).transpose(1, 2)
+        else:
+            feats = self.model.forward_features(x)
+            if feats.ndim == 4:                                               # Swin: [B, h, w, C]
+                h, w = feats.shape[1:3]
+                tokens, cls = feats.flatten(1, 2), None
+            else:                                                             # ViT/DeiT: [B, prefix + hw, C]
+                n_prefix = getattr(self.model, "num_prefix_tokens", 1)
+                tokens, cls = feats[:, n_prefix:], feats[:, 0]
+                h = w = int(round(tokens.shape[1] ** 0.5))
+        tokens = tokens.float().cpu().numpy()
+        glob = (cls.float().cpu().numpy() if cls is not None else tokens.mean(axis=1))
+        glob, local = l2n(glob), l2n(tokens)
+        pos = grid_positions(h, w, self.cfg.image_size)
+        return [ImageFeatures(glob[i], local[i], pos, np.zeros(h * w, np.int64)) for i in range(len(batch))]
+
+
+def _create_cvt13(cfg: ViTConfig):
+    try:
+        from transformers import CvtConfig, CvtModel
+    except ImportError as err:
+        raise ImportError("CvT-13 needs Hugging Face transformers: pip install 'rrt-dist[cvt]'") from err
+    if cfg.checkpoint:
+        return CvtModel.from_pretrained(cfg.checkpoint).eval()
+    if not cfg.pretrained:
+        return CvtModel(CvtConfig()).eval()   # CvtConfig's defaults are CvT-13
+    try:
+        return CvtModel.from_pretrained("microsoft/cvt-13").eval()
+    except Exception as err:  # noqa: BLE001
+        raise WeightsUnavailable("no weights for cvt-13: the Hugging Face hub is unreachable; provide "
+                                 "backbone.checkpoint=DIR (a saved CvtModel) or backbone.pretrained=false") from err

@@ -1,0 +1,129 @@
+"""DELG-style multi-scale CNN descriptors (the RRT paper's DELG setting).
+
+Per image: a pyramid over the paper's 7 scales (0.25 … 2.0; longest side capped before, default
+1024). Global: GeM over the stride-32 map at the global scales, summed L2-normalised, optionally
+whitened. Locals: every cell of the stride-16 map at every scale, scored by an attention head
+when the checkpoint has one, else by feature norm; projected to 128-d; grid-cell non-maximum
+suppression in original-image coordinates so one location seen at several scales keeps only
+its best-scoring descriptor; top ``max_local`` (500) across scales.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import ImageFeatures, Prepared, gem, image_tensor, l2n, load_projection, pick_device, resize_longest
+from .weights import create_backbone
+
+DELG_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+@dataclass(frozen=True)
+class MultiscaleConfig:
+    model: str = "resnet50"
+    checkpoint: Optional[str] = None
+    pretrained: bool = True
+    scales: tuple = DELG_SCALES
+    global_scales: tuple = (0.7071, 1.0, 1.4142)
+    max_size: int = 1024
+    gem_p: float = 3.0
+    max_local: int = 500
+    local_dim: int = 128
+    nms_cell: float = 8.0                 # NMS cell side in original-image pixels (0 disables)
+    whitening: Optional[str] = None       # .npz with mean [C], projection [C, d_g]
+    local_projection: Optional[str] = None  # .npz with mean [C16], projection [C16, local_dim]
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    device: str = "auto"
+    seed: int = 0
+
+
+def stride_indices(model) -> tuple[int, int]:
+    reductions = [f["reduction"] for f in model.feature_info]
+    if 16 not in reductions or 32 not in reductions:
+        raise ValueError(f"backbone needs stride-16 and stride-32 feature maps, has strides {reductions}")
+    return len(reductions) - 1 - reductions[::-1].index(16), len(reductions) - 1 - reductions[::-1].index(32)
+
+
+def grid_nms(positions: np.ndarray, order: np.ndarray, cell: float) -> np.ndarray:
+    """Keep, in ``order``, the first descriptor of each ``cell``-sized grid cell."""
+    if cell <= 0:
+        return order
+    keys = np.floor(positions[order] / cell).astype(np.int64)
+    _, first = np.unique(keys[:, 0] * 1_000_003 + keys[:, 1], return_index=True)
+    return order[np.sort(first)]
+
+
+class MultiscaleCNN:
+    name = "multiscale-cnn"
+
+    @staticmethod
+    def parse_config(**cfg) -> MultiscaleConfig:
+        return MultiscaleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+    @classmethod
+    def preparer(cls, **cfg):
+        max_size = cls.parse_config(**cfg).max_size
+        return lambda rgb: resize_longest(rgb, max_size)
+
+    def __init__(self, **cfg):
+        self.cfg = self.parse_config(**cfg)
+        missing = [s for s in self.cfg.global_scales if s not in self.cfg.scales]
+        if missing:
+            raise ValueError(f"global_scales {missing} are not among scales {self.cfg.scales}")
+        self.device = pick_device(self.cfg.device)
+        self.model = create_backbone(self.cfg.model, self.cfg.checkpoint, self.cfg.pretrained).to(self.device)
+        self.i16, self.i32 = stride_indices(self.model)
+        c16, c32 = self.model.feature_info[self.i16]["num_chs"], self.model.feature_info[self.i32]["num_chs"]
+        self.local_mean, self.local_proj = load_projection(self.cfg.local_projection, c16, self.cfg.local_dim,
+                                                           self.cfg.seed)
+        if self.cfg.whitening:
+            data = np.load(self.cfg.whitening)
+            self.white_mean, self.white_proj = data["mean"].astype(np.float32), data["projection"].astype(np.float32)
+        else:
+            self.white_mean, self.white_proj = None, None
+        self.global_dim = c32 if self.white_proj is None else self.white_proj.shape[1]
+        self.local_dim, self.max_local = self.cfg.local_dim, self.cfg.max_local
+
+    @property
+    def config(self) -> dict:
+        return {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+
+    @torch.inference_mode()
+    def _one(self, prepared: Prepared) -> ImageFeatures:
+        x = image_tensor(prepared.image, self.cfg.mean, self.cfg.std, self.device)
+        h, w = x.shape[-2:]
+        global_sum, descs, scores, positions, scale_ids = 0.0, [], [], [], []
+        for si, s in enumerate(self.cfg.scales):
+            size = (max(16, round(h * s)), max(16, round(w * s)))
+            xs = x if s == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+            f16, f32 = self.model.forward_intermediates(xs, indices=[self.i16, self.i32], intermediates_only=True)
+            if s in self.cfg.global_scales:
+                global_sum = global_sum + F.normalize(gem(f32, self.cfg.gem_p), dim=-1)
+            f = f16[0].flatten(1).T                                   # [h16 * w16, C16]
+            gh, gw = f16.shape[-2:]
+            ys, xs_ = torch.meshgrid(torch.arange(gh, device=f.device), torch.arange(gw, device=f.device), indexing="ij")
+            # receptive-field centres in prepared-image pixels
+            pos = torch.stack([(xs_.flatten() + 0.5) * (size[1] / gw), (ys.flatten() + 0.5) * (size[0] / gh)], 1) / s
+            descs.append(f)
+            scores.append(f.norm(dim=1))
+            positions.append(pos)
+            scale_ids.append(torch.full((len(f),), si, device=f.device))
+        g = F.normalize(global_sum, dim=-1)[0].float().cpu().numpy()
+        if self.white_proj is not None:
+            g = l2n((g - self.white_mean) @ self.white_proj)
+        desc = torch.cat(descs).float().cpu().numpy()
+        score = torch.cat(scores).float().cpu().numpy()
+        pos = torch.cat(positions).float().cpu().numpy()
+        scl = torch.cat(scale_ids).cpu().numpy()
+        order = np.argsort(-score, kind="stable")
+        order = grid_nms(pos * np.asarray(prepared.factor, np.float32), order, self.cfg.nms_cell)[: self.max_local]
+        local = l2n((l2n(desc[order]) - self.local_mean) @ self.local_proj)
+        return ImageFeatures(g.astype(np.float32), local.astype(np.float32), pos[order], scl[order].astype(np.int64))
+
+    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        return [self._one(p) for p in batch]

@@ -1,0 +1,1 @@
+"""Ray layers that distribute the stage cores (Ray Data pipelines, actor pools)."""

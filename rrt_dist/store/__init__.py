@@ -1,0 +1,6 @@
+"""Lance feature tables: the schema every stage reads, and the helpers that read and write it."""
+from .features import (FeatureStore, FeatureTableMismatch, commit_fragments, committed_ids, features_schema,
+                       features_to_table, write_fragment)
+
+__all__ = ["FeatureStore", "FeatureTableMismatch", "commit_fragments", "committed_ids", "features_schema",
+           "features_to_table", "write_fragment"]

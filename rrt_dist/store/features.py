@@ -1,0 +1,169 @@
+"""Feature tables in Lance.
+
+Schema (one row per image, keyed by the manifest's int64 ``id``)::
+
+    id         int64
+    global     fixed_size_list<float16>[d_g]          L2-normalised
+    local      fixed_size_list<float16>[L * d_l]      row-major [L, d_l], rows >= n_local are zero
+    positions  fixed_size_list<float32>[L * 2]        (x, y) pixels in the original image
+    scales     fixed_size_list<int8>[L]               scale index of each local descriptor
+    n_local    int32
+
+The schema metadata holds the extractor's name, its config (JSON) and fingerprint; opening a
+table for an extractor with another fingerprint is an error. Distributed writers write Lance
+fragments (:func:`write_fragment`); one process commits them (:func:`commit_fragments`), so a
+row becomes visible atomically with its Lance version and a killed job leaves no partial rows.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+META_EXTRACTOR, META_CONFIG, META_FINGERPRINT = b"rrt_dist.extractor", b"rrt_dist.config", b"rrt_dist.fingerprint"
+
+
+class FeatureTableMismatch(ValueError):
+    """A feature table written by another extractor (or with other dimensions)."""
+
+
+def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: str, config: dict,
+                    fingerprint: str) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("global", pa.list_(pa.float16(), global_dim)),
+        pa.field("local", pa.list_(pa.float16(), max_local * local_dim)),
+        pa.field("positions", pa.list_(pa.float32(), max_local * 2)),
+        pa.field("scales", pa.list_(pa.int8(), max_local)),
+        pa.field("n_local", pa.int32()),
+    ], metadata={META_EXTRACTOR: extractor.encode(), META_CONFIG: json.dumps(config, sort_keys=True, default=str).encode(),
+                 META_FINGERPRINT: fingerprint.encode()})
+
+
+def _fixed(values: np.ndarray, width: int, typ) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1), type=typ), width)
+
+
+def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray, local: np.ndarray,
+                      positions: np.ndarray, scales: np.ndarray, n_local: np.ndarray) -> pa.Table:
+    """Batch arrays (``local [B, L, d_l]``, ``positions [B, L, 2]``, ``scales [B, L]``) -> an Arrow table."""
+    n = len(ids)
+    d_g = schema.field("global").type.list_size
+    width = schema.field("scales").type.list_size
+    d_l = schema.field("local").type.list_size // max(width, 1)
+    if global_.shape != (n, d_g) or local.shape != (n, width, d_l):
+        raise FeatureTableMismatch(f"expected global [{n}, {d_g}] and local [{n}, {width}, {d_l}], got "
+                                   f"{global_.shape} and {local.shape}")
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(ids, np.int64)), _fixed(global_.astype(np.float16), d_g, pa.float16()),
+        _fixed(local.astype(np.float16), width * d_l, pa.float16()),
+        _fixed(positions.astype(np.float32), width * 2, pa.float32()),
+        _fixed(scales.astype(np.int8), width, pa.int8()), pa.array(np.asarray(n_local, np.int32)),
+    ], schema=schema)
+
+
+def write_fragment(uri: str | Path, table: pa.Table) -> list:
+    """Write rows as uncommitted Lance fragments (safe from any worker); returns their metadata."""
+    from lance.fragment import write_fragments
+
+    return write_fragments(table, str(uri), schema=table.schema)
+
+
+def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lance.LanceDataset:
+    """Commit fragments as one new version (creating the table with ``schema`` on first commit)."""
+    uri = str(uri)
+    try:
+        ds = lance.dataset(uri)
+    except (ValueError, FileNotFoundError, OSError):
+        return lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments), read_version=None)
+    check_schema(ds.schema, schema, uri)
+    return lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
+
+
+def check_schema(found: pa.Schema, expected: pa.Schema, uri: str) -> None:
+    fp_found = (found.metadata or {}).get(META_FINGERPRINT, b"?").decode()
+    fp_expected = (expected.metadata or {}).get(META_FINGERPRINT, b"?").decode()
+    if fp_found != fp_expected or not found.remove_metadata().equals(expected.remove_metadata()):
+        name = (found.metadata or {}).get(META_EXTRACTOR, b"?").decode()
+        raise FeatureTableMismatch(
+            f"{uri} holds features of extractor {name!r} (fingerprint {fp_found}), not of the requested one "
+            f"(fingerprint {fp_expected}); use another output path or the extractor that wrote it")
+
+
+def committed_ids(uri: str | Path) -> np.ndarray:
+    """Ids already committed to a table (empty if it does not exist)."""
+    try:
+        ds = lance.dataset(str(uri))
+    except (ValueError, FileNotFoundError, OSError):
+        return np.zeros(0, np.int64)
+    return ds.to_table(columns=["id"]).column("id").to_numpy()
+
+
+class FeatureStore:
+    """Read side of a feature table, pinned to one Lance version.
+
+    ``globals()`` loads every global descriptor with its id; ``take_locals(ids)`` fetches the local
+    descriptors of any ids in one batched random-access read.
+    """
+
+    def __init__(self, uri: str | Path, version: int | None = None, expected_fingerprint: str | None = None):
+        self.uri = str(uri)
+        self.dataset = lance.dataset(self.uri, version=version)
+        meta = self.dataset.schema.metadata or {}
+        self.extractor = meta.get(META_EXTRACTOR, b"").decode()
+        self.config = json.loads(meta.get(META_CONFIG, b"{}"))
+        self.fingerprint = meta.get(META_FINGERPRINT, b"").decode()
+        if expected_fingerprint is not None and expected_fingerprint != self.fingerprint:
+            raise FeatureTableMismatch(f"{self.uri} was written by extractor {self.extractor!r} ({self.fingerprint}), "
+                                       f"not the expected one ({expected_fingerprint})")
+        schema = self.dataset.schema
+        self.global_dim = schema.field("global").type.list_size
+        self.max_local = schema.field("scales").type.list_size
+        self.local_dim = schema.field("local").type.list_size // max(self.max_local, 1)
+        ids = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._order]
+        self.ids = ids
+
+    @property
+    def version(self) -> int:
+        return self.dataset.version
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows_of(self, ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
+        if len(self._sorted_ids) == 0 or not np.all(self._sorted_ids[pos] == ids):
+            missing = ids if len(self._sorted_ids) == 0 else ids[self._sorted_ids[pos] != ids]
+            raise KeyError(f"ids not in {self.uri}: {missing[:5].tolist()}")
+        return self._order[pos]
+
+    def globals(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [N], global [N, d_g])`` in table order."""
+        table = self.dataset.to_table(columns=["id", "global"])
+        vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
+
+    def take_locals(self, ids: Sequence[int], dtype=np.float32) -> dict:
+        """Locals of ``ids`` (in that order): ``local [n, L, d_l]``, ``positions [n, L, 2]``, ``scales [n, L]``,
+        ``n_local [n]`` and ``mask [n, L]`` (True = padding), from one ``take``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.rows_of(ids)
+        table = self.dataset.take(rows, columns=["id", "local", "positions", "scales", "n_local"])
+        if not np.array_equal(table.column("id").to_numpy(), ids):  # take follows the requested row order
+            raise RuntimeError(f"{self.uri}: take returned rows out of order")
+        n, width, d_l = len(ids), self.max_local, self.local_dim
+
+        def arr(name, typ):
+            return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(typ)
+
+        n_local = table.column("n_local").to_numpy()
+        return {"local": arr("local", dtype).reshape(n, width, d_l), "positions": arr("positions", np.float32).reshape(n, width, 2),
+                "scales": arr("scales", np.int64).reshape(n, width), "n_local": n_local,
+                "mask": np.arange(width)[None, :] >= n_local[:, None]}
