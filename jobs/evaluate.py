@@ -1,8 +1,8 @@
-"""Evaluate retrieval on a benchmark: extract -> search -> (rerank) -> metrics -> report.
+"""Evaluate retrieval on a benchmark: extract (if missing) -> search -> metrics -> report.
 
     rrt-dist evaluate                                   # synthetic benchmark, embedded Ray
     rrt-dist evaluate dataset=roxford5k dataset.root=/data/roxford5k dataset/distractors=r1m \
-        dataset.distractors.root=/data/revisitop1m ray=cluster
+        dataset.distractors.root=/data/revisitop1m backbone=delg_r50 ray=cluster
 """
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.datasets import load_benchmark
 from rrt_dist.eval.report import render_markdown, write_report
 from rrt_dist.eval.runner import evaluate_global_only, settings_of
-from rrt_dist.features.extract import extract_globals
+from rrt_dist.pipelines.extract import ExtractSettings
+from rrt_dist.pipelines.features import ensure_features, global_matrix
 from rrt_dist.runtime import init_ray
 
 log = logging.getLogger("rrt_dist.evaluate")
+
+
+def extract_settings(backbone) -> ExtractSettings:
+    return ExtractSettings(batch_size=backbone.batch_size, num_actors=backbone.num_actors,
+                           torch_threads=backbone.torch_threads, commit_every=backbone.commit_every)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -27,14 +33,16 @@ def main(cfg: DictConfig) -> dict:
     bench = load_benchmark(cfg.dataset)
     log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
              bench.gallery.num_rows, bench.n_distractors)
-    queries = extract_globals(bench.queries, cfg.backbone.name, desc="queries")
-    gallery = extract_globals(bench.gallery, cfg.backbone.name, desc="gallery")
-    rows = {"global-only": evaluate_global_only(bench, queries, gallery, cfg.index.k)}
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+    query_ids, queries = global_matrix(stores, ["query"])
+    gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
+    rows = {"global-only": evaluate_global_only(bench, query_ids, queries, gallery_ids, gallery, cfg.index.k)}
     settings = list(settings_of(bench))
-    markdown = render_markdown(bench.protocol.name, rows, settings,
-                               f"{bench.name}: {cfg.backbone.name} global descriptor")
+    markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} global descriptor")
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
-               "errors": {**queries.errors, **gallery.errors}, "config": OmegaConf.to_container(cfg, resolve=True)}
+               "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
+               "config": OmegaConf.to_container(cfg, resolve=True)}
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
     print(markdown)
     print(f"report: {json_path}")

@@ -83,7 +83,7 @@ class SyntheticConfig(DatasetConfig):
     views_per_landmark: int = 8
     train_views_per_landmark: int = 6
     queries_per_landmark: int = 1
-    n_distractors: int = 1000
+    n_distractors: int = 500
     family_size: int = 4
     view_width: int = 384
     view_height: int = 288
@@ -91,10 +91,16 @@ class SyntheticConfig(DatasetConfig):
 
 @dataclass
 class BackboneConfig:
-    """Descriptor extractor: a name from the ``rrt_dist.features`` registry and its weights."""
+    """Descriptor extractor (a name from the ``rrt_dist.features`` registry), its options and how it is run.
+
+    ``options`` go to the extractor's own config dataclass, which rejects unknown keys by name.
+    """
     name: str = "tiny-image"
-    checkpoint: Optional[str] = None
-    batch_size: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16                     # images per actor call / written fragment
+    num_actors: Optional[int] = None         # default: one per GPU, else 1
+    torch_threads: Optional[int] = None      # default: the node's CPUs / actors
+    commit_every: int = 256                  # images per Lance commit
 
 
 @dataclass
@@ -129,6 +135,7 @@ class Config:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    features_dir: str = "data/features"      # Lance feature tables: <features_dir>/<benchmark>/<fingerprint>/
     output_dir: str = "${hydra:runtime.output_dir}"
 
 

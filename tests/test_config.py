@@ -20,7 +20,8 @@ def make(overrides=()):
 def test_default_config_is_the_embedded_demo():
     cfg = make()
     assert cfg.dataset.name == "synthetic" and cfg.dataset.distractors.name == "synthetic"
-    assert cfg.ray.address is None and cfg.backbone.name == "tiny-image"
+    assert cfg.ray.address is None and cfg.backbone.name == "multiscale-cnn"
+    assert cfg.backbone.options.model == "tf_efficientnet_lite0"   # shipped weights, no network
     assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 5e-4 and cfg.train.batch_size == 12
 
 

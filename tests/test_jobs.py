@@ -10,11 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from rrt_dist.datasets import make_manifest
-from rrt_dist.features.extract import extract_globals
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,38 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.ray
-def test_corrupt_image_is_recorded_not_fatal(local_ray, small_synthetic, tmp_path):
-    _, root = small_synthetic
-    good = sorted((root / "jpg" / "test").glob("g*.jpg"))[:3]
-    truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(good[0].read_bytes()[:300])
-    missing = tmp_path / "missing.jpg"
-    manifest = make_manifest([1, 2, 3, 4, 5], [str(p) for p in good] + [str(truncated), str(missing)], "gallery")
-    feats = extract_globals(manifest, "tiny-image", chunk_size=2)
-    assert feats.ids.tolist() == [1, 2, 3] and feats.vectors.shape[0] == 3
-    assert set(feats.errors) == {4, 5} and "truncated.jpg" in feats.errors[4] and "missing.jpg" in feats.errors[5]
-    np.testing.assert_allclose(np.linalg.norm(feats.vectors, axis=1), 1.0, rtol=1e-5)
-    # the Ray path equals the in-process path
-    import ray
-
-    ray.shutdown()
-    try:
-        local = extract_globals(manifest, "tiny-image")
-    finally:
-        from rrt_dist.config import RayConfig
-        from rrt_dist.runtime import init_ray
-
-        init_ray(RayConfig(num_cpus=2))
-    np.testing.assert_array_equal(local.ids, feats.ids)
-    np.testing.assert_allclose(local.vectors, feats.vectors, atol=1e-6)
-
-
 def test_main_command_on_small_preset(tmp_path):
-    """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray."""
+    """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray, shipped weights."""
     out = tmp_path / "out"
     proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", "experiment=synthetic_small",
-                           f"dataset.root={tmp_path / 'syn'}", f"hydra.run.dir={out}"],
+                           f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
+                           f"hydra.run.dir={out}"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| global-only |" in proc.stdout
@@ -66,8 +36,17 @@ def test_main_command_on_small_preset(tmp_path):
     hard = report["results"]["global-only"]["synthetic"]["hard"]["mAP"]
     with_d = report["results"]["global-only"]["synthetic+100"]["medium"]["mAP"]
     # the benchmark leaves room for reranking, and distractors make it harder
-    assert 0.0 < hard < medium < 0.8 and with_d <= medium
-    assert report["config"]["dataset"]["n_landmarks"] == 12
+    assert hard < medium < 0.8 and 0.0 < medium and with_d <= medium
+    assert report["config"]["dataset"]["n_landmarks"] == 12 and report["config"]["backbone"]["name"] == "multiscale-cnn"
+    tables = report["feature_tables"]
+    assert tables["query"]["rows"] == 12 and tables["gallery"]["rows"] == 72 and tables["distractor"]["rows"] == 100
+    # a rerun reuses the committed feature tables
+    rerun = subprocess.run([str(BIN / "rrt-dist"), "evaluate", "experiment=synthetic_small",
+                            f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
+                            f"hydra.run.dir={tmp_path / 'out2'}"], capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path)
+    assert rerun.returncode == 0 and "nothing to extract" in rerun.stderr + rerun.stdout
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["results"] == report["results"]
 
 
 @pytest.mark.ray
@@ -93,8 +72,8 @@ def test_job_submission_to_local_head(tmp_path):
                             start_new_session=True)
     try:
         out = tmp_path / "out"
-        entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster "
-                      f"dataset.root={tmp_path / 'syn'} hydra.run.dir={out}")
+        entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster backbone=tiny_image "
+                      f"dataset.root={tmp_path / 'syn'} features_dir={tmp_path / 'features'} hydra.run.dir={out}")
         runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
         deadline = time.time() + 120
         while True:  # the head and its job agent take a few seconds to come up

@@ -47,7 +47,7 @@ class SyntheticSpec:
     views_per_landmark: int = 8      # gallery views per test / val landmark
     train_views_per_landmark: int = 6
     queries_per_landmark: int = 1
-    n_distractors: int = 1000
+    n_distractors: int = 500
     family_size: int = 4             # landmarks sharing one style (global look-alikes)
     view_width: int = 384
     view_height: int = 288

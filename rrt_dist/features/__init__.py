@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 
 from .grid import DenseGrid, ViTTokens
 from .multiscale import MultiscaleCNN
@@ -36,10 +37,23 @@ def create_preparer(name: str, **cfg):
     return _REGISTRY[name].preparer(**cfg)
 
 
+def _digest(name: str, config: dict) -> str:
+    payload = json.dumps({"name": name, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
 def fingerprint(extractor) -> str:
     """Identifies an extractor and its configuration; an index refuses queries from another one."""
-    payload = json.dumps({"name": extractor.name, "config": extractor.config}, sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+    return _digest(extractor.name, extractor.config)
+
+
+def config_fingerprint(name: str, **cfg) -> str:
+    """The fingerprint ``create_extractor(name, **cfg)`` will have, without loading any model."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+    config = asdict(_REGISTRY[name].parse_config(**cfg))
+    config.pop("device", None)
+    return _digest(name, config)
 
 
 register_extractor("tiny-image", TinyImageExtractor)

@@ -93,5 +93,5 @@ def pick_device(device: str) -> torch.device:
 
 
 def image_tensor(image: np.ndarray, mean, std, device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device).permute(2, 0, 1).float().div_(255.0)
     return ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]

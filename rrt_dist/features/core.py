@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from rrt_dist.store import features_schema, features_to_table
+from rrt_dist.store.features import local_shape
 
 from .base import ImageFeatures, Prepared, to_original
 from .images import ImageError, load_image
@@ -27,9 +28,8 @@ def schema_for(extractor, fingerprint: str) -> pa.Schema:
 def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures]) -> pa.Table:
     """Pad each image's locals to the table width (rows beyond ``n_local`` are zero)."""
     n = len(ids)
-    width = schema.field("scales").type.list_size
+    width, d_l = local_shape(schema)
     d_g = schema.field("global").type.list_size
-    d_l = schema.field("local").type.list_size // max(width, 1)
     glob = np.zeros((n, d_g), np.float32)
     local = np.zeros((n, width, d_l), np.float32)
     pos = np.zeros((n, width, 2), np.float32)

@@ -2,14 +2,15 @@
 
 Per image: a pyramid over the paper's 7 scales (0.25 … 2.0; longest side capped before, default
 1024). Global: GeM over the stride-32 map at the global scales, summed L2-normalised, optionally
-whitened. Locals: every cell of the stride-16 map at every scale, scored by an attention head
-when the checkpoint has one, else by feature norm; projected to 128-d; grid-cell non-maximum
+whitened. Locals: every cell of the stride-16 map at every scale, scored by feature norm (the
+stand-in DELG uses before its attention head is trained; learned attention heads are not loaded
+yet); projected to 128-d (a PCA from ``local_projection``, else a fixed orthogonal map); grid-cell non-maximum
 suppression in original-image coordinates so one location seen at several scales keeps only
 its best-scoring descriptor; top ``max_local`` (500) across scales.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -87,6 +88,9 @@ class MultiscaleCNN:
         else:
             self.white_mean, self.white_proj = None, None
         self.global_dim = c32 if self.white_proj is None else self.white_proj.shape[1]
+        # Scale indices always refer to the 7 DELG scales (what RRT's scale embedding is indexed by),
+        # whichever subset the pyramid uses.
+        self.scale_index = [int(np.abs(np.log(s) - np.log(DELG_SCALES)).argmin()) for s in self.cfg.scales]
         self.local_dim, self.max_local = self.cfg.local_dim, self.cfg.max_local
 
     @property
@@ -112,7 +116,7 @@ class MultiscaleCNN:
             descs.append(f)
             scores.append(f.norm(dim=1))
             positions.append(pos)
-            scale_ids.append(torch.full((len(f),), si, device=f.device))
+            scale_ids.append(torch.full((len(f),), self.scale_index[si], device=f.device))
         g = F.normalize(global_sum, dim=-1)[0].float().cpu().numpy()
         if self.white_proj is not None:
             g = l2n((g - self.white_mean) @ self.white_proj)

@@ -27,7 +27,7 @@ from rrt_dist.features import create_extractor, create_preparer, fingerprint
 from rrt_dist.features.base import Prepared, to_original
 from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
 from rrt_dist.features.images import ImageError
-from rrt_dist.store import commit_fragments, committed_ids, write_fragment
+from rrt_dist.store import check_schema, commit_fragments, committed_ids, write_fragment
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,20 @@ class ExtractSummary:
     skipped: int = 0                  # already committed or recorded before this run
     errors: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0      # until the first batch came back (workers, actors, model load)
+    startup_images: int = 0
     version: int | None = None
     error_samples: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Throughput after start-up, what a long run converges to."""
+        busy = self.seconds - self.startup_seconds
+        return (self.extracted - self.startup_images) / busy if busy > 0 else 0.0
 
 
 class InjectedFailure(RuntimeError):
@@ -131,6 +139,8 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
     schema = schema_for(probe, fingerprint(probe))
     del probe
 
+    if Path(uri).exists():  # refuse before any work: the table must be this extractor's
+        check_schema(lance.dataset(uri).schema, schema, uri)
     done = set(committed_ids(uri).tolist())
     recorded = set() if settings.retry_errors else set(committed_ids(errors_uri).tolist())
     all_ids = manifest.column("id").to_numpy()
@@ -147,7 +157,10 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
     num_actors = settings.num_actors or max(1, gpus)
     threads = settings.torch_threads or max(1, int(resources.get("CPU", 1)) // num_actors)
     pool = ray.data.ActorPoolStrategy(size=num_actors)
-    ds = (ray.data.from_arrow(todo)
+    # Small input blocks so results stream back (and get committed) while the run goes on.
+    rows_per_block = settings.batch_size
+    blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
+    ds = (ray.data.from_arrow(blocks)
           .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg},
                        batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
           .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, threads),
@@ -186,6 +199,8 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
                 errors.extend(tuple(e) for e in bad)
                 summary.extracted += len(ids)
                 summary.errors += len(bad)
+                if not summary.startup_seconds:
+                    summary.startup_seconds, summary.startup_images = time.perf_counter() - start, len(ids)
                 bar.update(len(ids) + len(bad))
                 if sum(len(i) for i in pending_ids) + len(errors) >= settings.commit_every:
                     commit()

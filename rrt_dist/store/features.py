@@ -9,6 +9,9 @@ Schema (one row per image, keyed by the manifest's int64 ``id``)::
     scales     fixed_size_list<int8>[L]               scale index of each local descriptor
     n_local    int32
 
+Global-only extractors (``L = 0``) have no ``local``/``positions``/``scales`` columns (Lance
+refuses zero-width lists).
+
 The schema metadata holds the extractor's name, its config (JSON) and fingerprint; opening a
 table for an extractor with another fingerprint is an error. Distributed writers write Lance
 fragments (:func:`write_fragment`); one process commits them (:func:`commit_fragments`), so a
@@ -33,15 +36,26 @@ class FeatureTableMismatch(ValueError):
 
 def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: str, config: dict,
                     fingerprint: str) -> pa.Schema:
-    return pa.schema([
-        pa.field("id", pa.int64(), nullable=False),
-        pa.field("global", pa.list_(pa.float16(), global_dim)),
+    local_fields = [
         pa.field("local", pa.list_(pa.float16(), max_local * local_dim)),
         pa.field("positions", pa.list_(pa.float32(), max_local * 2)),
         pa.field("scales", pa.list_(pa.int8(), max_local)),
+    ] if max_local and local_dim else []
+    return pa.schema([
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("global", pa.list_(pa.float16(), global_dim)),
+        *local_fields,
         pa.field("n_local", pa.int32()),
     ], metadata={META_EXTRACTOR: extractor.encode(), META_CONFIG: json.dumps(config, sort_keys=True, default=str).encode(),
                  META_FINGERPRINT: fingerprint.encode()})
+
+
+def local_shape(schema: pa.Schema) -> tuple[int, int]:
+    """``(max_local, local_dim)`` of a feature schema (``(0, 0)`` when global-only)."""
+    if "scales" not in schema.names:
+        return 0, 0
+    width = schema.field("scales").type.list_size
+    return width, schema.field("local").type.list_size // width
 
 
 def _fixed(values: np.ndarray, width: int, typ) -> pa.FixedSizeListArray:
@@ -53,17 +67,16 @@ def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray
     """Batch arrays (``local [B, L, d_l]``, ``positions [B, L, 2]``, ``scales [B, L]``) -> an Arrow table."""
     n = len(ids)
     d_g = schema.field("global").type.list_size
-    width = schema.field("scales").type.list_size
-    d_l = schema.field("local").type.list_size // max(width, 1)
-    if global_.shape != (n, d_g) or local.shape != (n, width, d_l):
+    width, d_l = local_shape(schema)
+    if global_.shape != (n, d_g) or (width and local.shape != (n, width, d_l)):
         raise FeatureTableMismatch(f"expected global [{n}, {d_g}] and local [{n}, {width}, {d_l}], got "
                                    f"{global_.shape} and {local.shape}")
-    return pa.Table.from_arrays([
-        pa.array(np.asarray(ids, np.int64)), _fixed(global_.astype(np.float16), d_g, pa.float16()),
-        _fixed(local.astype(np.float16), width * d_l, pa.float16()),
-        _fixed(positions.astype(np.float32), width * 2, pa.float32()),
-        _fixed(scales.astype(np.int8), width, pa.int8()), pa.array(np.asarray(n_local, np.int32)),
-    ], schema=schema)
+    columns = [pa.array(np.asarray(ids, np.int64)), _fixed(global_.astype(np.float16), d_g, pa.float16())]
+    if width:
+        columns += [_fixed(local.astype(np.float16), width * d_l, pa.float16()),
+                    _fixed(positions.astype(np.float32), width * 2, pa.float32()),
+                    _fixed(scales.astype(np.int8), width, pa.int8())]
+    return pa.Table.from_arrays(columns + [pa.array(np.asarray(n_local, np.int32))], schema=schema)
 
 
 def write_fragment(uri: str | Path, table: pa.Table) -> list:
@@ -122,8 +135,7 @@ class FeatureStore:
                                        f"not the expected one ({expected_fingerprint})")
         schema = self.dataset.schema
         self.global_dim = schema.field("global").type.list_size
-        self.max_local = schema.field("scales").type.list_size
-        self.local_dim = schema.field("local").type.list_size // max(self.max_local, 1)
+        self.max_local, self.local_dim = local_shape(schema)
         ids = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
@@ -155,15 +167,18 @@ class FeatureStore:
         ``n_local [n]`` and ``mask [n, L]`` (True = padding), from one ``take``."""
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.rows_of(ids)
-        table = self.dataset.take(rows, columns=["id", "local", "positions", "scales", "n_local"])
+        n, width, d_l = len(ids), self.max_local, self.local_dim
+        columns = ["id", "n_local"] + (["local", "positions", "scales"] if width else [])
+        table = self.dataset.take(rows, columns=columns)
         if not np.array_equal(table.column("id").to_numpy(), ids):  # take follows the requested row order
             raise RuntimeError(f"{self.uri}: take returned rows out of order")
-        n, width, d_l = len(ids), self.max_local, self.local_dim
 
-        def arr(name, typ):
-            return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(typ)
+        def arr(name, typ, shape):
+            if not width:
+                return np.zeros(shape, typ)
+            return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(typ).reshape(shape)
 
         n_local = table.column("n_local").to_numpy()
-        return {"local": arr("local", dtype).reshape(n, width, d_l), "positions": arr("positions", np.float32).reshape(n, width, 2),
-                "scales": arr("scales", np.int64).reshape(n, width), "n_local": n_local,
+        return {"local": arr("local", dtype, (n, width, d_l)), "positions": arr("positions", np.float32, (n, width, 2)),
+                "scales": arr("scales", np.int64, (n, width)), "n_local": n_local,
                 "mask": np.arange(width)[None, :] >= n_local[:, None]}

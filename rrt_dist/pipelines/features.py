@@ -1,0 +1,58 @@
+"""Feature tables for a benchmark: extract what is missing, then open them for reading.
+
+Tables live under ``<features_dir>/<benchmark>/<extractor fingerprint>/{query,gallery}.lance``;
+distractors (shared by every benchmark that appends them, e.g. R1M for ROxf and RPar) under
+``<features_dir>/distractors/<name>/<fingerprint>/distractor.lance``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rrt_dist.datasets import Benchmark
+from rrt_dist.features import config_fingerprint
+from rrt_dist.store import FeatureStore
+
+from .extract import ExtractSettings, extract_to_lance
+
+log = logging.getLogger(__name__)
+
+
+def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict) -> dict[str, Path]:
+    fp = config_fingerprint(extractor, **options)
+    root = Path(features_dir)
+    paths = {"query": root / bench.name / fp / "query.lance", "gallery": root / bench.name / fp / "gallery.lance"}
+    if bench.n_distractors:
+        uris = bench.gallery.filter(pa.compute.equal(bench.gallery.column("split"), "distractor")).column("uri")
+        # Named by where the distractors live, so every benchmark that appends them shares one table.
+        where = hashlib.sha1(str(Path(uris[0].as_py()).parent.parent).encode()).hexdigest()[:10]
+        paths["distractor"] = root / "distractors" / where / fp / "distractor.lance"
+    return paths
+
+
+def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
+                    settings: ExtractSettings) -> dict[str, FeatureStore]:
+    """Extract the rows of every table that are not there yet; return the tables (pinned versions)."""
+    paths = table_paths(bench, features_dir, extractor, options)
+    splits = np.asarray(bench.gallery.column("split").to_pylist())
+    manifests = {"query": bench.queries,
+                 "gallery": bench.gallery.filter(pa.array(splits != "distractor")),
+                 "distractor": bench.gallery.filter(pa.array(splits == "distractor"))}
+    stores = {}
+    for name, path in paths.items():
+        summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}")
+        if summary.errors:
+            log.warning("%s: %d unreadable images recorded in %s-errors.lance, e.g. %s", name, summary.errors,
+                        str(path).removesuffix(".lance"), summary.error_samples)
+        stores[name] = FeatureStore(path)
+    return stores
+
+
+def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and global descriptors of several tables, concatenated."""
+    parts = [stores[n].globals() for n in names if n in stores]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

