@@ -15,16 +15,10 @@ import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.datasets import load_benchmark
 from rrt_dist.eval.report import render_markdown, write_report
 from rrt_dist.eval.runner import evaluate_global_only, settings_of
-from rrt_dist.pipelines.extract import ExtractSettings
-from rrt_dist.pipelines.features import ensure_features, global_matrix
+from rrt_dist.pipelines.features import ensure_features, extract_settings, global_matrix
 from rrt_dist.runtime import init_ray
 
 log = logging.getLogger("rrt_dist.evaluate")
-
-
-def extract_settings(backbone) -> ExtractSettings:
-    return ExtractSettings(batch_size=backbone.batch_size, num_actors=backbone.num_actors,
-                           torch_threads=backbone.torch_threads, commit_every=backbone.commit_every)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

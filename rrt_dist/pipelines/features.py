@@ -22,6 +22,12 @@ from .extract import ExtractSettings, extract_to_lance
 log = logging.getLogger(__name__)
 
 
+def extract_settings(backbone) -> ExtractSettings:
+    """Pipeline settings from a ``backbone`` config."""
+    return ExtractSettings(batch_size=backbone.batch_size, num_actors=backbone.num_actors,
+                           torch_threads=backbone.torch_threads, commit_every=backbone.commit_every)
+
+
 def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict) -> dict[str, Path]:
     fp = config_fingerprint(extractor, **options)
     root = Path(features_dir)
