@@ -5,8 +5,8 @@ with Hydra's message naming the key and the schema. Registered in Hydra's Config
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -70,23 +70,24 @@ class FolderConfig(DatasetConfig):
     name: str = "folder"
 
 
-@dataclass
-class SyntheticConfig(DatasetConfig):
-    """The generated benchmark; sizes default to the embedded demo (see presets in configs/experiment)."""
-    name: str = "synthetic"
-    root: str = "data/synthetic"
-    split: str = "test"                      # test | val (val is for model selection during training)
-    seed: int = 0
-    n_landmarks: int = 50
-    n_val_landmarks: int = 20
-    n_train_landmarks: int = 200
-    views_per_landmark: int = 8
-    train_views_per_landmark: int = 6
-    queries_per_landmark: int = 1
-    n_distractors: int = 500
-    family_size: int = 4
-    view_width: int = 384
-    view_height: int = 288
+def _synthetic_config() -> type:
+    """``SyntheticConfig``: DatasetConfig + ``split`` + every generator parameter of ``SyntheticSpec``.
+
+    Built from the spec's fields so the two never drift apart.
+    """
+    from rrt_dist.datasets.synthetic import SyntheticSpec
+
+    hints = get_type_hints(SyntheticSpec)
+    spec_fields = [(f.name, hints[f.name], field(default=f.default)) for f in fields(SyntheticSpec)]
+    return make_dataclass("SyntheticConfig", [
+        ("name", str, field(default="synthetic")),
+        ("root", str, field(default="data/synthetic")),
+        ("split", str, field(default="test")),     # test | val (val is for model selection during training)
+        *spec_fields,
+    ], bases=(DatasetConfig,))
+
+
+SyntheticConfig = _synthetic_config()
 
 
 @dataclass

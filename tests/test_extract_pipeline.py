@@ -1,6 +1,5 @@
 """The Ray Data extraction pipeline on local Ray: equal to in-process extraction, resumable, error-tolerant."""
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from rrt_dist.datasets import concat_manifests, make_manifest, read_r1m, read_revisitop

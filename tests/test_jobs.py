@@ -82,7 +82,7 @@ def test_job_submission_to_local_head(tmp_path):
                                              headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
                 job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
                 break
-            except (RuntimeError, ConnectionError) as err:
+            except (RuntimeError, ConnectionError):
                 if time.time() > deadline:
                     raise
                 time.sleep(2)

@@ -76,7 +76,7 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict) -> dict:
     """map_batches task: decode, crop and resize a batch of manifest rows (CPU)."""
     preparer = create_preparer(extractor_name, **extractor_cfg)
     images, geometry, errors = [], [], []
-    for image_id, uri, bbox in zip(batch["id"], batch["uri"], batch["bbox"]):
+    for uri, bbox in zip(batch["uri"], batch["bbox"]):
         bbox = None if bbox is None else list(bbox)
         try:
             prepared, offset = decode_and_prepare(uri, bbox, preparer)
