@@ -250,3 +250,20 @@ def test_delg_import_round_trip(tmp_path):
     raw = read_delg_local(f"{rows[0][1]}.delg_local")
     top = np.argsort(-raw["attention"], kind="stable")[:5]
     np.testing.assert_allclose(expected.positions, raw["locations"][top][:, ::-1])
+
+
+def test_pca_whitening_fit_and_use(tmp_path):
+    from rrt_dist.features.whitening import fit_pca, save_projection
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8)) * np.array([5, 3, 2, 1, 0.5, 0.2, 0.1, 0.05]) + 7
+    mean, proj = fit_pca(x, 3)
+    y = (x - mean) @ proj
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(3), atol=1e-3)   # whitened
+    np.testing.assert_allclose(np.abs(proj[:3] / np.linalg.norm(proj[:3], axis=0)), np.eye(3), atol=0.1)
+    path = save_projection(tmp_path / "w.npz", *fit_pca(rng.normal(size=(400, 320)), 64))
+    ex = create_extractor("multiscale-cnn", model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3,
+                          scales=[1.0], global_scales=[1.0], max_size=128, whitening=str(path))
+    assert ex.global_dim == 64
+    f = ex.extract([create_preparer("multiscale-cnn", max_size=128)(data.coffee())])[0]
+    assert f.global_.shape == (64,) and np.isclose(np.linalg.norm(f.global_), 1, atol=1e-5)
