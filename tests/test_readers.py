@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rrt_dist.datasets import (DatasetLayoutError, read_cars196, read_cub200, read_folder, read_gldv2_retrieval,
+from rrt_dist.datasets import (DatasetLayoutError, make_manifest, read_cars196, read_cub200, read_folder, read_gldv2_retrieval,
                                read_gldv2_train, read_msls, read_r1m, read_revisitop, read_sop, stable_id)
 from rrt_dist.datasets.gldv2 import gldv2_id
 
@@ -82,7 +82,7 @@ def test_ground_truth_pickle_refuses_code(tmp_path):
 def test_gldv2_retrieval_reader():
     bench = read_gldv2_retrieval(FIX / "gldv2")
     assert bench.queries.num_rows == 3  # the Ignored query is dropped
-    assert ids(bench.gallery) == [10, 0xB0, 0xC00, -1]  # 64-bit hex ids as int64 (ffff... -> -1)
+    assert ids(bench.gallery) == [10, 0xB0, 0xC00, -16]  # 64-bit hex ids as int64 (fff...0 -> -16)
     assert bench.gallery.column("uri")[0].as_py() == str(FIX / "gldv2" / "index/0/0/0/000000000000000a.jpg")
     assert bench.protocol.usage == ["Public", "Private", "Public"]
     g = ids(bench.gallery)
@@ -96,6 +96,8 @@ def test_gldv2_retrieval_reader():
 
 def test_gldv2_ids_and_errors(tmp_path):
     assert gldv2_id("ffffffffffffffff") == -1 and gldv2_id("7fffffffffffffff") == 2**63 - 1
+    with pytest.raises(ValueError, match="reserved"):              # -1 pads rankings; no image may have it
+        make_manifest([gldv2_id("ffffffffffffffff")], ["x.jpg"], "gallery")
     (tmp_path / "index.csv").write_text("id\nnothex\n")
     with pytest.raises(DatasetLayoutError, match=r"index\.csv: ids must be 16 lowercase hex"):
         read_gldv2_retrieval(tmp_path)

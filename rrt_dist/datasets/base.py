@@ -30,6 +30,9 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+NO_ID = -1   # "no result": pads rankings (as FAISS does); never an image id
+
+
 class DatasetLayoutError(FileNotFoundError, ValueError):
     """A benchmark file is missing or malformed; the message names it and the expected layout."""
 
@@ -50,6 +53,9 @@ def make_manifest(ids: Sequence[int], uris: Sequence[str], split: str | Sequence
     if len(uris) != n:
         raise ValueError(f"{n} ids but {len(uris)} uris")
     ids = np.asarray(ids, dtype=np.int64)
+    if (ids == NO_ID).any():
+        bad = [uris[i] for i in np.flatnonzero(ids == NO_ID)[:3]]
+        raise ValueError(f"image id -1 is reserved for 'no result' padding; images {bad} map to it")
     if len(np.unique(ids)) != n:
         dup = ids[np.flatnonzero(np.diff(np.sort(ids)) == 0)[:3]]
         raise ValueError(f"duplicate image ids in manifest, e.g. {dup.tolist()}")
@@ -174,8 +180,8 @@ class Benchmark:
         ids = np.asarray(ids, dtype=np.int64)
         pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
         found = self._sorted_ids[pos] == ids
-        if not np.all(found | (ids == -1)):
-            bad = ids[~found & (ids != -1)][:3]
+        if not np.all(found | (ids == NO_ID)):
+            bad = ids[~found & (ids != NO_ID)][:3]
             raise KeyError(f"ids not in the {self.name} gallery, e.g. {bad.tolist()}")
         return np.where(found, self._order[pos], -1)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from rrt_dist.datasets.base import NO_ID
+
 
 def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, k: int | None = None):
     """Top-``k`` gallery ids and scores per query, best first (``k=None``: rank the whole gallery).
@@ -18,5 +20,5 @@ def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarr
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(gallery.shape[1]))
     index.add_with_ids(gallery, np.asarray(gallery_ids, dtype=np.int64))
     scores, ids = index.search(queries, k)
-    scores[ids < 0] = -np.inf
+    scores[ids == NO_ID] = -np.inf
     return ids, scores

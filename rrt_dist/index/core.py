@@ -1,0 +1,179 @@
+"""Pure FAISS pieces of the sharded index: choosing, training, sharding, persisting, merging.
+
+Similarity is inner product on L2-normalised descriptors; every index carries the images'
+int64 ids (``IndexIDMap2`` around indexes that do not store ids themselves).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import fsspec
+import numpy as np
+
+from rrt_dist.datasets.base import NO_ID
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class IndexMismatch(ValueError):
+    """A query or an update that does not fit the index (dimension, extractor)."""
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    id_min: int          # inclusive
+    id_max: int          # inclusive
+    ntotal: int = 0
+
+
+@dataclass
+class IndexManifest:
+    dimension: int
+    factory: str
+    metric: str = "inner_product"
+    fingerprint: str = ""                 # extractor fingerprint of the indexed descriptors
+    source_uri: str = ""
+    source_version: int | None = None     # Lance version indexed (incremental adds move it forward)
+    shards: list[ShardInfo] = field(default_factory=list)
+    choice: str = ""                      # why ``auto`` picked this factory
+    created: float = field(default_factory=time.time)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexManifest":
+        raw = json.loads(text)
+        raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+        return cls(**raw)
+
+
+def choose_factory(n: int, d: int, memory_budget: float) -> tuple[str, str]:
+    """Pick an index for ``n`` vectors of dimension ``d`` within ``memory_budget`` bytes (autofaiss-style).
+
+    Exact search while the float32 vectors fit and the gallery is small enough to scan; otherwise an
+    IVF with ~4·sqrt(n) lists and the finest codes that fit (SQ8, then PQ with the most sub-quantisers).
+    """
+    flat_bytes = n * d * 4
+    if flat_bytes <= memory_budget and n <= 2_000_000:
+        return "Flat", f"{n} x {d} float32 = {flat_bytes / 2**30:.2f} GiB fits the {memory_budget / 2**30:.2f} GiB budget"
+    nlist = int(2 ** round(math.log2(max(16, 4 * math.sqrt(n)))))
+    overhead = n * 8 + nlist * d * 4                  # ids + centroids
+    if n * d + overhead <= memory_budget:
+        return f"IVF{nlist},SQ8", (f"flat would need {flat_bytes / 2**30:.2f} GiB; SQ8 codes ({n * d / 2**30:.2f} GiB) "
+                                   f"fit, nlist={nlist} ~ 4 sqrt(n)")
+    for m in (64, 48, 32, 24, 16, 8, 4):
+        if d % m == 0 and n * m + overhead <= memory_budget:
+            return f"IVF{nlist},PQ{m}", (f"neither flat nor SQ8 fit {memory_budget / 2**30:.2f} GiB; PQ{m} "
+                                         f"({m} bytes/vector) does, nlist={nlist}")
+    raise MemoryError(f"{n} vectors of dimension {d} do not fit {memory_budget / 2**30:.2f} GiB with any index")
+
+
+def new_index(factory: str, d: int) -> faiss.Index:
+    """An empty inner-product index that takes ids (wrapped in IndexIDMap2 when it cannot store them)."""
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIVF):
+        base.make_direct_map(False)
+        return index
+    return faiss.IndexIDMap2(index)
+
+
+def train(index: faiss.Index, sample: np.ndarray) -> None:
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, np.float32))
+
+
+def shard_bounds(ids: np.ndarray, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous id ranges with about equal counts; together they cover all int64 values."""
+    ids = np.sort(np.asarray(ids, np.int64))
+    cuts = [int(ids[min(len(ids) - 1, (len(ids) * s) // n_shards)]) for s in range(1, n_shards)] if len(ids) else []
+    lows = [np.iinfo(np.int64).min] + cuts
+    highs = [c - 1 for c in cuts] + [np.iinfo(np.int64).max]
+    return list(zip(lows, highs))
+
+
+def shard_of(ids: np.ndarray, shards: list[ShardInfo]) -> np.ndarray:
+    lows = np.asarray([s.id_min for s in shards], np.int64)
+    return np.searchsorted(lows, np.asarray(ids, np.int64), side="right") - 1
+
+
+def write_index(index: faiss.Index, uri: str) -> None:
+    """Write to a local path or any fsspec URI (s3://, gs://, memory://...), atomically where the store allows."""
+    data = faiss.serialize_index(index)   # CPU indexes only: shard actors persist their CPU copy
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data.tobytes())
+    fs.mv(tmp, path)
+
+
+def read_index(uri: str) -> faiss.Index:
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+
+
+def write_manifest(directory: str, manifest: IndexManifest) -> None:
+    fs, path = fsspec.core.url_to_fs(directory)
+    fs.makedirs(path, exist_ok=True)
+    tmp = f"{path}/{MANIFEST}.tmp"
+    with fs.open(tmp, "w") as f:
+        f.write(manifest.to_json())
+    fs.mv(tmp, f"{path}/{MANIFEST}")
+
+
+def read_manifest(directory: str) -> IndexManifest:
+    fs, path = fsspec.core.url_to_fs(directory)
+    if not fs.exists(f"{path}/{MANIFEST}"):
+        raise FileNotFoundError(f"{directory}: no {MANIFEST}; build the index first (rrt-dist index)")
+    with fs.open(f"{path}/{MANIFEST}", "r") as f:
+        return IndexManifest.from_json(f.read())
+
+
+def merge_results(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top-k lists into one, best (highest inner product) first.
+
+    ``faiss.ResultHeap`` keeps the k smallest by default (the L2 direction, as in faiss's contrib
+    client/server merge); inner product needs ``keep_max=True``.
+    """
+    nq = parts[0][0].shape[0]
+    heap = faiss.ResultHeap(nq, k, keep_max=True)
+    for scores, ids in parts:
+        scores = np.where(ids == NO_ID, -np.inf, scores).astype(np.float32)
+        heap.add_result(scores, ids)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def search_numpy_exact(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, k: int):
+    """Exact top-k by brute force in numpy: the oracle of the tests."""
+    sims = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1).astype(np.float32), np.asarray(gallery_ids)[order]
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in an index built by :func:`new_index` (IDMap2 or IVF)."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIDMap2) or isinstance(base, faiss.IndexIDMap):
+        return faiss.vector_to_array(base.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(ivf.nlist)
+             if invlists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -1,0 +1,48 @@
+"""Query expansion baselines of the RRT paper, applied through any searcher.
+
+- αQE (Radenović et al.): the new query is the L2-normalised sum of the query and its top-``n``
+  neighbours, each weighted by ``max(similarity, 0) ** alpha`` (the query's own weight is 1, its
+  self-similarity). The RRT paper tunes ``(n, alpha) = (2, 0.3)``.
+- Database-side augmentation (αDBA): every gallery vector is replaced the same way by itself and
+  its top-``n`` gallery neighbours before indexing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rrt_dist.datasets.base import NO_ID
+
+
+def expand(vectors: np.ndarray, neighbour_vectors: np.ndarray, neighbour_scores: np.ndarray,
+           alpha: float) -> np.ndarray:
+    """``l2n(v + sum_i max(s_i, 0)^alpha * x_i)``; ``neighbour_vectors [N, n, d]``, scores ``[N, n]``."""
+    weights = np.power(np.clip(neighbour_scores, 0, None), alpha)[..., None]
+    out = vectors + (weights * neighbour_vectors).sum(axis=1)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray, k: int, n: int = 2,
+                    alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Search, expand each query with its top-``n`` results, search again.
+
+    ``search(queries, k) -> (scores, ids)``; ``vectors_of(ids [N, n]) -> [N, n, d]``.
+    """
+    scores, ids = search(queries, n)
+    valid = ids != NO_ID
+    expanded = expand(queries, vectors_of(np.where(valid, ids, ids[:, :1])), np.where(valid, scores, 0.0), alpha)
+    return search(expanded, k)
+
+
+def database_augmentation(search: Callable, vectors: np.ndarray, ids: np.ndarray, n: int = 2,
+                          alpha: float = 0.3) -> np.ndarray:
+    """αDBA: each gallery vector expanded with its top-``n`` gallery neighbours (itself excluded)."""
+    scores, nn = search(vectors, n + 1)
+    keep = nn != ids[:, None]                         # drop the vector itself wherever it ranks
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
+    nn, scores = np.take_along_axis(nn, order, 1), np.take_along_axis(scores, order, 1)
+    position = {int(i): r for r, i in enumerate(ids)}
+    neighbour_vectors = vectors[np.vectorize(lambda i: position.get(int(i), 0))(nn)]
+    scores = np.where(nn != NO_ID, scores, 0.0)
+    return expand(vectors, neighbour_vectors, scores, alpha)

@@ -1,0 +1,181 @@
+"""Sharded FAISS search against exact search, persistence, restarts, incremental add, query expansion."""
+import numpy as np
+import pytest
+import ray
+
+from rrt_dist.index.core import choose_factory, merge_results, read_manifest, search_numpy_exact, shard_bounds
+from rrt_dist.index.qe import alpha_qe_search, database_augmentation, expand
+from rrt_dist.index.sharded import ShardedIndex, build_index, write_neighbours
+from rrt_dist.store import FeatureStore, commit_fragments, features_schema, features_to_table, write_fragment
+
+
+def clustered(n, d, seed, centres=64):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, d))
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_store(uri, ids, vectors, fingerprint="fp-test"):
+    schema = features_schema(vectors.shape[1], 0, 0, "test", {}, fingerprint)
+    table = features_to_table(schema, ids, vectors, np.zeros((len(ids), 0, 0)), None, None, np.zeros(len(ids)))
+    commit_fragments(uri, schema, write_fragment(uri, table))
+    return FeatureStore(uri)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    rng = np.random.default_rng(0)
+    ids = np.unique(rng.integers(-10**12, 10**12, size=3100))[:3000]
+    ids = rng.permutation(ids).astype(np.int64)
+    vectors = clustered(3000, 32, 1)
+    queries = clustered(50, 32, 2)
+    return root, ids, vectors, queries
+
+
+def fp16(x):
+    return x.astype(np.float16).astype(np.float32)      # the feature tables store float16
+
+
+def test_merge_keeps_the_highest_scores():
+    a = (np.array([[0.9, 0.1]], np.float32), np.array([[1, 2]]))
+    b = (np.array([[0.5, -np.inf]], np.float32), np.array([[3, -1]]))
+    scores, ids = merge_results([a, b], 3)
+    assert ids.tolist() == [[1, 3, 2]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.1])
+
+
+def test_shard_bounds_cover_int64_and_balance():
+    ids = np.arange(1000) * 3
+    bounds = shard_bounds(ids, 4)
+    assert bounds[0][0] == np.iinfo(np.int64).min and bounds[-1][1] == np.iinfo(np.int64).max
+    assert all(hi + 1 == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))
+    counts = [np.sum((ids >= lo) & (ids <= hi)) for lo, hi in bounds]
+    assert counts == [250] * 4
+
+
+def test_auto_factory_follows_memory_budget():
+    assert choose_factory(10_000, 128, 2**30)[0] == "Flat"
+    assert choose_factory(10**6, 2048, 4 * 2**30)[0] == "IVF4096,SQ8"
+    assert choose_factory(10**6, 2048, 2**30)[0] == "IVF4096,PQ64"
+    with pytest.raises(MemoryError):
+        choose_factory(10**9, 2048, 2**30)
+
+
+@pytest.mark.ray
+def test_sharded_flat_equals_exact_search_and_survives_a_killed_actor(local_ray, data, tmp_path):
+    root, ids, vectors, queries = data
+    store = make_store(str(tmp_path / "g.lance"), ids, vectors)
+    manifest = build_index(store, str(tmp_path / "idx"), factory="Flat", n_shards=3)
+    assert manifest.ntotal == 3000 and len(manifest.shards) == 3
+    assert read_manifest(str(tmp_path / "idx")).source_version == store.version
+    index = ShardedIndex(str(tmp_path / "idx"), expected_fingerprint="fp-test")
+    scores, got = index.search(queries, 100)
+    exact_scores, exact_ids = search_numpy_exact(fp16(vectors), ids, queries, 100)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    assert (got == exact_ids).mean() > 0.999               # equal up to exact ties
+    # k beyond the index size pads with -1
+    _, many = index.search(queries[:2], 3100)
+    assert (many[:, :3000] != -1).all() and (many[:, 3000:] == -1).all()
+
+    victim = index.actors[1]
+    pid = ray.get(victim.pid.remote())
+    ray.kill(victim, no_restart=False)                      # dies mid-session; Ray restarts it
+    scores_after, got_after = index.search(queries, 100)
+    assert ray.get(victim.pid.remote()) != pid
+    np.testing.assert_array_equal(got_after, got)
+    np.testing.assert_allclose(scores_after, scores)
+    write_neighbours(str(tmp_path / "nn.parquet"), np.arange(50), got, scores)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "nn.parquet")
+    assert table.column("neighbour_ids")[0].as_py() == got[0].tolist()
+    index.close()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("factory, params", [("IVF64,Flat", "nprobe=16"), ("HNSW32", "efSearch=256")])
+def test_approximate_recall_at_100(local_ray, data, tmp_path, factory, params):
+    _, ids, vectors, queries = data
+    store = make_store(str(tmp_path / "g.lance"), ids, vectors)
+    build_index(store, str(tmp_path / "idx"), factory=factory, n_shards=2)
+    index = ShardedIndex(str(tmp_path / "idx"), params=params)
+    _, got = index.search(queries, 100)
+    _, exact_ids = search_numpy_exact(fp16(vectors), ids, queries, 100)
+    recall = np.mean([len(set(g) & set(e)) / 100 for g, e in zip(got, exact_ids)])
+    assert recall >= 0.95, recall
+    index.close()
+
+
+@pytest.mark.ray
+def test_incremental_add_equals_full_rebuild(local_ray, data, tmp_path):
+    _, ids, vectors, queries = data
+    uri = str(tmp_path / "g.lance")
+    first = make_store(uri, ids[:2000], vectors[:2000])
+    build_index(first, str(tmp_path / "inc"), factory="IVF32,Flat", n_shards=2, seed=3)
+    schema = features_schema(32, 0, 0, "test", {}, "fp-test")
+    table = features_to_table(schema, ids[2000:], vectors[2000:], np.zeros((1000, 0, 0)), None, None, np.zeros(1000))
+    commit_fragments(uri, schema, write_fragment(uri, table))     # new rows appended to the feature table
+    grown = FeatureStore(uri)
+    index = ShardedIndex(str(tmp_path / "inc"), params="nprobe=32")
+    assert index.add_from(grown) == 1000 and index.add_from(grown) == 0   # idempotent
+    assert read_manifest(str(tmp_path / "inc")).source_version == grown.version
+    assert read_manifest(str(tmp_path / "inc")).ntotal == 3000
+    inc_scores, inc_ids = index.search(queries, 50)
+    index.close()
+    # a full rebuild over all 3000 rows; with nprobe = nlist both searches are exhaustive
+    full = make_store(str(tmp_path / "full.lance"), ids, vectors)
+    build_index(full, str(tmp_path / "full"), factory="IVF32,Flat", n_shards=2, seed=3)
+    rebuilt = ShardedIndex(str(tmp_path / "full"), params="nprobe=32")
+    full_scores, full_ids = rebuilt.search(queries, 50)
+    rebuilt.close()
+    np.testing.assert_allclose(inc_scores, full_scores, atol=1e-6)
+    assert (inc_ids == full_ids).mean() > 0.999                        # equal up to exact ties
+    exact_scores, _ = search_numpy_exact(fp16(vectors), ids, queries, 50)
+    np.testing.assert_allclose(inc_scores, exact_scores, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_fingerprint_and_dimension_are_checked(local_ray, data, tmp_path):
+    from rrt_dist.index.core import IndexMismatch
+
+    _, ids, vectors, _ = data
+    store = make_store(str(tmp_path / "g.lance"), ids[:100], vectors[:100])
+    build_index(store, str(tmp_path / "idx"), factory="Flat")
+    with pytest.raises(IndexMismatch, match="extractor fingerprint"):
+        ShardedIndex(str(tmp_path / "idx"), expected_fingerprint="another")
+    index = ShardedIndex(str(tmp_path / "idx"))
+    with pytest.raises(IndexMismatch, match="dimension 32"):
+        index.search(np.zeros((1, 16), np.float32), 5)
+    other = make_store(str(tmp_path / "o.lance"), ids[:10], vectors[:10], fingerprint="other")
+    with pytest.raises(IndexMismatch, match="another extractor"):
+        index.add_from(other)
+    index.close()
+
+
+def test_alpha_qe_matches_hand_computation():
+    q = np.array([[1.0, 0.0]], np.float32)
+    gallery = {10: np.array([0.6, 0.8], np.float32), 11: np.array([0.0, 1.0], np.float32),
+               12: np.array([-1.0, 0.0], np.float32)}
+    ids = np.array(list(gallery))
+    g = np.stack(list(gallery.values()))
+
+    def search(x, k):
+        return search_numpy_exact(g, ids, x, k)
+
+    def vectors_of(nn):
+        return np.stack([[gallery[int(i)] for i in row] for row in nn])
+
+    # top-2 of q: 10 (0.6) then 11 (0.0); alpha = 0.5: q' = l2n(q + 0.6**0.5 * x10 + 0 * x11)
+    w = 0.6 ** 0.5
+    expected = np.array([1 + w * 0.6, w * 0.8])
+    expected /= np.linalg.norm(expected)
+    np.testing.assert_allclose(expand(q, vectors_of([[10, 11]]), np.array([[0.6, 0.0]]), 0.5)[0], expected, rtol=1e-6)
+    scores, got = alpha_qe_search(search, vectors_of, q, k=3, n=2, alpha=0.5)
+    assert got.tolist() == [[10, 11, 12]]
+    np.testing.assert_allclose(scores[0], expected @ g.T[:, [0, 1, 2]], rtol=1e-5)
+    # DBA: 12's neighbours (excluding itself) are 11 (0.0) and 10 (-0.6 -> weight 0): unchanged
+    dba = database_augmentation(search, g, ids, n=2, alpha=0.5)
+    np.testing.assert_allclose(dba[2], g[2], atol=1e-6)
+    expected10 = g[0] + 0.8 ** 0.5 * g[1]                  # 10's best other neighbour: 11 at 0.8
+    np.testing.assert_allclose(dba[0], expected10 / np.linalg.norm(expected10), rtol=1e-5)
