@@ -106,8 +106,20 @@ class BackboneConfig:
 
 @dataclass
 class IndexConfig:
-    factory: str = "Flat"                    # FAISS index_factory string (inner product)
-    k: int = 100                             # neighbours kept per query
+    """Global search: a sharded FAISS index (inner product) served by one Ray actor per shard."""
+    factory: str = "Flat"                    # FAISS index_factory string, or "auto" (from the memory budget)
+    k: Optional[int] = None                  # neighbours kept per query (None: the whole gallery, exact protocol)
+    n_shards: int = 1
+    params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
+    memory_budget_gb: float = 8.0            # for factory=auto
+    train_size: int = 200_000                # training sample for IVF / PQ
+    use_gpu: Optional[bool] = None           # default: when every shard can have a GPU
+    with_distractors: bool = True            # index the benchmark's distractors with its gallery
+    qe_n: int = 0                            # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
+    qe_alpha: float = 0.3
+    dba_n: int = 0                           # database-side augmentation neighbours (0 = off)
+    dba_alpha: float = 0.3
+    dir: str = "data/indexes"
 
 
 @dataclass

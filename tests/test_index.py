@@ -68,7 +68,7 @@ def test_sharded_flat_equals_exact_search_and_survives_a_killed_actor(local_ray,
     store = make_store(str(tmp_path / "g.lance"), ids, vectors)
     manifest = build_index(store, str(tmp_path / "idx"), factory="Flat", n_shards=3)
     assert manifest.ntotal == 3000 and len(manifest.shards) == 3
-    assert read_manifest(str(tmp_path / "idx")).source_version == store.version
+    assert read_manifest(str(tmp_path / "idx")).sources == [{"uri": store.uri, "version": store.version}]
     index = ShardedIndex(str(tmp_path / "idx"), expected_fingerprint="fp-test")
     scores, got = index.search(queries, 100)
     exact_scores, exact_ids = search_numpy_exact(fp16(vectors), ids, queries, 100)
@@ -119,7 +119,7 @@ def test_incremental_add_equals_full_rebuild(local_ray, data, tmp_path):
     grown = FeatureStore(uri)
     index = ShardedIndex(str(tmp_path / "inc"), params="nprobe=32")
     assert index.add_from(grown) == 1000 and index.add_from(grown) == 0   # idempotent
-    assert read_manifest(str(tmp_path / "inc")).source_version == grown.version
+    assert read_manifest(str(tmp_path / "inc")).sources == [{"uri": uri, "version": grown.version}]
     assert read_manifest(str(tmp_path / "inc")).ntotal == 3000
     inc_scores, inc_ids = index.search(queries, 50)
     index.close()
@@ -150,6 +150,8 @@ def test_fingerprint_and_dimension_are_checked(local_ray, data, tmp_path):
     other = make_store(str(tmp_path / "o.lance"), ids[:10], vectors[:10], fingerprint="other")
     with pytest.raises(IndexMismatch, match="another extractor"):
         index.add_from(other)
+    with pytest.raises(IndexMismatch, match="different extractors"):
+        build_index([store, other], str(tmp_path / "mixed"))
     index.close()
 
 

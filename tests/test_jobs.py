@@ -102,3 +102,36 @@ def test_job_submission_to_local_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_index_and_search_jobs(tmp_path):
+    """`rrt-dist index` then `rrt-dist search` (2 shards): the neighbours table equals exact search."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rrt_dist.index.core import read_manifest, search_numpy_exact
+    from rrt_dist.store import FeatureStore
+
+    common = ["experiment=synthetic_small", "backbone=tiny_image", f"dataset.root={tmp_path / 'syn'}",
+              f"features_dir={tmp_path / 'features'}", f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"]
+    built = subprocess.run([str(BIN / "rrt-dist"), "index", *common, f"hydra.run.dir={tmp_path / 'o1'}"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "172 vectors" in built.stdout                       # 72 gallery + 100 distractors
+    out = tmp_path / "o2"
+    searched = subprocess.run([str(BIN / "rrt-dist"), "search", *common, "index.k=20", f"hydra.run.dir={out}"],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert searched.returncode == 0, searched.stderr[-3000:]
+    table = pq.read_table(out / "neighbours.parquet")
+    assert table.num_rows == 12
+    tables = [p for p in (tmp_path / "features").rglob("*.lance") if (p / "_versions").is_dir()]
+    stores = {p.stem: FeatureStore(p) for p in tables if not p.stem.endswith("errors")}
+    q_ids, q = stores["query"].globals()
+    g_ids, g = map(np.concatenate, zip(stores["gallery"].globals(), stores["distractor"].globals()))
+    exact_scores, exact_ids = search_numpy_exact(g, g_ids, q, 20)
+    rows = {r["query_id"]: r for r in table.to_pylist()}
+    for qid, e_ids, e_scores in zip(q_ids, exact_ids, exact_scores):
+        np.testing.assert_allclose(rows[qid]["scores"], e_scores, atol=1e-5)
+        assert np.mean(np.asarray(rows[qid]["neighbour_ids"]) == e_ids) > 0.9   # equal up to exact ties
+    index_dir = next((tmp_path / "indexes").rglob("manifest.json")).parent
+    assert len(read_manifest(str(index_dir)).shards) == 2

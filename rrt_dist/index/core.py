@@ -41,8 +41,7 @@ class IndexManifest:
     factory: str
     metric: str = "inner_product"
     fingerprint: str = ""                 # extractor fingerprint of the indexed descriptors
-    source_uri: str = ""
-    source_version: int | None = None     # Lance version indexed (incremental adds move it forward)
+    sources: list[dict] = field(default_factory=list)   # feature tables indexed: {uri, version}; adds move versions
     shards: list[ShardInfo] = field(default_factory=list)
     choice: str = ""                      # why ``auto`` picked this factory
     created: float = field(default_factory=time.time)

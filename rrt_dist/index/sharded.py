@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from rrt_dist.store import FeatureStore
+from rrt_dist.store import FeatureStore, concat_globals
 
 from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, index_ids, merge_results, new_index,
                    read_index, read_manifest, shard_bounds, shard_of, train, write_index, write_manifest)
@@ -37,15 +37,24 @@ def _shard_file(i: int) -> str:
     return f"shard-{i:05d}.faiss"
 
 
-def build_index(store: FeatureStore, directory: str, factory: str = "auto", n_shards: int = 1,
-                train_size: int = 200_000, memory_budget: float = 8 * 2**30, seed: int = 0,
-                vectors: np.ndarray | None = None) -> IndexManifest:
-    """Build and persist a sharded index of every global descriptor in ``store``.
+def _sources(stores) -> list[FeatureStore]:
+    stores = [stores] if isinstance(stores, FeatureStore) else list(stores)
+    prints = {s.fingerprint for s in stores}
+    if len(prints) != 1:
+        raise IndexMismatch(f"feature tables of different extractors cannot share an index: "
+                            f"{[(s.uri, s.fingerprint) for s in stores]}")
+    return stores
 
-    ``vectors`` replaces the table's descriptors (same order as ``store.globals()``), e.g. after
-    database-side augmentation.
+
+def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
+                memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None) -> IndexManifest:
+    """Build and persist a sharded index of every global descriptor in ``stores`` (one or several tables).
+
+    ``vectors`` replaces the tables' descriptors (same order as their concatenated ``globals()``),
+    e.g. after database-side augmentation.
     """
-    ids, table_vectors = store.globals()
+    stores = _sources(stores)
+    ids, table_vectors = concat_globals(stores)
     vectors = table_vectors if vectors is None else vectors
     n, d = vectors.shape
     choice = ""
@@ -59,8 +68,8 @@ def build_index(store: FeatureStore, directory: str, factory: str = "auto", n_sh
     if sample is not None:
         train(template, sample)
     bounds = shard_bounds(ids, n_shards)
-    manifest = IndexManifest(dimension=d, factory=factory, fingerprint=store.fingerprint, source_uri=store.uri,
-                             source_version=store.version, choice=choice)
+    manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
+                             sources=[{"uri": s.uri, "version": s.version} for s in stores])
     which = shard_of(ids, [ShardInfo("", lo, hi) for lo, hi in bounds])
     for i, (lo, hi) in enumerate(tqdm(bounds, desc="build shards", unit="shard", disable=n_shards < 2)):
         index = faiss.clone_index(template)
@@ -145,20 +154,23 @@ class ShardedIndex:
     def search_alpha_qe(self, queries: np.ndarray, k: int, vectors_of, n: int = 2, alpha: float = 0.3):
         return alpha_qe_search(self.search, vectors_of, queries, k, n, alpha)
 
-    def add_from(self, store: FeatureStore) -> int:
-        """Incremental add: index every row of ``store`` not indexed yet; returns how many were added."""
-        if store.fingerprint != self.manifest.fingerprint:
-            raise IndexMismatch(f"{store.uri} holds another extractor's descriptors ({store.fingerprint}) than "
-                                f"{self.directory} ({self.manifest.fingerprint})")
+    def add_from(self, stores) -> int:
+        """Incremental add: index every row of ``stores`` not indexed yet; returns how many were added."""
+        stores = _sources(stores)
+        if stores[0].fingerprint != self.manifest.fingerprint:
+            raise IndexMismatch(f"{stores[0].uri} holds another extractor's descriptors ({stores[0].fingerprint}) "
+                                f"than {self.directory} ({self.manifest.fingerprint})")
         indexed = np.concatenate(ray.get([a.ids.remote() for a in self.actors]))
-        ids, vectors = store.globals()
+        ids, vectors = concat_globals(stores)
         new = ~np.isin(ids, indexed)
         which = shard_of(ids[new], self.manifest.shards)
         counts = ray.get([a.add.remote(vectors[new][which == i], ids[new][which == i])
                           for i, a in enumerate(self.actors)])
         for info, count in zip(self.manifest.shards, counts):
             info.ntotal = count
-        self.manifest.source_uri, self.manifest.source_version = store.uri, store.version
+        versions = {s["uri"]: s for s in self.manifest.sources}
+        versions.update({s.uri: {"uri": s.uri, "version": s.version} for s in stores})
+        self.manifest.sources = list(versions.values())
         write_manifest(self.directory, self.manifest)
         return int(new.sum())
 

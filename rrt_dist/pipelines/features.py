@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark
 from rrt_dist.features import config_fingerprint
-from rrt_dist.store import FeatureStore
+from rrt_dist.store import FeatureStore, concat_globals
 
 from .extract import ExtractSettings, extract_to_lance
 
@@ -59,6 +59,5 @@ def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, 
 
 
 def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and global descriptors of several tables, concatenated."""
-    parts = [stores[n].globals() for n in names if n in stores]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    """Ids and global descriptors of the named tables (those that exist), concatenated."""
+    return concat_globals([stores[n] for n in names if n in stores])

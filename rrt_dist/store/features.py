@@ -182,3 +182,9 @@ class FeatureStore:
         return {"local": arr("local", dtype, (n, width, d_l)), "positions": arr("positions", np.float32, (n, width, 2)),
                 "scales": arr("scales", np.int64, (n, width)), "n_local": n_local,
                 "mask": np.arange(width)[None, :] >= n_local[:, None]}
+
+
+def concat_globals(stores) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and global descriptors of several tables, concatenated in order."""
+    parts = [s.globals() for s in stores]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
