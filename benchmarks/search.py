@@ -90,15 +90,14 @@ def main() -> None:
         del exact
 
         start = time.perf_counter()
-        local = faiss.IndexIDMap2(faiss.index_factory(args.dim, args.factory, faiss.METRIC_INNER_PRODUCT)) \
-            if not args.factory.startswith("IVF") else new_index(args.factory, args.dim)
+        local = new_index(args.factory, args.dim)
         rng = np.random.default_rng(0)
         train(local, vectors[rng.choice(n, size=min(n, 200_000), replace=False)])
         local.add_with_ids(vectors, ids)
         local_build = time.perf_counter() - start
         faiss.ParameterSpace().set_index_parameters(local, args.params)
         local_recall = recall(local.search(queries, k)[1], truth)
-        local_qps = qps(lambda q, kk: local.search(q, kk), queries, k)
+        local_qps = qps(local.search, queries, k)
         index_bytes = faiss.serialize_index(local).nbytes
         del local
 

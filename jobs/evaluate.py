@@ -6,29 +6,18 @@
 """
 from __future__ import annotations
 
-import logging
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.datasets import load_benchmark
 from rrt_dist.eval.report import render_markdown, write_report
 from rrt_dist.eval.runner import evaluate_global_only, settings_of
-from rrt_dist.pipelines.features import ensure_features, extract_settings, global_matrix
-from rrt_dist.runtime import init_ray
-
-log = logging.getLogger("rrt_dist.evaluate")
+from rrt_dist.pipelines.features import benchmark_features, global_matrix
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    init_ray(cfg.ray)
-    bench = load_benchmark(cfg.dataset)
-    log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
-             bench.gallery.num_rows, bench.n_distractors)
-    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+    bench, stores = benchmark_features(cfg)
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
     rows = {"global-only": evaluate_global_only(bench, query_ids, queries, gallery_ids, gallery, cfg.index.k)}

@@ -8,25 +8,16 @@ Rerunning the same command after an interruption extracts only what is missing.
 """
 from __future__ import annotations
 
-import logging
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.datasets import load_benchmark
-from rrt_dist.pipelines.features import ensure_features, extract_settings
-from rrt_dist.runtime import init_ray
-
-log = logging.getLogger("rrt_dist.extract")
+from rrt_dist.pipelines.features import benchmark_features
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    init_ray(cfg.ray)
-    bench = load_benchmark(cfg.dataset)
-    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+    _, stores = benchmark_features(cfg)
     tables = {name: {"uri": s.uri, "version": s.version, "rows": len(s), "fingerprint": s.fingerprint}
               for name, s in stores.items()}
     for name, t in tables.items():

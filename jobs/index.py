@@ -9,24 +9,17 @@ adds them without a rebuild; the manifest records the Lance versions indexed.
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.datasets import load_benchmark
-from rrt_dist.pipelines.features import ensure_features, extract_settings
-from rrt_dist.pipelines.index import ensure_index
-from rrt_dist.runtime import init_ray
+from rrt_dist.pipelines.features import benchmark_features
+from rrt_dist.pipelines.index import ensure_index, indexed_tables
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    init_ray(cfg.ray)
-    bench = load_benchmark(cfg.dataset)
-    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
-    tables = [stores["gallery"]] + ([stores["distractor"]] if cfg.index.with_distractors and "distractor" in stores
-                                    else [])
-    index = ensure_index(cfg.index, bench.name, tables)
+    bench, stores = benchmark_features(cfg)
+    index = ensure_index(cfg.index, bench.name, [stores[n] for n in indexed_tables(cfg.index, stores)])
     m = index.manifest
     print(f"index {index.directory}: {m.factory} ({m.choice or 'as configured'}), {m.ntotal} vectors of dimension "
           f"{m.dimension} in {len(m.shards)} shard(s); sources {m.sources}")

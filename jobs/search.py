@@ -12,23 +12,18 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.datasets import load_benchmark
 from rrt_dist.index.sharded import write_neighbours
-from rrt_dist.pipelines.features import ensure_features, extract_settings, global_matrix
-from rrt_dist.pipelines.index import ensure_index, search, vectors_lookup
-from rrt_dist.runtime import init_ray
+from rrt_dist.pipelines.features import benchmark_features, global_matrix
+from rrt_dist.pipelines.index import ensure_index, indexed_tables, search, vectors_lookup
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    init_ray(cfg.ray)
-    bench = load_benchmark(cfg.dataset)
-    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
-    names = ["gallery"] + (["distractor"] if cfg.index.with_distractors and "distractor" in stores else [])
+    bench, stores = benchmark_features(cfg)
+    names = indexed_tables(cfg.index, stores)
     index = ensure_index(cfg.index, bench.name, [stores[n] for n in names])
     query_ids, queries = global_matrix(stores, ["query"])
     k = cfg.index.k or 100

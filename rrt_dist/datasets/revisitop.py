@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .base import (Benchmark, DatasetLayoutError, RevisitopProtocol, concat_manifests, load_ground_truth_pickle,
                    make_manifest, require_file, stable_id)
@@ -66,7 +67,7 @@ def read_revisitop(root: str | Path, name: str, distractors=None) -> Benchmark:
                      info={"root": str(root), "n_gallery": len(imlist)})
 
 
-def read_r1m(root: str | Path, limit: int | None = None) -> "pa.Table":  # noqa: F821
+def read_r1m(root: str | Path, limit: int | None = None) -> pa.Table:
     """The R1M distractor manifest; ``limit`` keeps the first N lines (ids don't depend on it)."""
     root = Path(root)
     listing = require_file(root / "revisitop1m.txt", R1M_LAYOUT)

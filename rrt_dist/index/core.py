@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import faiss
 import fsspec

@@ -58,6 +58,21 @@ def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, 
     return stores
 
 
+def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
+    """What every job starts with: Ray up, the benchmark loaded, its feature tables complete."""
+    from omegaconf import OmegaConf
+
+    from rrt_dist.datasets import load_benchmark
+    from rrt_dist.runtime import init_ray
+
+    init_ray(cfg.ray)
+    bench = load_benchmark(cfg.dataset)
+    log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
+             bench.gallery.num_rows, bench.n_distractors)
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    return bench, ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+
+
 def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ids and global descriptors of the named tables (those that exist), concatenated."""
     return concat_globals([stores[n] for n in names if n in stores])

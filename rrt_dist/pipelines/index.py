@@ -26,6 +26,11 @@ def index_directory(cfg, benchmark: str, fingerprint: str, with_distractors: boo
     return str(Path(cfg.dir) / benchmark / fingerprint / name)
 
 
+def indexed_tables(cfg, stores: dict) -> list[str]:
+    """The feature tables an index holds: the gallery, and the distractors unless ``with_distractors`` is off."""
+    return ["gallery"] + (["distractor"] if cfg.with_distractors and "distractor" in stores else [])
+
+
 def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedIndex:
     """Open the index of ``stores`` (building it, or adding rows it lacks) and start its shard actors."""
     with_distractors = len(stores) > 1
