@@ -181,3 +181,21 @@ def test_alpha_qe_matches_hand_computation():
     np.testing.assert_allclose(dba[2], g[2], atol=1e-6)
     expected10 = g[0] + 0.8 ** 0.5 * g[1]                  # 10's best other neighbour: 11 at 0.8
     np.testing.assert_allclose(dba[0], expected10 / np.linalg.norm(expected10), rtol=1e-5)
+
+
+def test_index_files_round_trip_through_fsspec():
+    import faiss
+
+    from rrt_dist.index.core import IndexManifest, ShardInfo, new_index, read_index, write_index, write_manifest
+
+    x = clustered(200, 16, 5)
+    index = new_index("Flat", 16)
+    index.add_with_ids(x, np.arange(200, dtype=np.int64) - 100)
+    write_index(index, "memory://rrt-test/idx/shard-00000.faiss")
+    manifest = IndexManifest(dimension=16, factory="Flat", fingerprint="f",
+                             shards=[ShardInfo("shard-00000.faiss", -2**63, 2**63 - 1, 200)])
+    write_manifest("memory://rrt-test/idx", manifest)
+    again = read_index("memory://rrt-test/idx/shard-00000.faiss")
+    assert read_manifest("memory://rrt-test/idx") == manifest
+    np.testing.assert_array_equal(again.search(x[:3], 5)[1], index.search(x[:3], 5)[1])
+    assert isinstance(faiss.downcast_index(again), faiss.IndexIDMap2)

@@ -88,8 +88,9 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
 class ShardActor:
     """Holds one shard (on the GPU, fp16, when this actor has one); reloads it after a restart."""
 
-    def __init__(self, directory: str, shard: int, use_gpu: bool, params: str | None):
+    def __init__(self, directory: str, shard: int, use_gpu: bool, params: str | None, threads: int):
         self.directory, self.shard = directory, shard
+        faiss.omp_set_num_threads(threads)  # Ray caps OpenMP at the actor's CPU reservation otherwise
         info = read_manifest(directory).shards[shard]
         self.cpu_index = read_index(f"{directory}/{info.file}")
         self.index = self.cpu_index
@@ -132,11 +133,13 @@ class ShardedIndex:
         if expected_fingerprint is not None and expected_fingerprint != self.manifest.fingerprint:
             raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {self.manifest.fingerprint}, "
                                 f"queries come from {expected_fingerprint}: rebuild the index or use the same extractor")
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = gpus >= len(self.manifest.shards) if use_gpu is None else use_gpu
+        resources = ray.cluster_resources()
+        n_shards = len(self.manifest.shards)
+        use_gpu = resources.get("GPU", 0) >= n_shards if use_gpu is None else use_gpu
+        threads = max(1, int(resources.get("CPU", 1)) // n_shards)
         actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, num_cpus=0,
                                                num_gpus=1 if use_gpu else 0)
-        self.actors = [actor.remote(directory, i, use_gpu, params) for i in range(len(self.manifest.shards))]
+        self.actors = [actor.remote(directory, i, use_gpu, params, threads) for i in range(n_shards)]
 
     @property
     def dimension(self) -> int:
