@@ -1,0 +1,130 @@
+"""RRT: the paper's parameter count, and equality with an independent re-statement of the released forward pass."""
+import math
+
+import pytest
+import torch
+
+from rrt_dist.models.rrt import RerankingTransformer, count_parameters, load_released_checkpoint
+
+
+def test_parameter_count_matches_the_paper():
+    # remap 2048*128+128, scale 7*128, segments 6*128, 6 x (in_proj 3*128*128+384, out 128*128+128,
+    # MLP 128*1024+1024 + 1024*128+128, 2 LayerNorms 4*128), classifier 129
+    expected = 262_272 + 896 + 768 + 6 * (49_536 + 16_512 + 132_096 + 131_200 + 512) + 129
+    assert expected == 2_243_201
+    assert count_parameters(RerankingTransformer()) == 2_243_201
+
+
+def reference_forward(sd, src_g, src_l, src_m, src_s, tgt_g, tgt_l, tgt_m, tgt_s, layers=6, heads=4):
+    """Eq. 1-4 written out token by token (with the released model's residual around the MLP)."""
+    def l2n(x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def layer_norm(x, w, b):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * w + b
+
+    seg, scale = sd["seg_encoder.weight"], sd["scale_encoder.weight"]
+    out = []
+    for i in range(src_l.shape[0]):
+        keep_s = [j for j in range(src_l.shape[1]) if not src_m[i, j]]    # padded locals are left out entirely
+        keep_t = [j for j in range(tgt_l.shape[1]) if not tgt_m[i, j]]
+        g = l2n(src_g[i] @ sd["remap.weight"].T + sd["remap.bias"]) + seg[4]
+        g2 = l2n(tgt_g[i] @ sd["remap.weight"].T + sd["remap.bias"]) + seg[5]
+        tokens = [seg[2], g] + [l2n(src_l[i, j]) + scale[src_s[i, j]] + seg[0] for j in keep_s] + \
+                 [seg[3], g2] + [l2n(tgt_l[i, j]) + scale[tgt_s[i, j]] + seg[1] for j in keep_t]
+        x = torch.stack(tokens)
+        for n in range(layers):
+            p = f"encoder.layers.{n}."
+            qkv = x @ sd[p + "self_attn.in_proj_weight"].T + sd[p + "self_attn.in_proj_bias"]
+            q, k, v = qkv.split(x.shape[1], dim=-1)
+            dh = x.shape[1] // heads
+            heads_out = []
+            for h in range(heads):
+                sl = slice(h * dh, (h + 1) * dh)
+                att = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(dh), dim=-1)
+                heads_out.append(att @ v[:, sl])
+            mha = torch.cat(heads_out, -1) @ sd[p + "self_attn.out_proj.weight"].T + sd[p + "self_attn.out_proj.bias"]
+            x = layer_norm(x + mha, sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+            mlp = torch.relu(x @ sd[p + "linear1.weight"].T + sd[p + "linear1.bias"]) @ sd[p + "linear2.weight"].T \
+                + sd[p + "linear2.bias"]
+            x = layer_norm(x + mlp, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        out.append(x[0] @ sd["classifier.weight"][0] + sd["classifier.bias"][0])
+    return torch.stack(out)
+
+
+def pair_batch(seed, b=3, n=12):
+    g = torch.Generator().manual_seed(seed)
+    src_m = torch.zeros(b, n, dtype=torch.bool)
+    tgt_m = torch.zeros(b, n, dtype=torch.bool)
+    src_m[0, 7:] = True          # 7 real locals
+    tgt_m[1, 3:] = True          # 3 real locals
+    tgt_m[2, 10:] = True
+    return (torch.randn(b, 2048, generator=g), torch.randn(b, n, 128, generator=g), src_m,
+            torch.randint(0, 7, (b, n), generator=g), torch.randn(b, 2048, generator=g),
+            torch.randn(b, n, 128, generator=g), tgt_m, torch.randint(0, 7, (b, n), generator=g))
+
+
+def randomised_model(seed=0):
+    torch.manual_seed(seed)
+    model = RerankingTransformer().eval()
+    with torch.no_grad():               # LayerNorm / biases away from their init, so every term matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_forward_equals_the_restated_equations_with_padding():
+    model = randomised_model()
+    batch = pair_batch(1)
+    with torch.no_grad():
+        logits = model(*batch)
+        reference = reference_forward(model.state_dict(), *batch)
+    assert logits.shape == (3,)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    # padded content never reaches the output
+    src_g, src_l, src_m, src_s, tgt_g, tgt_l, tgt_m, tgt_s = batch
+    noisy_l, noisy_s = src_l.clone(), src_s.clone()
+    noisy_l[src_m] = 1e3 * torch.randn_like(noisy_l[src_m])
+    noisy_s[src_m] = 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(src_g, noisy_l, src_m, noisy_s, tgt_g, tgt_l, tgt_m, tgt_s), logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_load_released_checkpoint_layouts(tmp_path):
+    model = randomised_model(3)
+    batch = pair_batch(2)
+    with torch.no_grad():
+        expected = model(*batch)
+    torch.save({"state": {f"module.{k}": v for k, v in model.state_dict().items()}, "optim": {}},
+               tmp_path / "released.pth")
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    for name in ("released.pth", "bare.pth"):
+        loaded = load_released_checkpoint(tmp_path / name)
+        assert not loaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(*batch), expected, atol=1e-6, rtol=1e-6)
+    broken = dict(model.state_dict())
+    broken.pop("classifier.bias")
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(RuntimeError, match="classifier.bias"):
+        load_released_checkpoint(tmp_path / "broken.pth")
+
+
+def test_sop_setting_without_globals_and_with_sine_positions():
+    model = RerankingTransformer(use_global=False, position_encoding="sine2d").eval()
+    assert not hasattr(model, "remap") and not hasattr(model, "scale_encoder")
+    b, n = 2, 49
+    pos = torch.rand(b, n, 2) * 224
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    local = torch.randn(b, n, 128)
+    with torch.no_grad():
+        out = model(None, local, mask, None, None, local.flip(1), mask, None, src_positions=pos,
+                    tgt_positions=pos.flip(1))
+        shuffled = model(None, local, mask, None, None, local.flip(1), mask, None, src_positions=pos.roll(1, 1),
+                         tgt_positions=pos.flip(1))
+    assert out.shape == (2,) and not torch.allclose(out, shuffled)   # positions matter
+    with pytest.raises(ValueError, match="src_positions"):
+        model(None, local, mask, None, None, local, mask, None)
