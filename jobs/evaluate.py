@@ -1,4 +1,4 @@
-"""Evaluate retrieval on a benchmark: extract (if missing) -> search -> metrics -> report.
+"""Evaluate retrieval on a benchmark: extract (if missing) -> search (± αQE) -> rerank (GV / RRT) -> metrics -> report.
 
     rrt-dist evaluate                                   # synthetic benchmark, embedded Ray
     rrt-dist evaluate dataset=roxford5k dataset.root=/data/roxford5k dataset/distractors=r1m \
@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.eval.report import render_markdown, write_report
-from rrt_dist.eval.runner import evaluate_global_only, settings_of
+from rrt_dist.eval.methods import evaluate_methods
+from rrt_dist.eval.runner import settings_of
+from rrt_dist.pipelines.rerank import pools_for
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
 
 
@@ -20,9 +22,12 @@ def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
-    rows = {"global-only": evaluate_global_only(bench, query_ids, queries, gallery_ids, gallery, cfg.index.k)}
+    pools = pools_for(cfg.reranker, stores)
+    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, cfg.index.k)
+    for pool in pools.values():
+        pool.close()
     settings = list(settings_of(bench))
-    markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} global descriptor")
+    markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} descriptors")
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
                "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
                "config": OmegaConf.to_container(cfg, resolve=True)}

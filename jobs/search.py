@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.index.sharded import write_neighbours
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
-from rrt_dist.pipelines.index import ensure_index, indexed_tables, search, vectors_lookup
+from rrt_dist.index.qe import vectors_lookup
+from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -124,8 +124,15 @@ class IndexConfig:
 
 @dataclass
 class RerankerConfig:
-    name: str = "none"                       # none | gv | rrt | aqe+rrt
-    k: int = 100                             # top-K reranked
+    """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
+    methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | gv | rrt | aqe+rrt
+    k: int = 100                             # top-K reranked (the paper: 100, 200, 400)
+    checkpoint: Optional[str] = None         # RRT weights (released or trained): needed by rrt rows
+    aqe_n: int = 2                           # alpha-QE as tuned in the paper
+    aqe_alpha: float = 0.3
+    num_actors: int = 1                      # reranker actors (0: in-process)
+    protocol_junk_removal: bool = True       # revisitop: rerank each protocol with its junk removed first
+    gv: dict[str, Any] = field(default_factory=dict)   # GVConfig options
 
 
 @dataclass

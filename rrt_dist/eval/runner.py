@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from rrt_dist.datasets import Benchmark
+from rrt_dist.datasets.base import NO_ID
+from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
 from rrt_dist.index.exact import exact_search
+from rrt_dist.index.qe import alpha_qe_search, vectors_lookup
 
 
 def human_count(n: int) -> str:
@@ -20,15 +23,26 @@ def settings_of(bench: Benchmark) -> dict[str, bool]:
 
 
 def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
-                    gallery: np.ndarray, k: int | None, with_distractors: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked gallery ids and scores ``[n_queries, k]`` in the benchmark's query order.
+                    gallery: np.ndarray, k: int | None, with_distractors: bool,
+                    alpha_qe: tuple[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked gallery ids and scores ``[n_queries, k]`` in the benchmark's query order (exact search).
 
-    Queries without a descriptor (unreadable images) get rows of -1.
+    ``alpha_qe=(n, alpha)`` expands each query with its top-n first. Queries without a descriptor
+    (unreadable images) get rows of -1.
     """
     splits = np.asarray(bench.gallery.column("split").to_pylist())
     searchable = bench.gallery.column("id").to_numpy()[with_distractors | (splits != "distractor")]
     keep = np.isin(gallery_ids, searchable)
-    ids, scores = exact_search(gallery[keep], gallery_ids[keep], queries, k)
+    g_ids, g = gallery_ids[keep], gallery[keep]
+
+    def search(x, kk):
+        found, sc = exact_search(g, g_ids, x, kk)
+        return sc, found
+
+    if alpha_qe:
+        scores, ids = alpha_qe_search(search, vectors_lookup(g_ids, g), queries, k or len(g_ids), *alpha_qe)
+    else:
+        scores, ids = search(queries, k)
     order = bench.queries.column("id").to_numpy()
     out_ids = np.full((len(order), ids.shape[1]), -1, dtype=np.int64)
     out_scores = np.full((len(order), ids.shape[1]), -np.inf, dtype=np.float32)
@@ -38,7 +52,29 @@ def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     return out_ids, out_scores
 
 
-def evaluate_global_only(bench: Benchmark, query_ids, queries, gallery_ids, gallery, k: int | None = None) -> dict:
-    """Metrics per setting for global-only retrieval."""
-    return {name: bench.evaluate(global_rankings(bench, query_ids, queries, gallery_ids, gallery, k, with_d)[0])
-            for name, with_d in settings_of(bench).items()}
+def drop_ids(ranked: np.ndarray, scores: np.ndarray, drop: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Remove ``drop[q]`` from row q (keeping order) and pad the rows' ends with -1 / -inf."""
+    out_ids, out_scores = np.full_like(ranked, NO_ID), np.full_like(scores, -np.inf)
+    for q, (row, sc) in enumerate(zip(ranked, scores)):
+        keep = ~np.isin(row, drop[q])
+        out_ids[q, :keep.sum()], out_scores[q, :keep.sum()] = row[keep], sc[keep]
+    return out_ids, out_scores
+
+
+def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray,
+                        rerank, k: int, protocol_junk_removal: bool = True) -> dict:
+    """Rerank the top-``k`` of each row with ``rerank(query_ids, ranked, scores, k)`` and score it.
+
+    Revisitop detail (DELG, RRT): each protocol (easy / medium / hard) is reranked separately, with
+    that protocol's junk moved out of the list before its top-k is taken.
+    """
+    if bench.protocol.name != "revisitop" or not protocol_junk_removal:
+        return bench.evaluate(rerank(row_query_ids, ranked, scores, k))
+    gallery_ids = bench.gallery.column("id").to_numpy()
+    out = {}
+    for protocol, (_, junk_keys) in REVISITOP_PROTOCOLS.items():
+        junk = [gallery_ids[np.concatenate([np.asarray(g[j], np.int64) for j in junk_keys])]
+                for g in bench.protocol.gnd]
+        cleaned, cleaned_scores = drop_ids(ranked, scores, junk)
+        out[protocol] = bench.evaluate(rerank(row_query_ids, cleaned, cleaned_scores, k))[protocol]
+    return out

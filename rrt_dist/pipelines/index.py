@@ -65,18 +65,6 @@ def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) ->
     return index.search(queries, k)
 
 
-def vectors_lookup(ids: np.ndarray, vectors: np.ndarray):
-    """``ids [N, n] -> vectors [N, n, d]`` over a set of global descriptors (for αQE)."""
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def lookup(query_ids: np.ndarray) -> np.ndarray:
-        pos = order[np.clip(np.searchsorted(sorted_ids, query_ids), 0, len(ids) - 1)]
-        return vectors[pos]
-
-    return lookup
-
-
 def _exact_search(vectors, ids):
     from rrt_dist.index.exact import exact_search
 

@@ -148,6 +148,13 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def contains(self, ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(self._sorted_ids) == 0:
+            return np.zeros(len(ids), bool)
+        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
+        return self._sorted_ids[pos] == ids
+
     def rows_of(self, ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, max(len(self._sorted_ids) - 1, 0))
@@ -163,12 +170,12 @@ class FeatureStore:
         return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
     def take_locals(self, ids: Sequence[int], dtype=np.float32) -> dict:
-        """Locals of ``ids`` (in that order): ``local [n, L, d_l]``, ``positions [n, L, 2]``, ``scales [n, L]``,
-        ``n_local [n]`` and ``mask [n, L]`` (True = padding), from one ``take``."""
+        """Descriptors of ``ids`` (in that order): ``global [n, d_g]``, ``local [n, L, d_l]``, ``positions [n, L, 2]``,
+        ``scales [n, L]``, ``n_local [n]`` and ``mask [n, L]`` (True = padding), from one ``take``."""
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.rows_of(ids)
         n, width, d_l = len(ids), self.max_local, self.local_dim
-        columns = ["id", "n_local"] + (["local", "positions", "scales"] if width else [])
+        columns = ["id", "global", "n_local"] + (["local", "positions", "scales"] if width else [])
         table = self.dataset.take(rows, columns=columns)
         if not np.array_equal(table.column("id").to_numpy(), ids):  # take follows the requested row order
             raise RuntimeError(f"{self.uri}: take returned rows out of order")
@@ -179,7 +186,8 @@ class FeatureStore:
             return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(typ).reshape(shape)
 
         n_local = table.column("n_local").to_numpy()
-        return {"local": arr("local", dtype, (n, width, d_l)), "positions": arr("positions", np.float32, (n, width, 2)),
+        glob = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return {"global": glob.astype(dtype).reshape(n, self.global_dim), "local": arr("local", dtype, (n, width, d_l)), "positions": arr("positions", np.float32, (n, width, 2)),
                 "scales": arr("scales", np.int64, (n, width)), "n_local": n_local,
                 "mask": np.arange(width)[None, :] >= n_local[:, None]}
 
@@ -188,3 +196,23 @@ def concat_globals(stores) -> tuple[np.ndarray, np.ndarray]:
     """Ids and global descriptors of several tables, concatenated in order."""
     parts = [s.globals() for s in stores]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def take_locals_from(stores, ids: Sequence[int]) -> dict:
+    """``take_locals`` over several tables (e.g. gallery + distractors): each id from the table holding it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out, found = None, np.zeros(len(ids), bool)
+    for store in stores:
+        here = store.contains(ids) & ~found
+        if not here.any():
+            continue
+        part = store.take_locals(ids[here])
+        if out is None:
+            out = {k: np.zeros((len(ids),) + v.shape[1:], v.dtype) for k, v in part.items()}
+            out["mask"][:] = True
+        for k, v in part.items():
+            out[k][here] = v
+        found |= here
+    if not found.all():
+        raise KeyError(f"ids in none of the tables: {ids[~found][:5].tolist()}")
+    return out

@@ -1,0 +1,67 @@
+"""Pair scorers behind one interface: ``scorer(query, candidates) -> scores [K]`` (higher is better).
+
+``query`` holds one image's ``local [L, d]``, ``positions [L, 2]``, ``scales [L]``, ``n_local``
+and ``global [d_g]``; ``candidates`` the same for K images, batched (``mask`` True at padding).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .gv import GVConfig, gv_scores
+
+
+class GVScorer:
+    name = "gv"
+
+    def __init__(self, **cfg):
+        self.cfg = GVConfig(**cfg)
+
+    def __call__(self, query: dict, cands: dict) -> np.ndarray:
+        n = int(query["n_local"])
+        return gv_scores(query["local"][:n], query["positions"][:n], cands["local"], cands["positions"],
+                         cands["n_local"], self.cfg).astype(np.float64)
+
+
+class RRTScorer:
+    """RRT logits for a query against its K candidates in batched forward passes (chunked to a memory cap)."""
+    name = "rrt"
+
+    def __init__(self, checkpoint: str, chunk: int = 100, device: str = "auto"):
+        from rrt_dist.models.rrt import load_released_checkpoint
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        self.model = load_released_checkpoint(checkpoint).to(self.device)
+        self.chunk = chunk
+
+    @torch.inference_mode()
+    def __call__(self, query: dict, cands: dict) -> np.ndarray:
+        k = len(cands["local"])
+        out = []
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        for s in range(0, k, self.chunk):
+            e = min(k, s + self.chunk)
+            b = e - s
+
+            def t(x, dtype=torch.float32):
+                return torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(dtype)
+
+            src = (t(np.broadcast_to(query["global"], (b,) + query["global"].shape)),
+                   t(np.broadcast_to(query["local"], (b,) + query["local"].shape)),
+                   t(np.broadcast_to(query["mask"], (b,) + query["mask"].shape), torch.bool),
+                   t(np.broadcast_to(query["scales"], (b,) + query["scales"].shape), torch.long))
+            tgt = (t(cands["global"][s:e]), t(cands["local"][s:e]), t(cands["mask"][s:e], torch.bool),
+                   t(cands["scales"][s:e], torch.long))
+            with autocast:
+                out.append(self.model(*src, *tgt).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def create_scorer(name: str, **cfg):
+    scorers = {"gv": GVScorer, "rrt": RRTScorer}
+    if name not in scorers:
+        raise KeyError(f"unknown reranker {name!r}; known: {', '.join(scorers)}")
+    return scorers[name](**cfg)

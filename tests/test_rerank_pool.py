@@ -1,0 +1,81 @@
+"""Reranking in a Ray actor pool: same rankings as in-process, survives a killed actor; revisitop junk handling."""
+import numpy as np
+import pytest
+import ray
+
+from rrt_dist.datasets import read_r1m, read_revisitop
+from rrt_dist.eval.runner import drop_ids, global_rankings, rerank_and_evaluate
+from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+from rrt_dist.pipelines.rerank import RerankPool
+from rrt_dist.store import FeatureStore, concat_globals
+
+OPTIONS = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.7071, 1.0],
+               global_scales=[1.0], max_size=256, max_local=100)
+
+
+@pytest.fixture(scope="module")
+def tables(local_ray, small_synthetic, tmp_path_factory):
+    _, root = small_synthetic
+    bench = read_revisitop(root, "synthetic", read_r1m(root / "distractors", limit=10))
+    out = tmp_path_factory.mktemp("rerank")
+    splits = np.asarray(bench.gallery.column("split").to_pylist())
+    import pyarrow as pa
+
+    for name, manifest in (("query", bench.queries), ("gallery", bench.gallery.filter(pa.array(splits == "gallery"))),
+                           ("distractor", bench.gallery.filter(pa.array(splits == "distractor")))):
+        extract_to_lance(manifest, out / f"{name}.lance", "multiscale-cnn", OPTIONS, ExtractSettings(batch_size=8))
+    stores = {n: FeatureStore(out / f"{n}.lance") for n in ("query", "gallery", "distractor")}
+    q_ids, q = stores["query"].globals()
+    g_ids, g = concat_globals([stores["gallery"], stores["distractor"]])
+    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, True)
+    return bench, stores, ranked, scores
+
+
+def test_drop_ids_keeps_order_and_pads():
+    ranked = np.array([[5, 6, 7, 8]])
+    out, sc = drop_ids(ranked, np.array([[0.9, 0.8, 0.7, 0.6]], np.float32), [np.array([6, 8])])
+    assert out.tolist() == [[5, 7, -1, -1]] and sc[0, :2].tolist() == pytest.approx([0.9, 0.7])
+
+
+@pytest.mark.ray
+def test_actor_pool_equals_in_process_and_survives_a_kill(tables):
+    bench, stores, ranked, scores = tables
+    galleries = [stores["gallery"], stores["distractor"]]
+    query_ids = bench.queries.column("id").to_numpy()
+    local = RerankPool("gv", {}, stores["query"], galleries, num_actors=0)
+    expected = local.rerank(query_ids, ranked, scores, 20)
+    assert not np.array_equal(expected[:, :20], ranked[:, :20])           # GV changed some orders
+    np.testing.assert_array_equal(expected[:, 20:], ranked[:, 20:])       # the tail keeps global order
+    for row_e, row_r in zip(expected, ranked):
+        assert sorted(row_e[:20]) == sorted(row_r[:20])                   # the top-20 is a permutation
+    pool = RerankPool("gv", {}, stores["query"], galleries, num_actors=2, chunk=3)
+    np.testing.assert_array_equal(pool.rerank(query_ids, ranked, scores, 20), expected)
+    victim = pool.actors[0]
+    pid = ray.get(victim.pid.remote())
+    ray.kill(victim, no_restart=False)                                   # killed mid-run: replaced, calls retried
+    np.testing.assert_array_equal(pool.rerank(query_ids, ranked, scores, 20), expected)
+    assert ray.get(victim.pid.remote()) != pid
+    pool.close()
+
+
+@pytest.mark.ray
+def test_protocol_junk_is_removed_before_the_top_k(tables):
+    bench, stores, ranked, scores = tables
+    seen = []
+
+    def rerank(query_ids, r, s, k):
+        seen.append(r.copy())
+        return r
+
+    rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ranked, scores, rerank, 10)
+    assert len(seen) == 3                                                  # easy, medium, hard separately
+    gallery_ids = bench.gallery.column("id").to_numpy()
+    medium = seen[1]
+    for q, g in enumerate(bench.protocol.gnd):
+        junk = gallery_ids[np.asarray(g["junk"], np.int64)]
+        assert not np.isin(medium[q], junk).any()
+        hard_junk = gallery_ids[np.concatenate([g["junk"], g["easy"]]).astype(np.int64)]
+        assert not np.isin(seen[2][q], hard_junk).any()
+    plain = rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ranked, scores, rerank, 10,
+                                protocol_junk_removal=False)
+    assert plain == bench.evaluate(ranked)
