@@ -79,3 +79,26 @@ def test_protocol_junk_is_removed_before_the_top_k(tables):
     plain = rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ranked, scores, rerank, 10,
                                 protocol_junk_removal=False)
     assert plain == bench.evaluate(ranked)
+
+
+@pytest.mark.ray
+def test_rrt_pool_with_a_checkpoint_and_a_kill_mid_call(tables, tmp_path):
+    import torch
+
+    from rrt_dist.models.rrt import RerankingTransformer
+
+    bench, stores, ranked, scores = tables
+    torch.manual_seed(0)
+    model = RerankingTransformer(global_dim=stores["query"].global_dim)
+    torch.save({"state": model.state_dict(), "optim": {}}, tmp_path / "rrt.pth")
+    galleries = [stores["gallery"], stores["distractor"]]
+    query_ids = bench.queries.column("id").to_numpy()
+    cfg = {"checkpoint": str(tmp_path / "rrt.pth")}
+    expected = RerankPool("rrt", cfg, stores["query"], galleries, num_actors=0).rerank(query_ids, ranked, scores, 10)
+    pool = RerankPool("rrt", cfg, stores["query"], galleries, num_actors=1, chunk=4)
+    actor = pool.actors[0]
+    refs = [actor.rerank.remote(query_ids[s:s + 4], ranked[s:s + 4], scores[s:s + 4], 10)
+            for s in range(0, len(query_ids), 4)]
+    ray.kill(actor, no_restart=False)                  # dies with calls in flight: restarted, calls retried
+    np.testing.assert_array_equal(np.concatenate(ray.get(refs)), expected)
+    pool.close()
