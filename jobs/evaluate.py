@@ -6,11 +6,14 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.eval.report import render_markdown, write_report
+from rrt_dist.eval.figures import qualitative_figure
 from rrt_dist.eval.methods import evaluate_methods
 from rrt_dist.eval.runner import settings_of
 from rrt_dist.pipelines.rerank import pools_for
@@ -23,7 +26,9 @@ def main(cfg: DictConfig) -> dict:
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
     pools = pools_for(cfg.reranker, stores)
-    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, cfg.index.k)
+    examples: dict = {}
+    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, cfg.index.k,
+                            examples)
     for pool in pools.values():
         pool.close()
     settings = list(settings_of(bench))
@@ -32,6 +37,11 @@ def main(cfg: DictConfig) -> dict:
                "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
                "config": OmegaConf.to_container(cfg, resolve=True)}
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
+    reranked = [label for label in examples if "top-" in label]
+    if reranked:
+        figure = qualitative_figure(bench, examples[next(iter(examples))], examples[reranked[-1]],
+                                    Path(cfg.output_dir) / "qualitative.png", ("global", reranked[-1]))
+        print(f"qualitative results: {figure}")
     print(markdown)
     print(f"report: {json_path}")
     return payload

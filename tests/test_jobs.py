@@ -39,6 +39,7 @@ def test_main_command_on_small_preset(tmp_path):
     # the benchmark leaves room for reranking, distractors make it harder, and local features help
     assert hard < medium < 0.8 and 0.0 < medium and with_d <= medium
     assert results["GV (top-100)"]["synthetic"]["medium"]["mAP"] > medium
+    assert (out / "qualitative.png").stat().st_size > 10_000                 # before/after figure
     assert report["config"]["dataset"]["n_landmarks"] == 12 and report["config"]["backbone"]["name"] == "multiscale-cnn"
     tables = report["feature_tables"]
     assert tables["query"]["rows"] == 12 and tables["gallery"]["rows"] == 72 and tables["distractor"]["rows"] == 100

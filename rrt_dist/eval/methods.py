@@ -12,8 +12,13 @@ LABELS = {"global": "Global only", "aqe": "αQE", "gv": "GV", "rrt": "RRT", "aqe
 
 
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
-                     gallery: np.ndarray, cfg, pools: dict, k_search: int | None = None) -> dict[str, dict]:
-    """``{row label: {setting: metrics}}`` for ``cfg.methods``; ``pools[name]`` reranks (a RerankPool)."""
+                     gallery: np.ndarray, cfg, pools: dict, k_search: int | None = None,
+                     examples: dict | None = None) -> dict[str, dict]:
+    """``{row label: {setting: metrics}}`` for ``cfg.methods``; ``pools[name]`` reranks (a RerankPool).
+
+    ``examples`` receives, for the first setting, each row's ranking (the medium protocol's for
+    reranked rows of revisitop benchmarks), for qualitative figures.
+    """
     unknown = [m for m in cfg.methods if m not in LABELS]
     if unknown:
         raise ValueError(f"unknown reranker methods {unknown}; known: {', '.join(LABELS)}")
@@ -29,11 +34,15 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
         for method in cfg.methods:
             label = LABELS[method] + (f" (top-{cfg.k})" if method in ("gv", "rrt", "aqe+rrt") else "")
             ranked, scores = aqe if method.startswith("aqe") else base
+            kept: dict = {}
             if method in ("global", "aqe"):
                 metrics = bench.evaluate(ranked)
+                kept["all"] = ranked
             else:
                 pool = pools[method.split("+")[-1]]
                 metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
-                                              cfg.protocol_junk_removal)
+                                              cfg.protocol_junk_removal, keep=kept)
             rows.setdefault(label, {})[setting] = metrics
+            if examples is not None and not with_d:
+                examples[label] = kept.get("medium", kept.get("all"))
     return rows

@@ -62,19 +62,23 @@ def drop_ids(ranked: np.ndarray, scores: np.ndarray, drop: list[np.ndarray]) -> 
 
 
 def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray,
-                        rerank, k: int, protocol_junk_removal: bool = True) -> dict:
+                        rerank, k: int, protocol_junk_removal: bool = True, keep: dict | None = None) -> dict:
     """Rerank the top-``k`` of each row with ``rerank(query_ids, ranked, scores, k)`` and score it.
 
     Revisitop detail (DELG, RRT): each protocol (easy / medium / hard) is reranked separately, with
-    that protocol's junk moved out of the list before its top-k is taken.
+    that protocol's junk moved out of the list before its top-k is taken. ``keep`` receives the
+    reranked lists (per protocol, or under "all").
     """
+    keep = {} if keep is None else keep
     if bench.protocol.name != "revisitop" or not protocol_junk_removal:
-        return bench.evaluate(rerank(row_query_ids, ranked, scores, k))
+        keep["all"] = rerank(row_query_ids, ranked, scores, k)
+        return bench.evaluate(keep["all"])
     gallery_ids = bench.gallery.column("id").to_numpy()
     out = {}
     for protocol, (_, junk_keys) in REVISITOP_PROTOCOLS.items():
         junk = [gallery_ids[np.concatenate([np.asarray(g[j], np.int64) for j in junk_keys])]
                 for g in bench.protocol.gnd]
         cleaned, cleaned_scores = drop_ids(ranked, scores, junk)
-        out[protocol] = bench.evaluate(rerank(row_query_ids, cleaned, cleaned_scores, k))[protocol]
+        keep[protocol] = rerank(row_query_ids, cleaned, cleaned_scores, k)
+        out[protocol] = bench.evaluate(keep[protocol])[protocol]
     return out

@@ -1,0 +1,73 @@
+"""Qualitative results as in the papers' figures: each query, its top-5 before and after reranking,
+green borders for positives, red for negatives, grey for junk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rrt_dist.datasets import Benchmark  # noqa: E402
+from rrt_dist.features.images import ImageError, load_image  # noqa: E402
+
+COLOURS = {"positive": "#1a9641", "negative": "#d7191c", "junk": "#999999"}
+
+
+def _status(bench: Benchmark, q: int, gallery_index: int) -> str:
+    if bench.protocol.name != "revisitop":
+        positives = getattr(bench.protocol, "positives", None)
+        return "positive" if positives is not None and gallery_index in set(positives[q]) else "negative"
+    g = bench.protocol.gnd[q]
+    if gallery_index in set(g["easy"]) | set(g["hard"]):
+        return "positive"
+    return "junk" if gallery_index in set(g["junk"]) else "negative"
+
+
+def _show(ax, uri, bbox, colour, title=""):
+    try:
+        ax.imshow(load_image(uri, bbox))
+    except ImageError:
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(4)
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def qualitative_figure(bench: Benchmark, before: np.ndarray, after: np.ndarray, path: str | Path,
+                       labels=("global", "reranked"), n_queries: int = 4, top: int = 5) -> Path:
+    """Draw the ``n_queries`` queries whose top-``top`` precision gained most from reranking."""
+    uris = bench.gallery.column("uri").to_pylist()
+    q_uris = bench.queries.column("uri").to_pylist()
+    q_boxes = bench.queries.column("bbox").to_pylist()
+
+    def hits(rows, q):
+        idx = bench.gallery_indices(rows[q, :top])
+        return sum(_status(bench, q, int(i)) == "positive" for i in idx if i >= 0)
+
+    gain = [hits(after, q) - hits(before, q) for q in range(len(before))]
+    chosen = list(np.argsort(gain, kind="stable")[::-1][:n_queries])
+    fig, axes = plt.subplots(2 * len(chosen), top + 1, figsize=(2 * (top + 1), 3.6 * len(chosen)), squeeze=False)
+    for r, q in enumerate(chosen):
+        for half, (rows, label) in enumerate(((before, labels[0]), (after, labels[1]))):
+            ax_row = axes[2 * r + half]
+            if half == 0:
+                _show(ax_row[0], q_uris[q], q_boxes[q], "#000000", f"query {q}")
+            else:
+                ax_row[0].axis("off")
+            ax_row[0].text(-0.1, 0.5, label, transform=ax_row[0].transAxes, rotation=90, ha="right", va="center")
+            for c, gi in enumerate(bench.gallery_indices(rows[q, :top])):
+                if gi < 0:
+                    ax_row[c + 1].axis("off")
+                    continue
+                _show(ax_row[c + 1], uris[gi], None, COLOURS[_status(bench, q, int(gi))], f"#{c + 1}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
