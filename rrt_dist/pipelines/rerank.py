@@ -21,7 +21,12 @@ def _one(arrays: dict, i: int) -> dict:
 
 
 class RerankCore:
-    def __init__(self, scorer: str, scorer_cfg: dict, query_table: tuple, gallery_tables: list[tuple]):
+    def __init__(self, scorer: str, scorer_cfg: dict, query_table: tuple, gallery_tables: list[tuple],
+                 threads: int | None = None):
+        if threads:  # Ray caps intra-op threads at the actor's CPU reservation otherwise
+            import torch
+
+            torch.set_num_threads(threads)
         self.scorer = create_scorer(scorer, **scorer_cfg)
         self.queries = FeatureStore(*query_table)
         self.galleries = [FeatureStore(*t) for t in gallery_tables]
@@ -61,11 +66,12 @@ class RerankPool:
         if num_actors == 0:
             self.local, self.actors = RerankCore(*args), []
         else:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            use_gpu = gpus >= 1 if use_gpu is None else use_gpu
+            resources = ray.cluster_resources()
+            use_gpu = resources.get("GPU", 0) >= 1 if use_gpu is None else use_gpu
+            threads = max(1, int(resources.get("CPU", 1)) // num_actors)
             actor = ray.remote(RerankCore).options(max_restarts=-1, max_task_retries=-1, num_cpus=1,
                                                    num_gpus=1 if use_gpu else 0)
-            self.local, self.actors = None, [actor.remote(*args) for _ in range(num_actors)]
+            self.local, self.actors = None, [actor.remote(*args, threads) for _ in range(num_actors)]
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         if self.local is not None:
