@@ -16,6 +16,7 @@ from rrt_dist.eval.report import render_markdown, write_report
 from rrt_dist.eval.figures import qualitative_figure
 from rrt_dist.eval.methods import evaluate_methods
 from rrt_dist.eval.runner import settings_of
+from rrt_dist.pipelines.index import setting_indexes
 from rrt_dist.pipelines.rerank import pools_for
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
 
@@ -26,11 +27,12 @@ def main(cfg: DictConfig) -> dict:
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
     pools = pools_for(cfg.reranker, stores)
+    indexes = setting_indexes(cfg.index, bench, stores)      # none when index.k is unset: exact full ranking
     examples: dict = {}
     rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, cfg.index.k,
-                            examples)
-    for pool in pools.values():
-        pool.close()
+                            examples, {setting: index.search for setting, index in indexes.items()})
+    for closable in [*pools.values(), *indexes.values()]:
+        closable.close()
     settings = list(settings_of(bench))
     markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} descriptors")
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,

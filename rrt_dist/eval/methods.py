@@ -13,12 +13,14 @@ LABELS = {"global": "Global only", "aqe": "αQE", "gv": "GV", "rrt": "RRT", "aqe
 
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
                      gallery: np.ndarray, cfg, pools: dict, k_search: int | None = None,
-                     examples: dict | None = None) -> dict[str, dict]:
+                     examples: dict | None = None, searchers: dict | None = None) -> dict[str, dict]:
     """``{row label: {setting: metrics}}`` for ``cfg.methods``; ``pools[name]`` reranks (a RerankPool).
 
     ``examples`` receives, for the first setting, each row's ranking (the medium protocol's for
-    reranked rows of revisitop benchmarks), for qualitative figures.
+    reranked rows of revisitop benchmarks), for qualitative figures. ``searchers[setting]`` is the
+    search function of that setting's index (exact in-process search when absent).
     """
+    searchers = searchers or {}
     unknown = [m for m in cfg.methods if m not in LABELS]
     if unknown:
         raise ValueError(f"unknown reranker methods {unknown}; known: {', '.join(LABELS)}")
@@ -26,11 +28,12 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
     rows: dict[str, dict] = {}
     for setting, with_d in settings_of(bench).items():
-        base = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d)
+        search = searchers.get(setting)
+        base = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d, search=search)
         aqe = None
         if any(m.startswith("aqe") for m in cfg.methods):
             aqe = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d,
-                                  alpha_qe=(cfg.aqe_n, cfg.aqe_alpha))
+                                  alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
         for method in cfg.methods:
             label = LABELS[method] + (f" (top-{cfg.k})" if method in ("gv", "rrt", "aqe+rrt") else "")
             ranked, scores = aqe if method.startswith("aqe") else base

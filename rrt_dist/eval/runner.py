@@ -24,20 +24,23 @@ def settings_of(bench: Benchmark) -> dict[str, bool]:
 
 def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
                     gallery: np.ndarray, k: int | None, with_distractors: bool,
-                    alpha_qe: tuple[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked gallery ids and scores ``[n_queries, k]`` in the benchmark's query order (exact search).
+                    alpha_qe: tuple[int, float] | None = None, search=None) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked gallery ids and scores ``[n_queries, k]`` in the benchmark's query order.
 
-    ``alpha_qe=(n, alpha)`` expands each query with its top-n first. Queries without a descriptor
-    (unreadable images) get rows of -1.
+    ``search(queries, k) -> (scores, ids)`` is the index to use (e.g. a ShardedIndex over this
+    setting's tables); by default exact search over the gallery (+ distractors), which with
+    ``k=None`` ranks the whole gallery as the revisitop protocol does. ``alpha_qe=(n, alpha)``
+    expands each query with its top-n first. Queries without a descriptor get rows of -1.
     """
     splits = np.asarray(bench.gallery.column("split").to_pylist())
     searchable = bench.gallery.column("id").to_numpy()[with_distractors | (splits != "distractor")]
     keep = np.isin(gallery_ids, searchable)
     g_ids, g = gallery_ids[keep], gallery[keep]
 
-    def search(x, kk):
-        found, sc = exact_search(g, g_ids, x, kk)
-        return sc, found
+    if search is None:
+        def search(x, kk):
+            found, sc = exact_search(g, g_ids, x, kk)
+            return sc, found
 
     if alpha_qe:
         scores, ids = alpha_qe_search(search, vectors_lookup(g_ids, g), queries, k or len(g_ids), *alpha_qe)

@@ -73,3 +73,17 @@ def _exact_search(vectors, ids):
         return scores, found
 
     return run
+
+
+def setting_indexes(cfg, bench, stores: dict) -> dict:
+    """One sharded index per evaluation setting (gallery; gallery + distractors) when ``cfg.k`` is set.
+
+    Without ``k`` the evaluation ranks the whole gallery exactly (the revisitop protocol) and
+    needs no index.
+    """
+    from rrt_dist.eval.runner import settings_of
+
+    if not cfg.k:
+        return {}
+    return {setting: ensure_index(cfg, bench.name, [stores["gallery"]] + ([stores["distractor"]] if with_d else []))
+            for setting, with_d in settings_of(bench).items()}
