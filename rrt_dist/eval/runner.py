@@ -6,7 +6,7 @@ import numpy as np
 from rrt_dist.datasets import Benchmark
 from rrt_dist.datasets.base import NO_ID
 from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
-from rrt_dist.index.exact import exact_search
+from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import alpha_qe_search, vectors_lookup
 
 
@@ -38,9 +38,7 @@ def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     g_ids, g = gallery_ids[keep], gallery[keep]
 
     if search is None:
-        def search(x, kk):
-            found, sc = exact_search(g, g_ids, x, kk)
-            return sc, found
+        search = exact_searcher(g, g_ids)
 
     if alpha_qe:
         scores, ids = alpha_qe_search(search, vectors_lookup(g_ids, g), queries, k or len(g_ids), *alpha_qe)

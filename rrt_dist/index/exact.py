@@ -22,3 +22,12 @@ def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarr
     scores, ids = index.search(queries, k)
     scores[ids == NO_ID] = -np.inf
     return ids, scores
+
+
+def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):
+    """``search(queries, k) -> (scores, ids)`` over ``gallery``: the searcher interface of αQE / DBA / evaluation."""
+    def search(queries: np.ndarray, k: int | None):
+        ids, scores = exact_search(gallery, gallery_ids, queries, k)
+        return scores, ids
+
+    return search

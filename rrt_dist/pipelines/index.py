@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rrt_dist.index.core import read_manifest
+from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import database_augmentation
 from rrt_dist.index.sharded import ShardedIndex, build_index
 from rrt_dist.store import FeatureStore, concat_globals
@@ -44,7 +45,7 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedInde
         vectors = None
         if cfg.dba_n:
             ids, vectors = concat_globals(stores)
-            vectors = database_augmentation(_exact_search(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
+            vectors = database_augmentation(exact_searcher(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
         build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
                     vectors=vectors)
     index = ShardedIndex(directory, use_gpu=cfg.use_gpu, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
@@ -63,16 +64,6 @@ def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) ->
     if cfg.qe_n:
         return index.search_alpha_qe(queries, k, vectors_of, cfg.qe_n, cfg.qe_alpha)
     return index.search(queries, k)
-
-
-def _exact_search(vectors, ids):
-    from rrt_dist.index.exact import exact_search
-
-    def run(queries, k):
-        found, scores = exact_search(vectors, ids, queries, k)
-        return scores, found
-
-    return run
 
 
 def setting_indexes(cfg, bench, stores: dict) -> dict:
