@@ -145,8 +145,13 @@ def clean_state_dict(checkpoint) -> OrderedDict:
 
 
 def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
-    """Load a checkpoint published with the RRT paper (or saved by this project) in eval mode."""
-    state = clean_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    """Load a checkpoint published with the RRT paper (or saved by this project) in eval mode.
+
+    Checkpoints saved by ``rrt_dist.train`` also record ``max_local``, the locals per image the model
+    was trained with; it is kept as ``model.max_local`` for the scorer (None for released weights).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = clean_state_dict(checkpoint)
     if "remap.weight" in state:
         overrides.setdefault("global_dim", state["remap.weight"].shape[1])
     else:
@@ -157,6 +162,7 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     overrides.setdefault("num_layers", len(layers))
     model = RerankingTransformer(**overrides)
     model.load_state_dict(state, strict=True)
+    model.max_local = checkpoint.get("max_local") if isinstance(checkpoint, dict) else None
     return model.eval()
 
 

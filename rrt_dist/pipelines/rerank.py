@@ -1,7 +1,8 @@
 """Rerank each query's global top-K in a pool of Ray actors (GPU when present).
 
 Each actor opens the feature tables (pinned versions), takes the candidates' locals in one
-batched read per query and scores them; the top-K is reordered by (rerank score, global score)
+batched read per query and scores them (each (query, candidate) pair once: scores are cached, as
+the revisitop protocols and the ±distractor settings rerank mostly the same pairs); the top-K is reordered by (rerank score, global score)
 and the rest keeps its global order. Actors are restarted by Ray if they die and their
 unfinished calls are retried, so a run completes.
 """
@@ -30,6 +31,7 @@ class RerankCore:
         self.scorer = create_scorer(scorer, **scorer_cfg)
         self.queries = FeatureStore(*query_table)
         self.galleries = [FeatureStore(*t) for t in gallery_tables]
+        self.cache: dict[tuple[int, int], float] = {}
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         out = ranked.copy()
@@ -45,8 +47,13 @@ class RerankCore:
             head = head[head != NO_ID]
             if len(head) == 0:
                 continue
-            cands = take_locals_from(self.galleries, head)
-            out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], self.scorer(query, cands), len(head))
+            qid = int(query_ids[row])
+            missing = np.asarray([c for c in head.tolist() if (qid, c) not in self.cache], np.int64)
+            if len(missing):
+                new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
+                self.cache.update(zip(((qid, c) for c in missing.tolist()), new_scores.tolist()))
+            head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
+            out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head))
         return out
 
     def pid(self) -> int:

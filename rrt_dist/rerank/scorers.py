@@ -29,12 +29,17 @@ class RRTScorer:
     """RRT logits for a query against its K candidates in batched forward passes (chunked to a memory cap)."""
     name = "rrt"
 
-    def __init__(self, checkpoint: str, chunk: int | None = None, device: str = "auto"):
+    def __init__(self, checkpoint: str | None = None, chunk: int | None = None, device: str = "auto",
+                 model: torch.nn.Module | None = None, max_local: int | None = None):
         from rrt_dist.models.rrt import load_released_checkpoint
 
+        if (checkpoint is None) == (model is None):
+            raise ValueError("RRTScorer needs exactly one of checkpoint (a path) or model (a module)")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
-        self.model = load_released_checkpoint(checkpoint).to(self.device)
+        self.model = (load_released_checkpoint(checkpoint) if model is None else model).to(self.device)
+        # Locals per image kept (the highest scoring first): what the model was trained with, if it says.
+        self.max_local = max_local or getattr(self.model, "max_local", None)
         # Pairs per forward pass: large on GPU; small on CPU, where [B, h, N, N] attention maps of
         # ~1000-token pairs fall out of cache (batch 20 measured slower than 10 batches of 2).
         self.chunk = chunk or (100 if self.device.type == "cuda" else 4)
@@ -42,6 +47,8 @@ class RRTScorer:
     @torch.inference_mode()
     def __call__(self, query: dict, cands: dict) -> np.ndarray:
         k = len(cands["local"])
+        if self.max_local:
+            query, cands = truncate_locals(query, self.max_local), truncate_locals(cands, self.max_local)
         out = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         for s in range(0, k, self.chunk):
@@ -60,6 +67,12 @@ class RRTScorer:
             with autocast:
                 out.append(self.model(*src, *tgt).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def truncate_locals(features: dict, max_local: int) -> dict:
+    """Keep the first ``max_local`` locals (the extractors store them best first) of one or more images."""
+    return {k: v[..., :max_local] if k in ("mask", "scales") else
+            v[..., :max_local, :] if k in ("local", "positions") else v for k, v in features.items()}
 
 
 def create_scorer(name: str, **cfg):

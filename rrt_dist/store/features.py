@@ -124,7 +124,8 @@ class FeatureStore:
     """
 
     def __init__(self, uri: str | Path, version: int | None = None, expected_fingerprint: str | None = None):
-        self.uri = str(uri)
+        # Absolute: the (uri, version) pairs handed to actors and Ray Train workers must not depend on their cwd.
+        self.uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
         self.dataset = lance.dataset(self.uri, version=version)
         meta = self.dataset.schema.metadata or {}
         self.extractor = meta.get(META_EXTRACTOR, b"").decode()
