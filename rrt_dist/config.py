@@ -127,7 +127,7 @@ class RerankerConfig:
     """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
     methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | gv | rrt | aqe+rrt
     k: int = 100                             # top-K reranked (the paper: 100, 200, 400)
-    checkpoint: Optional[str] = None         # RRT weights (released or trained): needed by rrt rows
+    checkpoint: Optional[str] = None         # RRT weights for rrt rows: a path, or "train" (train_rrt first)
     aqe_n: int = 2                           # alpha-QE as tuned in the paper
     aqe_alpha: float = 0.3
     num_actors: int = 1                      # reranker actors (0: in-process)
@@ -137,14 +137,35 @@ class RerankerConfig:
 
 @dataclass
 class TrainConfig:
-    """RRT training hyper-parameters (DELG / GLDv2 setting of the paper)."""
+    """RRT training with Ray Train (defaults: the paper's DELG / GLDv2 setting).
+
+    A run is named ``name`` (default: derived from the dataset, backbone and these settings) under
+    ``storage_path``; rerunning a name resumes from its latest checkpoint, and a finished run is reused.
+    """
     epochs: int = 15
     lr: float = 1e-4
-    weight_decay: float = 5e-4
-    batch_size: int = 12                     # triplets per step per worker
-    num_workers: int = 2
+    weight_decay: float = 5e-4               # 4e-4 in the SOP setting
+    batch_size: int = 12                     # triplets per step per worker (the global batch scales with workers)
     grad_clip: Optional[float] = 0.1
+    milestones: list[int] = field(default_factory=list)   # MultiStepLR: epochs where lr *= gamma
+    gamma: float = 0.1
     seed: int = 0
+    k: int = 100                             # global neighbours per training image (pair sampling)
+    min_positives: int = 5                   # same-label images an anchor needs among them
+    positive_scope: str = "topk"             # topk (GLDv2: positives from the top-k) | label (SOP: any same label)
+    max_local: Optional[int] = None          # locals per image fed to RRT, best first (None: all)
+    model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (use_global, position_encoding, ...)
+    embedding_init_std: float = 0.02         # initial segment / scale embeddings (N(0,1) stalls training)
+    val_k: int = 100                         # top-K reranked when validating each epoch
+    val_holdout_labels: int = 50             # datasets without a validation split: labels held out of training
+    num_workers: int = 2
+    cpus_per_worker: float = 1
+    use_gpu: Optional[bool] = None           # default: when the cluster has a GPU per worker
+    name: Optional[str] = None
+    storage_path: str = "data/train"         # local folder or URI (s3://, gs://) shared by the workers
+    keep_checkpoints: int = 2                # best by validation score; the latest is always kept too
+    max_failures: int = 3                    # worker failures survived (restart from the latest checkpoint)
+    fail_at_epoch: Optional[int] = None      # fault injection (tests): one worker dies once at this epoch
 
 
 @dataclass

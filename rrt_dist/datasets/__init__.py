@@ -12,7 +12,7 @@ from .msls import read_msls
 from .revisitop import read_r1m, read_revisitop
 
 __all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "load_benchmark", "load_distractors",
-           "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
+           "load_training_set", "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
            "read_gldv2_retrieval", "read_gldv2_train", "read_msls", "read_sop", "read_cub200", "read_cars196",
            "read_folder"]
 
@@ -69,3 +69,28 @@ def load_benchmark(cfg) -> Benchmark:
         raise ValueError(f"unknown dataset {name!r}; expected one of synthetic, roxford5k, rparis6k, "
                          f"{', '.join(readers)}")
     return readers[name]()
+
+
+def load_training_set(cfg):
+    """``(name, manifest)``: the labelled training images of a dataset config (labels = landmark / class).
+
+    synthetic: its train split; gldv2: the RRT paper's ``train_clean`` subset; sop / cub200 / cars196:
+    their train split; folder: every labelled gallery image.
+    """
+    name = cfg.name
+    if name == "synthetic":
+        from .generate import generate_synthetic
+
+        generate_synthetic(synthetic_spec(cfg), cfg.root)
+        return "synthetic-train", read_folder(Path(cfg.root) / "train").gallery
+    readers = {
+        "gldv2": lambda: read_gldv2_train(cfg.root, cfg.train_landmarks, cfg.train_min_images, cfg.train_max_images,
+                                          cfg.train_seed),
+        "sop": lambda: read_sop(cfg.root, "train").gallery,
+        "cub200": lambda: read_cub200(cfg.root, "train").gallery,
+        "cars196": lambda: read_cars196(cfg.root, "train").gallery,
+        "folder": lambda: read_folder(cfg.root).gallery,
+    }
+    if name not in readers:
+        raise ValueError(f"dataset {name!r} has no training split; train on one of synthetic, {', '.join(readers)}")
+    return f"{name}-train", readers[name]()

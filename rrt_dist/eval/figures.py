@@ -1,5 +1,5 @@
-"""Qualitative results as in the papers' figures: each query, its top-5 before and after reranking,
-green borders for positives, red for negatives, grey for junk."""
+"""Figures of a report: qualitative results as in the papers' figures (each query, its top-5 before and
+after reranking, green borders for positives, red for negatives, grey for junk) and training curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,5 +69,26 @@ def qualitative_figure(bench: Benchmark, before: np.ndarray, after: np.ndarray, 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def training_curve(history: list[dict], path: str | Path) -> Path:
+    """Training loss and pair accuracy, and the validation score, per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [h["loss"] for h in history], "o-", label="loss (BCE)")
+    left.plot(epochs, [h["accuracy"] for h in history], "s-", label="pair accuracy")
+    left.set_xlabel("epoch")
+    left.set_title("training")
+    left.legend()
+    if any("val_score" in h for h in history):
+        right.plot([h["epoch"] for h in history if "val_score" in h],
+                   [100 * h["val_score"] for h in history if "val_score" in h], "o-", color="#1a9641")
+    right.set_xlabel("epoch")
+    right.set_title("validation mAP (held-out split)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

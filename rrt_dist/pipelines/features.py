@@ -40,14 +40,17 @@ def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, opti
     return paths
 
 
-def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
-                    settings: ExtractSettings) -> dict[str, FeatureStore]:
-    """Extract the rows of every table that are not there yet; return the tables (pinned versions)."""
-    paths = table_paths(bench, features_dir, extractor, options)
+def benchmark_manifests(bench: Benchmark) -> dict[str, pa.Table]:
+    """The manifest behind each feature table of a benchmark: query, gallery, distractor."""
     splits = np.asarray(bench.gallery.column("split").to_pylist())
-    manifests = {"query": bench.queries,
-                 "gallery": bench.gallery.filter(pa.array(splits != "distractor")),
-                 "distractor": bench.gallery.filter(pa.array(splits == "distractor"))}
+    return {"query": bench.queries,
+            "gallery": bench.gallery.filter(pa.array(splits != "distractor")),
+            "distractor": bench.gallery.filter(pa.array(splits == "distractor"))}
+
+
+def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extractor: str, options: dict,
+                  settings: ExtractSettings) -> dict[str, FeatureStore]:
+    """Extract the rows of every table in ``paths`` that are not there yet; return the tables (pinned versions)."""
     stores = {}
     for name, path in paths.items():
         summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}")
@@ -56,6 +59,13 @@ def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, 
                         str(path).removesuffix(".lance"), summary.error_samples)
         stores[name] = FeatureStore(path)
     return stores
+
+
+def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
+                    settings: ExtractSettings) -> dict[str, FeatureStore]:
+    """A benchmark's feature tables, extracted where missing."""
+    return ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options), extractor,
+                         options, settings)
 
 
 def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
@@ -76,3 +86,20 @@ def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
 def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ids and global descriptors of the named tables (those that exist), concatenated."""
     return concat_globals([stores[n] for n in names if n in stores])
+
+
+def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
+    """The labelled training manifest of ``cfg.dataset`` and its feature table, extracted where missing.
+
+    The table lives at ``<features_dir>/<dataset>-train/<fingerprint>/train.lance``.
+    """
+    from omegaconf import OmegaConf
+
+    from rrt_dist.datasets import load_training_set
+
+    name, manifest = load_training_set(cfg.dataset)
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    path = Path(cfg.features_dir) / name / config_fingerprint(cfg.backbone.name, **options) / "train.lance"
+    store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options,
+                          extract_settings(cfg.backbone))["train"]
+    return manifest, store

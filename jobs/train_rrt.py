@@ -1,0 +1,29 @@
+"""Train RRT on a dataset's training split with Ray Train (N workers), validating on its held-out split.
+
+    rrt-dist train_rrt                                            # synthetic train split, 2 CPU workers
+    rrt-dist train_rrt dataset=gldv2 dataset.root=/data/gldv2 backbone=delg_r50 index=ivf_pq index.k=101 \
+        train.num_workers=8 train.storage_path=s3://bucket/rrt ray=cluster
+    rrt-dist train_rrt train.name=my-run                          # rerun after a failure: resumes
+
+Writes ``rrt_best.pt`` (the best epoch by validation score; load with
+``rrt_dist.models.load_released_checkpoint`` or pass as ``reranker.checkpoint``) and
+``training_curve.png`` to the job's output folder; TensorBoard logs under the run's folder.
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import rrt_dist.config  # noqa: F401  (registers the structured configs)
+from rrt_dist.pipelines.train import train_rrt
+from rrt_dist.runtime import init_ray
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    init_ray(cfg.ray)
+    return train_rrt(cfg, cfg.output_dir)
+
+
+if __name__ == "__main__":
+    main()

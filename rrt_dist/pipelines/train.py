@@ -1,0 +1,177 @@
+"""What RRT training needs around the Ray Train loop: the training rows, the validation set, the run.
+
+* training rows: the labelled training table, each image's global top-k (the exact searcher, or the
+  sharded index when ``index.k`` is set, as for GLDv2's 1.5M images) and the anchors the paper's rules allow;
+* validation: the dataset's held-out split (synthetic: its ``val`` benchmark), else ``val_holdout_labels``
+  labels taken out of the training rows and scored leave-one-out; never the test split;
+* the run: Ray Train under ``train.storage_path / name``; the best checkpoint (validation score) copied
+  next to the job's outputs with the training curve.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rrt_dist.datasets import Benchmark, load_benchmark
+from rrt_dist.datasets.base import MetricLearningProtocol
+from rrt_dist.index.exact import exact_searcher
+from rrt_dist.train.core import TrainSettings
+from rrt_dist.train.sampler import eligible_anchors, training_neighbours
+
+from .features import ensure_features, extract_settings, global_matrix, training_features
+
+log = logging.getLogger(__name__)
+
+
+def train_settings(cfg) -> TrainSettings:
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    return TrainSettings(**{f.name: train[f.name] for f in fields(TrainSettings)})
+
+
+def run_name(cfg) -> str:
+    """``train.name``, or one derived from everything that decides the trained weights."""
+    from omegaconf import OmegaConf
+
+    if cfg.train.name:
+        return cfg.train.name
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+               if k not in ("split", "distractors")}       # the evaluated split does not change training
+    decisive = {"dataset": dataset,
+                "backbone": [cfg.backbone.name, OmegaConf.to_container(cfg.backbone.options, resolve=True)],
+                "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+                          if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints")}}
+    digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
+    return f"rrt-{cfg.dataset.name}-{digest}"
+
+
+def training_rows(manifest: pa.Table, ids: np.ndarray, vectors: np.ndarray, search, k: int,
+                  min_positives: int) -> dict:
+    """Labels, neighbours and anchors of the training table rows (``ids`` / ``vectors`` in table order)."""
+    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
+    labels = np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+    neighbours = training_neighbours(search, vectors, ids, k)
+    anchors = eligible_anchors(neighbours, labels, min_positives)
+    return {"ids": ids, "labels": labels, "neighbours": neighbours, "anchors": anchors}
+
+
+def holdout_split(labels: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
+    """Boolean mask of the rows whose label is among ``n_labels`` held out (seeded, labels with >= 2 images)."""
+    values, counts = np.unique(labels, return_counts=True)
+    candidates = values[counts >= 2]
+    held = np.random.default_rng(seed).choice(candidates, size=min(n_labels, len(candidates)), replace=False)
+    return np.isin(labels, held)
+
+
+def _ranking_set(bench: Benchmark, query_ids, queries, gallery_ids, gallery, query_table, gallery_tables) -> dict:
+    from rrt_dist.datasets.base import NO_ID
+    from rrt_dist.eval.runner import global_rankings
+
+    ranked, scores = global_rankings(bench, query_ids, queries, gallery_ids, gallery, None, False)
+    row_ids = bench.queries.column("id").to_numpy().copy()
+    row_ids[~np.isin(row_ids, query_ids)] = NO_ID
+    return {"bench": bench, "query_ids": row_ids, "ranked": ranked, "scores": scores,
+            "query": (query_table.uri, query_table.version),
+            "gallery": [(t.uri, t.version) for t in gallery_tables]}
+
+
+def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out."""
+    from omegaconf import OmegaConf
+
+    if cfg.dataset.name == "synthetic":
+        val_cfg = OmegaConf.merge(cfg.dataset, {"split": "val", "distractors": {"name": "none"}})
+        bench = load_benchmark(val_cfg)
+        options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+        stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+        q_ids, q = global_matrix(stores, ["query"])
+        g_ids, g = global_matrix(stores, ["gallery"])
+        return _ranking_set(bench, q_ids, q, g_ids, g, stores["query"], [stores["gallery"]]), np.zeros(len(ids), bool)
+    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
+    labels = np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+    held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
+    held_manifest = manifest.filter(pa.array(np.isin(manifest.column("id").to_numpy(), ids[held])))
+    bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
+                      protocol=MetricLearningProtocol(held_manifest.column("label").to_numpy()), exclude_self=True)
+    return _ranking_set(bench, ids[held], vectors[held], ids[held], vectors[held], store, [store]), held
+
+
+def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
+    """Search over the training table: exact, or the sharded index when ``index.k`` is set (large tables)."""
+    if not cfg.index.k:
+        return exact_searcher(vectors, ids), None
+    from .index import ensure_index
+
+    index = ensure_index(cfg.index, Path(str(store.uri)).parent.parent.name, [store])
+    return index.search, index
+
+
+def prepare_training(cfg) -> tuple:
+    """(training table, rows, validation set): everything the workers need, computed once on the driver."""
+    manifest, store = training_features(cfg)
+    ids, vectors = store.globals()
+    listed = np.isin(ids, manifest.column("id").to_numpy())     # the table may hold rows of other selections
+    ids, vectors = ids[listed], vectors[listed]
+    val, held = validation_set(cfg, manifest, store, ids, vectors)
+    search, index = neighbour_search(cfg, store, ids[~held], vectors[~held])
+    rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, cfg.train.min_positives)
+    if index is not None:
+        index.close()
+    log.info("training rows: %d images, %d labels, %d anchors; validation on %s", len(rows["ids"]),
+             len(np.unique(rows["labels"])), len(rows["anchors"]), val["bench"].name)
+    if len(rows["anchors"]) < cfg.train.num_workers * cfg.train.batch_size:
+        raise ValueError(f"only {len(rows['anchors'])} training images have >= {cfg.train.min_positives} same-label "
+                         f"images among their top-{cfg.train.k}: too few for {cfg.train.num_workers} workers x "
+                         f"{cfg.train.batch_size} triplets")
+    return store, rows, val
+
+
+def train_rrt(cfg, out_dir: str | Path) -> dict:
+    """Train RRT as ``cfg.train`` says (resuming a run of the same name); copy the best checkpoint to
+    ``out_dir/rrt_best.pt`` and plot the curve. Returns ``checkpoint``, ``history``, ``best_epoch``, ``run``."""
+    from rrt_dist.eval.figures import training_curve
+    from rrt_dist.train.distributed import fit
+
+    store, rows, val = prepare_training(cfg)
+    name = run_name(cfg)
+    result = fit(cfg.train, store, rows, val, name, train_settings(cfg))
+    if result.error:
+        raise result.error
+    best, metrics = max(result.best_checkpoints, key=lambda cm: (cm[1].get("val_score", 0.0), cm[1]["epoch"]))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with best.as_directory() as folder:
+        shutil.copy(Path(folder) / "model.pt", out_dir / "rrt_best.pt")
+    with result.checkpoint.as_directory() as folder:
+        import torch
+
+        history = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)["history"]
+    curve = training_curve(history, out_dir / "training_curve.png")
+    print(f"trained RRT ({name}): best epoch {metrics['epoch']} (validation {100 * metrics.get('val_score', 0):.2f}) "
+          f"-> {out_dir / 'rrt_best.pt'}")
+    return {"checkpoint": str(out_dir / "rrt_best.pt"), "history": history, "best_epoch": metrics["epoch"],
+            "run": f"{result.path}", "curve": str(curve), "anchors": int(len(rows["anchors"])),
+            "training_images": int(len(rows["ids"]))}
+
+
+def trained_reranker(cfg) -> dict | None:
+    """``reranker.checkpoint=train``: train RRT (or reuse the finished run) and point the config at it.
+
+    Returns what ``train_rrt`` returns, for the report (None when the checkpoint is a path or unused).
+    """
+    from omegaconf import open_dict
+
+    if cfg.reranker.checkpoint != "train" or not any(m.endswith("rrt") for m in cfg.reranker.methods):
+        return None
+    training = train_rrt(cfg, cfg.output_dir)
+    with open_dict(cfg):
+        cfg.reranker.checkpoint = training["checkpoint"]
+    return training

@@ -1,0 +1,131 @@
+"""RRT training with Ray Train: DDP equals a single-process step; failures and reruns resume."""
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rrt_dist.models.rrt import count_parameters, load_released_checkpoint
+from rrt_dist.train.core import TrainSettings, build_model, pair_batch, train_step
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def random_features(n: int, global_dim: int = 40, width: int = 6, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n_local = rng.integers(2, width + 1, size=n)
+    return {"global": rng.normal(size=(n, global_dim)).astype(np.float32),
+            "local": rng.normal(size=(n, width, 128)).astype(np.float32),
+            "positions": rng.uniform(0, 100, size=(n, width, 2)).astype(np.float32),
+            "scales": rng.integers(0, 7, size=(n, width)), "n_local": n_local,
+            "mask": np.arange(width)[None, :] >= n_local[:, None]}
+
+
+TRIPLETS = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [1, 0, 6], [4, 3, 9], [7, 6, 0], [10, 9, 3]])
+
+
+def half_batch(rank: int, world_size: int) -> dict:
+    features = random_features(12)
+    part = np.array_split(TRIPLETS, world_size)[rank]
+    rows = np.arange(12)
+    return pair_batch(features, rows, part)
+
+
+def ddp_step_worker(config):
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    settings = TrainSettings(**config["settings"])
+    model = ray.train.torch.prepare_model(build_model(settings, 40, 128))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    train_step(model, optimizer, half_batch(rank, world), settings.grad_clip)
+    module = getattr(model, "module", model)
+    torch.save({"grads": {n: p.grad.clone() for n, p in module.named_parameters()},
+                "params": module.state_dict()}, Path(config["out"]) / f"rank{rank}.pt")
+
+
+@pytest.mark.ray
+def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray, tmp_path):
+    import ray.cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests/
+    settings = TrainSettings(lr=1e-3, grad_clip=0.1, seed=3)
+    TorchTrainer(ddp_step_worker, train_loop_config={"settings": asdict(settings), "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2)).fit()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    model = build_model(settings, 40, 128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    union = pair_batch(random_features(12), np.arange(12), TRIPLETS)
+    train_step(model, optimizer, union, settings.grad_clip)
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    assert clipped == pytest.approx(0.1, rel=1e-4)          # the clip was active: it is part of what is compared
+    for name, p in model.named_parameters():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-5, atol=1e-5)  # Adam amplifies float noise
+    # the comparison can tell: one worker's half alone gives other gradients than the union
+    grads = {}
+    for name, batch in (("half", half_batch(0, 2)), ("union", union)):
+        fresh = build_model(settings, 40, 128)
+        train_step(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3), batch, None)
+        grads[name] = fresh.classifier.weight.grad
+    assert not torch.allclose(grads["half"], grads["union"], rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def train_cfg(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    import rrt_dist.config  # noqa: F401
+
+    root = tmp_path_factory.mktemp("train")
+    overrides = ["experiment=synthetic_small", f"dataset.root={root / 'syn'}", f"features_dir={root / 'features'}",
+                 "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
+                 "backbone.options.max_local=16", "train.batch_size=4", "train.min_positives=2", "train.max_local=16",
+                 "train.val_k=10", f"train.storage_path={root / 'runs'}", "ray.num_cpus=2"]
+
+    def make(out: str, *extra: str):
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            return compose("config", overrides=overrides + [f"output_dir={root / out}", *extra])
+    return make
+
+
+@pytest.mark.ray
+def test_worker_failure_at_epoch_2_resumes_from_epoch_1(local_ray, train_cfg):
+    from rrt_dist.pipelines.train import train_rrt
+
+    cfg = train_cfg("faulty", "train.name=faulty", "train.epochs=3", "train.fail_at_epoch=1")
+    out = train_rrt(cfg, cfg.output_dir)
+    assert (Path(cfg.train.storage_path) / "faulty" / "injected-failure").exists()   # a worker did die
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    # epoch 1 ran in the first attempt; epochs 2 and 3 in a second one that started from epoch 1's checkpoint
+    assert [h["resumed_after"] for h in out["history"]] == [0, 1, 1]
+    model = load_released_checkpoint(out["checkpoint"])
+    assert model.max_local == 16 and model.cfg.global_dim == 320
+    assert count_parameters(model) == 2_243_201 - (2048 - 320) * 128   # the paper's model, Lite0's global size
+    assert Path(out["curve"]).stat().st_size > 5_000
+    assert list((Path(cfg.train.storage_path) / "faulty" / "tensorboard").glob("events.out.tfevents.*"))
+    assert all(0.0 <= h["val_score"] <= 1.0 for h in out["history"])
+
+
+@pytest.mark.ray
+def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, train_cfg):
+    from rrt_dist.pipelines.train import train_rrt
+
+    first = train_rrt(cfg := train_cfg("rerun1", "train.name=rerun", "train.epochs=2"), cfg.output_dir)
+    assert [h["resumed_after"] for h in first["history"]] == [0, 0]
+    longer = train_rrt(cfg := train_cfg("rerun2", "train.name=rerun", "train.epochs=3"), cfg.output_dir)
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
+    assert [h["resumed_after"] for h in longer["history"]] == [0, 0, 2]     # only epoch 3 was trained
+    assert longer["history"][:2] == first["history"]
+    again = train_rrt(cfg := train_cfg("rerun3", "train.name=rerun", "train.epochs=3"), cfg.output_dir)
+    assert again["history"] == longer["history"]                            # finished: nothing retrained
+    best = max(longer["history"], key=lambda h: (h["val_score"], h["epoch"]))
+    assert again["best_epoch"] == best["epoch"]
