@@ -19,7 +19,7 @@ install: $(STAMP)
 
 ## Main job on the embedded default: local Ray, generated benchmark, shipped weights.
 demo: $(STAMP)
-	$(BIN)/rrt-dist evaluate $(ARGS)
+	$(BIN)/rrt-dist evaluate experiment=demo $(ARGS)
 
 ## The test suite.
 test: $(STAMP)

@@ -1,6 +1,7 @@
 """Evaluate retrieval on a benchmark: extract (if missing) -> search (± αQE) -> rerank (GV / RRT) -> metrics -> report.
 
     rrt-dist evaluate                                   # synthetic benchmark, embedded Ray
+    rrt-dist evaluate experiment=demo                   # + RRT trained on its training split (make demo)
     rrt-dist evaluate dataset=roxford5k dataset.root=/data/roxford5k dataset/distractors=r1m \
         dataset.distractors.root=/data/revisitop1m backbone=delg_r50 ray=cluster
 """
@@ -12,18 +13,20 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.eval.report import render_markdown, write_report
+from rrt_dist.eval.report import render_markdown, training_section, write_report
 from rrt_dist.eval.figures import qualitative_figure
 from rrt_dist.eval.methods import evaluate_methods
 from rrt_dist.eval.runner import settings_of
 from rrt_dist.pipelines.index import setting_indexes
 from rrt_dist.pipelines.rerank import pools_for
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
+from rrt_dist.pipelines.train import trained_reranker
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
+    training = trained_reranker(cfg)                          # reranker.checkpoint=train: RRT trained first
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
     pools = pools_for(cfg.reranker, stores)
@@ -38,6 +41,9 @@ def main(cfg: DictConfig) -> dict:
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
                "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
                "config": OmegaConf.to_container(cfg, resolve=True)}
+    if training:
+        payload["training"] = training
+        markdown += "\n" + training_section(training)
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
     reranked = [label for label in examples if "top-" in label]
     if reranked:

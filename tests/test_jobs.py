@@ -22,15 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The README's main command is the demo experiment (RRT trained first); here with the small preset's data
+# and a 2-epoch training run so that it takes a minute.
+SMALL_TRAINED = ["experiment=synthetic_small", "reranker=trained", "train.epochs=2", "train.max_local=16",
+                 "train.min_positives=2", "train.batch_size=4", "train.val_k=10"]
+
+
 def test_main_command_on_small_preset(tmp_path):
-    """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray, shipped weights."""
+    """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray, shipped weights:
+    trains RRT on the training split with 2 Ray Train workers, then reports every row of the paper's tables."""
     out = tmp_path / "out"
-    proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", "experiment=synthetic_small",
-                           f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
-                           f"hydra.run.dir={out}"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    common = [*SMALL_TRAINED, f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
+              f"train.storage_path={tmp_path / 'runs'}"]
+    proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Global only |" in proc.stdout and "| GV (top-100) |" in proc.stdout and "| αQE |" in proc.stdout
+    assert "| RRT (top-100) |" in proc.stdout and "| αQE + RRT (top-100) |" in proc.stdout
+    assert "## RRT training" in (out / "report.md").read_text() and (out / "training_curve.png").exists()
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
     medium = results["Global only"]["synthetic"]["medium"]["mAP"]
@@ -44,12 +53,14 @@ def test_main_command_on_small_preset(tmp_path):
     tables = report["feature_tables"]
     assert tables["query"]["rows"] == 12 and tables["gallery"]["rows"] == 72 and tables["distractor"]["rows"] == 100
     # a rerun reuses the committed feature tables
-    rerun = subprocess.run([str(BIN / "rrt-dist"), "evaluate", "experiment=synthetic_small",
-                            f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
-                            f"hydra.run.dir={tmp_path / 'out2'}"], capture_output=True, text=True, timeout=600,
-                           cwd=tmp_path)
+    training = report["training"]
+    assert [h["epoch"] for h in training["history"]] == [1, 2] and Path(training["checkpoint"]).exists()
+    # a rerun reuses the committed feature tables and the finished training run
+    rerun = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, f"hydra.run.dir={tmp_path / 'out2'}"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert rerun.returncode == 0 and "nothing to extract" in rerun.stderr + rerun.stdout
-    assert json.loads((tmp_path / "out2" / "report.json").read_text())["results"] == report["results"]
+    again = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert again["results"] == report["results"] and again["training"]["history"] == training["history"]
 
 
 @pytest.mark.ray

@@ -43,9 +43,9 @@ class SyntheticSpec:
     seed: int = 0
     n_landmarks: int = 50            # test landmarks (one query each)
     n_val_landmarks: int = 20
-    n_train_landmarks: int = 200
+    n_train_landmarks: int = 60
     views_per_landmark: int = 8      # gallery views per test / val landmark
-    train_views_per_landmark: int = 6
+    train_views_per_landmark: int = 10
     queries_per_landmark: int = 1
     n_distractors: int = 500
     family_size: int = 4             # landmarks sharing one style (global look-alikes)

@@ -58,6 +58,19 @@ def render_markdown(protocol: str, rows: dict, settings: list[str], title: str) 
     return f"## {title}\n\n{body}\n"
 
 
+def training_section(training: dict) -> str:
+    """How the report's RRT was trained: the curve, and loss / pair accuracy / validation score per epoch."""
+    lines = [f"## RRT training ({training['run']})", "",
+             f"{training['training_images']} training images, {training['anchors']} anchors; best epoch "
+             f"{training['best_epoch']} by validation score (held-out split, never the test set).", "",
+             f"![training curve]({Path(training['curve']).name})", "",
+             "| Epoch | Loss | Pair accuracy | Validation (%) | Pairs/s |", "|---|---|---|---|---|"]
+    for h in training["history"]:
+        lines.append(f"| {h['epoch']} | {h['loss']:.4f} | {h['accuracy']:.3f} | {_pct(h.get('val_score'))} | "
+                     f"{h['pairs_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: str | Path, payload: dict, markdown: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
