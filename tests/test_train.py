@@ -129,3 +129,18 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     assert again["history"] == longer["history"]                            # finished: nothing retrained
     best = max(longer["history"], key=lambda h: (h["val_score"], h["epoch"]))
     assert again["best_epoch"] == best["epoch"]
+
+
+def test_sop_setting_composes_to_the_papers_sop_model():
+    from hydra import compose, initialize_config_dir
+
+    import rrt_dist.config  # noqa: F401
+    from rrt_dist.pipelines.train import train_settings
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["train=rrt_sop", "output_dir=/tmp/unused"])
+    settings = train_settings(cfg)
+    assert (settings.weight_decay, settings.positive_scope, settings.milestones) == (4e-4, "label", [60, 80])
+    model = build_model(settings, 128, 128)
+    assert not hasattr(model, "remap") and not hasattr(model, "scale_encoder")
+    assert model.cfg.position_encoding == "sine2d"
