@@ -120,7 +120,10 @@ def prepare_training(cfg) -> tuple:
     manifest, store = training_features(cfg)
     ids, vectors = store.globals()
     listed = np.isin(ids, manifest.column("id").to_numpy())     # the table may hold rows of other selections
-    ids, vectors = ids[listed], vectors[listed]
+    # Rows in id order, not table order (which follows extraction): the same images give the same
+    # anchors and triplets whichever way the table was filled, so seeded runs and resumes reproduce.
+    order = np.argsort(ids[listed], kind="stable")
+    ids, vectors = ids[listed][order], vectors[listed][order]
     val, held = validation_set(cfg, manifest, store, ids, vectors)
     search, index = neighbour_search(cfg, store, ids[~held], vectors[~held])
     rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, cfg.train.min_positives)
