@@ -54,11 +54,16 @@ def run_name(cfg) -> str:
     return f"rrt-{cfg.dataset.name}-{digest}"
 
 
+def row_labels(manifest: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """The manifest's label of each of ``ids``."""
+    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
+    return np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+
+
 def training_rows(manifest: pa.Table, ids: np.ndarray, vectors: np.ndarray, search, k: int,
                   min_positives: int) -> dict:
     """Labels, neighbours and anchors of the training table rows (``ids`` / ``vectors`` in table order)."""
-    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
-    labels = np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+    labels = row_labels(manifest, ids)
     neighbours = training_neighbours(search, vectors, ids, k)
     anchors = eligible_anchors(neighbours, labels, min_positives)
     return {"ids": ids, "labels": labels, "neighbours": neighbours, "anchors": anchors}
@@ -96,8 +101,7 @@ def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.
         q_ids, q = global_matrix(stores, ["query"])
         g_ids, g = global_matrix(stores, ["gallery"])
         return _ranking_set(bench, q_ids, q, g_ids, g, stores["query"], [stores["gallery"]]), np.zeros(len(ids), bool)
-    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
-    labels = np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+    labels = row_labels(manifest, ids)
     held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
     held_manifest = manifest.filter(pa.array(np.isin(manifest.column("id").to_numpy(), ids[held])))
     bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
