@@ -156,6 +156,10 @@ class TrainConfig:
     max_local: Optional[int] = None          # locals per image fed to RRT, best first (None: all)
     model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (use_global, position_encoding, ...)
     embedding_init_std: float = 0.02         # initial segment / scale embeddings (N(0,1) stalls training)
+    match_init: float = 0.0                  # query / key projections start as match_init x identity (0: random)
+    joint_stages: list[str] = field(default_factory=list)  # [frozen, finetune]: dense-grid backbone + RRT from images
+    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # joint: random crop's share of the image area
+    data_cpus: float = 0.5                   # joint: CPUs per Ray Data decode task (beside the workers' CPUs)
     val_k: int = 100                         # top-K reranked when validating each epoch
     val_holdout_labels: int = 50             # datasets without a validation split: labels held out of training
     num_workers: int = 2

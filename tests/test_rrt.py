@@ -1,6 +1,8 @@
 """RRT: the paper's parameter count, and equality with an independent re-statement of the released forward pass."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -128,3 +130,29 @@ def test_sop_setting_without_globals_and_with_sine_positions():
     assert out.shape == (2,) and not torch.allclose(out, shuffled)   # positions matter
     with pytest.raises(ValueError, match="src_positions"):
         model(None, local, mask, None, None, local, mask, None)
+
+
+def test_sop_checkpoint_loads_and_the_scorer_feeds_it_positions(tmp_path):
+    from rrt_dist.rerank.scorers import RRTScorer
+
+    torch.manual_seed(0)
+    model = RerankingTransformer(use_global=False, position_encoding="sine2d").eval()
+    torch.save({"state": model.state_dict()}, tmp_path / "sop.pt")
+    loaded = load_released_checkpoint(tmp_path / "sop.pt")          # no scale embedding: the SOP setting
+    assert loaded.cfg.position_encoding == "sine2d" and not loaded.cfg.use_global
+    rng = np.random.default_rng(1)
+    k, n = 3, 5
+
+    def image(count):
+        return {"global": np.zeros((count, 4), np.float32), "local": rng.normal(size=(count, n, 128)).astype(np.float32),
+                "positions": rng.uniform(0, 224, size=(count, n, 2)).astype(np.float32),
+                "scales": np.zeros((count, n), np.int64), "mask": np.zeros((count, n), bool),
+                "n_local": np.full(count, n)}
+    query, cands = {key: v[0] for key, v in image(1).items()}, image(k)
+    scores = RRTScorer(model=loaded, device="cpu")(query, cands)
+    with torch.no_grad():
+        expected = model(None, torch.as_tensor(query["local"]).expand(k, -1, -1), torch.zeros(k, n, dtype=torch.bool),
+                         None, None, torch.as_tensor(cands["local"]), torch.zeros(k, n, dtype=torch.bool), None,
+                         src_positions=torch.as_tensor(query["positions"]).expand(k, -1, -1),
+                         tgt_positions=torch.as_tensor(cands["positions"]))
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
-"""Joint backbone + RRT model (SOP setting): same locals as the extractor, and the two training stages."""
+"""Joint backbone + RRT (SOP setting): same locals as the extractor, the two stages, and training from images."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch.nn.functional as F
 from rrt_dist.features.base import Prepared, image_tensor
 from rrt_dist.features.grid import DenseGrid
 from rrt_dist.train.joint import JointReranker, set_stage
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,61 @@ def test_stages_train_what_they_should_and_keep_batchnorm_statistics(extractor, 
 def test_unknown_stage_is_rejected(extractor):
     with pytest.raises(ValueError, match="stage"):
         set_stage(JointReranker(extractor), "thaw")
+
+
+def test_training_crops_are_seeded_and_sized():
+    from rrt_dist.train.joint import train_crop
+
+    rgb = images(1, seed=2)[0]
+    a, b, c = (train_crop(rgb, 32, (0.25, 1.0), s) for s in (7, 7, 8))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.ray
+def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(local_ray, tmp_path):
+    """Ray Data streams augmented triplets to 2 Ray Train workers; the finetune stage starts from the
+    frozen stage's best weights; validation re-extracts locals; the export is a working extractor."""
+    from hydra import compose, initialize_config_dir
+
+    import rrt_dist.config  # noqa: F401
+    from rrt_dist.models.rrt import load_released_checkpoint
+    from rrt_dist.pipelines.train import train_rrt
+
+    overrides = ["experiment=synthetic_small", f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'f'}",
+                 "backbone=dense_grid_r50", "backbone.options.model=resnet18", "+backbone.options.pretrained=false",
+                 "+backbone.options.image_size=64", "train=rrt_sop_joint", "train.epochs=1", "train.milestones=[]",
+                 "train.batch_size=4", "train.min_positives=2", "train.val_k=10", "train.cpus_per_worker=0.5",
+                 f"train.storage_path={tmp_path / 'runs'}", "train.name=joint", "ray.num_cpus=2"]
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + [f"output_dir={tmp_path / 'out'}"])
+    out = train_rrt(cfg, cfg.output_dir)
+    assert [(h["epoch"], h["stage"]) for h in out["history"]] == [(1, "frozen"), (2, "finetune")]
+    assert all(0.0 <= h["val_score"] <= 1.0 and h["steps"] > 0 for h in out["history"])
+
+    torch.manual_seed(0)
+    initial = JointReranker(DenseGrid(model="resnet18", pretrained=False, image_size=64, device="cpu")).state_dict()
+    frozen = torch.load(tmp_path / "out" / "joint_frozen.pt")
+    finetuned = torch.load(tmp_path / "out" / "joint_finetune.pt")
+    backbone = [k for k in initial if k.startswith("backbone.")]
+    running = [k for k in backbone if "running_" in k]
+    assert all(torch.equal(frozen[k], initial[k]) for k in backbone)           # frozen: the backbone as it was
+    assert not torch.equal(frozen["rrt.classifier.weight"], initial["rrt.classifier.weight"])
+    assert not torch.equal(finetuned["backbone.conv1.weight"], frozen["backbone.conv1.weight"])
+    assert all(torch.equal(finetuned[k], initial[k]) for k in running)         # BatchNorm statistics kept
+
+    rrt = load_released_checkpoint(out["checkpoint"])                          # the reranker, released layout
+    assert rrt.cfg.position_encoding == "sine2d" and not rrt.cfg.use_global
+    model = JointReranker(DenseGrid(model="resnet18", pretrained=False, image_size=64, device="cpu")).eval()
+    model.load_state_dict(finetuned)
+    exported = DenseGrid(model="resnet18", image_size=64, device="cpu", **out["backbone"])
+    rgb = images(2, seed=4)
+    with torch.no_grad():
+        expected = model.locals(batch(exported, rgb)).numpy()
+    stored = exported.extract([Prepared(image=x, factor=(1.0, 1.0), offset=(0, 0)) for x in rgb])
+    for e, f in zip(expected, stored):
+        np.testing.assert_allclose(f.local, e, atol=1e-4)
+
+    again = train_rrt(cfg, cfg.output_dir)                                     # both runs finished: nothing retrained
+    assert again["history"] == out["history"]

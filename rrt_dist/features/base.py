@@ -92,6 +92,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` RGB -> float ``[B, 3, H, W]``, scaled to [0, 1] and normalised by ``mean`` / ``std``."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - torch.tensor(mean, device=x.device)[:, None, None]) / torch.tensor(std, device=x.device)[:, None, None]
+
+
 def image_tensor(image: np.ndarray, mean, std, device) -> torch.Tensor:
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device).permute(2, 0, 1).float().div_(255.0)
-    return ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]
+    return normalised(torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)[None], mean, std)

@@ -158,6 +158,8 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
         overrides.setdefault("use_global", False)
     if "scale_encoder.weight" in state:
         overrides.setdefault("num_scales", state["scale_encoder.weight"].shape[0])
+    else:
+        overrides.setdefault("position_encoding", "sine2d")
     layers = {k.split(".")[2] for k in state if k.startswith("encoder.layers.")}
     overrides.setdefault("num_layers", len(layers))
     model = RerankingTransformer(**overrides)

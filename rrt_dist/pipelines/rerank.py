@@ -21,16 +21,20 @@ def _one(arrays: dict, i: int) -> dict:
     return {k: v[i] for k, v in arrays.items()}
 
 
+def _open(table):
+    """A table given as ``(uri, version)`` (what crosses to actors), or one already open / in memory."""
+    return table if hasattr(table, "take_locals") else FeatureStore(*table)
+
+
 class RerankCore:
-    def __init__(self, scorer: str, scorer_cfg: dict, query_table: tuple, gallery_tables: list[tuple],
-                 threads: int | None = None):
+    def __init__(self, scorer: str, scorer_cfg: dict, query_table, gallery_tables: list, threads: int | None = None):
         if threads:  # Ray caps intra-op threads at the actor's CPU reservation otherwise
             import torch
 
             torch.set_num_threads(threads)
         self.scorer = create_scorer(scorer, **scorer_cfg)
-        self.queries = FeatureStore(*query_table)
-        self.galleries = [FeatureStore(*t) for t in gallery_tables]
+        self.queries = _open(query_table)
+        self.galleries = [_open(t) for t in gallery_tables]
         self.cache: dict[tuple[int, int], float] = {}
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:

@@ -54,19 +54,20 @@ def run_name(cfg) -> str:
     return f"rrt-{cfg.dataset.name}-{digest}"
 
 
-def row_labels(manifest: pa.Table, ids: np.ndarray) -> np.ndarray:
-    """The manifest's label of each of ``ids``."""
-    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
-    return np.asarray([label_of[i] for i in ids.tolist()], dtype=np.int64)
+def row_values(manifest: pa.Table, ids: np.ndarray, column: str = "label") -> np.ndarray:
+    """The manifest's ``column`` (label, uri, ...) of each of ``ids``."""
+    value_of = dict(zip(manifest.column("id").to_pylist(), manifest.column(column).to_pylist()))
+    return np.asarray([value_of[i] for i in ids.tolist()])
 
 
 def training_rows(manifest: pa.Table, ids: np.ndarray, vectors: np.ndarray, search, k: int,
                   min_positives: int) -> dict:
-    """Labels, neighbours and anchors of the training table rows (``ids`` / ``vectors`` in table order)."""
-    labels = row_labels(manifest, ids)
+    """Labels, URIs, neighbours and anchors of the training table rows (``ids`` / ``vectors`` in row order)."""
+    labels = row_values(manifest, ids).astype(np.int64)
     neighbours = training_neighbours(search, vectors, ids, k)
     anchors = eligible_anchors(neighbours, labels, min_positives)
-    return {"ids": ids, "labels": labels, "neighbours": neighbours, "anchors": anchors}
+    return {"ids": ids, "labels": labels, "uris": row_values(manifest, ids, "uri"), "neighbours": neighbours,
+            "anchors": anchors}
 
 
 def holdout_split(labels: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
@@ -101,7 +102,7 @@ def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.
         q_ids, q = global_matrix(stores, ["query"])
         g_ids, g = global_matrix(stores, ["gallery"])
         return _ranking_set(bench, q_ids, q, g_ids, g, stores["query"], [stores["gallery"]]), np.zeros(len(ids), bool)
-    labels = row_labels(manifest, ids)
+    labels = row_values(manifest, ids).astype(np.int64)
     held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
     held_manifest = manifest.filter(pa.array(np.isin(manifest.column("id").to_numpy(), ids[held])))
     bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
@@ -142,32 +143,75 @@ def prepare_training(cfg) -> tuple:
     return store, rows, val
 
 
+def _best(result) -> tuple:
+    """The run's best checkpoint by validation score (ties: the later epoch) and its metrics."""
+    if result.error:
+        raise result.error
+    return max(result.best_checkpoints, key=lambda cm: (cm[1].get("val_score", 0.0), cm[1]["epoch"]))
+
+
+def _history(result) -> list[dict]:
+    import torch
+
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)["history"]
+
+
+def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> tuple:
+    """The SOP joint protocol: one run per stage of ``train.joint_stages`` (``<name>-<stage>``), each starting
+    from the previous stage's best weights; the final backbone and projection exported to ``out_dir``.
+    Returns (last run's result, its best checkpoint and metrics, history over all stages, exported files)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from rrt_dist.features.grid import DenseGrid
+    from rrt_dist.train.distributed import fit
+    from rrt_dist.train.joint import JointReranker, export_backbone
+
+    if cfg.backbone.name != "dense-grid":
+        raise ValueError(f"joint training finetunes a dense-grid backbone (backbone=dense_grid_r50), not {cfg.backbone.name!r}")
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    settings, init, history = train_settings(cfg), None, []
+    for stage in cfg.train.joint_stages:
+        result = fit(cfg.train, store, rows, val, f"{name}-{stage}", settings, task="joint",
+                     task_config={"stage": stage, "init": init, "backbone": {"name": cfg.backbone.name, "options": options},
+                                  "crop_scale": list(cfg.train.crop_scale), "data_cpus": cfg.train.data_cpus})
+        best, metrics = _best(result)
+        init = str(out_dir / f"joint_{stage}.pt")
+        with best.as_directory() as folder:
+            shutil.copy(Path(folder) / "joint.pt", init)
+        offset = len(history)
+        history += [{**h, "epoch": h["epoch"] + offset, "stage": stage} for h in _history(result)]
+    model = JointReranker(DenseGrid(**{**options, "device": "cpu"}), **settings.model)
+    model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+    return result, (best, {**metrics, "epoch": metrics["epoch"] + offset}), history, export_backbone(model, out_dir)
+
+
 def train_rrt(cfg, out_dir: str | Path) -> dict:
     """Train RRT as ``cfg.train`` says (resuming a run of the same name); copy the best checkpoint to
-    ``out_dir/rrt_best.pt`` and plot the curve. Returns ``checkpoint``, ``history``, ``best_epoch``, ``run``."""
+    ``out_dir/rrt_best.pt`` and plot the curve. Returns ``checkpoint``, ``history``, ``best_epoch``, ``run``
+    (and, for joint training, ``backbone``: the finetuned extractor's ``checkpoint`` and ``local_projection``)."""
     from rrt_dist.eval.figures import training_curve
     from rrt_dist.train.distributed import fit
 
-    store, rows, val = prepare_training(cfg)
-    name = run_name(cfg)
-    result = fit(cfg.train, store, rows, val, name, train_settings(cfg))
-    if result.error:
-        raise result.error
-    best, metrics = max(result.best_checkpoints, key=lambda cm: (cm[1].get("val_score", 0.0), cm[1]["epoch"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    store, rows, val = prepare_training(cfg)
+    name = run_name(cfg)
+    exported = None
+    if cfg.train.joint_stages:
+        result, (best, metrics), history, exported = train_joint(cfg, store, rows, val, name, out_dir)
+    else:
+        result = fit(cfg.train, store, rows, val, name, train_settings(cfg))
+        (best, metrics), history = _best(result), _history(result)
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / "model.pt", out_dir / "rrt_best.pt")
-    with result.checkpoint.as_directory() as folder:
-        import torch
-
-        history = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)["history"]
     curve = training_curve(history, out_dir / "training_curve.png")
     print(f"trained RRT ({name}): best epoch {metrics['epoch']} (validation {100 * metrics.get('val_score', 0):.2f}) "
           f"-> {out_dir / 'rrt_best.pt'}")
     return {"checkpoint": str(out_dir / "rrt_best.pt"), "history": history, "best_epoch": metrics["epoch"],
             "run": f"{result.path}", "curve": str(curve), "anchors": int(len(rows["anchors"])),
-            "training_images": int(len(rows["ids"]))}
+            "training_images": int(len(rows["ids"])), **({"backbone": exported} if exported else {})}
 
 
 def trained_reranker(cfg) -> dict | None:
@@ -179,6 +223,10 @@ def trained_reranker(cfg) -> dict | None:
 
     if cfg.reranker.checkpoint != "train" or not any(m.endswith("rrt") for m in cfg.reranker.methods):
         return None
+    if cfg.train.joint_stages:
+        # Its RRT embeds positions in the network input's frame, while tables store original-image pixels.
+        raise ValueError("evaluate reranks stored descriptors; a jointly finetuned model is trained with the "
+                         "train_rrt job, and its exported backbone.pt / local_projection.npz extract new tables")
     training = train_rrt(cfg, cfg.output_dir)
     with open_dict(cfg):
         cfg.reranker.checkpoint = training["checkpoint"]

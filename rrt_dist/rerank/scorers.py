@@ -64,8 +64,12 @@ class RRTScorer:
                    t(np.broadcast_to(query["scales"], (b,) + query["scales"].shape), torch.long))
             tgt = (t(cands["global"][s:e]), t(cands["local"][s:e]), t(cands["mask"][s:e], torch.bool),
                    t(cands["scales"][s:e], torch.long))
+            positions = {}
+            if self.model.cfg.position_encoding == "sine2d":     # the SOP setting embeds (x, y) positions
+                positions = {"src_positions": t(np.broadcast_to(query["positions"], (b,) + query["positions"].shape)),
+                             "tgt_positions": t(cands["positions"][s:e])}
             with autocast:
-                out.append(self.model(*src, *tgt).float().cpu().numpy())
+                out.append(self.model(*src, *tgt, **positions).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 

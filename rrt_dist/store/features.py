@@ -193,6 +193,32 @@ class FeatureStore:
                 "mask": np.arange(width)[None, :] >= n_local[:, None]}
 
 
+class MemoryFeatures:
+    """Descriptors held in memory behind ``FeatureStore``'s read side (``contains``, ``take_locals``): for
+    features computed on the fly, e.g. locals re-extracted by a backbone being finetuned.
+
+    ``features`` has ``take_locals``'s layout, one row per id of ``ids``.
+    """
+
+    def __init__(self, ids: Sequence[int], features: dict):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.features = features
+        self._where = {int(i): r for r, i in enumerate(self.ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def contains(self, ids: Sequence[int]) -> np.ndarray:
+        return np.asarray([int(i) in self._where for i in np.asarray(ids).tolist()], bool)
+
+    def take_locals(self, ids: Sequence[int]) -> dict:
+        missing = [int(i) for i in np.asarray(ids).tolist() if int(i) not in self._where]
+        if missing:
+            raise KeyError(f"ids not held in memory: {missing[:5]}")
+        rows = [self._where[int(i)] for i in np.asarray(ids).tolist()]
+        return {k: v[rows] for k, v in self.features.items()}
+
+
 def concat_globals(stores) -> tuple[np.ndarray, np.ndarray]:
     """Ids and global descriptors of several tables, concatenated in order."""
     parts = [s.globals() for s in stores]

@@ -1,10 +1,15 @@
 """RRT training on N Ray Train workers (DDP: gloo on CPU, NCCL on GPU), checkpointed every epoch.
 
 The driver puts the training rows (ids, labels, global neighbours, anchors) and the validation set in
-the object store; each worker reads descriptors from the Lance table itself, trains on its own
-disjoint anchor shard, and rank 0 validates, writes TensorBoard scalars and the checkpoint:
+the object store; each worker trains on its own disjoint anchor shard of each epoch, and rank 0
+validates, writes TensorBoard scalars and the checkpoint. One loop, two tasks:
 
-    <storage_path>/<name>/epoch_NNN/model.pt     loadable by rrt_dist.models.load_released_checkpoint
+* ``features``: RRT on the descriptors of a Lance table, each worker reading its batches itself;
+* ``joint``: a dense-grid backbone + RRT from images (one stage, ``frozen`` or ``finetune``, per run),
+  each worker streaming its triplets' images through Ray Data tasks that decode and augment them.
+
+    <storage_path>/<name>/epoch_NNN/model.pt     the RRT, loadable by rrt_dist.models.load_released_checkpoint
+    <storage_path>/<name>/epoch_NNN/joint.pt     (joint) the whole backbone + projection + RRT state
     <storage_path>/<name>/epoch_NNN/trainer.pt   optimizer, scheduler, history (for resuming)
     <storage_path>/<name>/tensorboard/
 
@@ -30,15 +35,135 @@ from .core import TrainSettings, TripletBatches, build_model, epoch_triplets, mo
 log = logging.getLogger(__name__)
 
 
-def _restore(model, optimizer, scheduler) -> tuple[int, list]:
+class FeatureTask:
+    """RRT on descriptors stored in a Lance table (the DELG / GLDv2 setting): each worker reads its batches itself."""
+
+    def __init__(self, config: dict, settings: TrainSettings, rank: int, world_size: int):
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.rows = ray.get(config["rows"])
+        self.store = FeatureStore(*config["table"])
+        self.batches = TripletBatches(self.store, self.rows["ids"], settings.max_local)
+        self.val = ray.get(config["val"]) if rank == 0 and config["val"] is not None else None
+        self.val_k = config["val_k"]
+
+    def build(self) -> torch.nn.Module:
+        return build_model(self.settings, self.store.global_dim, self.store.local_dim)
+
+    def prepare_kwargs(self) -> dict:
+        return {}
+
+    def set_mode(self, model) -> None:
+        model.train()
+
+    def epoch_batches(self, epoch: int):
+        triplets = epoch_triplets(self.rows["anchors"], self.rows["neighbours"], self.rows["labels"], self.settings,
+                                  epoch, self.rank, self.world_size)
+        return len(triplets) // self.settings.batch_size, self.batches.epoch(triplets, self.settings.batch_size)
+
+    def step(self, model, optimizer, batch: dict) -> dict:
+        return train_step(model, optimizer, batch, self.settings.grad_clip)
+
+    def validate(self, model) -> dict | None:
+        return None if self.val is None else validate(model, self.val, self.val_k, self.settings.max_local)
+
+    def save(self, model, epoch: int, metrics: dict, folder: Path) -> None:
+        torch.save(model_checkpoint(model, self.settings, epoch, metrics), folder / "model.pt")
+
+    def load(self, model, folder: Path) -> None:
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["state"])
+
+
+class JointTask(FeatureTask):
+    """A dense-grid backbone + RRT trained from images (the SOP setting, one stage per run): each worker
+    streams its epoch's triplets through Ray Data (decode + augment in CPU tasks beside the workers)."""
+
+    def __init__(self, config: dict, settings: TrainSettings, rank: int, world_size: int):
+        from rrt_dist.features import create_preparer
+        from rrt_dist.features.grid import DenseGrid
+
+        from .joint import ReextractedValidation
+
+        super().__init__(config, settings, rank, world_size)
+        self.stage, self.init, self.uris = config["stage"], config["init"], self.rows["uris"]
+        self.backbone = config["backbone"]
+        self.extractor_cfg = DenseGrid.parse_config(**{**self.backbone["options"], "device": "cpu"})
+        self.crop_scale, self.data_cpus = tuple(config["crop_scale"]), config["data_cpus"]
+        if self.val is not None:
+            self.val = ReextractedValidation(self.val, create_preparer(self.backbone["name"], **self.backbone["options"]))
+
+    def build(self) -> torch.nn.Module:
+        from rrt_dist.features.grid import DenseGrid
+
+        from .joint import JointReranker
+
+        torch.manual_seed(self.settings.seed)
+        model = JointReranker(DenseGrid(**{**self.backbone["options"], "device": "cpu"}), **self.settings.model)
+        if self.init:                              # the finetune stage starts from the frozen stage's best weights
+            model.load_state_dict(torch.load(self.init, map_location="cpu", weights_only=True))
+        return model
+
+    def prepare_kwargs(self) -> dict:
+        # The backbone's classifier head is never on the path to the reranker's logits.
+        return {"parallel_strategy_kwargs": {"find_unused_parameters": True}} if self.stage == "finetune" else {}
+
+    def set_mode(self, model) -> None:
+        from .joint import set_stage
+
+        set_stage(model, self.stage)
+
+    def epoch_batches(self, epoch: int):
+        from .joint import decode_triplets, triplet_rows
+
+        bs = self.settings.batch_size
+        triplets = epoch_triplets(self.rows["anchors"], self.rows["neighbours"], self.rows["labels"], self.settings,
+                                  epoch, self.rank, self.world_size)
+        triplets = triplets[:len(triplets) // bs * bs]        # equal steps on every worker
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True        # the seeded order, so resumed epochs repeat exactly
+        context.enable_progress_bars = False
+        images = ray.data.from_items(triplet_rows(self.uris, triplets, self.settings.seed, epoch, self.rank)).map_batches(
+            decode_triplets, fn_kwargs={"image_size": self.extractor_cfg.image_size, "scale": self.crop_scale},
+            batch_size=bs, batch_format="numpy", num_cpus=self.data_cpus)
+        return len(triplets) // bs, self._batches(images.iter_batches(batch_size=bs, batch_format="numpy",
+                                                                      prefetch_batches=2, drop_last=True))
+
+    def _batches(self, decoded):
+        from .joint import triplet_batch
+
+        t = time.perf_counter()
+        for images in decoded:
+            waited = time.perf_counter() - t
+            yield triplet_batch(images, self.extractor_cfg.mean, self.extractor_cfg.std), waited
+            t = time.perf_counter()
+
+    def step(self, model, optimizer, batch: dict) -> dict:
+        from .joint import joint_loss
+
+        return train_step(model, optimizer, batch, self.settings.grad_clip, joint_loss)
+
+    def validate(self, model) -> dict | None:
+        return None if self.val is None else self.val(model, self.val_k)
+
+    def save(self, model, epoch: int, metrics: dict, folder: Path) -> None:
+        torch.save(model_checkpoint(model.rrt, self.settings, epoch, {**metrics, "stage": self.stage}),
+                   folder / "model.pt")                # the reranker alone, in the released layout
+        torch.save(model.state_dict(), folder / "joint.pt")
+
+    def load(self, model, folder: Path) -> None:
+        model.load_state_dict(torch.load(folder / "joint.pt", map_location="cpu", weights_only=True))
+
+
+TASKS = {"features": FeatureTask, "joint": JointTask}
+
+
+def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
     """Load the latest checkpoint if this run has one: (first epoch to train, history so far)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)
-        weights = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)["state"]
-    getattr(model, "module", model).load_state_dict(weights)
+        task.load(getattr(model, "module", model), Path(folder))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1, state["history"]
@@ -65,30 +190,28 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     settings = TrainSettings(**config["settings"])
-    rows = ray.get(config["rows"])
-    val = ray.get(config["val"]) if rank == 0 and config["val"] is not None else None
-    store = FeatureStore(*config["table"])
-    model = ray.train.torch.prepare_model(build_model(settings, store.global_dim, store.local_dim))
-    core_model = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    task = TASKS[config["task"]](config, settings, rank, world_size)
+    core_model = task.build()
+    task.set_mode(core_model)
+    model = ray.train.torch.prepare_model(core_model, **task.prepare_kwargs())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.gamma)
-    start, history = _restore(model, optimizer, scheduler)
+    start, history = _restore(task, model, optimizer, scheduler)
     if start and rank == 0:
-        print(f"resuming at epoch {start + 1}/{settings.epochs} from the latest checkpoint")
+        print(f"resuming at epoch {start + 1}/{settings.epochs} from the latest checkpoint" if start < settings.epochs
+              else f"all {settings.epochs} epochs were trained: nothing to do")
     device = ray.train.torch.get_device()
-    batches = TripletBatches(store, rows["ids"], settings.max_local)
     writer = SummaryWriter(config["tensorboard_dir"]) if rank == 0 else None
 
     for epoch in range(start, settings.epochs):
         _maybe_fail(config, epoch, rank, world_size)
-        triplets = epoch_triplets(rows["anchors"], rows["neighbours"], rows["labels"], settings, epoch, rank,
-                                  world_size)
         losses, accuracies, data_s, step_s = [], [], 0.0, 0.0
         t_epoch = time.perf_counter()
-        n_steps = len(triplets) // settings.batch_size
-        for step, (batch, waited) in enumerate(batches.epoch(triplets, settings.batch_size)):
+        n_steps, batches = task.epoch_batches(epoch)
+        for step, (batch, waited) in enumerate(batches):
             t = time.perf_counter()
-            out = train_step(model, optimizer, {k: v.to(device) for k, v in batch.items()}, settings.grad_clip)
+            out = task.step(model, optimizer, {k: v.to(device) for k, v in batch.items()})
             step_s += time.perf_counter() - t
             data_s += waited
             losses.append(out["loss"])
@@ -108,9 +231,9 @@ def train_worker(config: dict) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
-        if val is not None:
-            t = time.perf_counter()
-            result = validate(core_model, val, config["val_k"], settings.max_local)
+        t = time.perf_counter()
+        result = task.validate(core_model)
+        if result is not None:
             metrics.update(val_score=result["score"], val_metrics=result["metrics"], val_s=time.perf_counter() - t)
         history.append(metrics)
         for key in ("loss", "accuracy", "pairs_per_s", "val_score"):
@@ -123,7 +246,7 @@ def train_worker(config: dict) -> None:
               (f", validation {100 * metrics['val_score']:.2f}" if "val_score" in metrics else "") +
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(model_checkpoint(core_model, settings, epoch + 1, metrics), Path(folder) / "model.pt")
+            task.save(core_model, epoch + 1, metrics, Path(folder))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                         "history": history}, Path(folder) / "trainer.pt")
             ray.train.report({k: v for k, v in metrics.items() if k != "val_metrics"},
@@ -133,10 +256,14 @@ def train_worker(config: dict) -> None:
         writer.close()
 
 
-def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, settings: TrainSettings):
+def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, settings: TrainSettings,
+        task: str = "features", task_config: dict | None = None):
     """Train (or resume, or return a finished run) under ``cfg.storage_path / name``; the Ray Train Result.
 
     ``rows``: ``ids``, ``labels``, ``neighbours``, ``anchors`` of the training table (see ``sampler``).
+    ``task``: ``features`` (RRT on the table's descriptors) or ``joint`` (backbone + RRT from images; then
+    ``task_config`` holds ``stage``, ``init`` (a ``joint.pt`` to start from, or None), ``backbone`` (name and
+    options of a dense-grid extractor), ``crop_scale`` and ``data_cpus``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -147,7 +274,7 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
     config = {"settings": asdict(settings), "table": (table.uri, table.version), "rows": ray.put(rows),
               "val": None if val is None else ray.put(val), "val_k": cfg.val_k,
               "tensorboard_dir": f"{run_dir}/tensorboard", "fail_at_epoch": cfg.fail_at_epoch,
-              "fail_marker": f"{run_dir}/injected-failure"}
+              "fail_marker": f"{run_dir}/injected-failure", "task": task, **(task_config or {})}
     trainer = TorchTrainer(
         train_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
