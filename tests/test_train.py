@@ -144,3 +144,19 @@ def test_sop_setting_composes_to_the_papers_sop_model():
     model = build_model(settings, 128, 128)
     assert not hasattr(model, "remap") and not hasattr(model, "scale_encoder")
     assert model.cfg.position_encoding == "sine2d"
+
+
+def test_match_init_starts_attention_as_descriptor_similarity():
+    plain = build_model(TrainSettings(seed=1), 40, 128)
+    matched = build_model(TrainSettings(seed=1, match_init=3.0), 40, 128)
+    for p, m in zip(plain.encoder.layers, matched.encoder.layers):
+        w_plain, w_matched = p.self_attn.in_proj_weight, m.self_attn.in_proj_weight
+        torch.testing.assert_close(w_matched[:256], 3.0 * torch.eye(128).repeat(2, 1))   # queries and keys
+        torch.testing.assert_close(w_matched[256:], w_plain[256:])                       # values as before
+    # the first layer's attention then peaks, for each local of one image, at its duplicate in the other
+    rng = np.random.default_rng(0)
+    local = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(1, 8, 128)), dtype=torch.float32), dim=-1)
+    x = torch.cat([local, local.flip(1)], dim=1)
+    q, k, _ = torch.nn.functional.linear(x, matched.encoder.layers[0].self_attn.in_proj_weight).chunk(3, dim=-1)
+    cross = (q[0, :8] @ k[0, 8:].T)
+    assert torch.equal(cross.argmax(dim=1), torch.arange(7, -1, -1))
