@@ -4,10 +4,13 @@
     rrt-dist train_rrt dataset=gldv2 dataset.root=/data/gldv2 backbone=delg_r50 index=ivf_pq index.k=101 \
         train.num_workers=8 train.storage_path=s3://bucket/rrt ray=cluster
     rrt-dist train_rrt train.name=my-run                          # rerun after a failure: resumes
+    rrt-dist train_rrt dataset=sop dataset.root=/data/sop backbone=dense_grid_r50 train=rrt_sop_joint \
+        train.num_workers=8 train.cpus_per_worker=4 ray=cluster      # backbone + RRT from images (SOP, Table 6)
 
 Writes ``rrt_best.pt`` (the best epoch by validation score; load with
 ``rrt_dist.models.load_released_checkpoint`` or pass as ``reranker.checkpoint``) and
-``training_curve.png`` to the job's output folder; TensorBoard logs under the run's folder.
+``training_curve.png`` to the job's output folder; TensorBoard logs under the run's folder. Joint
+training also writes the finetuned extractor (``backbone.pt``, ``local_projection.npz``).
 """
 from __future__ import annotations
 

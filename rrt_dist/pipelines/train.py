@@ -49,7 +49,7 @@ def run_name(cfg) -> str:
                 "backbone": [cfg.backbone.name, OmegaConf.to_container(cfg.backbone.options, resolve=True)],
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
-                                       "cpus_per_worker", "use_gpu")}}     # where it runs does not change the weights
+                                       "cpus_per_worker", "data_cpus", "use_gpu")}}  # where it runs does not change the weights
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
     return f"rrt-{cfg.dataset.name}-{digest}"
 
