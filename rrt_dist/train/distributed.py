@@ -55,9 +55,12 @@ class FeatureTask:
     def set_mode(self, model) -> None:
         model.train()
 
+    def triplets(self, epoch: int) -> np.ndarray:
+        return epoch_triplets(self.rows["anchors"], self.rows["neighbours"], self.rows["labels"], self.settings,
+                              epoch, self.rank, self.world_size)
+
     def epoch_batches(self, epoch: int):
-        triplets = epoch_triplets(self.rows["anchors"], self.rows["neighbours"], self.rows["labels"], self.settings,
-                                  epoch, self.rank, self.world_size)
+        triplets = self.triplets(epoch)
         return len(triplets) // self.settings.batch_size, self.batches.epoch(triplets, self.settings.batch_size)
 
     def step(self, model, optimizer, batch: dict) -> dict:
@@ -115,8 +118,7 @@ class JointTask(FeatureTask):
         from .joint import decode_triplets, triplet_rows
 
         bs = self.settings.batch_size
-        triplets = epoch_triplets(self.rows["anchors"], self.rows["neighbours"], self.rows["labels"], self.settings,
-                                  epoch, self.rank, self.world_size)
+        triplets = self.triplets(epoch)
         triplets = triplets[:len(triplets) // bs * bs]        # equal steps on every worker
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True        # the seeded order, so resumed epochs repeat exactly

@@ -140,6 +140,8 @@ class ReextractedValidation:
     """
 
     def __init__(self, val: dict, preparer, batch_size: int = 32):
+        from rrt_dist.store import FeatureStore
+
         self.val, self.batch_size = val, batch_size
         bench = val["bench"]
         self.query_ids = val["query_ids"][val["query_ids"] != NO_ID]
@@ -150,31 +152,34 @@ class ReextractedValidation:
                 if row["id"] not in images:
                     images[row["id"]] = decode_and_prepare(row["uri"], row["bbox"], preparer)[0].image
         self.images = images
+        # The globals never change (the shortlist's model is fixed): read once, not every epoch.
+        stores = [FeatureStore(*t) for t in [val["query"], *val["gallery"]]]
+        self.globals = {"query": take_locals_from(stores[:1], self.query_ids)["global"],
+                        "gallery": take_locals_from(stores[1:], self.gallery_ids)["global"]}
 
     @torch.inference_mode()
-    def _features(self, model: JointReranker, ids: np.ndarray, stored: list) -> MemoryFeatures:
+    def _features(self, model: JointReranker, ids: np.ndarray, globals_: np.ndarray) -> MemoryFeatures:
         device = model.positions.device
-        local = torch.cat([model.locals(normalised(torch.as_tensor(np.stack([self.images[i] for i in
-                                                                          ids[s:s + self.batch_size].tolist()]),
-                                                                device=device), model.mean, model.std)).cpu()
-                           for s in range(0, len(ids), self.batch_size)]).numpy()
+        parts = []
+        for s in range(0, len(ids), self.batch_size):
+            images = torch.as_tensor(np.stack([self.images[i] for i in ids[s:s + self.batch_size].tolist()]),
+                                     device=device)
+            parts.append(model.locals(normalised(images, model.mean, model.std)).cpu())
+        local = torch.cat(parts).numpy()
         n, width = local.shape[:2]
-        features = {"global": take_locals_from(stored, ids)["global"], "local": local,
+        features = {"global": globals_, "local": local,
                     "positions": np.broadcast_to(model.positions.cpu().numpy(), (n, width, 2)).copy(),
                     "scales": np.zeros((n, width), np.int64), "n_local": np.full(n, width),
                     "mask": np.zeros((n, width), bool)}
         return MemoryFeatures(ids, features)
 
     def __call__(self, model: JointReranker, k: int) -> dict:
-        from rrt_dist.store import FeatureStore
-
         from .core import validate
 
         was_training = {m: m.training for m in model.modules()}
         model.eval()
-        stores = [FeatureStore(*t) for t in [self.val["query"], *self.val["gallery"]]]
-        val = {**self.val, "query": self._features(model, self.query_ids, stores[:1]),
-               "gallery": [self._features(model, self.gallery_ids, stores[1:])]}
+        val = {**self.val, "query": self._features(model, self.query_ids, self.globals["query"]),
+               "gallery": [self._features(model, self.gallery_ids, self.globals["gallery"])]}
         result = validate(model.rrt, val, k)
         for module, mode in was_training.items():      # back to the stage's modes (BatchNorm stays in eval)
             module.training = mode
