@@ -12,11 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
+from rrt_dist.runtime import job
 from rrt_dist.pipelines.features import benchmark_features
 from rrt_dist.pipelines.index import ensure_index, indexed_tables
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@job
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
     index = ensure_index(cfg.index, bench.name, [stores[n] for n in indexed_tables(cfg.index, stores)])

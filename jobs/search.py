@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
+from rrt_dist.runtime import job
 from rrt_dist.index.sharded import write_neighbours
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
 from rrt_dist.index.qe import vectors_lookup
@@ -22,6 +23,7 @@ from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@job
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
     names = indexed_tables(cfg.index, stores)

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.pipelines.train import train_rrt
-from rrt_dist.runtime import init_ray
+from rrt_dist.runtime import job
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@job
 def main(cfg: DictConfig) -> dict:
-    init_ray(cfg.ray)
     return train_rrt(cfg, cfg.output_dir)
 
 

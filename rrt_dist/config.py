@@ -2,23 +2,94 @@
 
 Each YAML option extends one of these schemas, so a mistyped or unknown key fails at start-up
 with Hydra's message naming the key and the schema. Registered in Hydra's ConfigStore on import.
+
+Numeric options carry their bounds as field metadata (:func:`bounded`, :func:`choice`);
+:func:`validate_config` checks a composed config against them before any work starts, and
+refuses a bad value with one line naming the key.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+def bounded(default=MISSING, *, ge=None, gt=None, le=None, lt=None, factory=None):
+    """A field whose value (each element, for lists) must lie within the given bounds (None always passes)."""
+    limits = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata={"bounds": limits})
+    return field(default=default, metadata={"bounds": limits})
+
+
+def choice(default, *options):
+    return field(default=default, metadata={"choices": options})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+               "lt": lambda v, b: v < b}
+
+
+def _check_field(key: str, value, meta) -> None:
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    for v in values:
+        for name, bound in meta.get("bounds", {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not _BOUND_TEST[name](v, bound):
+                raise ConfigError(f"{key}={OmegaConf.to_container(value) if isinstance(value, ListConfig) else value!r}"
+                                  f" is out of range: must be {_BOUND_TEXT[name]} {bound}")
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{key}={v!r} is not one of {', '.join(map(str, meta['choices']))}")
+
+
+def _check_node(prefix: str, node) -> None:
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in fields(schema):
+        if f.name not in node or OmegaConf.is_missing(node, f.name):
+            continue
+        value = node[f.name]
+        if isinstance(value, DictConfig):
+            _check_node(f"{prefix}{f.name}.", value)
+        else:
+            _check_field(f"{prefix}{f.name}", value, f.metadata)
+
+
+def validate_config(cfg) -> None:
+    """Refuse values no stage can work with (bounds and choices of the schemas, and what only the
+    registries know: reranker methods, extractor options, FAISS factory strings) with a
+    :class:`ConfigError` naming the key. Cheap: runs before Ray starts or any data is touched."""
+    for section in ("dataset", "backbone", "index", "reranker", "train", "ray"):
+        if section in cfg:
+            _check_node(f"{section}.", cfg[section])
+    from rrt_dist.features import check_extractor_options
+
+    check_extractor_options(cfg.backbone.name, OmegaConf.to_container(cfg.backbone.options, resolve=True))
+    from rrt_dist.eval.methods import check_methods
+
+    check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
+    from rrt_dist.index.core import check_factory
+
+    check_factory(cfg.index.factory)
 
 
 @dataclass
 class RayConfig:
     """``address: null`` starts an embedded Ray sized to this machine; ``auto`` or ``ray://host:port`` joins a cluster."""
     address: Optional[str] = None
-    num_cpus: Optional[int] = None          # embedded only; default: the CPUs this process may use
-    num_gpus: Optional[int] = None          # embedded only; default: what Ray detects
-    object_store_memory: Optional[int] = None
+    num_cpus: Optional[int] = bounded(None, ge=1)   # embedded only; default: the CPUs this process may use
+    num_gpus: Optional[int] = bounded(None, ge=0)   # embedded only; default: what Ray detects
+    object_store_memory: Optional[int] = bounded(None, ge=1)
     namespace: str = "rrt-dist"
 
 
@@ -27,7 +98,7 @@ class DistractorsConfig:
     """Distractors appended after the gallery: ``none``, ``r1m`` (revisitop1m layout) or ``synthetic``."""
     name: str = "none"
     root: Optional[str] = None              # r1m: the revisitop1m folder; synthetic: <dataset.root>/distractors
-    limit: Optional[int] = None             # keep the first N (partial runs)
+    limit: Optional[int] = bounded(None, ge=1)      # keep the first N (partial runs)
 
 
 @dataclass
@@ -45,9 +116,9 @@ class RevisitopConfig(DatasetConfig):
 @dataclass
 class GLDv2Config(DatasetConfig):
     name: str = "gldv2"
-    train_landmarks: Optional[int] = 12000   # the RRT paper's training subset
-    train_min_images: int = 10
-    train_max_images: Optional[int] = 500
+    train_landmarks: Optional[int] = bounded(12000, ge=1)   # the RRT paper's training subset
+    train_min_images: int = bounded(10, ge=1)
+    train_max_images: Optional[int] = bounded(500, ge=1)
     train_seed: int = 0
 
 
@@ -55,19 +126,29 @@ class GLDv2Config(DatasetConfig):
 class MSLSConfig(DatasetConfig):
     name: str = "msls"
     cities: list[str] = field(default_factory=lambda: ["cph", "sf"])
-    radius_m: float = 25.0
+    radius_m: float = bounded(25.0, gt=0)
     subtask: str = "all"
 
 
 @dataclass
 class MetricLearningConfig(DatasetConfig):
     """sop / cub200 / cars196."""
-    split: str = "test"
+    split: str = choice("test", "test", "train")
 
 
 @dataclass
 class FolderConfig(DatasetConfig):
     name: str = "folder"
+
+
+# Bounds of the generator's parameters (SyntheticSpec stays free of config machinery).
+_SYNTHETIC_BOUNDS = {
+    "n_landmarks": {"ge": 1}, "n_val_landmarks": {"ge": 0}, "n_train_landmarks": {"ge": 0},
+    "views_per_landmark": {"ge": 1}, "train_views_per_landmark": {"ge": 1}, "queries_per_landmark": {"ge": 1},
+    "n_distractors": {"ge": 0}, "family_size": {"ge": 1}, "view_width": {"ge": 32}, "view_height": {"ge": 32},
+    "junk_below": {"ge": 0, "le": 1}, "hard_below": {"ge": 0, "le": 1}, "hard_difficulty": {"ge": 0, "le": 1},
+    "jpeg_quality": {"ge": 1, "le": 100},
+}
 
 
 def _synthetic_config() -> type:
@@ -78,11 +159,12 @@ def _synthetic_config() -> type:
     from rrt_dist.datasets.synthetic import SyntheticSpec
 
     hints = get_type_hints(SyntheticSpec)
-    spec_fields = [(f.name, hints[f.name], field(default=f.default)) for f in fields(SyntheticSpec)]
+    spec_fields = [(f.name, hints[f.name], bounded(f.default, **_SYNTHETIC_BOUNDS.get(f.name, {})))
+                   for f in fields(SyntheticSpec)]
     return make_dataclass("SyntheticConfig", [
         ("name", str, field(default="synthetic")),
         ("root", str, field(default="data/synthetic")),
-        ("split", str, field(default="test")),     # test | val (val is for model selection during training)
+        ("split", str, choice("test", "test", "val")),   # val is for model selection during training
         *spec_fields,
     ], bases=(DatasetConfig,))
 
@@ -94,31 +176,61 @@ SyntheticConfig = _synthetic_config()
 class BackboneConfig:
     """Descriptor extractor (a name from the ``rrt_dist.features`` registry), its options and how it is run.
 
-    ``options`` go to the extractor's own config dataclass, which rejects unknown keys by name.
+    ``options`` follow the extractor's own config dataclass: each backbone preset extends the schema of
+    its extractor (``schema_<extractor>``), so every option can be set as ``backbone.options.KEY=VALUE``
+    and a misspelt one fails at start-up naming the key.
     """
     name: str = "tiny-image"
-    options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 16                     # images per actor call / written fragment
-    num_actors: Optional[int] = None         # default: one per GPU, else 1
-    torch_threads: Optional[int] = None      # default: the node's CPUs / actors
-    commit_every: int = 256                  # images per Lance commit
+    options: Any = field(default_factory=dict)
+    batch_size: int = bounded(16, ge=1)              # images per actor call / written fragment
+    num_actors: Optional[int] = bounded(None, ge=1)  # default: one per GPU, else 1
+    actor_cpus: float = bounded(1.0, gt=0)           # logical CPUs reserved per extraction actor
+    torch_threads: Optional[int] = bounded(None, ge=1)   # default: the node's CPUs / actors
+    commit_every: int = bounded(256, ge=1)           # images per Lance commit
+    retry_errors: bool = False                       # extract images recorded as unreadable again
+    max_image_pixels: int = bounded(100_000_000, ge=1)   # larger images are recorded as errors (decompression bombs)
+
+
+def _options_schema(extractor: str) -> type:
+    """The extractor's config dataclass as a structured-config schema (tuples become lists of Any)."""
+    from rrt_dist.features import extractor_config_class
+
+    cls = extractor_config_class(extractor)
+    hints = get_type_hints(cls)
+
+    def omegaconf_type(t):
+        return Any if t is tuple or getattr(t, "__origin__", None) is tuple else t
+
+    return make_dataclass(f"{cls.__name__}Options",
+                          [(f.name, omegaconf_type(hints[f.name]),
+                            field(default_factory=lambda v=f.default: list(v)) if isinstance(f.default, tuple)
+                            else field(default=f.default))
+                           for f in fields(cls)])
+
+
+def backbone_schema(extractor: str) -> type:
+    """``BackboneConfig`` whose ``options`` are extractor ``extractor``'s."""
+    options = _options_schema(extractor)
+    return make_dataclass(f"BackboneConfig_{extractor.replace('-', '_')}",
+                          [("name", str, field(default=extractor)), ("options", options, field(default_factory=options))],
+                          bases=(BackboneConfig,))
 
 
 @dataclass
 class IndexConfig:
     """Global search: a sharded FAISS index (inner product) served by one Ray actor per shard."""
     factory: str = "Flat"                    # FAISS index_factory string, or "auto" (from the memory budget)
-    k: Optional[int] = None                  # neighbours kept per query (None: the whole gallery, exact protocol)
-    n_shards: int = 1
+    k: Optional[int] = bounded(None, ge=1)   # neighbours kept per query (None: the whole gallery, exact protocol)
+    n_shards: int = bounded(1, ge=1)         # capped at the number of vectors
     params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
-    memory_budget_gb: float = 8.0            # for factory=auto
-    train_size: int = 200_000                # training sample for IVF / PQ
+    memory_budget_gb: float = bounded(8.0, gt=0)     # for factory=auto
+    train_size: int = bounded(200_000, ge=1)         # training sample for IVF / PQ
     use_gpu: Optional[bool] = None           # default: when every shard can have a GPU
     with_distractors: bool = True            # index the benchmark's distractors with its gallery
-    qe_n: int = 0                            # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
-    qe_alpha: float = 0.3
-    dba_n: int = 0                           # database-side augmentation neighbours (0 = off)
-    dba_alpha: float = 0.3
+    qe_n: int = bounded(0, ge=0)             # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
+    qe_alpha: float = bounded(0.3, ge=0)
+    dba_n: int = bounded(0, ge=0)            # database-side augmentation neighbours (0 = off)
+    dba_alpha: float = bounded(0.3, ge=0)
     dir: str = "data/indexes"
 
 
@@ -126,13 +238,14 @@ class IndexConfig:
 class RerankerConfig:
     """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
     methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | gv | rrt | aqe+rrt
-    k: int = 100                             # top-K reranked (the paper: 100, 200, 400)
+    k: int = bounded(100, ge=1)              # top-K reranked (the paper: 100, 200, 400)
     checkpoint: Optional[str] = None         # RRT weights for rrt rows: a path, or "train" (train_rrt first)
-    aqe_n: int = 2                           # alpha-QE as tuned in the paper
-    aqe_alpha: float = 0.3
-    num_actors: int = 1                      # reranker actors (0: in-process)
+    aqe_n: int = bounded(2, ge=1)            # alpha-QE as tuned in the paper
+    aqe_alpha: float = bounded(0.3, ge=0)
+    num_actors: int = bounded(1, ge=0)       # reranker actors (0: in-process)
     protocol_junk_removal: bool = True       # revisitop: rerank each protocol with its junk removed first
     gv: dict[str, Any] = field(default_factory=dict)   # GVConfig options
+    qualitative_row: Optional[str] = None    # reranked method the report's figure shows (gv, rrt...; default: the best row)
 
 
 @dataclass
@@ -142,34 +255,34 @@ class TrainConfig:
     A run is named ``name`` (default: derived from the dataset, backbone and these settings) under
     ``storage_path``; rerunning a name resumes from its latest checkpoint, and a finished run is reused.
     """
-    epochs: int = 15
-    lr: float = 1e-4
-    weight_decay: float = 5e-4               # 4e-4 in the SOP setting
-    batch_size: int = 12                     # triplets per step per worker (the global batch scales with workers)
-    grad_clip: Optional[float] = 0.1
-    milestones: list[int] = field(default_factory=list)   # MultiStepLR: epochs where lr *= gamma
-    gamma: float = 0.1
+    epochs: int = bounded(15, ge=1)
+    lr: float = bounded(1e-4, gt=0)
+    weight_decay: float = bounded(5e-4, ge=0)        # 4e-4 in the SOP setting
+    batch_size: int = bounded(12, ge=1)      # triplets per step per worker (the global batch scales with workers)
+    grad_clip: Optional[float] = bounded(0.1, gt=0)
+    milestones: list[int] = bounded(ge=1, factory=list)   # MultiStepLR: epochs where lr *= gamma
+    gamma: float = bounded(0.1, gt=0)
     seed: int = 0
-    k: int = 100                             # global neighbours per training image (pair sampling)
-    min_positives: int = 5                   # same-label images an anchor needs among them
-    positive_scope: str = "topk"             # topk (GLDv2: positives from the top-k) | label (SOP: any same label)
-    max_local: Optional[int] = None          # locals per image fed to RRT, best first (None: all)
+    k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
+    min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
+    positive_scope: str = choice("topk", "topk", "label")   # topk (GLDv2: from the top-k) | label (SOP: any same label)
+    max_local: Optional[int] = bounded(None, ge=1)   # locals per image fed to RRT, best first (None: all)
     model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (use_global, position_encoding, ...)
-    embedding_init_std: float = 0.02         # initial segment / scale embeddings (N(0,1) stalls training)
-    match_init: float = 0.0                  # query / key projections start as match_init x identity (0: random)
-    joint_stages: list[str] = field(default_factory=list)  # [frozen, finetune]: dense-grid backbone + RRT from images
-    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # joint: random crop's share of the image area
-    data_cpus: float = 0.5                   # joint: CPUs per Ray Data decode task (beside the workers' CPUs)
-    val_k: int = 100                         # top-K reranked when validating each epoch
-    val_holdout_labels: int = 50             # datasets without a validation split: labels held out of training
-    num_workers: int = 2
-    cpus_per_worker: float = 1
+    embedding_init_std: float = bounded(0.02, gt=0)  # initial segment / scale embeddings (N(0,1) stalls training)
+    match_init: float = bounded(0.0, ge=0)   # query / key projections start as match_init x identity (0: random)
+    joint_stages: list[str] = field(default_factory=list, metadata={"choices": ("frozen", "finetune")})
+    crop_scale: list[float] = bounded(gt=0, le=1, factory=lambda: [0.25, 1.0])  # joint: random crop's share of the area
+    data_cpus: float = bounded(0.5, gt=0)    # joint: CPUs per Ray Data decode task (beside the workers' CPUs)
+    val_k: int = bounded(100, ge=1)          # top-K reranked when validating each epoch
+    val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
+    num_workers: int = bounded(2, ge=1)
+    cpus_per_worker: float = bounded(1, gt=0)
     use_gpu: Optional[bool] = None           # default: when the cluster has a GPU per worker
     name: Optional[str] = None
     storage_path: str = "data/train"         # local folder or URI (s3://, gs://) shared by the workers
-    keep_checkpoints: int = 2                # best by validation score; the latest is always kept too
-    max_failures: int = 3                    # worker failures survived (restart from the latest checkpoint)
-    fail_at_epoch: Optional[int] = None      # fault injection (tests): one worker dies once at this epoch
+    keep_checkpoints: int = bounded(2, ge=1)  # best by validation score; the latest is always kept too
+    max_failures: int = bounded(3, ge=0)     # worker failures survived (restart from the latest checkpoint)
+    fail_at_epoch: Optional[int] = bounded(None, ge=0)   # fault injection (tests): one worker dies once at this epoch
 
 
 @dataclass
@@ -195,6 +308,10 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
     for name, schema in DATASET_SCHEMAS.items():
         cs.store(group="dataset", name=f"schema_{name}", node=schema)
+    from rrt_dist.features import list_extractors
+
+    for extractor in list_extractors():
+        cs.store(group="backbone", name=f"schema_{extractor.replace('-', '_')}", node=backbone_schema(extractor))
     for group, schema in (("backbone", BackboneConfig), ("index", IndexConfig), ("reranker", RerankerConfig),
                           ("train", TrainConfig), ("ray", RayConfig)):
         cs.store(group=group, name="schema", node=schema)

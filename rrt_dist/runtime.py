@@ -1,4 +1,4 @@
-"""The one place that starts or joins Ray.
+"""The one place that starts or joins Ray, and the wrapper every job's ``main`` runs in.
 
 ``ray.address: null`` starts an embedded Ray sized to this machine (unless the process was
 launched by ``ray job submit``, which sets ``RAY_ADDRESS``: then it joins that cluster);
@@ -6,8 +6,10 @@ launched by ``ray job submit``, which sets ``RAY_ADDRESS``: then it joins that c
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 
 import ray
 
@@ -40,3 +42,35 @@ def init_ray(cfg) -> dict:
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources
+
+
+def user_errors() -> tuple[type, ...]:
+    """Exceptions that mean "the input or the configuration is wrong", not "the program is": reported
+    in one line naming the file or key, without a traceback."""
+    from rrt_dist.config import ConfigError
+    from rrt_dist.datasets import DatasetLayoutError
+    from rrt_dist.datasets.generate import SyntheticRootMismatch
+    from rrt_dist.features.weights import WeightsUnavailable
+    from rrt_dist.index.core import IndexMismatch
+    from rrt_dist.store import FeatureTableMismatch
+
+    return ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, IndexMismatch, FeatureTableMismatch
+
+
+def job(main):
+    """Decorator of a job's ``main(cfg)`` (under ``hydra.main``): the config is validated before anything
+    starts (no Ray, no data touched), and a known user error ends the job with one line on stderr and
+    exit status 2."""
+    @functools.wraps(main)
+    def run(cfg):
+        errors = user_errors()
+        try:
+            from rrt_dist.config import validate_config
+
+            validate_config(cfg)
+            return main(cfg)
+        except errors as err:
+            print(f"rrt-dist: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run

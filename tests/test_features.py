@@ -53,7 +53,7 @@ def test_weights_from_checkpoint_or_a_clear_error(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "r18.pth")
     loaded = create_backbone("resnet18", checkpoint=str(tmp_path / "r18.pth"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
-    with pytest.raises(WeightsUnavailable, match=r"backbone.checkpoint=PATH"):
+    with pytest.raises(WeightsUnavailable, match=r"backbone.options.checkpoint=PATH"):
         create_backbone("resnet18")                      # hub unreachable at test time (HF_HUB_OFFLINE)
     with pytest.raises(WeightsUnavailable, match="does not exist"):
         create_backbone("resnet18", checkpoint=str(tmp_path / "nope.pth"))

@@ -41,13 +41,34 @@ def load_distractors(cfg):
     raise ValueError(f"unknown dataset.distractors.name {d.name!r}; expected none, r1m or synthetic")
 
 
-def load_benchmark(cfg) -> Benchmark:
-    """The benchmark a ``dataset`` config names; the synthetic one is generated on first use."""
+def _generate(cfg, ray_cfg) -> None:
+    """Render the synthetic benchmark if it is not on disk yet (in Ray tasks when ``ray_cfg`` is given)."""
+    from .generate import generate_synthetic
+
+    def start_ray():
+        if ray_cfg is not None:
+            from rrt_dist.runtime import init_ray
+
+            init_ray(ray_cfg)
+
+    generate_synthetic(synthetic_spec(cfg), cfg.root, start_ray=start_ray)
+
+
+def load_benchmark(cfg, ray_cfg=None) -> Benchmark:
+    """The benchmark a ``dataset`` config names; the synthetic one is generated on first use (Ray is started
+    with ``ray_cfg`` only when there is something to render). A split that lists no image is a layout error."""
+    bench = _read_benchmark(cfg, ray_cfg)
+    for split, table in (("query", bench.queries), ("gallery", bench.gallery)):
+        if table.num_rows == 0:
+            raise DatasetLayoutError(bench.info.get("root", cfg.root), f"the {split} split of {bench.name} lists no image",
+                                     "at least one query and one gallery image")
+    return bench
+
+
+def _read_benchmark(cfg, ray_cfg) -> Benchmark:
     name = cfg.name
     if name == "synthetic":
-        from .generate import generate_synthetic
-
-        generate_synthetic(synthetic_spec(cfg), cfg.root)
+        _generate(cfg, ray_cfg)
         if cfg.split not in ("test", "val"):
             raise ValueError(f"dataset.split must be test or val, got {cfg.split!r}")
         bench = read_revisitop(cfg.root, "synthetic" if cfg.split == "test" else "synthetic-val", load_distractors(cfg))
@@ -71,7 +92,7 @@ def load_benchmark(cfg) -> Benchmark:
     return readers[name]()
 
 
-def load_training_set(cfg):
+def load_training_set(cfg, ray_cfg=None):
     """``(name, manifest)``: the labelled training images of a dataset config (labels = landmark / class).
 
     synthetic: its train split; gldv2: the RRT paper's ``train_clean`` subset; sop / cub200 / cars196:
@@ -79,9 +100,7 @@ def load_training_set(cfg):
     """
     name = cfg.name
     if name == "synthetic":
-        from .generate import generate_synthetic
-
-        generate_synthetic(synthetic_spec(cfg), cfg.root)
+        _generate(cfg, ray_cfg)
         return "synthetic-train", read_folder(Path(cfg.root) / "train").gallery
     readers = {
         "gldv2": lambda: read_gldv2_train(cfg.root, cfg.train_landmarks, cfg.train_min_images, cfg.train_max_images,

@@ -139,9 +139,12 @@ class MetricLearningProtocol:
 
 @dataclass
 class PositivesProtocol:
-    """Generic retrieval with explicit positives per query: mAP (trapezoidal) and recall@k."""
+    """Generic retrieval with explicit positives per query: mAP (trapezoidal) and recall@k; with ``labelled``
+    (positives = the other images of the query's label) also P@1, R-Precision and MAP@R, with R the number
+    of positives (Musgrave et al.'s definitions)."""
     positives: list[np.ndarray]
     ks: tuple[int, ...] = (1, 5, 10)
+    labelled: bool = False
     name: str = "positives"
 
     def evaluate(self, ranks: np.ndarray) -> dict:
@@ -149,6 +152,8 @@ class PositivesProtocol:
                for r, p in zip(ranks, self.positives) if len(p)]
         out = {"mAP": float(np.mean(aps))}
         out.update({f"R@{n}": v for n, v in metrics.recall_at_n(ranks, self.positives, self.ks).items()})
+        if self.labelled:
+            out.update(metrics.precision_at_r(ranks, self.positives))
         return out
 
 

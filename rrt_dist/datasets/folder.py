@@ -6,7 +6,8 @@ Layout (``root``)::
     queries.csv   path,label        optional; instead of label, positives = ';'-separated gallery paths
 
 Without ``queries.csv`` every gallery image is a query against the others (leave-one-out, its
-positives are the other images of its label). Scores: mAP and recall@k.
+positives are the other images of its label). Scores: mAP and recall@k, and with labels P@1, RP and
+MAP@R.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def read_folder(root: str | Path) -> Benchmark:
             raise DatasetLayoutError(gallery_csv, "leave-one-out evaluation (no queries.csv) needs a label column",
                                      GALLERY_LAYOUT)
         positives = [np.flatnonzero((labels == labels[i]) & (np.arange(len(labels)) != i)) for i in range(len(labels))]
-        return Benchmark(name="folder", queries=gallery, gallery=gallery, protocol=PositivesProtocol(positives),
+        return Benchmark(name="folder", queries=gallery, gallery=gallery,
+                         protocol=PositivesProtocol(positives, labelled=True),
                          exclude_self=True, info={"root": str(root)})
 
     qframe = read_csv(queries_csv, QUERIES_LAYOUT, ["path"], dtype=str, keep_default_na=False)
@@ -60,5 +62,6 @@ def read_folder(root: str | Path) -> Benchmark:
         raise DatasetLayoutError(queries_csv, "needs a label or a positives column", QUERIES_LAYOUT)
     queries = make_manifest([stable_id(p) for p in qpaths], [str(root / p) for p in qpaths], "query",
                             labels=None if qlabels is None else qlabels.tolist())
-    return Benchmark(name="folder", queries=queries, gallery=gallery, protocol=PositivesProtocol(positives),
+    return Benchmark(name="folder", queries=queries, gallery=gallery,
+                     protocol=PositivesProtocol(positives, labelled=qlabels is not None),
                      info={"root": str(root)})

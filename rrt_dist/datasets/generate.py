@@ -32,11 +32,12 @@ def _chunks(items, size):
         yield chunk
 
 
-def generate_synthetic(spec: SyntheticSpec, root: str | Path, chunk_size: int = 48) -> dict:
+def generate_synthetic(spec: SyntheticSpec, root: str | Path, chunk_size: int = 48, start_ray=None) -> dict:
     """Write the benchmark under ``root`` unless it is already there for this ``spec``.
 
     ``meta.json`` is written last, so an interrupted run is simply redone (renders are
-    deterministic and files are replaced atomically). Uses Ray tasks when Ray is initialised.
+    deterministic and files are replaced atomically). Uses Ray tasks when Ray is initialised,
+    after calling ``start_ray`` (if given) once it is clear there is something to render.
     """
     root = Path(root)
     meta_path = root / "meta.json"
@@ -48,6 +49,8 @@ def generate_synthetic(spec: SyntheticSpec, root: str | Path, chunk_size: int = 
         raise SyntheticRootMismatch(
             f"{root} holds a synthetic benchmark generated with other settings (fingerprint {meta.get('fingerprint')}, "
             f"wanted {spec.fingerprint()}); choose another dataset.root or delete that folder")
+    if start_ray is not None:
+        start_ray()
     root.mkdir(parents=True, exist_ok=True)
     items = plan(spec)
     chunks = list(_chunks(items, chunk_size))

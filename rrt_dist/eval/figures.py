@@ -39,19 +39,37 @@ def _show(ax, uri, bbox, colour, title=""):
         ax.set_title(title, fontsize=8)
 
 
+def _without_self(bench: Benchmark, rows: np.ndarray) -> np.ndarray:
+    """Leave-one-out benchmarks: each query's own id removed from its ranking, as the metrics do."""
+    if not bench.exclude_self:
+        return rows
+    own = bench.queries.column("id").to_numpy()
+    out = np.full_like(rows, -1)
+    for q, row in enumerate(rows):
+        kept = row[row != own[q]]
+        out[q, :len(kept)] = kept
+    return out
+
+
 def qualitative_figure(bench: Benchmark, before: np.ndarray, after: np.ndarray, path: str | Path,
                        labels=("global", "reranked"), n_queries: int = 4, top: int = 5) -> Path:
-    """Draw the ``n_queries`` queries whose top-``top`` precision gained most from reranking."""
+    """Draw the ``n_queries`` queries whose top-``top`` changed most with reranking: the largest gains in
+    positives first, then the largest losses, then any reordering; queries whose top-``top`` did not change
+    are never shown while others did."""
     uris = bench.gallery.column("uri").to_pylist()
     q_uris = bench.queries.column("uri").to_pylist()
     q_boxes = bench.queries.column("bbox").to_pylist()
+    before, after = _without_self(bench, before), _without_self(bench, after)
 
     def hits(rows, q):
         idx = bench.gallery_indices(rows[q, :top])
         return sum(_status(bench, q, int(i)) == "positive" for i in idx if i >= 0)
 
-    gain = [hits(after, q) - hits(before, q) for q in range(len(before))]
-    chosen = list(np.argsort(gain, kind="stable")[::-1][:n_queries])
+    gain = np.asarray([hits(after, q) - hits(before, q) for q in range(len(before))])
+    moved = np.asarray([int(np.sum(before[q, :top] != after[q, :top])) for q in range(len(before))])
+    order = np.lexsort((-moved, -np.abs(gain), -(gain > 0)))
+    changed = [int(q) for q in order if gain[q] != 0 or moved[q] > 0]
+    chosen = (changed or [int(q) for q in order])[:n_queries]
     fig, axes = plt.subplots(2 * len(chosen), top + 1, figsize=(2 * (top + 1), 3.6 * len(chosen)), squeeze=False)
     for r, q in enumerate(chosen):
         for half, (rows, label) in enumerate(((before, labels[0]), (after, labels[1]))):

@@ -11,6 +11,45 @@ from .runner import global_rankings, rerank_and_evaluate, settings_of
 LABELS = {"global": "Global only", "aqe": "αQE", "gv": "GV", "rrt": "RRT", "aqe+rrt": "αQE + RRT"}
 
 
+RERANKED = ("gv", "rrt", "aqe+rrt")
+
+
+def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
+    """Refuse unknown reranker methods (and a figure row that is not among them) at start-up, before any
+    extraction or training."""
+    from rrt_dist.config import ConfigError
+
+    unknown = [m for m in methods if m not in LABELS]
+    if unknown:
+        raise ConfigError(f"reranker.methods: unknown method {unknown[0]!r}; known: {', '.join(LABELS)}")
+    if not methods:
+        raise ConfigError("reranker.methods is empty: name at least one row (e.g. [global])")
+    if qualitative_row and qualitative_row not in [m for m in methods if m in RERANKED]:
+        raise ConfigError(f"reranker.qualitative_row={qualitative_row!r} is not a reranked method of reranker.methods "
+                          f"{methods}")
+
+
+def reranked_depth(bench: Benchmark, gallery_ids: np.ndarray, k: int, k_search: int | None) -> int:
+    """How many candidates per query a top-``k`` reranking really reorders: at most the candidates there are
+    (the largest setting's searchable gallery, the query itself excluded in leave-one-out mode)."""
+    largest = len(gallery_ids) if bench.n_distractors else int(
+        np.isin(gallery_ids, bench.gallery.column("id").to_numpy()[
+            np.asarray(bench.gallery.column("split").to_pylist()) != "distractor"]).sum())
+    if k_search:
+        largest = min(largest, k_search)
+    return max(1, min(k, largest - int(bench.exclude_self)))
+
+
+def headline(metrics: dict) -> float:
+    """The one number a row is judged by: revisitop Medium mAP, else mAP, MAP@R, R@1 or the first metric."""
+    if "medium" in metrics:
+        return metrics["medium"]["mAP"]
+    for key in ("mAP", "MAP@R", "R@1"):
+        if key in metrics:
+            return metrics[key]
+    return next(iter(metrics.values()))
+
+
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
                      gallery: np.ndarray, cfg, pools: dict, k_search: int | None = None,
                      examples: dict | None = None, searchers: dict | None = None) -> dict[str, dict]:
@@ -21,9 +60,8 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     search function of that setting's index (exact in-process search when absent).
     """
     searchers = searchers or {}
-    unknown = [m for m in cfg.methods if m not in LABELS]
-    if unknown:
-        raise ValueError(f"unknown reranker methods {unknown}; known: {', '.join(LABELS)}")
+    check_methods(list(cfg.methods))
+    depth = reranked_depth(bench, gallery_ids, cfg.k, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
     rows: dict[str, dict] = {}
@@ -35,7 +73,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
             aqe = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d,
                                   alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
         for method in cfg.methods:
-            label = LABELS[method] + (f" (top-{cfg.k})" if method in ("gv", "rrt", "aqe+rrt") else "")
+            label = LABELS[method] + (f" (top-{depth})" if method in RERANKED else "")
             ranked, scores = aqe if method.startswith("aqe") else base
             kept: dict = {}
             if method in ("global", "aqe"):

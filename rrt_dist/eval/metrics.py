@@ -24,6 +24,7 @@ __all__ = [
     "metric_learning",
     "metric_learning_from_ranks",
     "positive_positions",
+    "precision_at_r",
     "topk_stable",
 ]
 
@@ -177,6 +178,25 @@ def metric_learning_from_ranks(ranks: np.ndarray, query_labels: np.ndarray, gall
     precision_at_i = np.cumsum(rel, axis=1) / np.arange(1, depth + 1)[None, :]
     out["MAP@R"] = float(np.mean((precision_at_i * (rel & within_r)).sum(axis=1) / r))
     return out
+
+
+def precision_at_r(ranks: np.ndarray, positives: Sequence[Iterable[int]]) -> dict:
+    """P@1, R-Precision and MAP@R with R = the number of positives of each query (queries without
+    positives left out); ``ranks`` holds gallery indices best first, negative entries are padding."""
+    p1, rp, map_r = [], [], []
+    for ranked, pos in zip(np.asarray(ranks), positives):
+        pos = np.fromiter(pos, dtype=np.int64)
+        if len(pos) == 0:
+            continue
+        r = len(pos)
+        relevant = np.isin(ranked[:r], pos) & (ranked[:r] >= 0)
+        relevant = np.pad(relevant, (0, r - len(relevant)))        # a ranking shorter than R misses the rest
+        p1.append(float(np.isin(ranked[:1], pos).any()))
+        rp.append(relevant.sum() / r)
+        map_r.append(float(np.sum(np.cumsum(relevant) / np.arange(1, r + 1) * relevant) / r))
+    if not p1:
+        raise ValueError("no query has a positive")
+    return {"P@1": float(np.mean(p1)), "RP": float(np.mean(rp)), "MAP@R": float(np.mean(map_r))}
 
 
 def topk_stable(scores: np.ndarray, k: int) -> np.ndarray:

@@ -58,6 +58,25 @@ def render_markdown(protocol: str, rows: dict, settings: list[str], title: str) 
     return f"## {title}\n\n{body}\n"
 
 
+def run_section(run: dict) -> str:
+    """What identifies a report: dataset root and split sizes, unreadable images, backbone, search, timings."""
+    backbone = run["backbone"]
+    options = ", ".join(f"{k}={v}" for k, v in backbone["options"].items())
+    splits = f"{run['queries']} queries, {run['gallery']} gallery images" + (
+        f", {run['distractors']} distractors" if run["distractors"] else "") + (
+        " (leave-one-out: every gallery image is a query, itself excluded)" if run["leave_one_out"] else "")
+    unreadable = ", ".join(f"{name} {n}" for name, n in run["unreadable"].items())
+    timings = ", ".join(f"{k.removesuffix('_s').replace('_', ' + ')} {v:.1f} s" for k, v in run["timings"].items())
+    lines = ["## Run", "",
+             f"- dataset: {run['dataset']} at `{run['root']}`: {splits}",
+             f"- unreadable images (scored as misses): {unreadable}",
+             f"- backbone: {backbone['name']} (fingerprint {backbone['fingerprint']}): {options}",
+             f"- global search: {run['search']}",
+             f"- qualitative figure: {run['qualitative_row'] or 'none (no reranked row)'} against the first row",
+             f"- timings: {timings}"]
+    return "\n".join(lines) + "\n"
+
+
 def training_section(training: dict) -> str:
     """How the report's RRT was trained: the curve, and loss / pair accuracy / validation score per epoch."""
     lines = [f"## RRT training ({training['run']})", "",

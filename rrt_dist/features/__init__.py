@@ -30,6 +30,28 @@ def create_extractor(name: str, **cfg):
     return _REGISTRY[name](**cfg)
 
 
+def extractor_config_class(name: str) -> type:
+    """The dataclass of extractor ``name``'s options."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+    return _REGISTRY[name].config_class
+
+
+def check_extractor_options(name: str, options: dict) -> None:
+    """Refuse an unknown extractor or option with a ConfigError naming the key (no model is loaded)."""
+    from dataclasses import fields
+
+    from rrt_dist.config import ConfigError
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"backbone.name={name!r} is not an extractor; known: {', '.join(list_extractors())}")
+    known = [f.name for f in fields(_REGISTRY[name].config_class)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"backbone.options.{unknown[0]} is not an option of extractor {name!r}; "
+                          f"its options: {', '.join(known)}")
+
+
 def create_preparer(name: str, **cfg):
     """The CPU-side resize of extractor ``name`` (no model is loaded): ``rgb -> Prepared``."""
     if name not in _REGISTRY:

@@ -10,12 +10,13 @@ from rrt_dist.store import features_schema, features_to_table
 from rrt_dist.store.features import local_shape
 
 from .base import ImageFeatures, Prepared, to_original
-from .images import ImageError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 
-def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callable) -> tuple[Prepared, tuple]:
+def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callable,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Prepared, tuple]:
     """Decode, crop to ``bbox`` (queries) and resize; returns the prepared image and the crop offset."""
-    rgb = load_image(uri, bbox)
+    rgb = load_image(uri, bbox, max_pixels)
     offset = (0.0, 0.0) if bbox is None else (float(max(0, int(np.floor(bbox[0])))), float(max(0, int(np.floor(bbox[1])))))
     return preparer(rgb), offset
 
@@ -25,8 +26,9 @@ def schema_for(extractor, fingerprint: str) -> pa.Schema:
                            extractor.config, fingerprint)
 
 
-def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures]) -> pa.Table:
-    """Pad each image's locals to the table width (rows beyond ``n_local`` are zero)."""
+def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures],
+                   sources: Sequence[str] | None = None) -> pa.Table:
+    """Pad each image's locals to the table width (rows beyond ``n_local`` are zero); ``sources``: the files' identities."""
     n = len(ids)
     width, d_l = local_shape(schema)
     d_g = schema.field("global").type.list_size
@@ -41,7 +43,7 @@ def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageF
         if k:
             local[i, :k], pos[i, :k], scl[i, :k] = f.local[:k], f.positions[:k], f.scales[:k]
         n_local[i] = k
-    return features_to_table(schema, ids, glob, local, pos, scl, n_local)
+    return features_to_table(schema, ids, glob, local, pos, scl, n_local, sources)
 
 
 def extract_rows(extractor, preparer: Callable, rows: Sequence[dict], batch_size: int = 16):

@@ -164,4 +164,4 @@ def _create_cvt13(cfg: ViTConfig):
         return CvtModel.from_pretrained("microsoft/cvt-13").eval()
     except Exception as err:  # noqa: BLE001
         raise WeightsUnavailable("no weights for cvt-13: the Hugging Face hub is unreachable; provide "
-                                 "backbone.checkpoint=DIR (a saved CvtModel) or backbone.pretrained=false") from err
+                                 "backbone.options.checkpoint=DIR (a saved CvtModel) or backbone.options.pretrained=false") from err

@@ -1,24 +1,53 @@
-"""Image decoding shared by every extractor: RGB uint8, optional query-box crop."""
+"""Image decoding shared by every extractor: RGB uint8, optional query-box crop, a pixel limit."""
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+# The pixel limit is ours (``max_pixels``), checked from the header before decoding; PIL's own
+# (a warning, then DecompressionBombError) is off so the two cannot disagree.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageError(ValueError):
     """An image that cannot be read; recorded by the pipelines, not fatal."""
 
 
-def load_image(uri: str, bbox: Sequence[float] | None = None) -> np.ndarray:
-    """Decode ``uri`` to RGB uint8 ``[H, W, 3]``; ``bbox`` (x1, y1, x2, y2) crops it, as revisitop queries are."""
+def file_identity(uri: str) -> str:
+    """What ties extracted features to the file they came from: its size and modification time (ns).
+    A file replaced or rewritten in place gets another identity; a missing file is ``"missing"``."""
     try:
-        with Image.open(uri) as im:
-            im.load()  # force full decode so truncated files fail here
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageError(f"{uri}: {err}") from err
+        st = os.stat(uri)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_image(uri: str, bbox: Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``uri`` to RGB uint8 ``[H, W, 3]``; ``bbox`` (x1, y1, x2, y2) crops it, as revisitop queries are.
+
+    Any failure to read this one image (missing, truncated, not an image, larger than ``max_pixels``
+    pixels, a decoder error of any kind) raises :class:`ImageError` naming the file and the reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(uri) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{uri}: {w}x{h} pixels exceed the limit of {max_pixels} "
+                                     f"(backbone.max_image_pixels)")
+                im.load()  # force full decode so truncated files fail here
+                rgb = np.asarray(im.convert("RGB"))
+    except ImageError:
+        raise
+    except (Exception, Image.DecompressionBombWarning) as err:  # noqa: BLE001 - every decoder failure is this image's
+        raise ImageError(f"{uri}: {type(err).__name__}: {err}") from err
     if bbox is not None:
         h, w = rgb.shape[:2]
         x1, y1, x2, y2 = bbox

@@ -61,6 +61,7 @@ def grid_nms(positions: np.ndarray, order: np.ndarray, cell: float) -> np.ndarra
 
 class MultiscaleCNN:
     name = "multiscale-cnn"
+    config_class = MultiscaleConfig
 
     @staticmethod
     def parse_config(**cfg) -> MultiscaleConfig:

@@ -22,6 +22,7 @@ class TinyImageConfig:
 
 class TinyImageExtractor:
     name = "tiny-image"
+    config_class = TinyImageConfig
 
     local_dim = max_local = 0  # global only
 

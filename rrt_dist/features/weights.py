@@ -6,7 +6,10 @@ skipped); :func:`convert_lite0_state_dict` does that mapping, checking every sha
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
 from collections import OrderedDict
 from pathlib import Path
 
@@ -64,6 +67,27 @@ def read_checkpoint(path: str | Path) -> dict:
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 
 
+def hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub can be reached, decided at once (offline mode set, or one TCP connection),
+    instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "on", "yes"):
+        return False
+    try:
+        socket.create_connection((hub_host(), 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def create_backbone(model_name: str, checkpoint: str | None = None, pretrained: bool = True) -> torch.nn.Module:
     """A timm model in eval mode with weights from ``checkpoint``, shipped weights, or the timm hub.
 
@@ -87,11 +111,14 @@ def create_backbone(model_name: str, checkpoint: str | None = None, pretrained: 
             source = torch.load(shipped, map_location="cpu", weights_only=True)
             model.load_state_dict(convert_lite0_state_dict(source, model), strict=False)
         else:
+            hint = (f"Provide backbone.options.checkpoint=PATH to a state dict of {model_name}, or "
+                    f"backbone.options.pretrained=false for random weights")
+            if not hub_reachable():
+                raise WeightsUnavailable(f"no weights for {model_name!r}: the model hub ({hub_host()}) cannot be "
+                                         f"reached from this machine. {hint}")
             try:
                 model = timm.create_model(model_name, pretrained=True)
             except Exception as err:  # noqa: BLE001 - hub errors vary (offline, auth, missing file)
-                raise WeightsUnavailable(
-                    f"no weights for {model_name!r}: the timm hub is unreachable ({type(err).__name__}: {err}). "
-                    f"Provide backbone.checkpoint=PATH to a state dict, or backbone.pretrained=false for random "
-                    f"weights") from err
+                raise WeightsUnavailable(f"no weights for {model_name!r} from the model hub "
+                                         f"({type(err).__name__}: {err}). {hint}") from err
     return model.eval()

@@ -43,6 +43,7 @@ class IndexManifest:
     sources: list[dict] = field(default_factory=list)   # feature tables indexed: {uri, version}; adds move versions
     shards: list[ShardInfo] = field(default_factory=list)
     choice: str = ""                      # why ``auto`` picked this factory
+    rows_digest: str = ""                 # of the indexed rows' (id, file identity): see rows_digest()
     created: float = field(default_factory=time.time)
 
     @property
@@ -57,6 +58,17 @@ class IndexManifest:
         raw = json.loads(text)
         raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
         return cls(**raw)
+
+
+def rows_digest(ids: np.ndarray, sources: np.ndarray) -> str:
+    """A digest of which rows an index holds and which image file each came from: equal digests mean the
+    indexed rows were not re-extracted since (an image that changed gets a new file identity)."""
+    import hashlib
+
+    order = np.argsort(ids, kind="stable")
+    digest = hashlib.sha1(np.ascontiguousarray(np.asarray(ids, np.int64)[order]).tobytes())
+    digest.update("\0".join(map(str, np.asarray(sources, dtype=object)[order])).encode())
+    return digest.hexdigest()
 
 
 def choose_factory(n: int, d: int, memory_budget: float) -> tuple[str, str]:
@@ -78,6 +90,23 @@ def choose_factory(n: int, d: int, memory_budget: float) -> tuple[str, str]:
             return f"IVF{nlist},PQ{m}", (f"neither flat nor SQ8 fit {memory_budget / 2**30:.2f} GiB; PQ{m} "
                                          f"({m} bytes/vector) does, nlist={nlist}")
     raise MemoryError(f"{n} vectors of dimension {d} do not fit {memory_budget / 2**30:.2f} GiB with any index")
+
+
+def check_factory(factory: str) -> None:
+    """Refuse a FAISS factory string that parses for no common descriptor dimension (before any work)."""
+    from rrt_dist.config import ConfigError
+
+    if factory == "auto":
+        return
+    error = None
+    for d in (2048, 768, 384, 128, 96):
+        try:
+            faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as err:
+            error = err
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else "not understood"
+    raise ConfigError(f"index.factory={factory!r} is not a FAISS index_factory string ({reason})")
 
 
 def new_index(factory: str, d: int) -> faiss.Index:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rrt_dist.store import FeatureStore, concat_globals
 
 from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, index_ids, merge_results, new_index,
-                   read_index, read_manifest, shard_bounds, shard_of, train, write_index, write_manifest)
+                   read_index, read_manifest, rows_digest, shard_bounds, shard_of, train, write_index, write_manifest)
 from .qe import alpha_qe_search
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,16 @@ def _sources(stores) -> list[FeatureStore]:
     return stores
 
 
+def table_identities(stores) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and image-file identities of every row of ``stores``."""
+    parts = [s.sources() for s in stores]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class StaleIndex(RuntimeError):
+    """The index holds rows its feature tables no longer have as indexed (re-extracted or gone)."""
+
+
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
                 memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None) -> IndexManifest:
     """Build and persist a sharded index of every global descriptor in ``stores`` (one or several tables).
@@ -57,6 +67,10 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     ids, table_vectors = concat_globals(stores)
     vectors = table_vectors if vectors is None else vectors
     n, d = vectors.shape
+    if n_shards > max(n, 1):
+        log.warning("index: %d shards asked for %d vectors; using %d (a shard holds at least one vector)",
+                    n_shards, n, max(n, 1))
+        n_shards = max(n, 1)
     choice = ""
     if factory == "auto":
         factory, choice = choose_factory(n, d, memory_budget)
@@ -69,7 +83,8 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
         train(template, sample)
     bounds = shard_bounds(ids, n_shards)
     manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
-                             sources=[{"uri": s.uri, "version": s.version} for s in stores])
+                             sources=[{"uri": s.uri, "version": s.version} for s in stores],
+                             rows_digest=rows_digest(*table_identities(stores)))
     which = shard_of(ids, [ShardInfo("", lo, hi) for lo, hi in bounds])
     for i, (lo, hi) in enumerate(tqdm(bounds, desc="build shards", unit="shard", disable=n_shards < 2)):
         index = faiss.clone_index(template)
@@ -158,12 +173,22 @@ class ShardedIndex:
         return alpha_qe_search(self.search, vectors_of, queries, k, n, alpha)
 
     def add_from(self, stores) -> int:
-        """Incremental add: index every row of ``stores`` not indexed yet; returns how many were added."""
+        """Incremental add: index every row of ``stores`` not indexed yet; returns how many were added.
+
+        Raises :class:`StaleIndex` when an indexed row is gone from the tables or was re-extracted since
+        (its image changed): adding cannot fix that, the index must be rebuilt."""
         stores = _sources(stores)
         if stores[0].fingerprint != self.manifest.fingerprint:
             raise IndexMismatch(f"{stores[0].uri} holds another extractor's descriptors ({stores[0].fingerprint}) "
                                 f"than {self.directory} ({self.manifest.fingerprint})")
         indexed = np.concatenate(ray.get([a.ids.remote() for a in self.actors]))
+        current_ids, current_sources = table_identities(stores)
+        was_indexed = np.isin(current_ids, indexed)
+        if was_indexed.sum() != len(indexed):
+            raise StaleIndex(f"{self.directory}: {len(indexed) - int(was_indexed.sum())} indexed rows are no longer in "
+                             f"the feature tables")
+        if rows_digest(current_ids[was_indexed], current_sources[was_indexed]) != self.manifest.rows_digest:
+            raise StaleIndex(f"{self.directory}: indexed rows were re-extracted since (their images changed)")
         ids, vectors = concat_globals(stores)
         new = ~np.isin(ids, indexed)
         which = shard_of(ids[new], self.manifest.shards)
@@ -174,6 +199,7 @@ class ShardedIndex:
         versions = {s["uri"]: s for s in self.manifest.sources}
         versions.update({s.uri: {"uri": s.uri, "version": s.version} for s in stores})
         self.manifest.sources = list(versions.values())
+        self.manifest.rows_digest = rows_digest(current_ids, current_sources)
         write_manifest(self.directory, self.manifest)
         return int(new.sum())
 

@@ -7,6 +7,11 @@
 Resumable and idempotent: ids already committed (or recorded as unreadable) are not extracted
 again, only the driver commits, each commit is one atomic Lance version, and a commit that would
 add an id twice is refused. Unreadable images go to the errors table with their reason.
+
+Tied to the images: every row records its file's identity (size and modification time). A rerun
+re-extracts the rows (and retries the recorded errors) whose file changed since, and a table
+folder left by a run killed before its first commit, or fragments it wrote but never committed,
+are cleaned up before the run starts.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 import logging
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,25 +29,29 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from rrt_dist.features import create_extractor, create_preparer, fingerprint
+from rrt_dist.features import config_fingerprint, create_extractor, create_preparer, fingerprint
 from rrt_dist.features.base import Prepared, to_original
 from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
-from rrt_dist.features.images import ImageError
-from rrt_dist.store import check_schema, commit_fragments, committed_ids, write_fragment
+from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
+from rrt_dist.store import (FeatureTableMismatch, check_schema, commit_fragments, committed_sources, delete_ids,
+                            open_table, remove_uncommitted, write_fragment)
+from rrt_dist.store.features import META_FINGERPRINT
 
 log = logging.getLogger(__name__)
 
-ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string())])
+ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string()), ("source", pa.string())])
 
 
 @dataclass
 class ExtractSettings:
+    """How the pipeline runs: the fields of the ``backbone`` config group that are not the extractor's own."""
     batch_size: int = 16              # images per actor call (and per written fragment)
     num_actors: int | None = None     # default: one per GPU, else 1
     actor_cpus: float = 1.0           # logical CPUs reserved per actor (decode tasks use the rest)
     torch_threads: int | None = None  # intra-op threads per actor (default: the node's CPUs / actors)
     commit_every: int = 256           # images per Lance commit
     retry_errors: bool = False        # re-try ids recorded as unreadable
+    max_image_pixels: int = DEFAULT_MAX_PIXELS   # larger images are recorded as errors
     stop_after_commits: int | None = None  # fault injection for tests: raise after N commits
 
 
@@ -49,13 +59,19 @@ class ExtractSettings:
 class ExtractSummary:
     uri: str
     extracted: int = 0
-    skipped: int = 0                  # already committed or recorded before this run
-    errors: int = 0
+    already: int = 0                  # committed before this run (and unchanged)
+    recorded_errors: int = 0          # recorded as unreadable before this run (and unchanged), not retried
+    changed: int = 0                  # rows / recorded errors whose file changed since: extracted again
+    errors: int = 0                   # unreadable in this run
     seconds: float = 0.0
     startup_seconds: float = 0.0      # until the first batch came back (workers, actors, model load)
     startup_images: int = 0
     version: int | None = None
     error_samples: dict = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return self.already + self.recorded_errors
 
     @property
     def images_per_second(self) -> float:
@@ -72,14 +88,15 @@ class InjectedFailure(RuntimeError):
     pass
 
 
-def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict) -> dict:
-    """map_batches task: decode, crop and resize a batch of manifest rows (CPU)."""
+def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """map_batches task: decode, crop and resize a batch of manifest rows (CPU); records each file's identity."""
     preparer = create_preparer(extractor_name, **extractor_cfg)
-    images, geometry, errors = [], [], []
+    images, geometry, errors, sources = [], [], [], []
     for uri, bbox in zip(batch["uri"], batch["bbox"]):
         bbox = None if bbox is None else list(bbox)
+        sources.append(file_identity(uri))       # before decoding: a file changed meanwhile is redone next run
         try:
-            prepared, offset = decode_and_prepare(uri, bbox, preparer)
+            prepared, offset = decode_and_prepare(uri, bbox, preparer, max_pixels)
             images.append(prepared.image)
             geometry.append([*prepared.factor, *offset])
             errors.append("")
@@ -90,7 +107,8 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict) -> dict:
     column = np.empty(len(images), dtype=object)
     column[:] = images
     return {"id": np.asarray(batch["id"], np.int64), "uri": np.asarray(batch["uri"], dtype=object), "image": column,
-            "geometry": np.asarray(geometry, np.float64), "error": np.asarray(errors, dtype=object)}
+            "geometry": np.asarray(geometry, np.float64), "error": np.asarray(errors, dtype=object),
+            "source": np.asarray(sources, dtype=object)}
 
 
 class ExtractAndWrite:
@@ -112,45 +130,105 @@ class ExtractAndWrite:
             prepared = [Prepared(batch["image"][i], tuple(batch["geometry"][i][:2]), (0.0, 0.0)) for i in ok]
             feats = [to_original(f, p, tuple(batch["geometry"][i][2:]))
                      for i, p, f in zip(ok, prepared, self.extractor.extract(prepared))]
-            table = features_table(self.schema, [int(batch["id"][i]) for i in ok], feats)
+            table = features_table(self.schema, [int(batch["id"][i]) for i in ok], feats,
+                                   [str(batch["source"][i]) for i in ok])
             fragments = pickle.dumps(write_fragment(self.uri, table))
-        bad = [(int(batch["id"][i]), str(batch["uri"][i]), str(e)) for i, e in enumerate(batch["error"]) if e]
+        bad = [(int(batch["id"][i]), str(batch["uri"][i]), str(e), str(batch["source"][i]))
+               for i, e in enumerate(batch["error"]) if e]
         return {"fragments": np.asarray([fragments], dtype=object),
                 "ids": np.asarray([json.dumps([int(batch["id"][i]) for i in ok])]),
                 "errors": np.asarray([json.dumps(bad)])}
 
 
 def _append_errors(uri: str, errors: list[tuple]) -> None:
-    ids, uris, reasons = zip(*errors)
+    ids, uris, reasons, sources = zip(*errors)
     table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string()),
-                      "reason": pa.array(reasons, pa.string())}, schema=ERRORS_SCHEMA)
-    lance.write_dataset(table, uri, mode="append" if Path(uri).exists() else "create")
+                      "reason": pa.array(reasons, pa.string()), "source": pa.array(sources, pa.string())},
+                     schema=ERRORS_SCHEMA)
+    lance.write_dataset(table, uri, mode="append" if open_table(uri) is not None else "create")
+
+
+def file_identities(uris: list[str], chunk: int = 4096, threads: int = 16) -> np.ndarray:
+    """:func:`file_identity` of every uri (stat calls in threads: I/O bound on network filesystems)."""
+    parts = [uris[s:s + chunk] for s in range(0, len(uris), chunk)]
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(uris), desc="check image files", unit="img",
+                                                   disable=len(uris) < 100_000, mininterval=2.0) as bar:
+        out = []
+        for part in pool.map(lambda p: [file_identity(u) for u in p], parts):
+            out.extend(part)
+            bar.update(len(part))
+    return np.asarray(out, dtype=object)
+
+
+def changed_since(ids: np.ndarray, sources: np.ndarray, manifest_ids: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Ids of rows recorded with another file identity than the manifest's file has now (rows of unknown
+    identity, e.g. imported descriptors, and ids the manifest does not list are left alone)."""
+    order = np.argsort(manifest_ids)
+    pos = np.clip(np.searchsorted(manifest_ids[order], ids), 0, max(len(manifest_ids) - 1, 0))
+    listed = (manifest_ids[order][pos] == ids) if len(manifest_ids) else np.zeros(len(ids), bool)
+    known = np.asarray([s is not None for s in sources], bool)
+    differs = np.zeros(len(ids), bool)
+    check = listed & known
+    differs[check] = current[order[pos[check]]] != sources[check]
+    return ids[differs]
+
+
+def _prepare_table(uri: str, what: str) -> None:
+    note = remove_uncommitted(uri)
+    if note:
+        log.warning("%s: %s", what, note)
 
 
 def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, extractor_cfg: dict | None = None,
                      settings: ExtractSettings | None = None, errors_uri: str | Path | None = None,
                      desc: str = "extract") -> ExtractSummary:
-    """Extract every manifest row not yet in the table at ``uri``; returns a summary."""
+    """Extract every manifest row not yet in the table at ``uri`` (or whose file changed since); returns a summary."""
     extractor_cfg = dict(extractor_cfg or {})
     settings = settings or ExtractSettings()
     uri = str(uri)
     errors_uri = str(errors_uri or f"{uri.removesuffix('.lance')}-errors.lance")
-    probe = create_extractor(extractor_name, **extractor_cfg)  # fails fast on bad config or missing weights
+    expected_fp = config_fingerprint(extractor_name, **extractor_cfg)
+    for path in (uri, errors_uri):
+        _prepare_table(path, desc)
+    table = open_table(uri)
+    if table is not None:  # refuse before any work: the table must be this extractor's
+        found = (table.schema.metadata or {}).get(META_FINGERPRINT, b"?").decode()
+        if found != expected_fp:
+            raise FeatureTableMismatch(f"{uri} holds features of fingerprint {found}, not of the requested extractor "
+                                       f"{extractor_name!r} ({expected_fp}); use another output path or the extractor "
+                                       f"that wrote it")
+
+    all_ids = manifest.column("id").to_numpy()
+    current = file_identities(manifest.column("uri").to_pylist())
+    done, done_sources = committed_sources(uri)
+    recorded, recorded_sources = committed_sources(errors_uri)
+    changed = changed_since(done, done_sources, all_ids, current)
+    changed_errors = changed_since(recorded, recorded_sources, all_ids, current)
+    if len(changed):
+        log.warning("%s: %d image(s) changed since they were extracted (e.g. %s): extracting them again", uri,
+                    len(changed), changed[:3].tolist())
+        delete_ids(uri, changed)
+    retried = recorded[np.isin(recorded, all_ids)] if settings.retry_errors else changed_errors
+    if len(retried):
+        delete_ids(errors_uri, retried)
+    done = done[~np.isin(done, changed)]
+    recorded = recorded[~np.isin(recorded, retried)]
+    todo_mask = ~np.isin(all_ids, np.concatenate([done, recorded]))
+    todo = manifest.filter(pa.array(todo_mask)).select(["id", "uri", "bbox"])
+    summary = ExtractSummary(uri=uri, already=int(np.isin(all_ids, done).sum()),
+                             recorded_errors=int(np.isin(all_ids, recorded).sum()),
+                             changed=int(len(changed) + len(changed_errors)))
+    if todo.num_rows == 0:
+        summary.version = table.version if done.size else None
+        log.info("%s: nothing to extract (%d already extracted, %d recorded as unreadable in %s)", uri,
+                 summary.already, summary.recorded_errors, errors_uri)
+        return summary
+    probe = create_extractor(extractor_name, **extractor_cfg)  # fails fast on missing weights, before the pool starts
     schema = schema_for(probe, fingerprint(probe))
     del probe
-
-    if Path(uri).exists():  # refuse before any work: the table must be this extractor's
-        check_schema(lance.dataset(uri).schema, schema, uri)
-    done = set(committed_ids(uri).tolist())
-    recorded = set() if settings.retry_errors else set(committed_ids(errors_uri).tolist())
-    all_ids = manifest.column("id").to_numpy()
-    todo_mask = ~np.isin(all_ids, np.fromiter(done | recorded, np.int64, len(done | recorded)))
-    todo = manifest.filter(pa.array(todo_mask)).select(["id", "uri", "bbox"])
-    summary = ExtractSummary(uri=uri, skipped=int((~todo_mask).sum()))
-    if todo.num_rows == 0:
-        summary.version = lance.dataset(uri).version if done else None
-        log.info("%s: nothing to extract (%d already done)", uri, summary.skipped)
-        return summary
+    if table is not None:
+        check_schema(table.schema, schema, uri)
+    done = set(done.tolist())
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -161,7 +239,8 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
     rows_per_block = settings.batch_size
     blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
     ds = (ray.data.from_arrow(blocks)
-          .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg},
+          .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg,
+                                                "max_pixels": settings.max_image_pixels},
                        batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
           .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, threads),
                        batch_size=settings.batch_size, batch_format="numpy", compute=pool,
@@ -183,7 +262,7 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
             commits += 1
         if errors:
             _append_errors(errors_uri, errors)
-            summary.error_samples.update({i: reason for i, _, reason in errors[:5]})
+            summary.error_samples.update({i: reason for i, _, reason, _ in errors[:5]})
             errors.clear()
         pending_fragments, pending_ids = [], []
         if settings.stop_after_commits is not None and commits >= settings.stop_after_commits:
@@ -207,16 +286,14 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
         commit()
     summary.seconds = time.perf_counter() - start
     _compact(uri)
-    log.info("%s: %d images in %.1fs (%.1f img/s), %d errors, %d skipped, version %s", uri, summary.extracted,
-             summary.seconds, summary.images_per_second, summary.errors, summary.skipped, summary.version)
+    log.info("%s: extracted %d images in %.1fs (%.1f img/s), %d unreadable; before this run %d were extracted and %d "
+             "recorded as unreadable; version %s", uri, summary.extracted, summary.seconds, summary.images_per_second,
+             summary.errors, summary.already, summary.recorded_errors, summary.version)
     return summary
 
 
 def _compact(uri: str, max_fragments: int = 64) -> None:
     """Merge small fragments once there are many (ids are the keys, so moving rows is harmless)."""
-    try:
-        ds = lance.dataset(uri)
-    except (ValueError, FileNotFoundError, OSError):
-        return
-    if len(ds.get_fragments()) > max_fragments:
+    ds = open_table(uri)
+    if ds is not None and len(ds.get_fragments()) > max_fragments:
         ds.optimize.compact_files()

@@ -1,19 +1,23 @@
-"""Feature tables for a benchmark: extract what is missing, then open them for reading.
+"""Feature tables for a benchmark: extract what is missing (or changed), then open them for reading.
 
-Tables live under ``<features_dir>/<benchmark>/<extractor fingerprint>/{query,gallery}.lance``;
-distractors (shared by every benchmark that appends them, e.g. R1M for ROxf and RPar) under
-``<features_dir>/distractors/<name>/<fingerprint>/distractor.lance``.
+Tables live under ``<features_dir>/<benchmark>/<source>/<extractor fingerprint>/{query,gallery}.lance``,
+where ``<source>`` names the dataset root the images come from, so two datasets of one benchmark type
+(two folders, two synthetic roots) never share a table; distractors (shared by every benchmark that
+appends them, e.g. R1M for ROxf and RPar) under ``<features_dir>/distractors/<source>/<fingerprint>/``.
+Within a table each row records its image file's identity, and extraction redoes rows whose file changed.
+A leave-one-out benchmark (queries = gallery) has one table, read as both.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from rrt_dist.datasets import Benchmark
+from rrt_dist.datasets import Benchmark, DatasetLayoutError
 from rrt_dist.features import config_fingerprint
 from rrt_dist.store import FeatureStore, concat_globals
 
@@ -23,20 +27,26 @@ log = logging.getLogger(__name__)
 
 
 def extract_settings(backbone) -> ExtractSettings:
-    """Pipeline settings from a ``backbone`` config."""
-    return ExtractSettings(batch_size=backbone.batch_size, num_actors=backbone.num_actors,
-                           torch_threads=backbone.torch_threads, commit_every=backbone.commit_every)
+    """Pipeline settings from a ``backbone`` config (the fields the two share)."""
+    return ExtractSettings(**{f.name: backbone[f.name] for f in fields(ExtractSettings) if f.name in backbone})
+
+
+def source_key(location: str | Path) -> str:
+    """A short stable name for where images come from (a dataset root or a distractor folder)."""
+    return hashlib.sha1(str(Path(location).resolve()).encode()).hexdigest()[:10]
 
 
 def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict) -> dict[str, Path]:
     fp = config_fingerprint(extractor, **options)
-    root = Path(features_dir)
-    paths = {"query": root / bench.name / fp / "query.lance", "gallery": root / bench.name / fp / "gallery.lance"}
+    folder = Path(features_dir) / bench.name / source_key(bench.info["root"]) / fp
+    paths = {"gallery": folder / "gallery.lance"}
+    if not bench.exclude_self:
+        paths["query"] = folder / "query.lance"
     if bench.n_distractors:
         uris = bench.gallery.filter(pa.compute.equal(bench.gallery.column("split"), "distractor")).column("uri")
         # Named by where the distractors live, so every benchmark that appends them shares one table.
-        where = hashlib.sha1(str(Path(uris[0].as_py()).parent.parent).encode()).hexdigest()[:10]
-        paths["distractor"] = root / "distractors" / where / fp / "distractor.lance"
+        paths["distractor"] = (Path(features_dir) / "distractors" / source_key(Path(uris[0].as_py()).parent.parent)
+                               / fp / "distractor.lance")
     return paths
 
 
@@ -50,35 +60,48 @@ def benchmark_manifests(bench: Benchmark) -> dict[str, pa.Table]:
 
 def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extractor: str, options: dict,
                   settings: ExtractSettings) -> dict[str, FeatureStore]:
-    """Extract the rows of every table in ``paths`` that are not there yet; return the tables (pinned versions)."""
+    """Extract the rows of every table in ``paths`` that are not there yet (or whose image changed); return
+    the tables (pinned versions), each restricted to its manifest's ids."""
     stores = {}
     for name, path in paths.items():
         summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}")
         if summary.errors:
             log.warning("%s: %d unreadable images recorded in %s-errors.lance, e.g. %s", name, summary.errors,
                         str(path).removesuffix(".lance"), summary.error_samples)
-        stores[name] = FeatureStore(path)
+        stores[name] = FeatureStore(path, only=manifests[name].column("id").to_numpy())
+        if len(stores[name]) == 0:
+            raise DatasetLayoutError(path, f"no image of the {name} split could be read (see "
+                                     f"{str(path).removesuffix('.lance')}-errors.lance)", "readable images")
     return stores
 
 
 def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
                     settings: ExtractSettings) -> dict[str, FeatureStore]:
-    """A benchmark's feature tables, extracted where missing."""
-    return ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options), extractor,
-                         options, settings)
+    """A benchmark's feature tables, extracted where missing (``query`` is the gallery's when they are one set)."""
+    stores = ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options), extractor,
+                           options, settings)
+    stores.setdefault("query", stores["gallery"])
+    return stores
+
+
+def unreadable_counts(bench: Benchmark, stores: dict[str, FeatureStore]) -> dict[str, int]:
+    """Images of each split that have no descriptors (recorded as unreadable): they score as misses."""
+    return {name: int(manifest.num_rows - np.isin(manifest.column("id").to_numpy(), stores[name].ids).sum())
+            for name, manifest in benchmark_manifests(bench).items() if name in stores}
 
 
 def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
-    """What every job starts with: Ray up, the benchmark loaded, its feature tables complete."""
+    """What every job starts with: the benchmark loaded (before Ray starts, so a layout error starts
+    nothing), Ray up, its feature tables complete."""
     from omegaconf import OmegaConf
 
     from rrt_dist.datasets import load_benchmark
     from rrt_dist.runtime import init_ray
 
-    init_ray(cfg.ray)
-    bench = load_benchmark(cfg.dataset)
+    bench = load_benchmark(cfg.dataset, ray_cfg=cfg.ray)
     log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
              bench.gallery.num_rows, bench.n_distractors)
+    init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     return bench, ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
 
@@ -91,15 +114,18 @@ def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np
 def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     """The labelled training manifest of ``cfg.dataset`` and its feature table, extracted where missing.
 
-    The table lives at ``<features_dir>/<dataset>-train/<fingerprint>/train.lance``.
+    The table lives at ``<features_dir>/<dataset>-train/<source>/<fingerprint>/train.lance``.
     """
     from omegaconf import OmegaConf
 
     from rrt_dist.datasets import load_training_set
+    from rrt_dist.runtime import init_ray
 
-    name, manifest = load_training_set(cfg.dataset)
+    name, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+    init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    path = Path(cfg.features_dir) / name / config_fingerprint(cfg.backbone.name, **options) / "train.lance"
+    path = (Path(cfg.features_dir) / name / source_key(cfg.dataset.root) / config_fingerprint(cfg.backbone.name, **options)
+            / "train.lance")
     store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options,
                           extract_settings(cfg.backbone))["train"]
     return manifest, store

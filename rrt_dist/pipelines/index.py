@@ -1,30 +1,34 @@
 """Sharded index for a benchmark's feature tables: build once, add new rows incrementally, search (± αQE).
 
-Indexes live in ``<index.dir>/<benchmark>/<extractor fingerprint>/<factory>-<shards>s[-dba<n>][-d]/``
-(``-d`` when the distractors are indexed with the gallery).
+Indexes live in ``<index.dir>/<benchmark>/<extractor fingerprint>/<tables>/<factory>-<shards>s[-dba<n>][-d]/``
+(``<tables>``: which feature tables; ``-d`` when the distractors are indexed with the gallery).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
 
 import numpy as np
 
-from rrt_dist.index.core import read_manifest
+from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import database_augmentation
-from rrt_dist.index.sharded import ShardedIndex, build_index
+from rrt_dist.index.sharded import ShardedIndex, StaleIndex, table_identities, build_index
 from rrt_dist.store import FeatureStore, concat_globals
 
 log = logging.getLogger(__name__)
 
 
-def index_directory(cfg, benchmark: str, fingerprint: str, with_distractors: bool) -> str:
+def index_directory(cfg, benchmark: str, stores: list[FeatureStore]) -> str:
+    """``<index.dir>/<benchmark>/<fingerprint>/<tables>/<factory>-<shards>s[-dba<n>][-d]``: ``<tables>`` names the
+    feature tables indexed (so two datasets of one benchmark type never share an index)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.factory) + f"-{cfg.n_shards}s"
     name += f"-dba{cfg.dba_n}" if cfg.dba_n else ""
-    name += "-d" if with_distractors else ""
-    return str(Path(cfg.dir) / benchmark / fingerprint / name)
+    name += "-d" if len(stores) > 1 else ""
+    tables = hashlib.sha1("|".join(sorted(s.uri for s in stores)).encode()).hexdigest()[:10]
+    return str(Path(cfg.dir) / benchmark / stores[0].fingerprint / tables / name)
 
 
 def indexed_tables(cfg, stores: dict) -> list[str]:
@@ -33,30 +37,41 @@ def indexed_tables(cfg, stores: dict) -> list[str]:
 
 
 def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedIndex:
-    """Open the index of ``stores`` (building it, or adding rows it lacks) and start its shard actors."""
-    with_distractors = len(stores) > 1
-    directory = index_directory(cfg, benchmark, stores[0].fingerprint, with_distractors)
+    """Open the index of ``stores`` (building it, adding rows it lacks, or rebuilding it when indexed rows
+    changed) and start its shard actors."""
+    directory = index_directory(cfg, benchmark, stores)
     try:
-        read_manifest(directory)
-        built = True
+        manifest = read_manifest(directory)
     except FileNotFoundError:
-        built = False
-    if not built:
-        vectors = None
-        if cfg.dba_n:
-            ids, vectors = concat_globals(stores)
-            vectors = database_augmentation(exact_searcher(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
-        build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
-                    vectors=vectors)
+        manifest = None
+    if manifest is not None and cfg.dba_n and manifest.rows_digest != rows_digest(*table_identities(stores)):
+        # DBA vectors depend on every neighbourhood: any change means a rebuild.
+        log.warning("%s: the feature tables changed since this DBA index was built; rebuilding", directory)
+        manifest = None
+    if manifest is None:
+        _build(cfg, stores, directory)
     index = ShardedIndex(directory, use_gpu=cfg.use_gpu, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
-    if built:
-        if cfg.dba_n:
-            log.warning("%s: incremental add is not defined with DBA (neighbourhoods change); rebuild instead", directory)
-        else:
+    if manifest is not None and not cfg.dba_n:
+        try:
             added = index.add_from(stores)
-            if added:
-                log.info("%s: added %d new rows", directory, added)
+        except StaleIndex as why:
+            log.warning("%s; rebuilding", why)
+            index.close()
+            _build(cfg, stores, directory)
+            return ShardedIndex(directory, use_gpu=cfg.use_gpu, params=cfg.params,
+                                expected_fingerprint=stores[0].fingerprint)
+        if added:
+            log.info("%s: added %d new rows", directory, added)
     return index
+
+
+def _build(cfg, stores: list[FeatureStore], directory: str) -> None:
+    vectors = None
+    if cfg.dba_n:
+        ids, vectors = concat_globals(stores)
+        vectors = database_augmentation(exact_searcher(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
+    build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
+                vectors=vectors)
 
 
 def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
+from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
@@ -46,7 +47,8 @@ def run_name(cfg) -> str:
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in ("split", "distractors")}       # the evaluated split does not change training
     decisive = {"dataset": dataset,
-                "backbone": [cfg.backbone.name, OmegaConf.to_container(cfg.backbone.options, resolve=True)],
+                "backbone": config_fingerprint(cfg.backbone.name, **OmegaConf.to_container(cfg.backbone.options,
+                                                                                             resolve=True)),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
                                        "cpus_per_worker", "data_cpus", "use_gpu")}}  # where it runs does not change the weights
@@ -154,7 +156,7 @@ def _history(result) -> list[dict]:
     import torch
 
     with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)["history"]
+        return torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=True)["history"]
 
 
 def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> tuple:

@@ -8,12 +8,14 @@ Schema (one row per image, keyed by the manifest's int64 ``id``)::
     positions  fixed_size_list<float32>[L * 2]        (x, y) pixels in the original image
     scales     fixed_size_list<int8>[L]               scale index of each local descriptor
     n_local    int32
+    source     string                                  identity of the image file extracted (size:mtime_ns), or null
 
 Global-only extractors (``L = 0``) have no ``local``/``positions``/``scales`` columns (Lance
 refuses zero-width lists).
 
 The schema metadata holds the extractor's name, its config (JSON) and fingerprint; opening a
-table for an extractor with another fingerprint is an error. Distributed writers write Lance
+table for an extractor with another fingerprint is an error. ``source`` ties each row to the file
+it came from: the extraction pipeline re-extracts a row whose file changed since (never reuses it). Distributed writers write Lance
 fragments (:func:`write_fragment`); one process commits them (:func:`commit_fragments`), so a
 row becomes visible atomically with its Lance version and a killed job leaves no partial rows.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import lance
@@ -46,6 +49,7 @@ def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: 
         pa.field("global", pa.list_(pa.float16(), global_dim)),
         *local_fields,
         pa.field("n_local", pa.int32()),
+        pa.field("source", pa.string()),
     ], metadata={META_EXTRACTOR: extractor.encode(), META_CONFIG: json.dumps(config, sort_keys=True, default=str).encode(),
                  META_FINGERPRINT: fingerprint.encode()})
 
@@ -63,8 +67,11 @@ def _fixed(values: np.ndarray, width: int, typ) -> pa.FixedSizeListArray:
 
 
 def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray, local: np.ndarray,
-                      positions: np.ndarray, scales: np.ndarray, n_local: np.ndarray) -> pa.Table:
-    """Batch arrays (``local [B, L, d_l]``, ``positions [B, L, 2]``, ``scales [B, L]``) -> an Arrow table."""
+                      positions: np.ndarray, scales: np.ndarray, n_local: np.ndarray,
+                      sources: Sequence[str | None] | None = None) -> pa.Table:
+    """Batch arrays (``local [B, L, d_l]``, ``positions [B, L, 2]``, ``scales [B, L]``) -> an Arrow table.
+
+    ``sources``: each image file's identity (:func:`rrt_dist.features.images.file_identity`), null if unknown."""
     n = len(ids)
     d_g = schema.field("global").type.list_size
     width, d_l = local_shape(schema)
@@ -76,7 +83,8 @@ def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray
         columns += [_fixed(local.astype(np.float16), width * d_l, pa.float16()),
                     _fixed(positions.astype(np.float32), width * 2, pa.float32()),
                     _fixed(scales.astype(np.int8), width, pa.int8())]
-    return pa.Table.from_arrays(columns + [pa.array(np.asarray(n_local, np.int32))], schema=schema)
+    sources = pa.nulls(n, pa.string()) if sources is None else pa.array(list(sources), pa.string())
+    return pa.Table.from_arrays(columns + [pa.array(np.asarray(n_local, np.int32)), sources], schema=schema)
 
 
 def write_fragment(uri: str | Path, table: pa.Table) -> list:
@@ -86,12 +94,20 @@ def write_fragment(uri: str | Path, table: pa.Table) -> list:
     return write_fragments(table, str(uri), schema=table.schema)
 
 
+def open_table(uri: str | Path) -> lance.LanceDataset | None:
+    """The latest committed version of a table, or None when there is none: a folder holding only the
+    fragments of a run killed before its first commit is no table yet."""
+    try:
+        return lance.dataset(str(uri))
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+
+
 def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lance.LanceDataset:
     """Commit fragments as one new version (creating the table with ``schema`` on first commit)."""
     uri = str(uri)
-    try:
-        ds = lance.dataset(uri)
-    except (ValueError, FileNotFoundError, OSError):
+    ds = open_table(uri)
+    if ds is None:
         return lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments), read_version=None)
     check_schema(ds.schema, schema, uri)
     return lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
@@ -100,7 +116,10 @@ def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lan
 def check_schema(found: pa.Schema, expected: pa.Schema, uri: str) -> None:
     fp_found = (found.metadata or {}).get(META_FINGERPRINT, b"?").decode()
     fp_expected = (expected.metadata or {}).get(META_FINGERPRINT, b"?").decode()
-    if fp_found != fp_expected or not found.remove_metadata().equals(expected.remove_metadata()):
+    if fp_found == fp_expected and not found.remove_metadata().equals(expected.remove_metadata()):
+        raise FeatureTableMismatch(f"{uri} was written by another version of rrt-dist (its columns differ: "
+                                   f"{found.names} vs {expected.names}); delete it to extract it again")
+    if fp_found != fp_expected:
         name = (found.metadata or {}).get(META_EXTRACTOR, b"?").decode()
         raise FeatureTableMismatch(
             f"{uri} holds features of extractor {name!r} (fingerprint {fp_found}), not of the requested one "
@@ -109,21 +128,66 @@ def check_schema(found: pa.Schema, expected: pa.Schema, uri: str) -> None:
 
 def committed_ids(uri: str | Path) -> np.ndarray:
     """Ids already committed to a table (empty if it does not exist)."""
-    try:
-        ds = lance.dataset(str(uri))
-    except (ValueError, FileNotFoundError, OSError):
+    ds = open_table(uri)
+    if ds is None:
         return np.zeros(0, np.int64)
     return ds.to_table(columns=["id"]).column("id").to_numpy()
+
+
+def committed_sources(uri: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, sources)`` committed to a table (empty if it does not exist); sources may hold None."""
+    ds = open_table(uri)
+    if ds is None:
+        return np.zeros(0, np.int64), np.zeros(0, object)
+    if "source" not in ds.schema.names:         # written before rows recorded their file: identity unknown
+        ids = ds.to_table(columns=["id"]).column("id").to_numpy()
+        return ids, np.full(len(ids), None, dtype=object)
+    table = ds.to_table(columns=["id", "source"])
+    return table.column("id").to_numpy(), np.asarray(table.column("source").to_pylist(), dtype=object)
+
+
+def delete_ids(uri: str | Path, ids: Sequence[int], chunk: int = 10_000) -> None:
+    """Delete the rows of ``ids`` (one Lance version per chunk of ids)."""
+    ds = open_table(uri)
+    ids = [int(i) for i in ids]
+    for s in range(0, len(ids), chunk):
+        ds.delete(f"id IN ({', '.join(map(str, ids[s:s + chunk]))})")
+
+
+def remove_uncommitted(uri: str | Path) -> str | None:
+    """Clean up what an interrupted writer left: a folder with no committed version is removed; data
+    files no version references (fragments written but never committed) are deleted. Only the one
+    process that writes the table may call this. Returns what was done, or None."""
+    import shutil
+
+    path = Path(uri)
+    if not path.exists():
+        return None
+    ds = open_table(uri)
+    if ds is None:
+        shutil.rmtree(path)
+        return f"removed {path}: no committed version (a run stopped before its first commit)"
+    data = path / "data"
+    referenced = {Path(f.path).name for fragment in ds.get_fragments() for f in fragment.data_files()}
+    on_disk = {p.name for p in data.iterdir()} if data.is_dir() else set()
+    if on_disk <= referenced:
+        return None
+    # Every version stays (readers may pin one); only files no version references are removed.
+    stats = ds.cleanup_old_versions(older_than=timedelta(days=36500), delete_unverified=True)
+    return f"removed {stats.data_files_removed} uncommitted fragment file(s) from {path}"
 
 
 class FeatureStore:
     """Read side of a feature table, pinned to one Lance version.
 
     ``globals()`` loads every global descriptor with its id; ``take_locals(ids)`` fetches the local
-    descriptors of any ids in one batched random-access read.
+    descriptors of any ids in one batched random-access read. ``only`` restricts the view to those
+    ids (a table may hold rows of images its current manifest no longer lists, e.g. distractors
+    beyond a smaller ``limit``): ``ids``, ``globals()``, ``contains`` and ``take_locals`` see no other.
     """
 
-    def __init__(self, uri: str | Path, version: int | None = None, expected_fingerprint: str | None = None):
+    def __init__(self, uri: str | Path, version: int | None = None, expected_fingerprint: str | None = None,
+                 only: Sequence[int] | None = None):
         # Absolute: the (uri, version) pairs handed to actors and Ray Train workers must not depend on their cwd.
         self.uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
         self.dataset = lance.dataset(self.uri, version=version)
@@ -138,13 +202,27 @@ class FeatureStore:
         self.global_dim = schema.field("global").type.list_size
         self.max_local, self.local_dim = local_shape(schema)
         ids = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
+        self._rows = np.arange(len(ids))                     # table row offset of each id in view
+        if only is not None:
+            self._rows = np.flatnonzero(np.isin(ids, np.asarray(only, np.int64)))
+            ids = ids[self._rows]
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
         self.ids = ids
+        self.restricted = only is not None
 
     @property
     def version(self) -> int:
         return self.dataset.version
+
+    def sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, file identities)`` of the rows in view (identities None where unknown)."""
+        if "source" not in self.dataset.schema.names:
+            return self.ids, np.full(len(self.ids), None, dtype=object)
+        table = self.dataset.to_table(columns=["id", "source"])
+        if self.restricted:
+            table = table.take(self._rows)
+        return table.column("id").to_numpy(), np.asarray(table.column("source").to_pylist(), dtype=object)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -162,11 +240,13 @@ class FeatureStore:
         if len(self._sorted_ids) == 0 or not np.all(self._sorted_ids[pos] == ids):
             missing = ids if len(self._sorted_ids) == 0 else ids[self._sorted_ids[pos] != ids]
             raise KeyError(f"ids not in {self.uri}: {missing[:5].tolist()}")
-        return self._order[pos]
+        return self._rows[self._order[pos]]
 
     def globals(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [N], global [N, d_g])`` in table order."""
         table = self.dataset.to_table(columns=["id", "global"])
+        if self.restricted:
+            table = table.take(self._rows)
         vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 

@@ -164,7 +164,7 @@ def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=True)
         task.load(getattr(model, "module", model), Path(folder))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -190,7 +190,7 @@ class ReextractedValidation:
 
 def export_backbone(model: JointReranker, folder: str | Path) -> dict:
     """Write the finetuned extractor where the ``dense-grid`` extractor reads it: ``backbone.pt`` (the timm
-    state dict, ``backbone.checkpoint``) and ``local_projection.npz`` (``backbone.local_projection``).
+    state dict, ``backbone.options.checkpoint``) and ``local_projection.npz`` (``backbone.options.local_projection``).
 
     The trained projection ``W x + b`` is stored as the extractor's ``(x - mean) @ P`` with ``P = W^T``
     and ``mean`` solving ``mean @ P = -b`` (exact: ``P`` has full column rank).
