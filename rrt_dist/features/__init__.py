@@ -5,6 +5,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from .grid import DenseGrid, ViTTokens
 from .multiscale import MultiscaleCNN
@@ -50,6 +51,13 @@ def check_extractor_options(name: str, options: dict) -> None:
     if unknown:
         raise ConfigError(f"backbone.options.{unknown[0]} is not an option of extractor {name!r}; "
                           f"its options: {', '.join(known)}")
+    for key in FILE_OPTIONS:
+        value = options.get(key)
+        if value and "://" not in str(value) and not Path(value).exists():
+            raise ConfigError(f"backbone.options.{key}={value}: no such file")
+
+
+FILE_OPTIONS = ("checkpoint", "whitening", "local_projection", "global_projection")   # paths an extractor reads
 
 
 def create_preparer(name: str, **cfg):

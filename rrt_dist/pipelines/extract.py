@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +54,8 @@ class ExtractSettings:
     commit_every: int = 256           # images per Lance commit
     retry_errors: bool = False        # re-try ids recorded as unreadable
     max_image_pixels: int = DEFAULT_MAX_PIXELS   # larger images are recorded as errors
-    stop_after_commits: int | None = None  # fault injection for tests: raise after N commits
+    stop_after_commits: int | None = None  # fault injection (tests): stop at the next commit after N, its fragments written
+    stop_by_kill: bool = False        # ... by SIGKILL of this process instead of raising InjectedFailure
 
 
 @dataclass
@@ -252,6 +255,10 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
 
     def commit():
         nonlocal pending_fragments, pending_ids, commits
+        if settings.stop_after_commits is not None and commits >= settings.stop_after_commits and pending_fragments:
+            if settings.stop_by_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedFailure(f"stopping after {commits} commit(s) (fault injection)")
         if pending_fragments:
             ids = np.concatenate(pending_ids)
             clash = done.intersection(ids.tolist())
@@ -265,8 +272,6 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
             summary.error_samples.update({i: reason for i, _, reason, _ in errors[:5]})
             errors.clear()
         pending_fragments, pending_ids = [], []
-        if settings.stop_after_commits is not None and commits >= settings.stop_after_commits:
-            raise InjectedFailure(f"stopping after {commits} commit(s) (fault injection)")
 
     with tqdm(total=todo.num_rows, desc=desc, unit="img", mininterval=2.0) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -153,10 +153,10 @@ def _best(result) -> tuple:
 
 
 def _history(result) -> list[dict]:
-    import torch
+    from rrt_dist.train.core import load_trainer_state
 
     with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=True)["history"]
+        return load_trainer_state(folder)["history"]
 
 
 def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> tuple:

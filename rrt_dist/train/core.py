@@ -156,6 +156,14 @@ def model_checkpoint(model: torch.nn.Module, settings: TrainSettings, epoch: int
             "config": dict(vars(model.cfg))}
 
 
+def load_trainer_state(folder) -> dict:
+    """A checkpoint's ``trainer.pt`` (optimizer, scheduler, epoch, history): tensors and plain containers only,
+    loaded with ``weights_only`` so that a planted object in the file cannot run code."""
+    from pathlib import Path
+
+    return torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=True)
+
+
 def validation_score(metrics: dict) -> float:
     """One number to select checkpoints by: mean of Medium and Hard mAP (revisitop), else mAP / MAP@R."""
     if "medium" in metrics:

@@ -30,7 +30,8 @@ import torch
 
 from rrt_dist.store import FeatureStore
 
-from .core import TrainSettings, TripletBatches, build_model, epoch_triplets, model_checkpoint, train_step, validate
+from .core import (TrainSettings, TripletBatches, build_model, epoch_triplets, load_trainer_state, model_checkpoint,
+                   train_step, validate)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=True)
+        state = load_trainer_state(folder)
         task.load(getattr(model, "module", model), Path(folder))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,344 @@
+"""What a hostile but fair user does: stale tables, kills before the first commit, decompression bombs, planted
+checkpoints, bad values, bad paths, images fixed after a failure, and kill -9 at random commit boundaries."""
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import lance
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import rrt_dist.config  # noqa: F401
+from rrt_dist.config import ConfigError, validate_config
+from rrt_dist.datasets import make_manifest, read_revisitop
+from rrt_dist.pipelines.extract import ExtractSettings, InjectedFailure, extract_to_lance
+from rrt_dist.store import FeatureStore, committed_ids, write_fragment
+from rrt_dist.store.features import features_schema, features_to_table
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ("tiny-image", {})
+
+
+def make(overrides=()):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def folder_dataset(root: Path, images: list[Path], labels: list[int], queries: list[tuple[Path, int]]) -> Path:
+    """A folder benchmark with fixed file names (g<i>.jpg, q<i>.jpg) holding the given images."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        shutil.copyfile(image, root / f"g{i}.jpg")
+    for i, (image, _) in enumerate(queries):
+        shutil.copyfile(image, root / f"q{i}.jpg")
+    (root / "gallery.csv").write_text("path,label\n" + "".join(f"g{i}.jpg,{lab}\n" for i, lab in enumerate(labels)))
+    (root / "queries.csv").write_text("path,label\n" + "".join(f"q{i}.jpg,{lab}\n" for i, (_, lab) in enumerate(queries)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_folders(small_synthetic, tmp_path_factory):
+    """Two folder datasets with the same file names and labels but other pixels (other landmarks)."""
+    _, root = small_synthetic
+    jpg = root / "jpg" / "test"
+    tmp = tmp_path_factory.mktemp("folders")
+
+    def build(name, landmarks):
+        images = [jpg / f"g{lm:05d}_{v:02d}.jpg" for lm in landmarks for v in range(4)]
+        labels = [i for i, _ in enumerate(landmarks) for _ in range(4)]
+        queries = [(jpg / f"q{lm:05d}_0.jpg", i) for i, lm in enumerate(landmarks)]
+        return folder_dataset(tmp / name, images, labels, queries)
+
+    return build("a", [0, 1, 2, 3, 4]), build("b", [5, 6, 7, 8, 9])
+
+
+def run_evaluation(root: Path, features: Path, out: Path, extra=()):
+    from rrt_dist.pipelines.evaluate import evaluate
+
+    cfg = make(["dataset=folder", f"dataset.root={root}", "backbone=tiny_image", "reranker=none",
+                f"features_dir={features}", f"index.dir={features.parent / 'indexes'}", f"output_dir={out}", *extra])
+    validate_config(cfg)
+    return evaluate(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ 1. stale tables
+
+@pytest.mark.ray
+def test_same_file_names_other_pixels_never_reuse_descriptors(local_ray, two_folders, tmp_path):
+    a, b = two_folders
+    shared = tmp_path / "shared"
+    first = run_evaluation(a, shared, tmp_path / "o1")
+    second = run_evaluation(b, shared, tmp_path / "o2")                   # today: reused a's descriptors
+    alone = run_evaluation(b, tmp_path / "alone", tmp_path / "o3")
+    assert second["results"] == alone["results"] and first["results"] != second["results"]
+    assert second["run"]["queries"] == 5 and second["run"]["gallery"] == 20
+    # with an index too (index.k): two datasets of one benchmark type never share one
+    indexed = run_evaluation(b, shared, tmp_path / "o4", ["index.k=10"])
+    fresh = run_evaluation(b, tmp_path / "alone2", tmp_path / "o5", ["index.k=10"])
+    assert indexed["results"] == fresh["results"]
+
+
+@pytest.mark.ray
+def test_images_replaced_in_place_are_extracted_again(local_ray, two_folders, tmp_path):
+    a, b = two_folders
+    root = tmp_path / "data"
+    shutil.copytree(b, root)
+    features = tmp_path / "features"
+    run_evaluation(root, features, tmp_path / "o1", ["index.k=10"])
+    for f in a.iterdir():                                 # same names, a's pixels and labels, new mtimes
+        shutil.copyfile(f, root / f.name)
+    replaced = run_evaluation(root, features, tmp_path / "o2", ["index.k=10"])
+    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3", ["index.k=10"])
+    assert replaced["results"] == reference["results"]
+    gallery = FeatureStore(replaced["feature_tables"]["gallery"]["uri"])
+    assert len(gallery) == 20 and len(np.unique(gallery.ids)) == 20
+
+
+# ------------------------------------------------------------------------------- 2. killed before the first commit
+
+def test_folder_without_a_committed_version_is_no_table(local_ray, small_synthetic, tmp_path):
+    _, root = small_synthetic
+    bench = read_revisitop(root, "synthetic")
+    manifest = bench.gallery.slice(0, 10)
+    uri = tmp_path / "gallery.lance"
+    with pytest.raises(InjectedFailure):                   # fragments written, never committed
+        extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2, commit_every=4, stop_after_commits=0))
+    assert (uri / "data").is_dir() and not (uri / "_versions").exists()
+    summary = extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2))
+    assert summary.extracted == 10 and sorted(committed_ids(uri)) == sorted(manifest.column("id").to_pylist())
+    # fragments a later interrupted run wrote but never committed are removed on the next run
+    stray = write_fragment(uri, lance.dataset(str(uri)).to_table().slice(0, 2))
+    assert stray
+    files = len(list((uri / "data").iterdir()))
+    again = extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2))
+    assert again.extracted == 0 and len(list((uri / "data").iterdir())) == files - 1
+
+
+# --------------------------------------------------------------------------------------- 3. decompression bombs
+
+def bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A small PNG whose header claims side x side pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_recorded_not_fatal(local_ray, small_synthetic, tmp_path):
+    from rrt_dist.features.images import ImageError, load_image
+
+    _, root = small_synthetic
+    bomb = bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match="exceed the limit"):
+        load_image(str(bomb))
+    good = read_revisitop(root, "synthetic").gallery.slice(0, 3)
+    rows = pa_concat(good, make_manifest([77], [str(bomb)], "gallery"))
+    summary = extract_to_lance(rows, tmp_path / "f.lance", *TINY, ExtractSettings(batch_size=2))
+    assert summary.extracted == 3 and summary.errors == 1
+    reasons = {r["id"]: r["reason"] for r in lance.dataset(str(tmp_path / "f-errors.lance")).to_table().to_pylist()}
+    assert "100000x100000 pixels exceed the limit" in reasons[77]
+    # the limit is configuration: a tiny one makes every image an error
+    small = extract_to_lance(good, tmp_path / "g.lance", *TINY, ExtractSettings(batch_size=2, max_image_pixels=100))
+    assert small.errors == 3 and small.extracted == 0
+
+
+def pa_concat(*tables):
+    from rrt_dist.datasets import concat_manifests
+
+    return concat_manifests(tables)
+
+
+# --------------------------------------------------------------------------------- 4. checkpoints cannot run code
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_trainer_state_with_a_planted_payload_is_refused(tmp_path):
+    from rrt_dist.train.core import load_trainer_state
+
+    marker = tmp_path / "ran"
+    torch.save({"epoch": 1, "history": [], "extra": Payload(str(marker))}, tmp_path / "trainer.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_trainer_state(tmp_path)
+    assert not marker.exists()
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2], 0.1)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": 0,
+                "history": [{"epoch": 1, "val_metrics": {"medium": {"mP@k": {1: 0.5}}}}]}, tmp_path / "trainer.pt")
+    assert load_trainer_state(tmp_path)["scheduler"]["milestones"] == {2: 1}   # what training writes loads safely
+
+
+# ------------------------------------------------------------------------------------------------ 5. bad values
+
+@pytest.mark.parametrize("override, key", [
+    ("index.k=0", "index.k"), ("index.k=-5", "index.k"), ("reranker.k=0", "reranker.k"), ("reranker.k=-1", "reranker.k"),
+    ("index.n_shards=0", "index.n_shards"), ("train.lr=0", "train.lr"), ("train.milestones=[0]", "train.milestones"),
+    ("backbone.batch_size=0", "backbone.batch_size"), ("dataset.n_landmarks=0", "dataset.n_landmarks"),
+    ("train.positive_scope=any", "train.positive_scope"), ("reranker.methods=[global,gvv]", "reranker.methods"),
+    ("index.factory=IVFxyz", "index.factory"), ("reranker.qualitative_row=rrt", "reranker.qualitative_row"),
+    ("backbone.options.checkpoint=/no/such.pt", "backbone.options.checkpoint"),
+])
+def test_bad_values_are_refused_naming_the_key(override, key):
+    cfg = make([override])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert str(err.value).startswith(key)
+
+
+def test_valid_options_need_no_plus_and_typos_fail():
+    cfg = make(["backbone.options.pretrained=false", "backbone.options.max_size=512", "backbone.retry_errors=true"])
+    validate_config(cfg)
+    assert cfg.backbone.options.max_size == 512 and cfg.backbone.retry_errors
+    from rrt_dist.pipelines.features import extract_settings
+
+    assert extract_settings(cfg.backbone).retry_errors
+    with pytest.raises(Exception, match="chekpoint"):
+        make(["backbone.options.chekpoint=x"])
+
+
+def test_more_shards_than_vectors_are_capped(local_ray, tmp_path, caplog):
+    from rrt_dist.index.sharded import ShardedIndex, build_index
+
+    ids = np.arange(1, 11, dtype=np.int64)
+    vectors = np.eye(10, 16, dtype=np.float32)
+    schema = features_schema(16, 0, 0, "test", {}, "fp")
+    uri = tmp_path / "t.lance"
+    from rrt_dist.store import commit_fragments
+
+    commit_fragments(uri, schema, write_fragment(uri, features_to_table(schema, ids, vectors, np.zeros((10, 0, 0)),
+                                                                        None, None, np.zeros(10))))
+    manifest = build_index(FeatureStore(uri), str(tmp_path / "index"), "Flat", n_shards=60)
+    assert len(manifest.shards) == 10 and "60 shards asked for 10 vectors" in caplog.text
+    index = ShardedIndex(str(tmp_path / "index"))
+    _, found = index.search(vectors[:3], 1)
+    index.close()
+    assert found[:, 0].tolist() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- 6. user errors in one line, no Ray
+
+def run_job(*args, cwd):
+    return subprocess.run([str(BIN / "rrt-dist"), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("missing", "gallery.csv: file not found"),
+    ("empty", "the gallery split of folder lists no image"),
+    ("bad_value", "index.k=0 is out of range"),
+])
+def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
+    root = tmp_path / "data"
+    args = ["evaluate", "dataset=folder", f"dataset.root={root}", "backbone=tiny_image", "reranker=none",
+            f"hydra.run.dir={tmp_path / 'out'}"]
+    if setup == "empty":
+        root.mkdir()
+        (root / "gallery.csv").write_text("path,label\n")
+    if setup == "bad_value":
+        args.append("index.k=0")
+    proc = run_job(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rrt-dist: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "starting embedded Ray" not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------- 7. retrying fixed images, unreadable counts, summaries
+
+@pytest.mark.ray
+def test_fixed_images_are_retried_and_unreadable_images_are_counted(local_ray, two_folders, tmp_path):
+    a, _ = two_folders
+    root = tmp_path / "data"
+    shutil.copytree(a, root)
+    saved = {n: (root / n).read_bytes() for n in ("q0.jpg", "g3.jpg")}
+    for name in saved:
+        (root / name).write_bytes(b"not an image")
+    features = tmp_path / "features"
+    broken = run_evaluation(root, features, tmp_path / "o1")
+    assert broken["run"]["unreadable"] == {"query": 1, "gallery": 1}
+    assert "unreadable images (scored as misses): query 1, gallery 1" in (tmp_path / "o1" / "report.md").read_text()
+    for name, data in saved.items():                     # fixed: new content, so the recorded errors are retried
+        (root / name).write_bytes(data)
+    fixed = run_evaluation(root, features, tmp_path / "o2")
+    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3")
+    assert fixed["run"]["unreadable"] == {"query": 0, "gallery": 0} and fixed["results"] == reference["results"]
+
+
+def test_rerun_summary_tells_extracted_from_recorded(local_ray, small_synthetic, tmp_path):
+    _, root = small_synthetic
+    good = read_revisitop(root, "synthetic").gallery.slice(0, 6)
+    bad = make_manifest([901, 902], [str(tmp_path / "missing1.jpg"), str(tmp_path / "missing2.jpg")], "gallery")
+    rows = pa_concat(good, bad)
+    uri = tmp_path / "f.lance"
+    extract_to_lance(rows, uri, *TINY, ExtractSettings(batch_size=4))
+    rerun = extract_to_lance(rows, uri, *TINY, ExtractSettings(batch_size=4))
+    assert (rerun.already, rerun.recorded_errors, rerun.extracted) == (6, 2, 0)
+    retry = extract_to_lance(rows, uri, *TINY, ExtractSettings(batch_size=4, retry_errors=True))
+    assert (retry.already, retry.recorded_errors, retry.errors) == (6, 0, 2)
+    errors = lance.dataset(str(tmp_path / "f-errors.lance")).to_table().column("id").to_pylist()
+    assert sorted(errors) == [901, 902]                   # retried records replaced, not duplicated
+
+
+# ------------------------------------------------------------------------- chaos: kill -9 at random commit points
+
+CHAOS_DRIVER = """
+import sys, pyarrow as pa, ray
+from rrt_dist.datasets import read_revisitop
+from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+root, uri, stop, address = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+ray.init(address=address, logging_level="ERROR")
+manifest = read_revisitop(root, "synthetic").gallery.slice(0, 40)
+settings = ExtractSettings(batch_size=2, commit_every=6, stop_after_commits=None if stop == "none" else int(stop),
+                           stop_by_kill=True)
+extract_to_lance(manifest, uri, "tiny-image", {}, settings)
+"""
+
+
+def sorted_rows(uri):
+    table = lance.dataset(str(uri)).to_table(columns=["id", "global", "n_local", "source"])
+    return table.sort_by("id").to_pylist()
+
+
+@pytest.mark.ray
+def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synthetic, tmp_path):
+    _, root = small_synthetic
+    address = local_ray.get_runtime_context().gcs_address
+    script = tmp_path / "driver.py"
+    script.write_text(CHAOS_DRIVER)
+
+    def drive(uri, stop):
+        return subprocess.run([sys.executable, str(script), str(root), str(uri), str(stop), address],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    reference = tmp_path / "reference.lance"
+    assert drive(reference, "none").returncode == 0
+    expected = sorted_rows(reference)
+    assert len(expected) == 40
+    rng = np.random.default_rng(0)
+    for seed, stop in enumerate([0, *rng.integers(1, 6, size=2).tolist()]):   # before the first commit, then random
+        uri = tmp_path / f"killed-{seed}.lance"
+        killed = drive(uri, stop)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert len(committed_ids(uri)) == 6 * stop if stop else not (uri / "_versions").exists()
+        rerun = drive(uri, "none")
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert sorted_rows(uri) == expected
+        data_files = {p.name for p in (uri / "data").iterdir()}
+        ds = lance.dataset(str(uri))
+        assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
