@@ -36,9 +36,11 @@ def init_ray(cfg) -> dict:
     else:
         num_cpus = cfg.num_cpus or available_cpus()
         log.info("starting embedded Ray with %d CPUs", num_cpus)
-        # Loopback only: an embedded Ray serves this process alone.
+        # An embedded Ray serves this process alone: node address and dashboard on loopback (Ray 2.60's gRPC
+        # servers still listen on every interface, behind its token authentication). The dashboard also serves
+        # the state API, which Ray Train's placement-group cleaner polls (without it: a warning every second).
         ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **common)
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources

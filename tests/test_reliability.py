@@ -342,3 +342,42 @@ def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synt
         data_files = {p.name for p in (uri / "data").iterdir()}
         ds = lance.dataset(str(uri))
         assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
+
+
+# ----------------------------------------------------------------------------- leave-one-out, reports, checkpoints
+
+@pytest.mark.ray
+def test_leave_one_out_extracts_once_and_reports_what_it_ran(local_ray, two_folders, tmp_path):
+    a, _ = two_folders
+    root = tmp_path / "loo"
+    shutil.copytree(a, root)
+    (root / "queries.csv").unlink()
+    features = tmp_path / "features"
+    out = tmp_path / "out"
+    report = run_evaluation(root, features, out, ["reranker.methods=[global,gv]", "backbone=lite0_multiscale",
+                                                  "backbone.options.max_size=128", "backbone.options.max_local=60"])
+    assert sorted(p.name for p in features.rglob("*.lance") if (p / "_versions").is_dir()) == ["gallery.lance"]
+    assert report["run"]["leave_one_out"] and report["run"]["queries"] == 20
+    rows = report["results"]
+    assert "GV (top-19)" in rows                          # 20 images, the query itself excluded: 19 candidates
+    assert {"P@1", "RP", "MAP@R", "mAP"} <= set(rows["Global only"]["folder"])
+    markdown = (out / "report.md").read_text()
+    assert f"`{root.resolve()}`" in markdown and "20 queries, 20 gallery images (leave-one-out" in markdown
+    assert report["run"]["qualitative_row"] == "GV (top-19)" and (out / "qualitative.png").exists()
+
+
+def test_checkpoints_ray_train_never_recorded_are_removed(tmp_path):
+    from rrt_dist.train.distributed import remove_unrecorded_checkpoints
+
+    run = tmp_path / "run"
+    for name in ("epoch_001", "epoch_002", "epoch_003", "tensorboard"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.pt").write_bytes(b"x")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "epoch_001", "metrics": {}}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "epoch_002", "metrics": {}}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert remove_unrecorded_checkpoints(str(run)) == ["epoch_003"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_manager_snapshot.json", "epoch_001", "epoch_002",
+                                                     "tensorboard"]
+    (run / "checkpoint_manager_snapshot.json").unlink()         # killed before anything was recorded
+    assert remove_unrecorded_checkpoints(str(run)) == ["epoch_001", "epoch_002"]

@@ -93,8 +93,8 @@ def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(l
     from rrt_dist.pipelines.train import train_rrt
 
     overrides = ["experiment=synthetic_small", f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'f'}",
-                 "backbone=dense_grid_r50", "backbone.options.model=resnet18", "+backbone.options.pretrained=false",
-                 "+backbone.options.image_size=64", "train=rrt_sop_joint", "train.epochs=1", "train.milestones=[]",
+                 "backbone=dense_grid_r50", "backbone.options.model=resnet18", "backbone.options.pretrained=false",
+                 "backbone.options.image_size=64", "train=rrt_sop_joint", "train.epochs=1", "train.milestones=[]",
                  "train.batch_size=4", "train.min_positives=2", "train.val_k=10", "train.cpus_per_worker=0.5",
                  f"train.storage_path={tmp_path / 'runs'}", "train.name=joint", "ray.num_cpus=2"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):

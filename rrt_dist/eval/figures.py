@@ -67,7 +67,7 @@ def qualitative_figure(bench: Benchmark, before: np.ndarray, after: np.ndarray, 
 
     gain = np.asarray([hits(after, q) - hits(before, q) for q in range(len(before))])
     moved = np.asarray([int(np.sum(before[q, :top] != after[q, :top])) for q in range(len(before))])
-    order = np.lexsort((-moved, -np.abs(gain), -(gain > 0)))
+    order = np.lexsort((-moved, -np.abs(gain), -(gain > 0).astype(int)))
     changed = [int(q) for q in order if gain[q] != 0 or moved[q] > 0]
     chosen = (changed or [int(q) for q in order])[:n_queries]
     fig, axes = plt.subplots(2 * len(chosen), top + 1, figsize=(2 * (top + 1), 3.6 * len(chosen)), squeeze=False)

@@ -118,7 +118,7 @@ def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
         return exact_searcher(vectors, ids), None
     from .index import ensure_index
 
-    index = ensure_index(cfg.index, Path(str(store.uri)).parent.parent.name, [store])
+    index = ensure_index(cfg.index, f"{cfg.dataset.name}-train", [store])
     return index.search, index
 
 

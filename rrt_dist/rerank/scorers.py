@@ -55,8 +55,8 @@ class RRTScorer:
             e = min(k, s + self.chunk)
             b = e - s
 
-            def t(x, dtype=torch.float32):
-                return torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(dtype)
+            def t(x, dtype=torch.float32):       # broadcast views are read-only: copied, not shared
+                return torch.as_tensor(np.require(x, requirements=["C", "W"]), device=self.device).to(dtype)
 
             src = (t(np.broadcast_to(query["global"], (b,) + query["global"].shape)),
                    t(np.broadcast_to(query["local"], (b,) + query["local"].shape)),

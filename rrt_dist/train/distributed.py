@@ -190,6 +190,8 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
+    # Ray Train logs every checkpoint and report at INFO from each worker: the epoch lines below say it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     settings = TrainSettings(**config["settings"])
@@ -259,6 +261,38 @@ def train_worker(config: dict) -> None:
         writer.close()
 
 
+def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
+    """Delete ``epoch_*`` folders of a run that Ray Train never recorded (written by workers that went on after
+    their driver was killed), so a resumed run neither sees nor mixes with them; returns what was removed.
+
+    Ray Train resumes from the checkpoints its checkpoint-manager snapshot lists; anything else is debris.
+    """
+    import json
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(path):
+        return []
+    snapshot = f"{path}/checkpoint_manager_snapshot.json"
+    recorded = set()
+    if fs.exists(snapshot):
+        with fs.open(snapshot, "r") as f:
+            state = json.load(f)
+        results = state.get("checkpoint_results", []) + [state.get("latest_checkpoint_result") or {}]
+        recorded = {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    removed = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("epoch_") and name not in recorded:
+            fs.rm(entry, recursive=True)
+            removed.append(name)
+    if removed:
+        log.warning("%s: removed checkpoint folders Ray Train never recorded (written after the run was stopped): %s",
+                    run_dir, sorted(removed))
+    return sorted(removed)
+
+
 def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, settings: TrainSettings,
         task: str = "features", task_config: dict | None = None):
     """Train (or resume, or return a finished run) under ``cfg.storage_path / name``; the Ray Train Result.
@@ -274,6 +308,7 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
     run_dir = f"{storage}/{name}"
+    remove_unrecorded_checkpoints(run_dir)
     config = {"settings": asdict(settings), "table": (table.uri, table.version), "rows": ray.put(rows),
               "val": None if val is None else ray.put(val), "val_k": cfg.val_k,
               "tensorboard_dir": f"{run_dir}/tensorboard", "fail_at_epoch": cfg.fail_at_epoch,
