@@ -1,7 +1,6 @@
 """What a hostile but fair user does: stale tables, kills before the first commit, decompression bombs, planted
 checkpoints, bad values, bad paths, images fixed after a failure, and kill -9 at random commit boundaries."""
 import json
-import os
 import pickle
 import shutil
 import struct
