@@ -78,6 +78,10 @@ def validate_config(cfg) -> None:
     from rrt_dist.eval.methods import check_methods
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
+    from rrt_dist.rerank.methods import check_options
+
+    for name in ("gv", "structural"):
+        check_options(name, OmegaConf.to_container(cfg.reranker[name], resolve=True))
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)
@@ -237,7 +241,7 @@ class IndexConfig:
 @dataclass
 class RerankerConfig:
     """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
-    methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | gv | rrt | aqe+rrt
+    methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | <reranker> | aqe+<reranker>
     k: int = bounded(100, ge=1)              # top-K reranked (the paper: 100, 200, 400)
     checkpoint: Optional[str] = None         # RRT weights for rrt rows: a path, or "train" (train_rrt first)
     aqe_n: int = bounded(2, ge=1)            # alpha-QE as tuned in the paper
@@ -245,6 +249,7 @@ class RerankerConfig:
     num_actors: int = bounded(1, ge=0)       # reranker actors (0: in-process)
     protocol_junk_removal: bool = True       # revisitop: rerank each protocol with its junk removed first
     gv: dict[str, Any] = field(default_factory=dict)   # GVConfig options
+    structural: dict[str, Any] = field(default_factory=dict)   # StructuralConfig options (weighting, center, ...)
     qualitative_row: Optional[str] = None    # reranked method the report's figure shows (gv, rrt...; default: the best row)
 
 

@@ -1,7 +1,8 @@
 """Geometric verification finds a planted affine transform; reranking keeps the tail in global order."""
 import numpy as np
 
-from rrt_dist.rerank.gv import GVConfig, gv_scores, inlier_count, mutual_matches, rerank_top_k
+from rrt_dist.rerank.core import rerank_top_k
+from rrt_dist.rerank.gv import GVConfig, gv_scores, inlier_count, mutual_matches
 
 
 def unit(x):

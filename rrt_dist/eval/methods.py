@@ -6,25 +6,19 @@ import numpy as np
 from rrt_dist.datasets import Benchmark
 from rrt_dist.datasets.base import NO_ID
 
+from rrt_dist.rerank.methods import parse_method
+
 from .runner import global_rankings, rerank_and_evaluate, settings_of
 
-LABELS = {"global": "Global only", "aqe": "αQE", "gv": "GV", "rrt": "RRT", "aqe+rrt": "αQE + RRT"}
-
-
-RERANKED = ("gv", "rrt", "aqe+rrt")
-
-
 def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
-    """Refuse unknown reranker methods (and a figure row that is not among them) at start-up, before any
-    extraction or training."""
+    """Refuse unknown reranker methods (and a figure row that is not a reranked one of them) at start-up, before
+    any extraction or training; the names come from the reranker registry (``rrt_dist.rerank.methods``)."""
     from rrt_dist.config import ConfigError
 
-    unknown = [m for m in methods if m not in LABELS]
-    if unknown:
-        raise ConfigError(f"reranker.methods: unknown method {unknown[0]!r}; known: {', '.join(LABELS)}")
     if not methods:
         raise ConfigError("reranker.methods is empty: name at least one row (e.g. [global])")
-    if qualitative_row and qualitative_row not in [m for m in methods if m in RERANKED]:
+    parsed = [parse_method(m) for m in methods]
+    if qualitative_row and qualitative_row not in [m.name for m in parsed if m.reranker]:
         raise ConfigError(f"reranker.qualitative_row={qualitative_row!r} is not a reranked method of reranker.methods "
                           f"{methods}")
 
@@ -61,6 +55,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     """
     searchers = searchers or {}
     check_methods(list(cfg.methods))
+    methods = [parse_method(m) for m in cfg.methods]
     depth = reranked_depth(bench, gallery_ids, cfg.k, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
@@ -69,18 +64,18 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
         search = searchers.get(setting)
         base = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d, search=search)
         aqe = None
-        if any(m.startswith("aqe") for m in cfg.methods):
+        if any(m.expand for m in methods):
             aqe = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d,
                                   alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
-        for method in cfg.methods:
-            label = LABELS[method] + (f" (top-{depth})" if method in RERANKED else "")
-            ranked, scores = aqe if method.startswith("aqe") else base
+        for method in methods:
+            label = method.label + (f" (top-{depth})" if method.reranker else "")
+            ranked, scores = aqe if method.expand else base
             kept: dict = {}
-            if method in ("global", "aqe"):
+            if method.reranker is None:
                 metrics = bench.evaluate(ranked)
                 kept["all"] = ranked
             else:
-                pool = pools[method.split("+")[-1]]
+                pool = pools[method.reranker.name]
                 metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
                                               cfg.protocol_junk_removal, keep=kept)
             rows.setdefault(label, {})[setting] = metrics

@@ -9,7 +9,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rrt_dist.eval.figures import qualitative_figure
-from rrt_dist.eval.methods import LABELS, evaluate_methods, headline
+from rrt_dist.eval.methods import evaluate_methods, headline
+from rrt_dist.rerank.methods import parse_method
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
 from rrt_dist.eval.runner import settings_of
 
@@ -23,7 +24,7 @@ def qualitative_row(rows: dict, examples: dict, setting: str, wanted: str | None
     """The reranked row the figure shows: that of method ``wanted``, else the best by headline in ``setting``."""
     reranked = [label for label in examples if "top-" in label]
     if wanted:
-        return next(r for r in reranked if r.startswith(f"{LABELS[wanted]} (top-"))
+        return next(r for r in reranked if r.startswith(f"{parse_method(wanted).label} (top-"))
     scored = [(headline(rows[r][setting]), r) for r in reranked if not math.isnan(headline(rows[r][setting]))]
     return max(scored)[1] if scored else None
 

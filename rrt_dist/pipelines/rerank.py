@@ -1,69 +1,18 @@
 """Rerank each query's global top-K in a pool of Ray actors (GPU when present).
 
-Each actor opens the feature tables (pinned versions), takes the candidates' locals in one
-batched read per query and scores them (each (query, candidate) pair once: scores are cached, as
-the revisitop protocols and the ±distractor settings rerank mostly the same pairs); the top-K is reordered by (rerank score, global score)
-and the rest keeps its global order. Actors are restarted by Ray if they die and their
-unfinished calls are retried, so a run completes.
+Each actor holds a :class:`rrt_dist.rerank.core.RerankCore`: it opens the feature tables (pinned versions),
+takes the candidates' descriptors in one batched read per query and scores them (each (query, candidate)
+pair once: the revisitop protocols and the ±distractor settings rerank mostly the same pairs). Actors are
+restarted by Ray if they die and their unfinished calls are retried, so a run completes.
 """
 from __future__ import annotations
 
 import numpy as np
 import ray
 
-from rrt_dist.datasets.base import NO_ID
-from rrt_dist.rerank.gv import rerank_top_k
-from rrt_dist.rerank.scorers import create_scorer
-from rrt_dist.store import FeatureStore, take_locals_from
-
-
-def _one(arrays: dict, i: int) -> dict:
-    return {k: v[i] for k, v in arrays.items()}
-
-
-def _open(table):
-    """A table given as ``(uri, version)`` (what crosses to actors), or one already open / in memory."""
-    return table if hasattr(table, "take_locals") else FeatureStore(*table)
-
-
-class RerankCore:
-    def __init__(self, scorer: str, scorer_cfg: dict, query_table, gallery_tables: list, threads: int | None = None):
-        if threads:  # Ray caps intra-op threads at the actor's CPU reservation otherwise
-            import torch
-
-            torch.set_num_threads(threads)
-        self.scorer = create_scorer(scorer, **scorer_cfg)
-        self.queries = _open(query_table)
-        self.galleries = [_open(t) for t in gallery_tables]
-        self.cache: dict[tuple[int, int], float] = {}
-
-    def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-        out = ranked.copy()
-        valid_q = query_ids != NO_ID
-        queries = self.queries.take_locals(query_ids[valid_q]) if valid_q.any() else None
-        qi = 0
-        for row in range(len(ranked)):
-            if not valid_q[row]:
-                continue
-            query = _one(queries, qi)
-            qi += 1
-            head = ranked[row, :k]
-            head = head[head != NO_ID]
-            if len(head) == 0:
-                continue
-            qid = int(query_ids[row])
-            missing = np.asarray([c for c in head.tolist() if (qid, c) not in self.cache], np.int64)
-            if len(missing):
-                new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
-                self.cache.update(zip(((qid, c) for c in missing.tolist()), new_scores.tolist()))
-            head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
-            out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head))
-        return out
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
+from rrt_dist.rerank.core import RerankCore
+from rrt_dist.rerank.methods import parse_method
+from rrt_dist.store import FeatureStore
 
 
 class RerankPool:
@@ -98,16 +47,20 @@ class RerankPool:
             ray.kill(a)
 
 
-def pools_for(cfg, stores: dict) -> dict[str, RerankPool]:
-    """The reranker pools the configured ``methods`` need (GV, RRT), over the query and gallery tables."""
+def scorer_options(cfg, name: str) -> dict:
+    """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: its checkpoint)."""
     from omegaconf import OmegaConf
 
-    galleries = [stores[n] for n in ("gallery", "distractor") if n in stores]
-    pools = {}
-    if "gv" in cfg.methods:
-        pools["gv"] = RerankPool("gv", OmegaConf.to_container(cfg.gv), stores["query"], galleries, cfg.num_actors)
-    if any(m.endswith("rrt") for m in cfg.methods):
+    if name == "rrt":
         if not cfg.checkpoint:
             raise ValueError("RRT rows need reranker.checkpoint=PATH (released or trained weights)")
-        pools["rrt"] = RerankPool("rrt", {"checkpoint": cfg.checkpoint}, stores["query"], galleries, cfg.num_actors)
-    return pools
+        return {"checkpoint": cfg.checkpoint}
+    return OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
+
+
+def pools_for(cfg, stores: dict) -> dict[str, RerankPool]:
+    """One pool per reranker the configured ``methods`` use, over the query and gallery tables."""
+    galleries = [stores[n] for n in ("gallery", "distractor") if n in stores]
+    names = dict.fromkeys(m.reranker.name for m in map(parse_method, cfg.methods) if m.reranker)
+    return {name: RerankPool(name, scorer_options(cfg, name), stores["query"], galleries, cfg.num_actors)
+            for name in names}

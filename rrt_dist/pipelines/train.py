@@ -223,7 +223,10 @@ def trained_reranker(cfg) -> dict | None:
     """
     from omegaconf import open_dict
 
-    if cfg.reranker.checkpoint != "train" or not any(m.endswith("rrt") for m in cfg.reranker.methods):
+    from rrt_dist.rerank.methods import parse_method
+
+    uses_rrt = any(m.reranker and m.reranker.name == "rrt" for m in map(parse_method, cfg.reranker.methods))
+    if cfg.reranker.checkpoint != "train" or not uses_rrt:
         return None
     if cfg.train.joint_stages:
         # Its RRT embeds positions in the network input's frame, while tables store original-image pixels.

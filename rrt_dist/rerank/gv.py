@@ -3,7 +3,8 @@
 Putative matches are mutual nearest neighbours of the L2-normalised local descriptors within a
 descriptor-distance threshold; a RANSAC affine model (OpenCV ``estimateAffine2D``) over their
 positions gives the inlier count, the pair's score. Candidates are then ordered by
-(inliers, global score), best first, as DELG does; only the top-K are reranked.
+(inliers, global score), best first, as DELG does (``rrt_dist.rerank.core.rerank_top_k``); only the top-K
+are reranked.
 """
 from __future__ import annotations
 
@@ -56,10 +57,3 @@ def gv_scores(query_local: np.ndarray, query_pos: np.ndarray, cand_local: np.nda
         pairs = mutual_matches(query_local, local[:n], cfg.max_distance)
         scores[i] = inlier_count(query_pos[pairs[:, 0]], pos[pairs[:, 1]], cfg)
     return scores
-
-
-def rerank_top_k(ids: np.ndarray, global_scores: np.ndarray, rerank_scores: np.ndarray, k: int) -> np.ndarray:
-    """Reorder the first ``k`` of a ranked list by (rerank score, global score); the rest keeps its order."""
-    k = min(k, len(ids), len(rerank_scores))
-    order = np.lexsort((-global_scores[:k], -np.asarray(rerank_scores[:k], np.float64)))
-    return np.concatenate([ids[:k][order], ids[k:]])

@@ -1,4 +1,5 @@
-"""Pair scorers behind one interface: ``scorer(query, candidates) -> scores [K]`` (higher is better).
+"""Pair scorers behind one interface: ``scorer(query, candidates) -> scores [K]`` (higher is better); the
+registry that names them is ``rrt_dist.rerank.methods``.
 
 ``query`` holds one image's ``local [L, d]``, ``positions [L, 2]``, ``scales [L]``, ``n_local``
 and ``global [d_g]``; ``candidates`` the same for K images, batched (``mask`` True at padding).
@@ -79,8 +80,24 @@ def truncate_locals(features: dict, max_local: int) -> dict:
             v[..., :max_local, :] if k in ("local", "positions") else v for k, v in features.items()}
 
 
-def create_scorer(name: str, **cfg):
-    scorers = {"gv": GVScorer, "rrt": RRTScorer}
-    if name not in scorers:
-        raise KeyError(f"unknown reranker {name!r}; known: {', '.join(scorers)}")
-    return scorers[name](**cfg)
+class StructuralScorer:
+    """Structural similarity (correlation-weighted optimal transport) of the query's patch grid against each
+    candidate's, all candidates of a query in one batched call (as the reference scores them)."""
+    name = "structural"
+
+    def __init__(self, **cfg):
+        from .structural import StructuralConfig
+
+        self.cfg = StructuralConfig(**cfg)
+
+    def __call__(self, query: dict, cands: dict) -> np.ndarray:
+        from dataclasses import asdict
+
+        from .structural import structural_similarity
+
+        n = int(query["n_local"])
+        if np.any(cands["n_local"] != n):
+            raise ValueError("structural similarity compares full patch grids: every image needs the same number of "
+                             f"locals (query {n}, candidates {sorted(set(cands['n_local'].tolist()))})")
+        return structural_similarity(query["local"][:n], query["global"], cands["local"][:, :n], cands["global"],
+                                     **asdict(self.cfg)).astype(np.float64)

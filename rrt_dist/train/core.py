@@ -179,7 +179,7 @@ def validate(model: torch.nn.Module, val: dict, k: int, max_local: int | None = 
     ``scores`` and the ``query`` / ``gallery`` tables as (uri, version).
     """
     from rrt_dist.eval.runner import rerank_and_evaluate
-    from rrt_dist.pipelines.rerank import RerankCore
+    from rrt_dist.rerank.core import RerankCore
 
     device = str(next(model.parameters()).device)
     core = RerankCore("rrt", {"model": model, "device": device, "max_local": max_local}, val["query"], val["gallery"])

@@ -1,0 +1,75 @@
+"""Reranking of a query's global top-K, the part without Ray: the reordering rule and the per-actor core that
+takes candidates' descriptors from the feature tables and scores each (query, candidate) pair once."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rrt_dist.datasets.base import NO_ID
+from rrt_dist.store import FeatureStore, take_locals_from
+
+
+def rerank_top_k(ids: np.ndarray, global_scores: np.ndarray, rerank_scores: np.ndarray, k: int,
+                 add_global: bool = False) -> np.ndarray:
+    """Reorder the first ``k`` of a ranked list by (rerank score, global score), or by rerank + global score
+    when ``add_global`` (then global score breaks ties); the rest keeps its order."""
+    k = min(k, len(ids), len(rerank_scores))
+    primary = np.asarray(rerank_scores[:k], np.float64)
+    if add_global:
+        primary = primary + np.asarray(global_scores[:k], np.float64)
+    order = np.lexsort((-global_scores[:k], -primary))
+    return np.concatenate([ids[:k][order], ids[k:]])
+
+
+def _one(arrays: dict, i: int) -> dict:
+    return {k: v[i] for k, v in arrays.items()}
+
+
+def _open(table):
+    """A table given as ``(uri, version)`` (what crosses to actors), or one already open / in memory."""
+    return table if hasattr(table, "take_locals") else FeatureStore(*table)
+
+
+class RerankCore:
+    """Reranks with registry method ``scorer`` (see ``rrt_dist.rerank.methods``) over the query and gallery tables."""
+
+    def __init__(self, scorer: str, scorer_cfg: dict, query_table, gallery_tables: list, threads: int | None = None):
+        from .methods import get_reranker
+
+        if threads:  # Ray caps intra-op threads at the actor's CPU reservation otherwise
+            import torch
+
+            torch.set_num_threads(threads)
+        self.method = get_reranker(scorer)
+        self.scorer = self.method.create(**scorer_cfg)
+        self.queries = _open(query_table)
+        self.galleries = [_open(t) for t in gallery_tables]
+        self.cache: dict[tuple[int, int], float] = {}
+
+    def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        out = ranked.copy()
+        valid_q = query_ids != NO_ID
+        queries = self.queries.take_locals(query_ids[valid_q]) if valid_q.any() else None
+        qi = 0
+        for row in range(len(ranked)):
+            if not valid_q[row]:
+                continue
+            query = _one(queries, qi)
+            qi += 1
+            head = ranked[row, :k]
+            head = head[head != NO_ID]
+            if len(head) == 0:
+                continue
+            qid = int(query_ids[row])
+            missing = np.asarray([c for c in head.tolist() if (qid, c) not in self.cache], np.int64)
+            if len(missing):
+                new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
+                self.cache.update(zip(((qid, c) for c in missing.tolist()), new_scores.tolist()))
+            head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
+            out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head),
+                                                self.method.add_global)
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()

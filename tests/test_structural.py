@@ -1,0 +1,153 @@
+"""Structural similarity against an independent restatement of the reference computation, and the reranker
+registry that serves it (pool = in-process, misspelt methods refused before any work)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rrt_dist.config import ConfigError
+from rrt_dist.rerank.core import rerank_top_k
+from rrt_dist.rerank.methods import known_methods, parse_method
+from rrt_dist.rerank.structural import structural_similarity
+
+
+def reference(query_patches, query_center, cand_patches, cand_centers, weighting, center, temperature=0.1,
+              ot_temp=0.05, max_iter=100, stop_tol=0.1):
+    """The reference computation restated in numpy, candidate by candidate except the batch-wide Sinkhorn stop."""
+    def l2n(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    qp, cp = l2n(query_patches), l2n(cand_patches)
+    qc, cc = l2n(query_center), l2n(cand_centers)
+    if center == "mean":
+        qc, cc = l2n(qp.mean(0)), l2n(cp.mean(1))
+    n, r = cp.shape[:2]
+
+    def weights(x):
+        x = np.maximum(x, 0)
+        w = {"correlation": x, "inverse": np.exp(-x / temperature), "minus": 1 - x,
+             "uniform": np.full_like(x, 1 / len(x))}[weighting]
+        return w / (w.sum() + 1e-5)
+
+    sims, kernels, us, vs = [], [], [], []
+    for i in range(n):
+        sim = np.array([[cp[i, a] @ qp[b] for b in range(len(qp))] for a in range(r)])
+        sims.append(sim)
+        kernels.append(np.exp(-(1 - sim) / ot_temp))
+        us.append(weights(np.array([qc @ cp[i, a] for a in range(r)])))
+        vs.append(weights(np.array([qp[b] @ cc[i] for b in range(len(qp))])))
+    sims, kernels, us, vs = map(np.stack, (sims, kernels, us, vs))
+    rows, cols = np.ones_like(us), np.ones_like(vs)
+    for _ in range(max_iter):
+        before = rows
+        rows = us / np.einsum("nij,nj->ni", kernels, cols)
+        cols = vs / np.einsum("nij,ni->nj", kernels, rows)
+        if np.abs(rows - before).mean() < stop_tol:
+            break
+    plans = rows[:, :, None] * kernels * cols[:, None, :]
+    return (plans * sims).sum(axis=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def patches():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(16, 24))
+    query = base + 0.3 * rng.normal(size=base.shape)
+    # candidates: the query's own patches shuffled and perturbed (matching ones) and unrelated ones
+    cands = np.stack([base[rng.permutation(16)] + s * rng.normal(size=base.shape) for s in (0.2, 0.5, 1.0)]
+                     + [rng.normal(size=(16, 24)) for _ in range(3)])
+    return query, rng.normal(size=24), cands, rng.normal(size=(6, 24))
+
+
+@pytest.mark.parametrize("weighting", ["correlation", "inverse", "minus", "uniform"])
+@pytest.mark.parametrize("center", ["cls", "mean"])
+def test_equals_the_restated_reference_in_float64(patches, weighting, center):
+    got = structural_similarity(*patches, weighting=weighting, center=center)
+    assert got.dtype == np.float64 and got.shape == (6,)
+    np.testing.assert_allclose(got, reference(*patches, weighting, center), rtol=0, atol=1e-6)
+
+
+def test_computes_in_the_inputs_dtype_and_device(patches):
+    as32 = [x.astype(np.float32) for x in patches]
+    assert structural_similarity(*as32).dtype == np.float32
+    tensors = [torch.from_numpy(x) for x in patches]
+    out = structural_similarity(*tensors, weighting="inverse")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), structural_similarity(*patches, weighting="inverse"), atol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["correlation", "inverse", "uniform"])
+def test_matching_patches_score_higher_and_partial_transport_is_an_option(patches, weighting):
+    # centres from the patches themselves (the random test centres carry no information)
+    scores = structural_similarity(*patches, center="mean", weighting=weighting)
+    assert scores[:3].min() > scores[3:].max()                  # shuffled copies beat unrelated grids
+    assert np.all(np.diff(scores[:3]) < 0)                      # less noise, more similar
+    partial = structural_similarity(*patches, center="mean", weighting=weighting, ot_part=0.8)
+    assert partial[:3].min() > partial[3:].max() and np.all(partial < scores)   # 20 % of the mass goes unmatched
+    with pytest.raises(ValueError, match="weighting"):
+        structural_similarity(*patches, weighting="softmax")
+
+
+def test_final_order_is_structural_plus_global():
+    ids = np.array([10, 11, 12, 13])
+    glob = np.array([0.9, 0.8, 0.7, 0.1])
+    structural = np.array([0.1, 0.3, 0.25, 0.9])
+    assert rerank_top_k(ids, glob, structural, 3, add_global=True).tolist() == [11, 10, 12, 13]
+
+
+def test_registry_parses_compositions_and_names_the_known_methods():
+    assert parse_method("aqe+structural").label == "αQE + Structural" and parse_method("aqe+structural").expand
+    assert parse_method("gv").reranker.name == "gv" and parse_method("global").reranker is None
+    assert {"structural", "aqe+structural", "aqe+rrt"} <= set(known_methods())
+    with pytest.raises(ConfigError, match="known: .*structural"):
+        parse_method("structual")
+    with pytest.raises(ConfigError, match="unknown method 'aqe\\+gvv'"):
+        parse_method("aqe+gvv")
+
+
+def test_misspelt_method_fails_before_any_extraction(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "rrt-dist"), "evaluate", "experiment=synthetic_small",
+                           f"dataset.root={tmp_path / 'syn'}", "reranker.methods=[global,structurall]",
+                           f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and "rrt-dist: error: reranker.methods: unknown method 'structurall'" in proc.stderr
+    assert not (tmp_path / "syn").exists()                      # nothing rendered, nothing extracted
+
+
+@pytest.mark.ray
+def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_path):
+    from rrt_dist.datasets import read_revisitop
+    from rrt_dist.eval.runner import global_rankings
+    from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+    from rrt_dist.pipelines.rerank import RerankPool
+    from rrt_dist.rerank.core import RerankCore
+    from rrt_dist.store import FeatureStore
+
+    _, root = small_synthetic
+    bench = read_revisitop(root, "synthetic")
+    options = {"model": "tf_efficientnet_lite0", "mean": [0.5] * 3, "std": [0.5] * 3, "image_size": 96, "dim": 64}
+    stores = {}
+    for name, manifest in (("query", bench.queries), ("gallery", bench.gallery)):
+        extract_to_lance(manifest, tmp_path / f"{name}.lance", "dense-grid", options, ExtractSettings(batch_size=8))
+        stores[name] = FeatureStore(tmp_path / f"{name}.lance")
+    q_ids, q = stores["query"].globals()
+    g_ids, g = stores["gallery"].globals()
+    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, False)
+    query_ids = bench.queries.column("id").to_numpy()
+    cfg = {"weighting": "correlation", "center": "mean"}
+    pool = RerankPool("structural", cfg, stores["query"], [stores["gallery"]], num_actors=2, chunk=5)
+    pooled = pool.rerank(query_ids, ranked, scores, 20)
+    pool.close()
+    local = RerankCore("structural", cfg, stores["query"], [stores["gallery"]])
+    assert np.array_equal(pooled, local.rerank(query_ids, ranked, scores, 20))
+    # the pool's order is structural + global over each query's top-20, scored in one call per query
+    first = local.queries.take_locals(query_ids[:1])
+    cands = local.galleries[0].take_locals(ranked[0, :20])
+    direct = structural_similarity(first["local"][0], first["global"][0], cands["local"], cands["global"],
+                                   center="mean")
+    assert pooled[0, :20].tolist() == rerank_top_k(ranked[0, :20], scores[0, :20], direct, 20, add_global=True).tolist()
+    assert not np.array_equal(pooled[:, :20], ranked[:, :20])
