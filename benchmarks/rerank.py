@@ -29,11 +29,12 @@ from rrt_dist.store import FeatureStore, commit_fragments, features_schema, feat
 GFLOP_PER_PAIR = 7.05   # 6 layers over 2 x (500 + 2) tokens, d=128, MLP 1024; remap 2048->128
 
 
-def random_table(uri: str, ids: np.ndarray, seed: int, n_local: int = 500) -> FeatureStore:
+def random_table(uri: str, ids: np.ndarray, seed: int, n_local: int = 500, global_dim: int = 2048,
+                 local_dim: int = 128) -> FeatureStore:
     rng = np.random.default_rng(seed)
     n = len(ids)
-    schema = features_schema(2048, 128, n_local, "random-delg", {}, "bench")
-    table = features_to_table(schema, ids, rng.normal(size=(n, 2048)), rng.normal(size=(n, n_local, 128)),
+    schema = features_schema(global_dim, local_dim, n_local, "random-delg", {}, "bench")
+    table = features_to_table(schema, ids, rng.normal(size=(n, global_dim)), rng.normal(size=(n, n_local, local_dim)),
                               rng.uniform(0, 500, (n, n_local, 2)), rng.integers(0, 7, (n, n_local)),
                               np.full(n, n_local))
     commit_fragments(uri, schema, write_fragment(uri, table))
