@@ -138,6 +138,7 @@ class MSLSConfig(DatasetConfig):
 class MetricLearningConfig(DatasetConfig):
     """sop / cub200 / cars196."""
     split: str = choice("test", "test", "train")
+    r_includes_query: bool = False      # RP / MAP@R as the ViT-reranking reference computes them (R counts the query)
 
 
 @dataclass

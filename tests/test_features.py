@@ -110,7 +110,8 @@ def test_grid_nms_keeps_first_per_cell():
 
 @pytest.mark.parametrize("name, options, n_local, dim", [
     ("dense-grid", {"model": "resnet18", "pretrained": False}, 49, 128),
-    ("vit", {"model": "deit-s", "pretrained": False}, 196, 384),
+    ("vit", {"model": "deit-s", "pretrained": False}, 49, 384),
+    ("vit", {"model": "deit-s", "pretrained": False, "grid_size": None}, 196, 384),
     ("vit", {"model": "swin-t", "pretrained": False}, 49, 768),
 ])
 def test_single_scale_extractors(name, options, n_local, dim):
@@ -123,10 +124,27 @@ def test_single_scale_extractors(name, options, n_local, dim):
         assert f.global_.shape == (dim,) and f.local.shape == (n_local, dim)
         np.testing.assert_allclose(np.linalg.norm(f.local, axis=1), 1, rtol=1e-4)
     assert feats[0].positions.max() < 224 and feats[0].positions.min() > 0
+    if name == "vit" and options["model"] == "deit-s" and n_local == 49:   # 14x14 tokens pooled 2x2 into 7x7
+        tokens = ex.model.forward_features(ex._batch([prep(rgb)]))[0, 1:].detach().numpy().reshape(14, 14, dim)
+        cell = tokens[2:4, 4:6].mean(axis=(0, 1))                             # output cell (row 1, column 2)
+        np.testing.assert_allclose(feats[0].local[1 * 7 + 2], cell / np.linalg.norm(cell), atol=1e-5)
+        cls = ex.model.forward_features(ex._batch([prep(rgb)]))[0, 0].detach().numpy()
+        np.testing.assert_allclose(feats[0].global_, cls / np.linalg.norm(cls), atol=1e-5)
     if name == "vit" and options["model"] == "swin-t":   # no CLS token: global = mean of patch tokens
         tokens = ex.model.forward_features(ex._batch([prep(rgb)])).flatten(1, 2)[0].detach().numpy()
         mean = tokens.mean(0)
         np.testing.assert_allclose(feats[0].global_, mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_pool_grid_is_an_area_weighted_mean_when_the_size_does_not_divide():
+    from rrt_dist.features.grid import pool_grid
+
+    tokens = torch.arange(36, dtype=torch.float64).reshape(1, 36, 1)          # a 6x6 grid of values 0..35
+    pooled = pool_grid(tokens, 6, 6, 4)[0, :, 0].reshape(4, 4)
+    grid = np.arange(36, dtype=np.float64).reshape(6, 6)
+    fine = np.kron(grid, np.ones((4, 4)))                                   # x4 nearest: 24x24
+    expected = fine.reshape(4, 6, 4, 6).mean(axis=(1, 3))
+    np.testing.assert_allclose(pooled.numpy(), expected)
 
 
 def test_extractor_config_validation_and_fingerprint():

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from rrt_dist.eval.metrics import (average_precision, gldv2_map_at_k, metric_learning, recall_at_n, revisitop,
-                                   topk_stable)
+from rrt_dist.eval.metrics import (average_precision, gldv2_map_at_k, metric_learning, metric_learning_from_ranks,
+                                   recall_at_n, revisitop, topk_stable)
 
 # Gallery of 10; query 0: easy {2}, hard {5}, junk {1}; query 1: easy {0}, no hard, no junk.
 GND = [{"easy": [2], "hard": [5], "junk": [1]}, {"easy": [0], "hard": [], "junk": []}]
@@ -102,6 +102,21 @@ def test_metric_learning_hand_computed():
     # q3, q4: R=2, top-2 holds one relevant at rank 1 -> RP .5, MAP@R (1/1)/2 = .5; others 0
     assert out["RP"] == pytest.approx(1 / 5)
     assert out["MAP@R"] == pytest.approx(1 / 5)
+
+
+def test_metric_learning_with_the_reference_convention_of_r():
+    """The ViT-reranking reference counts the query itself in R: R = 2 for q0, 3 for q1 (same rankings as above)."""
+    ranks = np.array([[1, 2, 3, 4, 5], [2, 0, 3, 4, 5], [1, 0, 3, 4, 5], [4, 2, 1, 0, 5], [3, 2, 1, 5, 0],
+                      [0, 1, 2, 3, 4]])
+    labels = np.array([0, 1, 0, 1, 1, 2])
+    n_relevant = np.array([1, 2, 1, 2, 2, 0])
+    out = metric_learning_from_ranks(ranks, labels, labels, n_relevant, (1,), r_includes_query=True)
+    # q0: top-2 (1, 2) holds one, at rank 2 -> RP 1/2, MAP@R (1/2)/2; q1: top-3 (2, 0, 3) -> 1/3, (1/3)/3;
+    # q2 like q0; q3: top-3 (4, 2, 1) -> 2/3, (1 + 2/3)/3; q4 like q3
+    assert out["RP"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 2 / 3 + 2 / 3) / 5)
+    assert out["MAP@R"] == pytest.approx((1 / 4 + 1 / 9 + 1 / 4 + 5 / 9 + 5 / 9) / 5)
+    standard = metric_learning_from_ranks(ranks, labels, labels, n_relevant, (1,))
+    assert standard["RP"] == pytest.approx(1 / 5) and standard["P@1"] == out["P@1"]
 
 
 def test_topk_stable_breaks_ties_by_index():

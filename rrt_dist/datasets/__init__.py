@@ -58,6 +58,8 @@ def load_benchmark(cfg, ray_cfg=None) -> Benchmark:
     """The benchmark a ``dataset`` config names; the synthetic one is generated on first use (Ray is started
     with ``ray_cfg`` only when there is something to render). A split that lists no image is a layout error."""
     bench = _read_benchmark(cfg, ray_cfg)
+    if cfg.get("r_includes_query"):
+        bench.protocol.r_includes_query = True
     for split, table in (("gallery", bench.gallery), ("query", bench.queries)):
         if table.num_rows == 0:
             raise DatasetLayoutError(bench.info.get("root", cfg.root), f"the {split} split of {bench.name} lists no image",

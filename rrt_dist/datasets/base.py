@@ -129,12 +129,13 @@ class MetricLearningProtocol:
     """SOP / CUB / Cars: queries are the gallery, self excluded (R@k, P@1, RP, MAP@R)."""
     labels: np.ndarray
     recall_ks: tuple[int, ...] = (1, 10, 100)
+    r_includes_query: bool = False        # the ViT-reranking reference's R (see metric_learning_from_ranks)
     name: str = "metric_learning"
 
     def evaluate(self, ranks: np.ndarray) -> dict:
         _, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         return metrics.metric_learning_from_ranks(ranks, self.labels, self.labels, counts[inverse] - 1,
-                                                  self.recall_ks)
+                                                  self.recall_ks, self.r_includes_query)
 
 
 @dataclass

@@ -153,10 +153,13 @@ def recall_at_n(ranks: np.ndarray, positives: Sequence[Iterable[int]], ns: Seque
 
 
 def metric_learning_from_ranks(ranks: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-                               n_relevant: np.ndarray, recall_ks: Sequence[int] = (1, 10, 100)) -> dict:
+                               n_relevant: np.ndarray, recall_ks: Sequence[int] = (1, 10, 100),
+                               r_includes_query: bool = False) -> dict:
     """R@k, P@1, RP and MAP@R from rankings that already exclude each query itself.
 
     ``n_relevant[q]`` is R, the number of same-label gallery images other than the query.
+    ``r_includes_query``: the ViT-reranking / DIML reference's convention, R counts the query itself
+    (one more than it can retrieve), so its RP and MAP@R are lower than the standard ones.
     ``ranks`` must reach depth ``max(max(recall_ks), max(R))`` for exact values.
     """
     ranks = np.asarray(ranks)
@@ -164,14 +167,14 @@ def metric_learning_from_ranks(ranks: np.ndarray, query_labels: np.ndarray, gall
     # negative entries pad short rankings and never count as relevant
     relevant = (np.asarray(gallery_labels)[ranks] == np.asarray(query_labels)[:, None]) & (ranks >= 0)
     depth = ranks.shape[1]
-    need = max(max(recall_ks), int(n_relevant.max(initial=0)))
+    need = max(max(recall_ks), int(n_relevant.max(initial=0)) + int(r_includes_query))
     if depth < min(need, len(gallery_labels) - 1):
         raise ValueError(f"rankings of depth {depth} are too short; exact metrics need {need}")
     out = {f"R@{k}": float(np.mean(relevant[:, :k].any(axis=1))) for k in recall_ks}
     has = n_relevant > 0
     if not has.any():
         raise ValueError("no query has another image of its label")
-    rel, r = relevant[has], n_relevant[has]
+    rel, r = relevant[has], n_relevant[has] + int(r_includes_query)
     out["P@1"] = float(np.mean(rel[:, 0]))
     within_r = np.arange(depth)[None, :] < r[:, None]
     out["RP"] = float(np.mean((rel & within_r).sum(axis=1) / r))

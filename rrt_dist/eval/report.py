@@ -72,6 +72,7 @@ def run_section(run: dict) -> str:
              f"- unreadable images (scored as misses): {unreadable}",
              f"- backbone: {backbone['name']} (fingerprint {backbone['fingerprint']}): {options}",
              f"- global search: {run['search']}",
+             *([f"- RP and MAP@R with R = {run['metric_learning_r']}"] if "metric_learning_r" in run else []),
              f"- qualitative figure: {run['qualitative_row'] or 'none (no reranked row)'} against the first row",
              f"- timings: {timings}"]
     return "\n".join(lines) + "\n"

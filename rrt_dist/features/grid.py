@@ -5,7 +5,8 @@
   to 128-d.
 - ``vit`` (the ViT-reranking paper): DeiT-S / Swin-T from timm, CvT-13 from Hugging Face
   ``transformers`` (extra ``cvt``); global = CLS token, or the mean of the patch tokens where the
-  model has none; locals = patch tokens with their grid positions.
+  model has none; locals = patch tokens (after the final norm) average-pooled to ``grid_size`` x
+  ``grid_size`` (7: DeiT-S and CvT-13 14x14 -> 7x7, Swin-T's 7x7 as is), with their grid positions.
 """
 from __future__ import annotations
 
@@ -99,9 +100,20 @@ class ViTConfig:
     checkpoint: Optional[str] = None
     pretrained: bool = True
     image_size: int = 224
+    grid_size: Optional[int] = 7              # patch grid average-pooled to grid_size x grid_size (None: native)
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     device: str = "auto"
+
+
+def pool_grid(tokens: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
+    """Average-pool ``[B, h*w, C]`` patch tokens to ``[B, size*size, C]`` (the ViT-reranking reference's 14x14 ->
+    7x7). When ``size`` does not divide the grid, upsample x4 (nearest) first, so each output cell is the
+    area-weighted mean of the patches it covers."""
+    x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+    if h % size or w % size:
+        x = torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest")
+    return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(2).transpose(1, 2)
 
 
 class ViTTokens(_SingleScale):
@@ -122,7 +134,8 @@ class ViTTokens(_SingleScale):
             grid = self.cfg.image_size // self.model.feature_info[-1]["reduction"]
         self.model = self.model.to(self.device)
         self.global_dim = self.local_dim = dim
-        self.max_local = grid * grid
+        self.grid = self.cfg.grid_size or grid
+        self.max_local = self.grid * self.grid
 
     @torch.inference_mode()
     def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
@@ -144,9 +157,10 @@ class ViTTokens(_SingleScale):
                 n_prefix = getattr(self.model, "num_prefix_tokens", 1)
                 tokens, cls = feats[:, n_prefix:], feats[:, 0]
                 h = w = int(round(tokens.shape[1] ** 0.5))
-        tokens = tokens.float().cpu().numpy()
-        glob = (cls.float().cpu().numpy() if cls is not None else tokens.mean(axis=1))
-        glob, local = l2n(glob), l2n(tokens)
+        glob = cls.float().cpu().numpy() if cls is not None else tokens.float().mean(dim=1).cpu().numpy()
+        if (h, w) != (self.grid, self.grid):
+            tokens, h, w = pool_grid(tokens, h, w, self.grid), self.grid, self.grid
+        glob, local = l2n(glob), l2n(tokens.float().cpu().numpy())
         pos = grid_positions(h, w, self.cfg.image_size)
         return [ImageFeatures(glob[i], local[i], pos, np.zeros(h * w, np.int64)) for i in range(len(batch))]
 

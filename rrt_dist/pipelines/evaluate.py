@@ -59,6 +59,9 @@ def evaluate(cfg) -> dict:
                         "options": OmegaConf.to_container(cfg.backbone.options, resolve=True)},
            "search": "exact (whole gallery)" if not cfg.index.k else f"{cfg.index.factory}, top-{cfg.index.k}",
            "qualitative_row": shown, "timings": timings}
+    if bench.protocol.name == "metric_learning":
+        run["metric_learning_r"] = ("the query counted in R (the ViT-reranking reference)" if
+                                    bench.protocol.r_includes_query else "the other images of the label (standard)")
     markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} descriptors")
     markdown += "\n" + run_section(run)
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
