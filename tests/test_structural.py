@@ -151,3 +151,20 @@ def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_pat
                                    center="mean")
     assert pooled[0, :20].tolist() == rerank_top_k(ranked[0, :20], scores[0, :20], direct, 20, add_global=True).tolist()
     assert not np.array_equal(pooled[:, :20], ranked[:, :20])
+
+
+def test_structural_figure_draws_maps_and_matches(patches, tmp_path):
+    from rrt_dist.eval.figures import structural_figure
+    from rrt_dist.features.grid import grid_positions
+    from rrt_dist.rerank.structural import transport_plans
+
+    query, centre, cands, _ = patches
+    plan = transport_plans(query, centre, cands[:1], cands[:1, 0])["plan"][0].numpy()
+    assert plan.shape == (16, 16) and abs(plan.sum() - 1) < 1e-3            # the marginals' mass is moved
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    positions = grid_positions(4, 4, 96) * np.array([128 / 96, 1], np.float32)
+    pair = {"query_image": rgb, "cand_image": rgb[:, ::-1].copy(), "query_patches": query, "cand_patches": cands[0],
+            "query_center": centre, "query_positions": positions, "cand_positions": positions, "plan": plan,
+            "status": "positive", "title": "query 0"}
+    path = structural_figure([pair, pair], tmp_path / "structural.png")
+    assert path.stat().st_size > 20_000

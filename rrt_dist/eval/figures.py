@@ -110,3 +110,67 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _heat(ax, rgb, values, positions, title):
+    """``values`` of a patch grid (cells at ``positions`` in image pixels) drawn over the image."""
+    import cv2
+
+    side = int(round(np.sqrt(len(values))))
+    grid = np.asarray(values, np.float32).reshape(side, side)
+    heat = cv2.resize(grid, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    ax.imshow(rgb)
+    ax.imshow(heat, cmap="jet", alpha=0.45)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+
+
+def structural_figure(pairs: list[dict], path: str | Path, temperature: float = 0.1, top: int = 3) -> Path:
+    """The ViT-reranking paper's Figures 1-4 for query / candidate pairs, one row each: the query's centre-to-patch
+    similarity (cross-correlation) and its inverse ``exp(-x / temperature)``, the patch-to-patch similarity of
+    the query patch the transport moves most mass from (boxed), the candidate's cross-correlation with the
+    query's centre (the transport's candidate-side weights) and the ``top`` strongest matches of the plan.
+
+    Each pair holds ``query_image`` / ``cand_image`` (RGB), ``query_patches`` / ``cand_patches`` ``[R, C]``,
+    ``query_center``, ``query_positions`` / ``cand_positions`` ``[R, 2]`` (image pixels), ``plan`` ``[R_c, R_q]``,
+    ``status`` (positive / negative / junk) and ``title``.
+    """
+    def l2n(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    fig, axes = plt.subplots(len(pairs), 5, figsize=(15, 3.0 * len(pairs)), squeeze=False)
+    for row, pair in zip(axes, pairs):
+        qp, cp, qc = l2n(pair["query_patches"]), l2n(pair["cand_patches"]), l2n(pair["query_center"])
+        correlation = np.maximum(qp @ qc, 0)
+        _heat(row[0], pair["query_image"], correlation, pair["query_positions"], f"{pair['title']}: CLS-to-patch")
+        _heat(row[1], pair["query_image"], np.exp(-correlation / temperature), pair["query_positions"],
+              "inverse cross-correlation")
+        plan = np.asarray(pair["plan"])
+        source = int(plan.sum(axis=0).argmax())
+        _heat(row[2], pair["query_image"], qp @ qp[source], pair["query_positions"], "patch-to-patch (boxed patch)")
+        x, y = pair["query_positions"][source]
+        cell = pair["query_image"].shape[1] / np.sqrt(len(qp))
+        row[2].add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, fill=False, color="red", lw=2))
+        _heat(row[3], pair["cand_image"], np.maximum(cp @ qc, 0), pair["cand_positions"],
+              "candidate: cross-correlation")
+        for spine in row[3].spines.values():
+            spine.set_edgecolor(COLOURS.get(pair["status"], "#000000"))
+            spine.set_linewidth(4)
+        # top matches of the transport plan, drawn across the two images side by side
+        qh, qw = pair["query_image"].shape[:2]
+        ch, cw = pair["cand_image"].shape[:2]
+        height = max(qh, ch)
+        canvas = np.full((height, qw + cw, 3), 255, np.uint8)
+        canvas[:qh, :qw], canvas[:ch, qw:] = pair["query_image"], pair["cand_image"]
+        row[4].imshow(canvas)
+        for flat in np.argsort(plan.ravel())[::-1][:top]:
+            c, q = np.unravel_index(flat, plan.shape)
+            (x0, y0), (x1, y1) = pair["query_positions"][q], pair["cand_positions"][c]
+            row[4].plot([x0, x1 + qw], [y0, y1], "-o", color="#ffd700", lw=2, ms=4)
+        row[4].set_xticks([]), row[4].set_yticks([])
+        row[4].set_title(f"top-{top} transport matches", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

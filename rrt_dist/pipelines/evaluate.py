@@ -6,9 +6,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
-from rrt_dist.eval.figures import qualitative_figure
+from rrt_dist.eval.figures import qualitative_figure, structural_figure
 from rrt_dist.eval.methods import evaluate_methods, headline
 from rrt_dist.rerank.methods import parse_method
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
@@ -27,6 +28,44 @@ def qualitative_row(rows: dict, examples: dict, setting: str, wanted: str | None
         return next(r for r in reranked if r.startswith(f"{parse_method(wanted).label} (top-"))
     scored = [(headline(rows[r][setting]), r) for r in reranked if not math.isnan(headline(rows[r][setting]))]
     return max(scored)[1] if scored else None
+
+
+def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_queries: int = 3) -> list[dict]:
+    """Each of the first ``n_queries`` queries with its top-1 after structural reranking: images, patch grids and
+    the transport plan, for :func:`rrt_dist.eval.figures.structural_figure`."""
+    from rrt_dist.eval.figures import _status, _without_self
+    from rrt_dist.features.images import load_image
+    from rrt_dist.rerank.structural import StructuralConfig, transport_plans
+    from rrt_dist.store import take_locals_from
+
+    cfg = StructuralConfig(**options)
+    ranked = _without_self(bench, ranked)
+    query_ids = bench.queries.column("id").to_numpy()
+    q_uris, g_uris = bench.queries.column("uri").to_pylist(), bench.gallery.column("uri").to_pylist()
+    q_boxes = bench.queries.column("bbox").to_pylist()
+    galleries = [stores[name] for name in ("gallery", "distractor") if name in stores]
+    pairs = []
+    for q in range(len(query_ids)):
+        if len(pairs) == n_queries:
+            break
+        if ranked[q, 0] < 0 or not stores["query"].contains([query_ids[q]])[0]:
+            continue
+        query = stores["query"].take_locals([query_ids[q]])
+        cand = take_locals_from(galleries, ranked[q, :1])
+        parts = transport_plans(query["local"][0], query["global"][0], cand["local"], cand["global"],
+                                weighting=cfg.weighting, temperature=cfg.temperature, ot_temp=cfg.ot_temp,
+                                center=cfg.center, max_iter=cfg.max_iter, stop_tol=cfg.stop_tol, ot_part=cfg.ot_part)
+        qp, cp = query["local"][0], cand["local"][0]
+        gallery_index = int(bench.gallery_indices(ranked[q, :1])[0])
+        box = q_boxes[q]                       # queries are described (and drawn) cropped to their box
+        offset = np.zeros(2, np.float32) if box is None else np.floor(np.maximum(box[:2], 0)).astype(np.float32)
+        pairs.append({"query_image": load_image(q_uris[q], box), "cand_image": load_image(g_uris[gallery_index]),
+                      "query_patches": qp, "cand_patches": cp,
+                      "query_center": qp.mean(axis=0) if cfg.center == "mean" else query["global"][0],
+                      "query_positions": query["positions"][0] - offset, "cand_positions": cand["positions"][0],
+                      "plan": parts["plan"][0].cpu().numpy(), "status": _status(bench, q, gallery_index),
+                      "title": f"query {q}"})
+    return pairs
 
 
 def evaluate(cfg) -> dict:
@@ -72,6 +111,12 @@ def evaluate(cfg) -> dict:
         payload["training"] = training
         markdown += "\n" + training_section(training)
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
+    structural = [label for label in examples if label.startswith(("Structural", "αQE + Structural"))]
+    if structural:
+        options = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
+        pairs = structural_pairs(bench, stores, examples[structural[0]], options)
+        figure = structural_figure(pairs, Path(cfg.output_dir) / "structural.png", options.get("temperature", 0.1))
+        print(f"structural similarity maps and matches ({structural[0]}): {figure}")
     if shown:
         figure = qualitative_figure(bench, examples[next(iter(examples))], examples[shown],
                                     Path(cfg.output_dir) / "qualitative.png", (next(iter(examples)), shown))

@@ -73,12 +73,12 @@ def _as_tensor(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
 
-def structural_similarity(query_patches, query_center, cand_patches, cand_centers, *, weighting: str = "correlation",
-                          temperature: float = 0.1, ot_temp: float = 0.05, center: str = "cls", max_iter: int = 100,
-                          stop_tol: float = 0.1, ot_part: float = 1.0):
-    """Structural scores ``[N]`` of N candidates against one query (shapes ``[R, C]``, ``[C]``, ``[N, R, C]``,
-    ``[N, C]``), in the inputs' dtype; numpy in -> numpy out (computed on the GPU when there is one), tensors in
-    -> tensors out on their device."""
+def transport_plans(query_patches, query_center, cand_patches, cand_centers, *, weighting: str = "correlation",
+                    temperature: float = 0.1, ot_temp: float = 0.05, center: str = "cls", max_iter: int = 100,
+                    stop_tol: float = 0.1, ot_part: float = 1.0) -> dict:
+    """The pieces of :func:`structural_similarity` as tensors in the inputs' dtype: ``plan`` and ``sim``
+    ``[N, R_cand, R_query]``, the marginals ``u [N, R_cand]`` and ``v [N, R_query]`` (for figures: which patches
+    the transport matches, and how the centre weighs them)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if center not in CENTERS:
@@ -91,9 +91,6 @@ def structural_similarity(query_patches, query_center, cand_patches, cand_center
     qp, qc, cp, cc = (_as_tensor(x, device) for x in (query_patches, query_center, cand_patches, cand_centers))
     if cp.ndim != 3 or qp.ndim != 2 or cp.shape[2] != qp.shape[1]:
         raise ValueError(f"expected query [R, C] and candidates [N, R, C], got {tuple(qp.shape)} and {tuple(cp.shape)}")
-    if len(cp) == 0:
-        out = cp.new_zeros(0)
-        return out.cpu().numpy() if numpy_in else out
     qp, cp = F.normalize(qp, dim=-1), F.normalize(cp, dim=-1)
     if center == "mean":
         qc, cc = qp.mean(dim=0), cp.mean(dim=1)
@@ -102,15 +99,29 @@ def structural_similarity(query_patches, query_center, cand_patches, cand_center
     K = torch.exp(-(1 - sim) / ot_temp)
     u = _marginal(torch.einsum("c,nic->ni", qc, cp), weighting, temperature)
     v = _marginal(torch.einsum("jc,nc->nj", qp, cc).contiguous(), weighting, temperature)
-    if ot_part < 1:
+    if len(cp) == 0:
+        plan = K
+    elif ot_part < 1:
         n, ri, rj = K.shape
         padded = K.new_ones(n, ri + 1, rj + 1)                         # to / from the dummy bin: cost 0
         padded[:, :ri, :rj] = K
         padded[:, ri, rj] = 0                                          # dummy to dummy: never
         dummy = u.new_full((n, 1), 1 - ot_part)
-        T = sinkhorn(padded, torch.cat([ot_part * u, dummy], 1), torch.cat([ot_part * v, dummy], 1),
-                     max_iter, stop_tol)[:, :ri, :rj]
+        plan = sinkhorn(padded, torch.cat([ot_part * u, dummy], 1), torch.cat([ot_part * v, dummy], 1),
+                        max_iter, stop_tol)[:, :ri, :rj]
     else:
-        T = sinkhorn(K, u, v, max_iter, stop_tol)
-    scores = (T * sim).sum(dim=(1, 2))
-    return scores.cpu().numpy() if numpy_in else scores
+        plan = sinkhorn(K, u, v, max_iter, stop_tol)
+    return {"plan": plan, "sim": sim, "u": u, "v": v}
+
+
+def structural_similarity(query_patches, query_center, cand_patches, cand_centers, *, weighting: str = "correlation",
+                          temperature: float = 0.1, ot_temp: float = 0.05, center: str = "cls", max_iter: int = 100,
+                          stop_tol: float = 0.1, ot_part: float = 1.0):
+    """Structural scores ``[N]`` of N candidates against one query (shapes ``[R, C]``, ``[C]``, ``[N, R, C]``,
+    ``[N, C]``), in the inputs' dtype; numpy in -> numpy out (computed on the GPU when there is one), tensors in
+    -> tensors out on their device."""
+    parts = transport_plans(query_patches, query_center, cand_patches, cand_centers, weighting=weighting,
+                            temperature=temperature, ot_temp=ot_temp, center=center, max_iter=max_iter,
+                            stop_tol=stop_tol, ot_part=ot_part)
+    scores = (parts["plan"] * parts["sim"]).sum(dim=(1, 2))
+    return scores if isinstance(query_patches, torch.Tensor) else scores.cpu().numpy()
