@@ -65,3 +65,16 @@ def test_cli_lists_jobs_and_rejects_unknown(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["--help"])
     assert exit_.value.code == 0 and "evaluate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset, backbone, weighting", [("structural_r50", "dense-grid", "correlation"),
+                                                         ("structural_deit_s", "vit", "inverse"),
+                                                         ("structural_swin_t", "vit", "correlation"),
+                                                         ("structural_cvt13", "vit", "inverse")])
+def test_structural_presets_compose_and_validate(preset, backbone, weighting):
+    from rrt_dist.config import validate_config
+
+    cfg = make([f"experiment={preset}", "dataset=cub200", "dataset.root=/data/cub200"])
+    validate_config(cfg)
+    assert cfg.backbone.name == backbone and cfg.reranker.structural.weighting == weighting
+    assert list(cfg.reranker.methods) == ["global", "structural"]
