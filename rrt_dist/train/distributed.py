@@ -190,8 +190,6 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
-    # Ray Train logs every checkpoint and report at INFO from each worker: the epoch lines below say it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     settings = TrainSettings(**config["settings"])
@@ -204,7 +202,7 @@ def train_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.gamma)
     start, history = _restore(task, model, optimizer, scheduler)
     if start and rank == 0:
-        print(f"resuming at epoch {start + 1}/{settings.epochs} from the latest checkpoint" if start < settings.epochs
+        log.info(f"resuming at epoch {start + 1}/{settings.epochs} from the latest checkpoint" if start < settings.epochs
               else f"all {settings.epochs} epochs were trained: nothing to do")
     device = ray.train.torch.get_device()
     writer = SummaryWriter(config["tensorboard_dir"]) if rank == 0 else None
@@ -223,7 +221,7 @@ def train_worker(config: dict) -> None:
             accuracies.append(out["accuracy"])
             if rank == 0 and n_steps >= 50 and (step + 1) % (n_steps // 10) == 0:   # long epochs: progress
                 elapsed = time.perf_counter() - t_epoch
-                print(f"  epoch {epoch + 1} step {step + 1}/{n_steps}: loss {np.mean(losses[-50:]):.4f}, "
+                log.info(f"  epoch {epoch + 1} step {step + 1}/{n_steps}: loss {np.mean(losses[-50:]):.4f}, "
                       f"ETA {elapsed * (n_steps - step - 1) / (step + 1):.0f} s")
         scheduler.step()
         train_s = time.perf_counter() - t_epoch
@@ -246,7 +244,7 @@ def train_worker(config: dict) -> None:
                 writer.add_scalar(key, metrics[key], epoch + 1)
         writer.flush()
         epoch_s = time.perf_counter() - t_epoch
-        print(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, pair accuracy {metrics['accuracy']:.3f}, "
+        log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, pair accuracy {metrics['accuracy']:.3f}, "
               f"{metrics['pairs_per_s']:.1f} pairs/s" +
               (f", validation {100 * metrics['val_score']:.2f}" if "val_score" in metrics else "") +
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
@@ -302,7 +300,7 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
     ``task_config`` holds ``stage``, ``init`` (a ``joint.pt`` to start from, or None), ``backbone`` (name and
     options of a dense-grid extractor), ``crop_scale`` and ``data_cpus``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
@@ -317,7 +315,9 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
         train_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        # Progress comes from the epoch lines (logged, not printed: Ray Train tees worker prints to stdout and to
+        # its logger, which showed each line twice); its own per-report INFO lines are noise on a console.
+        run_config=RunConfig(name=name, storage_path=storage, logging_config=LoggingConfig(log_level="WARNING"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                                 checkpoint_score_attribute="val_score" if val else None,
