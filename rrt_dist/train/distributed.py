@@ -185,11 +185,22 @@ def _maybe_fail(config: dict, epoch: int, rank: int, world_size: int) -> None:
         os._exit(1)
 
 
+def _quiet_reports() -> None:
+    """Ray Train 2.60 logs every ``report`` at INFO on a logger named after its file (outside ``ray.train``, so
+    LoggingConfig misses it): one long line per worker and epoch. The epoch lines already say it."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:      # another Ray layout: keep its logs
+        return
+    getattr(train_context, "logger", logging.getLogger()).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train worker loop."""
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
+    _quiet_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     settings = TrainSettings(**config["settings"])
