@@ -54,8 +54,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     search function of that setting's index (exact in-process search when absent).
     """
     searchers = searchers or {}
-    check_methods(list(cfg.methods))
-    methods = [parse_method(m) for m in cfg.methods]
+    methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
     depth = reranked_depth(bench, gallery_ids, cfg.k, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with

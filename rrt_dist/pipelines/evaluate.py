@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ from omegaconf import OmegaConf
 
 from rrt_dist.eval.figures import qualitative_figure, structural_figure
 from rrt_dist.eval.methods import evaluate_methods, headline
-from rrt_dist.rerank.methods import parse_method
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
 from rrt_dist.eval.runner import settings_of
+from rrt_dist.rerank.methods import parse_method
 
 from .features import benchmark_features, global_matrix, unreadable_counts
 from .index import setting_indexes
@@ -52,9 +53,7 @@ def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_q
             continue
         query = stores["query"].take_locals([query_ids[q]])
         cand = take_locals_from(galleries, ranked[q, :1])
-        parts = transport_plans(query["local"][0], query["global"][0], cand["local"], cand["global"],
-                                weighting=cfg.weighting, temperature=cfg.temperature, ot_temp=cfg.ot_temp,
-                                center=cfg.center, max_iter=cfg.max_iter, stop_tol=cfg.stop_tol, ot_part=cfg.ot_part)
+        parts = transport_plans(query["local"][0], query["global"][0], cand["local"], cand["global"], **asdict(cfg))
         qp, cp = query["local"][0], cand["local"][0]
         gallery_index = int(bench.gallery_indices(ranked[q, :1])[0])
         box = q_boxes[q]                       # queries are described (and drawn) cropped to their box

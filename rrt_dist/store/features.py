@@ -173,7 +173,10 @@ def remove_uncommitted(uri: str | Path) -> str | None:
     if on_disk <= referenced:
         return None
     # Every version stays (readers may pin one); only files no version references are removed.
+    # (Files of older versions, e.g. before a compaction, are not in the latest one either: then nothing goes.)
     stats = ds.cleanup_old_versions(older_than=timedelta(days=36500), delete_unverified=True)
+    if not stats.data_files_removed:
+        return None
     return f"removed {stats.data_files_removed} uncommitted fragment file(s) from {path}"
 
 
