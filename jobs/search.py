@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> dict:
     names = indexed_tables(cfg.index, stores)
     index = ensure_index(cfg.index, bench.name, [stores[n] for n in names])
     query_ids, queries = global_matrix(stores, ["query"])
-    k = cfg.index.k or 100
+    k = cfg.index.k
     start = time.perf_counter()
     scores, ids = search(index, cfg.index, queries, k, vectors_lookup(*global_matrix(stores, names)))
     seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Train RRT on a dataset's training split with Ray Train (N workers), validating on its held-out split.
 
     rrt-dist train_rrt                                            # synthetic train split, 2 CPU workers
-    rrt-dist train_rrt dataset=gldv2 dataset.root=/data/gldv2 backbone=delg_r50 index=ivf_pq index.k=101 \
+    rrt-dist train_rrt dataset=gldv2 dataset.root=/data/gldv2 backbone=delg_r50 index=ivf_pq \
         train.num_workers=8 train.storage_path=s3://bucket/rrt ray=cluster
     rrt-dist train_rrt train.name=my-run                          # rerun after a failure: resumes
     rrt-dist train_rrt dataset=sop dataset.root=/data/sop backbone=dense_grid_r50 train=rrt_sop_joint \

@@ -16,21 +16,9 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
-
-
-def bounded(default=MISSING, *, ge=None, gt=None, le=None, lt=None, factory=None):
-    """A field whose value (each element, for lists) must lie within the given bounds (None always passes)."""
-    limits = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    if factory is not None:
-        return field(default_factory=factory, metadata={"bounds": limits})
-    return field(default=default, metadata={"bounds": limits})
-
-
-def choice(default, *options):
-    return field(default=default, metadata={"choices": options})
+from rrt_dist.pipelines.extract import ExtractSettings
+from rrt_dist.train.core import TrainSettings
+from rrt_dist.schema import ConfigError, bounded, choice  # noqa: F401  (ConfigError: re-exported)
 
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -178,8 +166,9 @@ SyntheticConfig = _synthetic_config()
 
 
 @dataclass
-class BackboneConfig:
-    """Descriptor extractor (a name from the ``rrt_dist.features`` registry), its options and how it is run.
+class BackboneConfig(ExtractSettings):
+    """Descriptor extractor (a name from the ``rrt_dist.features`` registry), its options and how it is run
+    (the fields of :class:`rrt_dist.pipelines.extract.ExtractSettings`).
 
     ``options`` follow the extractor's own config dataclass: each backbone preset extends the schema of
     its extractor (``schema_<extractor>``), so every option can be set as ``backbone.options.KEY=VALUE``
@@ -187,13 +176,6 @@ class BackboneConfig:
     """
     name: str = "tiny-image"
     options: Any = field(default_factory=dict)
-    batch_size: int = bounded(16, ge=1)              # images per actor call / written fragment
-    num_actors: Optional[int] = bounded(None, ge=1)  # default: one per GPU, else 1
-    actor_cpus: float = bounded(1.0, gt=0)           # logical CPUs reserved per extraction actor
-    torch_threads: Optional[int] = bounded(None, ge=1)   # default: the node's CPUs / actors
-    commit_every: int = bounded(256, ge=1)           # images per Lance commit
-    retry_errors: bool = False                       # extract images recorded as unreadable again
-    max_image_pixels: int = bounded(100_000_000, ge=1)   # larger images are recorded as errors (decompression bombs)
 
 
 def _options_schema(extractor: str) -> type:
@@ -223,9 +205,15 @@ def backbone_schema(extractor: str) -> type:
 
 @dataclass
 class IndexConfig:
-    """Global search: a sharded FAISS index (inner product) served by one Ray actor per shard."""
+    """Global search: a sharded FAISS index (inner product) served by one Ray actor per shard.
+
+    ``mode`` says how evaluation and training rank the gallery: ``exact`` ranks every gallery image in
+    process (the protocols' definition), ``sharded`` keeps the top-``k`` of the sharded index. The ``index``
+    and ``search`` jobs always build and query the sharded index.
+    """
+    mode: str = choice("exact", "exact", "sharded")
     factory: str = "Flat"                    # FAISS index_factory string, or "auto" (from the memory budget)
-    k: Optional[int] = bounded(None, ge=1)   # neighbours kept per query (None: the whole gallery, exact protocol)
+    k: int = bounded(100, ge=1)              # neighbours kept per query from the sharded index
     n_shards: int = bounded(1, ge=1)         # capped at the number of vectors
     params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
     memory_budget_gb: float = bounded(8.0, gt=0)     # for factory=auto
@@ -255,27 +243,15 @@ class RerankerConfig:
 
 
 @dataclass
-class TrainConfig:
-    """RRT training with Ray Train (defaults: the paper's DELG / GLDv2 setting).
+class TrainConfig(TrainSettings):
+    """RRT training with Ray Train (defaults: the paper's DELG / GLDv2 setting): the loop's own settings
+    (:class:`rrt_dist.train.core.TrainSettings`) plus how the driver samples pairs, validates and places workers.
 
     A run is named ``name`` (default: derived from the dataset, backbone and these settings) under
     ``storage_path``; rerunning a name resumes from its latest checkpoint, and a finished run is reused.
     """
-    epochs: int = bounded(15, ge=1)
-    lr: float = bounded(1e-4, gt=0)
-    weight_decay: float = bounded(5e-4, ge=0)        # 4e-4 in the SOP setting
-    batch_size: int = bounded(12, ge=1)      # triplets per step per worker (the global batch scales with workers)
-    grad_clip: Optional[float] = bounded(0.1, gt=0)
-    milestones: list[int] = bounded(ge=1, factory=list)   # MultiStepLR: epochs where lr *= gamma
-    gamma: float = bounded(0.1, gt=0)
-    seed: int = 0
     k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
-    positive_scope: str = choice("topk", "topk", "label")   # topk (GLDv2: from the top-k) | label (SOP: any same label)
-    max_local: Optional[int] = bounded(None, ge=1)   # locals per image fed to RRT, best first (None: all)
-    model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (use_global, position_encoding, ...)
-    embedding_init_std: float = bounded(0.02, gt=0)  # initial segment / scale embeddings (N(0,1) stalls training)
-    match_init: float = bounded(0.0, ge=0)   # query / key projections start as match_init x identity (0: random)
     joint_stages: list[str] = field(default_factory=list, metadata={"choices": ("frozen", "finetune")})
     crop_scale: list[float] = bounded(gt=0, le=1, factory=lambda: [0.25, 1.0])  # joint: random crop's share of the area
     data_cpus: float = bounded(0.5, gt=0)    # joint: CPUs per Ray Data decode task (beside the workers' CPUs)

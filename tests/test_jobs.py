@@ -150,8 +150,8 @@ def test_index_and_search_jobs(tmp_path):
         assert np.mean(np.asarray(rows[qid]["neighbour_ids"]) == e_ids) > 0.9   # equal up to exact ties
     index_dir = next((tmp_path / "indexes").rglob("manifest.json")).parent
     assert len(read_manifest(str(index_dir)).shards) == 2
-    # the evaluation through the sharded indexes (one per setting) when index.k is set
-    evaluated = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, "index.k=20", "reranker=none",
+    # the evaluation through the sharded indexes (one per setting) in index.mode=sharded
+    evaluated = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, "index.mode=sharded", "index.k=20", "reranker=none",
                                 f"hydra.run.dir={tmp_path / 'o3'}"], capture_output=True, text=True, timeout=600,
                                cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

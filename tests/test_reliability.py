@@ -80,9 +80,9 @@ def test_same_file_names_other_pixels_never_reuse_descriptors(local_ray, two_fol
     alone = run_evaluation(b, tmp_path / "alone", tmp_path / "o3")
     assert second["results"] == alone["results"] and first["results"] != second["results"]
     assert second["run"]["queries"] == 5 and second["run"]["gallery"] == 20
-    # with an index too (index.k): two datasets of one benchmark type never share one
-    indexed = run_evaluation(b, shared, tmp_path / "o4", ["index.k=10"])
-    fresh = run_evaluation(b, tmp_path / "alone2", tmp_path / "o5", ["index.k=10"])
+    # with an index too (index.mode=sharded): two datasets of one benchmark type never share one
+    indexed = run_evaluation(b, shared, tmp_path / "o4", ["index.mode=sharded", "index.k=10"])
+    fresh = run_evaluation(b, tmp_path / "alone2", tmp_path / "o5", ["index.mode=sharded", "index.k=10"])
     assert indexed["results"] == fresh["results"]
 
 
@@ -92,11 +92,11 @@ def test_images_replaced_in_place_are_extracted_again(local_ray, two_folders, tm
     root = tmp_path / "data"
     shutil.copytree(b, root)
     features = tmp_path / "features"
-    run_evaluation(root, features, tmp_path / "o1", ["index.k=10"])
+    run_evaluation(root, features, tmp_path / "o1", ["index.mode=sharded", "index.k=10"])
     for f in a.iterdir():                                 # same names, a's pixels and labels, new mtimes
         shutil.copyfile(f, root / f.name)
-    replaced = run_evaluation(root, features, tmp_path / "o2", ["index.k=10"])
-    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3", ["index.k=10"])
+    replaced = run_evaluation(root, features, tmp_path / "o2", ["index.mode=sharded", "index.k=10"])
+    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3", ["index.mode=sharded", "index.k=10"])
     assert replaced["results"] == reference["results"]
     gallery = FeatureStore(replaced["feature_tables"]["gallery"]["uri"])
     assert len(gallery) == 20 and len(np.unique(gallery.ids)) == 20
@@ -187,7 +187,7 @@ def test_trainer_state_with_a_planted_payload_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ 5. bad values
 
 @pytest.mark.parametrize("override, key", [
-    ("index.k=0", "index.k"), ("index.k=-5", "index.k"), ("reranker.k=0", "reranker.k"), ("reranker.k=-1", "reranker.k"),
+    ("index.k=0", "index.k"), ("index.k=-5", "index.k"), ("index.mode=approximate", "index.mode"), ("reranker.k=0", "reranker.k"), ("reranker.k=-1", "reranker.k"),
     ("index.n_shards=0", "index.n_shards"), ("train.lr=0", "train.lr"), ("train.milestones=[0]", "train.milestones"),
     ("backbone.batch_size=0", "backbone.batch_size"), ("dataset.n_landmarks=0", "dataset.n_landmarks"),
     ("train.positive_scope=any", "train.positive_scope"), ("reranker.methods=[global,gvv]", "reranker.methods"),

@@ -80,9 +80,10 @@ def evaluate(cfg) -> dict:
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
     pools = pools_for(cfg.reranker, stores)
-    indexes = setting_indexes(cfg.index, bench, stores)      # none when index.k is unset: exact full ranking
+    indexes = setting_indexes(cfg.index, bench, stores)      # none in index.mode=exact: exact full ranking
+    k_search = cfg.index.k if indexes else None
     examples: dict = {}
-    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, cfg.index.k,
+    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, k_search,
                             examples, {setting: index.search for setting, index in indexes.items()})
     for closable in [*pools.values(), *indexes.values()]:
         closable.close()
@@ -95,7 +96,7 @@ def evaluate(cfg) -> dict:
            "distractors": bench.n_distractors, "leave_one_out": bench.exclude_self, "unreadable": unreadable,
            "backbone": {"name": cfg.backbone.name, "fingerprint": stores["gallery"].fingerprint,
                         "options": OmegaConf.to_container(cfg.backbone.options, resolve=True)},
-           "search": "exact (whole gallery)" if not cfg.index.k else f"{cfg.index.factory}, top-{cfg.index.k}",
+           "search": "exact (whole gallery)" if not indexes else f"{cfg.index.factory}, top-{cfg.index.k}",
            "qualitative_row": shown, "timings": timings}
     if bench.protocol.name == "metric_learning":
         run["metric_learning_r"] = ("the query counted in R (the ViT-reranking reference)" if

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import lance
 import numpy as np
@@ -35,6 +36,7 @@ from rrt_dist.features import config_fingerprint, create_extractor, create_prepa
 from rrt_dist.features.base import Prepared, to_original
 from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
 from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
+from rrt_dist.schema import bounded
 from rrt_dist.store import (FeatureTableMismatch, check_schema, commit_fragments, committed_sources, delete_ids,
                             open_table, remove_uncommitted, write_fragment)
 from rrt_dist.store.features import META_FINGERPRINT
@@ -46,16 +48,17 @@ ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", 
 
 @dataclass
 class ExtractSettings:
-    """How the pipeline runs: the fields of the ``backbone`` config group that are not the extractor's own."""
-    batch_size: int = 16              # images per actor call (and per written fragment)
-    num_actors: int | None = None     # default: one per GPU, else 1
-    actor_cpus: float = 1.0           # logical CPUs reserved per actor (decode tasks use the rest)
-    torch_threads: int | None = None  # intra-op threads per actor (default: the node's CPUs / actors)
-    commit_every: int = 256           # images per Lance commit
-    retry_errors: bool = False        # re-try ids recorded as unreadable
-    max_image_pixels: int = DEFAULT_MAX_PIXELS   # larger images are recorded as errors
-    stop_after_commits: int | None = None  # fault injection (tests): stop at the next commit after N, its fragments written
-    stop_by_kill: bool = False        # ... by SIGKILL of this process instead of raising InjectedFailure
+    """How the pipeline runs: the fields of the ``backbone`` config group that are not the extractor's own
+    (``rrt_dist.config.BackboneConfig`` extends this class)."""
+    batch_size: int = bounded(16, ge=1)              # images per actor call (and per written fragment)
+    num_actors: Optional[int] = bounded(None, ge=1)  # default: one per GPU, else 1
+    actor_cpus: float = bounded(1.0, gt=0)           # logical CPUs reserved per actor (decode tasks use the rest)
+    torch_threads: Optional[int] = bounded(None, ge=1)   # intra-op threads per actor (default: the node's CPUs / actors)
+    commit_every: int = bounded(256, ge=1)           # images per Lance commit
+    retry_errors: bool = False                       # extract images recorded as unreadable again
+    max_image_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)   # larger images are recorded as errors (decompression bombs)
+    stop_after_commits: Optional[int] = bounded(None, ge=0)  # fault injection (tests): stop at the next commit after N
+    stop_by_kill: bool = False                       # ... by SIGKILL of this process instead of raising InjectedFailure
 
 
 @dataclass

@@ -82,14 +82,14 @@ def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) ->
 
 
 def setting_indexes(cfg, bench, stores: dict) -> dict:
-    """One sharded index per evaluation setting (gallery; gallery + distractors) when ``cfg.k`` is set.
+    """One sharded index per evaluation setting (gallery; gallery + distractors) in ``mode=sharded``.
 
-    Without ``k`` the evaluation ranks the whole gallery exactly (the revisitop protocol) and
+    In ``mode=exact`` the evaluation ranks the whole gallery exactly (the protocols' definition) and
     needs no index.
     """
     from rrt_dist.eval.runner import settings_of
 
-    if not cfg.k:
+    if cfg.mode == "exact":
         return {}
     return {setting: ensure_index(cfg, bench.name, [stores["gallery"]] + ([stores["distractor"]] if with_d else []))
             for setting, with_d in settings_of(bench).items()}

@@ -1,7 +1,7 @@
 """What RRT training needs around the Ray Train loop: the training rows, the validation set, the run.
 
 * training rows: the labelled training table, each image's global top-k (the exact searcher, or the
-  sharded index when ``index.k`` is set, as for GLDv2's 1.5M images) and the anchors the paper's rules allow;
+  sharded index in ``index.mode=sharded``, as for GLDv2's 1.5M images) and the anchors the paper's rules allow;
 * validation: the dataset's held-out split (synthetic: its ``val`` benchmark), else ``val_holdout_labels``
   labels taken out of the training rows and scored leave-one-out; never the test split;
 * the run: Ray Train under ``train.storage_path / name``; the best checkpoint (validation score) copied
@@ -113,8 +113,8 @@ def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.
 
 
 def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
-    """Search over the training table: exact, or the sharded index when ``index.k`` is set (large tables)."""
-    if not cfg.index.k:
+    """Search over the training table: exact, or the sharded index in ``index.mode=sharded`` (large tables)."""
+    if cfg.index.mode == "exact":
         return exact_searcher(vectors, ids), None
     from .index import ensure_index
 
