@@ -62,14 +62,13 @@ def validate_config(cfg) -> None:
             _check_node(f"{section}.", cfg[section])
     from rrt_dist.features import check_extractor_options
 
-    check_extractor_options(cfg.backbone.name, OmegaConf.to_container(cfg.backbone.options, resolve=True))
+    for key in ("backbone", "reranker.patch_backbone"):
+        backbone = OmegaConf.select(cfg, key)
+        if backbone:
+            check_extractor_options(backbone.name, OmegaConf.to_container(backbone.options, resolve=True), key)
     from rrt_dist.eval.methods import check_methods
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
-    from rrt_dist.rerank.methods import check_options
-
-    for name in ("gv", "structural"):
-        check_options(name, OmegaConf.to_container(cfg.reranker[name], resolve=True))
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)
@@ -228,7 +227,7 @@ class IndexConfig:
 
 
 @dataclass
-class RerankerConfig:
+class RerankerRows:
     """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
     methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | <reranker> | aqe+<reranker>
     k: int = bounded(100, ge=1)              # top-K reranked (the paper: 100, 200, 400)
@@ -237,9 +236,21 @@ class RerankerConfig:
     aqe_alpha: float = bounded(0.3, ge=0)
     num_actors: int = bounded(1, ge=0)       # reranker actors (0: in-process)
     protocol_junk_removal: bool = True       # revisitop: rerank each protocol with its junk removed first
-    gv: dict[str, Any] = field(default_factory=dict)   # GVConfig options
-    structural: dict[str, Any] = field(default_factory=dict)   # StructuralConfig options (weighting, center, ...)
+    patch_backbone: Any = None               # backbone whose patch grids structural rows read (None: the run's own)
     qualitative_row: Optional[str] = None    # reranked method the report's figure shows (gv, rrt...; default: the best row)
+
+
+def _reranker_config() -> type:
+    """``RerankerConfig``: :class:`RerankerRows` + ``reranker.<name>`` for each registered reranker that takes
+    options, typed by its options dataclass (``rrt_dist.rerank.methods``), so the registry stays the one list."""
+    from rrt_dist.rerank.methods import get_reranker, list_rerankers
+
+    entries = [get_reranker(name) for name in list_rerankers() if get_reranker(name).options]
+    return make_dataclass("RerankerConfig", [(e.name, e.options, field(default_factory=e.options)) for e in entries],
+                          bases=(RerankerRows,))
+
+
+RerankerConfig = _reranker_config()
 
 
 @dataclass

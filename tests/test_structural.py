@@ -2,6 +2,7 @@
 registry that serves it (pool = in-process, misspelt methods refused before any work)."""
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,57 @@ def test_structural_figure_draws_maps_and_matches(patches, tmp_path):
             "status": "positive", "title": "query 0"}
     path = structural_figure([pair, pair], tmp_path / "structural.png")
     assert path.stat().st_size > 20_000
+
+
+@pytest.mark.ray
+def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_synthetic, tmp_path):
+    """One report with GV (the run's multi-scale locals) and structural rows (Lite0 7x7 grids of
+    reranker.patch_backbone); the structural row equals an independent rerank: structural similarity of the
+    patch tables + the run's global cosine over the exact global top-K, then the protocol's metrics."""
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import validate_config
+    from rrt_dist.datasets import read_revisitop
+    from rrt_dist.eval.runner import global_rankings
+    from rrt_dist.pipelines.evaluate import evaluate
+    from rrt_dist.store import FeatureStore, concat_globals
+
+    spec, root = small_synthetic
+    generated = [f"dataset.{f.name}={getattr(spec, f.name)}" for f in fields(spec)
+                 if getattr(spec, f.name) != f.default]            # the fixture's generator settings
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"dataset.root={root}", *generated, "dataset.distractors.name=none", "backbone.options.max_size=128",
+            "backbone.options.max_local=60", "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
+            "+backbone@reranker.patch_backbone=lite0_grid", "reranker.patch_backbone.options.image_size=96",
+            "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural]", "reranker.k=20",
+            "reranker.protocol_junk_removal=false", "reranker.structural.center=mean", "reranker.num_actors=0",
+            f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
+    validate_config(cfg)
+    payload = evaluate(cfg)
+    rows, run = payload["results"], payload["run"]
+    assert {"Global only", "GV (top-20)", "Structural (top-20)"} <= set(rows)
+    assert run["patch_backbone"]["name"] == "dense-grid" and run["backbone"]["name"] == "multiscale-cnn"
+    assert run["patch_backbone"]["fingerprint"] != run["backbone"]["fingerprint"]
+    assert (tmp_path / "out" / "structural.png").exists()
+
+    bench = read_revisitop(root, "synthetic")
+    main = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["feature_tables"].items()}
+    patches = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["patch_tables"].items()}
+    q_ids, q = main["query"].globals()
+    g_ids, g = concat_globals([main["gallery"]])
+    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, False)
+    query_ids = bench.queries.column("id").to_numpy()
+    expected = ranked.copy()
+    for row, qid in enumerate(query_ids):
+        query = patches["query"].take_locals([qid])
+        cands = patches["gallery"].take_locals(ranked[row, :20])
+        structural = structural_similarity(query["local"][0], query["global"][0], cands["local"], cands["global"],
+                                           center="mean")
+        expected[row] = rerank_top_k(ranked[row], scores[row], structural, 20, add_global=True)
+    reference = bench.evaluate(expected)
+    (setting,) = payload["settings"]
+    for protocol in ("medium", "hard"):
+        assert rows["Structural (top-20)"][setting][protocol]["mAP"] == pytest.approx(reference[protocol]["mAP"],
+                                                                                     abs=1e-9)
+    assert rows["Structural (top-20)"][setting] != rows["Global only"][setting]

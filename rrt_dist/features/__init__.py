@@ -38,23 +38,24 @@ def extractor_config_class(name: str) -> type:
     return _REGISTRY[name].config_class
 
 
-def check_extractor_options(name: str, options: dict) -> None:
-    """Refuse an unknown extractor or option with a ConfigError naming the key (no model is loaded)."""
+def check_extractor_options(name: str, options: dict, key: str = "backbone") -> None:
+    """Refuse an unknown extractor or option with a ConfigError naming the key (``<key>.name``,
+    ``<key>.options.<option>``; no model is loaded)."""
     from dataclasses import fields
 
     from rrt_dist.config import ConfigError
 
     if name not in _REGISTRY:
-        raise ConfigError(f"backbone.name={name!r} is not an extractor; known: {', '.join(list_extractors())}")
+        raise ConfigError(f"{key}.name={name!r} is not an extractor; known: {', '.join(list_extractors())}")
     known = [f.name for f in fields(_REGISTRY[name].config_class)]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ConfigError(f"backbone.options.{unknown[0]} is not an option of extractor {name!r}; "
+        raise ConfigError(f"{key}.options.{unknown[0]} is not an option of extractor {name!r}; "
                           f"its options: {', '.join(known)}")
-    for key in FILE_OPTIONS:
-        value = options.get(key)
+    for option in FILE_OPTIONS:
+        value = options.get(option)
         if value and "://" not in str(value) and not Path(value).exists():
-            raise ConfigError(f"backbone.options.{key}={value}: no such file")
+            raise ConfigError(f"{key}.options.{option}={value}: no such file")
 
 
 FILE_OPTIONS = ("checkpoint", "whitening", "local_projection", "global_projection")   # paths an extractor reads

@@ -16,7 +16,7 @@ from rrt_dist.eval.report import render_markdown, run_section, training_section,
 from rrt_dist.eval.runner import settings_of
 from rrt_dist.rerank.methods import parse_method
 
-from .features import benchmark_features, global_matrix, unreadable_counts
+from .features import benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
 from .rerank import pools_for
 from .train import trained_reranker
@@ -71,6 +71,7 @@ def evaluate(cfg) -> dict:
     """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload."""
     timings, start = {}, time.perf_counter()
     bench, stores = benchmark_features(cfg)
+    patch_stores = patch_features(cfg, bench, stores)
     timings["features_s"] = time.perf_counter() - start
     t = time.perf_counter()
     training = trained_reranker(cfg)                          # reranker.checkpoint=train: RRT trained first
@@ -79,7 +80,7 @@ def evaluate(cfg) -> dict:
     t = time.perf_counter()
     query_ids, queries = global_matrix(stores, ["query"])
     gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
-    pools = pools_for(cfg.reranker, stores)
+    pools = pools_for(cfg.reranker, stores, patch_stores)
     indexes = setting_indexes(cfg.index, bench, stores)      # none in index.mode=exact: exact full ranking
     k_search = cfg.index.k if indexes else None
     examples: dict = {}
@@ -96,6 +97,10 @@ def evaluate(cfg) -> dict:
            "distractors": bench.n_distractors, "leave_one_out": bench.exclude_self, "unreadable": unreadable,
            "backbone": {"name": cfg.backbone.name, "fingerprint": stores["gallery"].fingerprint,
                         "options": OmegaConf.to_container(cfg.backbone.options, resolve=True)},
+           **({"patch_backbone": {"name": cfg.reranker.patch_backbone.name,
+                                  "fingerprint": patch_stores["gallery"].fingerprint,
+                                  "options": OmegaConf.to_container(cfg.reranker.patch_backbone.options, resolve=True)}}
+              if patch_stores is not stores else {}),
            "search": "exact (whole gallery)" if not indexes else f"{cfg.index.factory}, top-{cfg.index.k}",
            "qualitative_row": shown, "timings": timings}
     if bench.protocol.name == "metric_learning":
@@ -106,6 +111,8 @@ def evaluate(cfg) -> dict:
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
                "run": run,
                "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
+               **({"patch_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)}
+                                    for k, s in patch_stores.items()}} if patch_stores is not stores else {}),
                "config": OmegaConf.to_container(cfg, resolve=True)}
     if training:
         payload["training"] = training
@@ -114,7 +121,7 @@ def evaluate(cfg) -> dict:
     structural = [label for label in examples if label.startswith(("Structural", "αQE + Structural"))]
     if structural:
         options = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
-        pairs = structural_pairs(bench, stores, examples[structural[0]], options)
+        pairs = structural_pairs(bench, patch_stores, examples[structural[0]], options)
         figure = structural_figure(pairs, Path(cfg.output_dir) / "structural.png", options.get("temperature", 0.1))
         print(f"structural similarity maps and matches ({structural[0]}): {figure}")
     if shown:

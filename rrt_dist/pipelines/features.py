@@ -102,8 +102,26 @@ def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
     log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
              bench.gallery.num_rows, bench.n_distractors)
     init_ray(cfg.ray)
-    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    return bench, ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+    return bench, backbone_features(bench, cfg.features_dir, cfg.backbone)
+
+
+def backbone_features(bench: Benchmark, features_dir: str | Path, backbone) -> dict[str, FeatureStore]:
+    """The benchmark's tables of the extractor a ``backbone`` config describes, extracted where missing."""
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(backbone.options, resolve=True)
+    return ensure_features(bench, features_dir, backbone.name, options, extract_settings(backbone))
+
+
+def patch_features(cfg, bench: Benchmark, stores: dict[str, FeatureStore]) -> dict[str, FeatureStore]:
+    """The tables rerankers that read patch grids use: those of ``reranker.patch_backbone`` when set (so a
+    structural row can stand beside GV and RRT rows, which read the run's own local features), else ``stores``."""
+    from rrt_dist.rerank.methods import parse_method
+
+    wants = any(m.reranker and "patches" in m.reranker.inputs for m in map(parse_method, cfg.reranker.methods))
+    if not (wants and cfg.reranker.patch_backbone):
+        return stores
+    return backbone_features(bench, cfg.features_dir, cfg.reranker.patch_backbone)
 
 
 def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:

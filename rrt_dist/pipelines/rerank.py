@@ -58,9 +58,13 @@ def scorer_options(cfg, name: str) -> dict:
     return OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
 
 
-def pools_for(cfg, stores: dict) -> dict[str, RerankPool]:
-    """One pool per reranker the configured ``methods`` use, over the query and gallery tables."""
-    galleries = [stores[n] for n in ("gallery", "distractor") if n in stores]
-    names = dict.fromkeys(m.reranker.name for m in map(parse_method, cfg.methods) if m.reranker)
-    return {name: RerankPool(name, scorer_options(cfg, name), stores["query"], galleries, cfg.num_actors)
-            for name in names}
+def pools_for(cfg, stores: dict, patch_stores: dict | None = None) -> dict[str, RerankPool]:
+    """One pool per reranker the configured ``methods`` use, over the query and gallery tables: ``stores``, or
+    ``patch_stores`` for rerankers that read patch grids."""
+    pools = {}
+    for entry in dict.fromkeys(m.reranker for m in map(parse_method, cfg.methods) if m.reranker):
+        tables = patch_stores if patch_stores and "patches" in entry.inputs else stores
+        galleries = [tables[n] for n in ("gallery", "distractor") if n in tables]
+        pools[entry.name] = RerankPool(entry.name, scorer_options(cfg, entry.name), tables["query"], galleries,
+                                       cfg.num_actors)
+    return pools

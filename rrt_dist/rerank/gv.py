@@ -13,14 +13,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from rrt_dist.schema import bounded
 
-@dataclass(frozen=True)
+
+@dataclass
 class GVConfig:
-    max_distance: float = 0.9          # descriptor L2 distance for a putative match (unit vectors)
-    ransac_threshold: float = 20.0     # reprojection error in pixels (DELG's residual threshold)
-    max_trials: int = 1000
-    confidence: float = 0.99
-    min_inliers: int = 0               # below this a pair scores 0 (unverified)
+    max_distance: float = bounded(0.9, gt=0)        # descriptor L2 distance for a putative match (unit vectors)
+    ransac_threshold: float = bounded(20.0, gt=0)   # reprojection error in pixels (DELG's residual threshold)
+    max_trials: int = bounded(1000, ge=1)
+    confidence: float = bounded(0.99, gt=0, lt=1)
+    min_inliers: int = bounded(0, ge=0)             # below this a pair scores 0 (unverified)
     seed: int = 0
 
 

@@ -10,7 +10,7 @@ one file with its scorer plus one :func:`register_reranker` call below.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Reranker:
     name: str
     label: str                        # report row label
     scorer: Callable                  # scorer(**options)(query, candidates) -> scores [K], higher is better
-    options: type | None = None       # dataclass of its options (config key reranker.<name>), None: none
+    options: type | None = None       # dataclass of its options: the schema of reranker.<name> (None: none)
     inputs: tuple[str, ...] = ("locals",)   # locals | positions | patches | checkpoint
     add_global: bool = False          # final order by score + global cosine, else by (score, global)
 
@@ -73,18 +73,6 @@ def parse_method(method: str) -> Method:
     if name not in _REGISTRY:
         raise ConfigError(f"reranker.methods: unknown method {method!r}; known: {', '.join(known_methods())}")
     return Method(method, expand, _REGISTRY[name])
-
-
-def check_options(name: str, options: dict) -> None:
-    """Refuse options a reranker does not take (``reranker.<name>.<key>``)."""
-    from rrt_dist.config import ConfigError
-
-    entry = get_reranker(name)
-    known = [f.name for f in fields(entry.options)] if entry.options else []
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"reranker.{name}.{unknown[0]} is not an option of reranker {name!r}; "
-                          f"its options: {', '.join(known) or 'none'}")
 
 
 def _register_defaults() -> None:
