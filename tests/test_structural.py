@@ -223,3 +223,55 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
         assert rows["Structural (top-20)"][setting][protocol]["mAP"] == pytest.approx(reference[protocol]["mAP"],
                                                                                      abs=1e-9)
     assert rows["Structural (top-20)"][setting] != rows["Global only"][setting]
+
+
+@pytest.mark.ray
+def test_msls_rows_global_and_structural_recall(local_ray, small_synthetic, tmp_path):
+    """MSLS's place-recognition protocol (recall@1/5/10/20) with G and G+S rows, on the synthetic test split
+    written in MSLS layout; the global row equals recall computed here from the landmarks (not from UTM)."""
+    import pickle
+
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import validate_config
+    from rrt_dist.datasets.synthetic import synthetic_as_msls
+    from rrt_dist.pipelines.evaluate import evaluate
+    from rrt_dist.store import FeatureStore
+
+    _, root = small_synthetic
+    counts = synthetic_as_msls(root, tmp_path / "msls")
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "dataset=msls", f"dataset.root={tmp_path / 'msls'}", "dataset.cities=[cph]", "backbone=lite0_grid",
+            "backbone.options.image_size=96", "backbone.options.dim=64", "reranker=structural", "reranker.k=20",
+            "reranker.num_actors=0", f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
+    validate_config(cfg)
+    payload = evaluate(cfg)
+    rows, (setting,) = payload["results"], payload["settings"]
+    assert set(rows) == {"Global only", "Structural (top-20)"}
+    for row in rows.values():
+        recall = [row[setting][f"R@{n}"] for n in (1, 5, 10, 20)]
+        assert recall == sorted(recall) and 0 <= recall[0] <= recall[-1] <= 1
+
+    with open(root / "gnd_synthetic.pkl", "rb") as f:
+        gnd = pickle.load(f)["gnd"]
+    tables = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["feature_tables"].items()}
+    q_ids, q = tables["query"].globals()
+    g_ids, g = tables["gallery"].globals()
+    assert len(q_ids) == counts["queries"] and len(g_ids) == counts["database"]
+    order = np.argsort(-(q[np.argsort(q_ids)] @ g.T), axis=1, kind="stable")    # ids follow the file names' order
+    from rrt_dist.datasets import read_msls
+
+    bench = read_msls(tmp_path / "msls", ["cph"])
+    # database row n of the MSLS layout is the synthetic gallery image n; query row qi the query qi
+    synthetic_index = {i: n for n, i in enumerate(bench.gallery.column("id").to_pylist())}
+    query_row = {i: n for n, i in enumerate(bench.queries.column("id").to_pylist())}
+    by_query = {query_row[i]: r for r, i in enumerate(np.sort(q_ids).tolist())}
+    hits = {n: 0 for n in (1, 5, 10, 20)}
+    for qi, entry in enumerate(gnd):
+        positives = set(entry["easy"] + entry["hard"] + entry["junk"])
+        top = [synthetic_index[g_ids[c]] for c in order[by_query[qi]][:20]]
+        for n in hits:
+            hits[n] += bool(positives & set(top[:n]))
+    for n, h in hits.items():
+        assert rows["Global only"][setting][f"R@{n}"] == pytest.approx(h / len(gnd))

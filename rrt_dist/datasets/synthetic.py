@@ -391,3 +391,51 @@ def write_ground_truth(spec: SyntheticSpec, root: str | Path, items: list[Item],
         f.writelines(f"{it.name[len('distractors/jpg/'):]}.jpg\n" for it in distractors)
     stats["distractors"] = {"images": len(distractors)}
     return stats
+
+
+def synthetic_as_msls(root: str | Path, out: str | Path, city: str = "cph", spacing_m: float = 100.0,
+                      split: str = "test") -> dict:
+    """The synthetic benchmark's ``split`` in MSLS layout (``read_msls``), to run the place-recognition
+    protocol end to end without Mapillary's data: a landmark is a place, its gallery views the database
+    images within 10 m of it (UTM), ``spacing_m`` between places (> the 25 m radius, so a query's positives
+    are exactly its landmark's views, junk included: MSLS has no junk), queries whole images at the place.
+    Images are hard-linked (copied across file systems). Returns the counts written."""
+    import os
+    import shutil
+
+    root, out = Path(root), Path(out)
+    with open(root / f"gnd_synthetic{'' if split == 'test' else '-' + split}.pkl", "rb") as f:
+        gnd = pickle.load(f)
+    place = np.full(len(gnd["imlist"]), -1)
+    q_place = []
+    for entry in gnd["gnd"]:           # a query's easy + hard + junk views are all of its landmark's
+        members = np.asarray(entry["easy"] + entry["hard"] + entry["junk"], np.int64)
+        known = place[members][place[members] >= 0]
+        q_place.append(int(known[0]) if len(known) else int(place.max()) + 1)
+        place[members] = q_place[-1]
+    if (place < 0).any():
+        raise ValueError(f"{root}: {int((place < 0).sum())} gallery images belong to no query's landmark")
+    jitter = np.random.default_rng(0).uniform(-7, 7, (len(place), 2))     # within 10 m of the place
+    sides = {"database": (gnd["imlist"], place, jitter), "query": (gnd["qimlist"], np.asarray(q_place),
+                                                                   np.zeros((len(q_place), 2)))}
+    for side, (names, places, offset) in sides.items():
+        folder = out / "train_val" / city / side
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        keys = [f"{side[0]}{i:06d}" for i in range(len(names))]
+        for key, name in zip(keys, names):
+            target = folder / "images" / f"{key}.jpg"
+            if not target.exists():
+                try:
+                    os.link(root / "jpg" / f"{name}.jpg", target)
+                except OSError:
+                    shutil.copyfile(root / "jpg" / f"{name}.jpg", target)
+        easting, northing = 500_000 + places * spacing_m + offset[:, 0], 6_100_000 + offset[:, 1]
+        # raw.csv's lon / lat are for display only; postprocessed.csv's UTM decides positives
+        lat, lon = northing / 111_320.0, easting / 62_700.0
+        with open(folder / "raw.csv", "w") as f:
+            f.write(",key,lon,lat,ca,captured_at,pano\n")
+            f.writelines(f"{i},{k},{lon[i]:.7f},{lat[i]:.7f},0,0,False\n" for i, k in enumerate(keys))
+        with open(folder / "postprocessed.csv", "w") as f:
+            f.write(",key,easting,northing\n")
+            f.writelines(f"{i},{k},{easting[i]:.3f},{northing[i]:.3f}\n" for i, k in enumerate(keys))
+    return {"queries": len(q_place), "database": len(place), "places": int(place.max()) + 1}
