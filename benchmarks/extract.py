@@ -27,7 +27,7 @@ from rrt_dist.datasets.synthetic import SyntheticSpec
 from rrt_dist.features import create_extractor, create_preparer
 from rrt_dist.features.core import extract_rows
 from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
-from rrt_dist.runtime import available_cpus, init_ray
+from rrt_dist.runtime import PoolResources, available_cpus, init_ray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         summary = extract_to_lance(manifest, work / "features.lance", name, options,
-                                   ExtractSettings(batch_size=args.batch_size, torch_threads=threads))
+                                   ExtractSettings(batch_size=args.batch_size),
+                                   resources=PoolResources(intra_op_threads=threads))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"benchmark": "extract", "extractor": name, "model": options["model"], "images": n, "threads": threads,

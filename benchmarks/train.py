@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from rerank import random_table
 
 from rrt_dist.config import RayConfig, TrainConfig
-from rrt_dist.runtime import init_ray
+from rrt_dist.runtime import StageResources, init_ray
 from rrt_dist.train.core import TrainSettings, TripletBatches, build_model, epoch_triplets, train_step
 from rrt_dist.train.distributed import fit
 
@@ -69,10 +69,10 @@ def in_process(store, rows: dict, settings: TrainSettings, steps: int, threads: 
 
 def on_ray(store, rows: dict, settings: TrainSettings, steps: int, workers: int, cpus: int, storage: str) -> dict:
     n_anchors = steps * settings.batch_size * workers
-    cfg = OmegaConf.structured(TrainConfig(num_workers=workers, cpus_per_worker=cpus // workers, use_gpu=False,
-                                           storage_path=storage, keep_checkpoints=1))
+    cfg = OmegaConf.structured(TrainConfig(num_workers=workers, storage_path=storage, keep_checkpoints=1))
     part = {**rows, "anchors": rows["anchors"][:n_anchors]}
-    result = fit(cfg, store, part, None, f"bench-{workers}w-{time.time_ns()}", settings)
+    result = fit(cfg, store, part, None, f"bench-{workers}w-{time.time_ns()}", settings,
+                 resources=StageResources(num_cpus=cpus // workers, num_gpus=0))
     if result.error:
         raise result.error
     return {k: result.metrics[k] for k in ("pairs_per_s", "data_s_per_step", "compute_s_per_step")}

@@ -9,7 +9,7 @@ adds them without a rebuild; the manifest records the Lance versions indexed.
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.runtime import job
@@ -21,7 +21,8 @@ from rrt_dist.pipelines.index import ensure_index, indexed_tables
 @job
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
-    index = ensure_index(cfg.index, bench.name, [stores[n] for n in indexed_tables(cfg.index, stores)])
+    index = ensure_index(cfg.index, bench.name, [stores[n] for n in indexed_tables(cfg.index, stores)],
+                         OmegaConf.to_object(cfg.ray.search))
     m = index.manifest
     print(f"index {index.directory}: {m.factory} ({m.choice or 'as configured'}), {m.ntotal} vectors of dimension "
           f"{m.dimension} in {len(m.shards)} shard(s); sources {m.sources}")

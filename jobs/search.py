@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.runtime import job
@@ -27,7 +27,7 @@ from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
     names = indexed_tables(cfg.index, stores)
-    index = ensure_index(cfg.index, bench.name, [stores[n] for n in names])
+    index = ensure_index(cfg.index, bench.name, [stores[n] for n in names], OmegaConf.to_object(cfg.ray.search))
     query_ids, queries = global_matrix(stores, ["query"])
     k = cfg.index.k
     start = time.perf_counter()

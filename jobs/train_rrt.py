@@ -5,7 +5,7 @@
         train.num_workers=8 train.storage_path=s3://bucket/rrt ray=cluster
     rrt-dist train_rrt train.name=my-run                          # rerun after a failure: resumes
     rrt-dist train_rrt dataset=sop dataset.root=/data/sop backbone=dense_grid_r50 train=rrt_sop_joint \
-        train.num_workers=8 train.cpus_per_worker=4 ray=cluster      # backbone + RRT from images (SOP, Table 6)
+        train.num_workers=8 ray=cluster ray.train.num_cpus=4      # backbone + RRT from images (SOP, Table 6)
 
 Writes ``rrt_best.pt`` (the best epoch by validation score; load with
 ``rrt_dist.models.load_released_checkpoint`` or pass as ``reranker.checkpoint``) and

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from rrt_dist.pipelines.extract import ExtractSettings
+from rrt_dist.runtime import PoolResources, StageResources
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.schema import ConfigError, bounded, choice  # noqa: F401  (ConfigError: re-exported)
 
@@ -82,6 +83,13 @@ class RayConfig:
     num_gpus: Optional[int] = bounded(None, ge=0)   # embedded only; default: what Ray detects
     object_store_memory: Optional[int] = bounded(None, ge=1)
     namespace: str = "rrt-dist"
+    # What each stage's actors ask for (see StageResources): where work runs, never what it computes.
+    extract: PoolResources = field(default_factory=PoolResources)      # extraction actor pool
+    # one actor per index shard; reserving no CPU by default: idle between query batches, and a small machine's
+    # CPUs go to extraction and reranking running beside it
+    search: StageResources = field(default_factory=lambda: StageResources(num_cpus=0))
+    rerank: StageResources = field(default_factory=StageResources)     # reranker.num_actors actors
+    train: StageResources = field(default_factory=StageResources)      # each of train.num_workers workers
 
 
 @dataclass
@@ -217,7 +225,6 @@ class IndexConfig:
     params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
     memory_budget_gb: float = bounded(8.0, gt=0)     # for factory=auto
     train_size: int = bounded(200_000, ge=1)         # training sample for IVF / PQ
-    use_gpu: Optional[bool] = None           # default: when every shard can have a GPU
     with_distractors: bool = True            # index the benchmark's distractors with its gallery
     qe_n: int = bounded(0, ge=0)             # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
     qe_alpha: float = bounded(0.3, ge=0)
@@ -268,9 +275,7 @@ class TrainConfig(TrainSettings):
     data_cpus: float = bounded(0.5, gt=0)    # joint: CPUs per Ray Data decode task (beside the workers' CPUs)
     val_k: int = bounded(100, ge=1)          # top-K reranked when validating each epoch
     val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
-    num_workers: int = bounded(2, ge=1)
-    cpus_per_worker: float = bounded(1, gt=0)
-    use_gpu: Optional[bool] = None           # default: when the cluster has a GPU per worker
+    num_workers: int = bounded(2, ge=1)      # resources of each: ray.train
     name: Optional[str] = None
     storage_path: str = "data/train"         # local folder or URI (s3://, gs://) shared by the workers
     keep_checkpoints: int = bounded(2, ge=1)  # best by validation score; the latest is always kept too

@@ -10,10 +10,57 @@ import functools
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
 import ray
 
+from rrt_dist.schema import bounded
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResources:
+    """What each Ray actor (or Ray Train worker) of one stage asks for (``ray.<stage>``): Ray places it by
+    these, and the autoscaler adds the nodes they need. Intra-op threads inside follow ``num_cpus``.
+
+    ``num_gpus: null`` asks for one GPU per actor when the Ray the job runs on has one for each actor of the
+    stage (an embedded Ray on a GPU machine) and none otherwise; a cluster that starts with no GPU node
+    reports none, so presets for autoscaled clusters (``ray=cluster``) set it.
+    """
+    num_cpus: float = bounded(1.0, ge=0)            # 0: reserves none (runs beside the others), 1 thread
+    num_gpus: Optional[float] = bounded(None, ge=0)
+    resources: dict[str, float] = field(default_factory=dict)   # custom resources, e.g. {"large_memory": 1}
+    intra_op_threads: Optional[int] = bounded(None, ge=1)   # default: num_cpus (at least 1)
+
+    def gpus(self, actors: int = 1) -> float:
+        if self.num_gpus is not None:
+            return float(self.num_gpus)
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= actors else 0.0
+
+    def actor_options(self, actors: int = 1) -> dict:
+        """``ray.remote(...).options(**)`` / ``map_batches(**)`` keywords for one of ``actors`` actors."""
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.gpus(actors)}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+    @property
+    def threads(self) -> int:
+        return self.intra_op_threads or max(1, int(self.num_cpus))
+
+
+@dataclass
+class PoolResources(StageResources):
+    """An autoscaling actor pool (Ray Data's ``ActorPoolStrategy(min_size, max_size)``): it starts with
+    ``min_actors`` and grows to ``max_actors`` as the autoscaler adds nodes (null: a fixed pool)."""
+    min_actors: int = bounded(1, ge=1)
+    max_actors: Optional[int] = bounded(None, ge=1)
+
+    def strategy(self):
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=max(self.min_actors,
+                                                                                 self.max_actors or 0))
 
 
 def available_cpus() -> int:

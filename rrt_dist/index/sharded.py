@@ -17,13 +17,13 @@ import time
 
 import faiss
 import numpy as np
-
-from rrt_dist.datasets.base import NO_ID
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from rrt_dist.datasets.base import NO_ID
+from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore, concat_globals
 
 from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, index_ids, merge_results, new_index,
@@ -141,20 +141,19 @@ class ShardActor:
 class ShardedIndex:
     """Fans query batches out to the shard actors and merges their top-k (highest inner product first)."""
 
-    def __init__(self, directory: str, use_gpu: bool | None = None, params: str | None = None,
+    def __init__(self, directory: str, resources: StageResources | None = None, params: str | None = None,
                  expected_fingerprint: str | None = None):
         self.directory = directory
         self.manifest = read_manifest(directory)
         if expected_fingerprint is not None and expected_fingerprint != self.manifest.fingerprint:
             raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {self.manifest.fingerprint}, "
                                 f"queries come from {expected_fingerprint}: rebuild the index or use the same extractor")
-        resources = ray.cluster_resources()
         n_shards = len(self.manifest.shards)
-        use_gpu = resources.get("GPU", 0) >= n_shards if use_gpu is None else use_gpu
-        threads = max(1, int(resources.get("CPU", 1)) // n_shards)
-        actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, num_cpus=0,
-                                               num_gpus=1 if use_gpu else 0)
-        self.actors = [actor.remote(directory, i, use_gpu, params, threads) for i in range(n_shards)]
+        resources = resources or StageResources(num_cpus=0)
+        options = resources.actor_options(n_shards)
+        actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **options)
+        self.actors = [actor.remote(directory, i, options["num_gpus"] > 0, params, resources.threads)
+                       for i in range(n_shards)]
 
     @property
     def dimension(self) -> int:

@@ -36,6 +36,7 @@ from rrt_dist.features import config_fingerprint, create_extractor, create_prepa
 from rrt_dist.features.base import Prepared, to_original
 from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
 from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
+from rrt_dist.runtime import PoolResources
 from rrt_dist.schema import bounded
 from rrt_dist.store import (FeatureTableMismatch, check_schema, commit_fragments, committed_sources, delete_ids,
                             open_table, remove_uncommitted, write_fragment)
@@ -51,9 +52,6 @@ class ExtractSettings:
     """How the pipeline runs: the fields of the ``backbone`` config group that are not the extractor's own
     (``rrt_dist.config.BackboneConfig`` extends this class)."""
     batch_size: int = bounded(16, ge=1)              # images per actor call (and per written fragment)
-    num_actors: Optional[int] = bounded(None, ge=1)  # default: one per GPU, else 1
-    actor_cpus: float = bounded(1.0, gt=0)           # logical CPUs reserved per actor (decode tasks use the rest)
-    torch_threads: Optional[int] = bounded(None, ge=1)   # intra-op threads per actor (default: the node's CPUs / actors)
     commit_every: int = bounded(256, ge=1)           # images per Lance commit
     retry_errors: bool = False                       # extract images recorded as unreadable again
     max_image_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)   # larger images are recorded as errors (decompression bombs)
@@ -120,11 +118,10 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict, max_pixe
 class ExtractAndWrite:
     """Actor: runs the extractor on a batch and writes it as an uncommitted Lance fragment."""
 
-    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int | None):
+    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int):
         import torch
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        torch.set_num_threads(torch_threads)    # the actor's own CPUs (Ray sets 1 thread per reserved CPU otherwise)
         self.extractor = create_extractor(extractor_name, **extractor_cfg)
         self.schema = schema_for(self.extractor, fingerprint(self.extractor))
         self.uri = uri
@@ -187,10 +184,12 @@ def _prepare_table(uri: str, what: str) -> None:
 
 def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, extractor_cfg: dict | None = None,
                      settings: ExtractSettings | None = None, errors_uri: str | Path | None = None,
-                     desc: str = "extract") -> ExtractSummary:
-    """Extract every manifest row not yet in the table at ``uri`` (or whose file changed since); returns a summary."""
+                     desc: str = "extract", resources: PoolResources | None = None) -> ExtractSummary:
+    """Extract every manifest row not yet in the table at ``uri`` (or whose file changed since) on an actor pool
+    of ``resources`` (``ray.extract``); returns a summary."""
     extractor_cfg = dict(extractor_cfg or {})
     settings = settings or ExtractSettings()
+    resources = resources or PoolResources()
     uri = str(uri)
     errors_uri = str(errors_uri or f"{uri.removesuffix('.lance')}-errors.lance")
     expected_fp = config_fingerprint(extractor_name, **extractor_cfg)
@@ -236,11 +235,6 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
         check_schema(table.schema, schema, uri)
     done = set(done.tolist())
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    num_actors = settings.num_actors or max(1, gpus)
-    threads = settings.torch_threads or max(1, int(resources.get("CPU", 1)) // num_actors)
-    pool = ray.data.ActorPoolStrategy(size=num_actors)
     # Small input blocks so results stream back (and get committed) while the run goes on.
     rows_per_block = settings.batch_size
     blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
@@ -248,9 +242,9 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
           .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg,
                                                 "max_pixels": settings.max_image_pixels},
                        batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
-          .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, threads),
-                       batch_size=settings.batch_size, batch_format="numpy", compute=pool,
-                       num_gpus=1 if gpus else 0, num_cpus=settings.actor_cpus))
+          .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads),
+                       batch_size=settings.batch_size, batch_format="numpy", compute=resources.strategy(),
+                       **resources.actor_options()))
 
     start = time.perf_counter()
     pending_fragments, pending_ids, commits = [], [], 0

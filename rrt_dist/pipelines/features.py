@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark, DatasetLayoutError
 from rrt_dist.features import config_fingerprint
+from rrt_dist.runtime import PoolResources
 from rrt_dist.store import FeatureStore, concat_globals
 
 from .extract import ExtractSettings, extract_to_lance
@@ -59,12 +60,13 @@ def benchmark_manifests(bench: Benchmark) -> dict[str, pa.Table]:
 
 
 def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extractor: str, options: dict,
-                  settings: ExtractSettings) -> dict[str, FeatureStore]:
-    """Extract the rows of every table in ``paths`` that are not there yet (or whose image changed); return
-    the tables (pinned versions), each restricted to its manifest's ids."""
+                  settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
+    """Extract the rows of every table in ``paths`` that are not there yet (or whose image changed) on an actor
+    pool of ``resources``; return the tables (pinned versions), each restricted to its manifest's ids."""
     stores = {}
     for name, path in paths.items():
-        summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}")
+        summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}",
+                                   resources=resources)
         if summary.errors:
             log.warning("%s: %d unreadable images recorded in %s-errors.lance, e.g. %s", name, summary.errors,
                         str(path).removesuffix(".lance"), summary.error_samples)
@@ -76,10 +78,10 @@ def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extrac
 
 
 def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
-                    settings: ExtractSettings) -> dict[str, FeatureStore]:
+                    settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
     """A benchmark's feature tables, extracted where missing (``query`` is the gallery's when they are one set)."""
     stores = ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options), extractor,
-                           options, settings)
+                           options, settings, resources)
     stores.setdefault("query", stores["gallery"])
     return stores
 
@@ -102,15 +104,17 @@ def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
     log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
              bench.gallery.num_rows, bench.n_distractors)
     init_ray(cfg.ray)
-    return bench, backbone_features(bench, cfg.features_dir, cfg.backbone)
+    return bench, backbone_features(cfg, bench, cfg.backbone)
 
 
-def backbone_features(bench: Benchmark, features_dir: str | Path, backbone) -> dict[str, FeatureStore]:
-    """The benchmark's tables of the extractor a ``backbone`` config describes, extracted where missing."""
+def backbone_features(cfg, bench: Benchmark, backbone) -> dict[str, FeatureStore]:
+    """The benchmark's tables of the extractor a ``backbone`` config describes, extracted where missing (under
+    ``cfg.features_dir``, on the ``cfg.ray.extract`` pool)."""
     from omegaconf import OmegaConf
 
     options = OmegaConf.to_container(backbone.options, resolve=True)
-    return ensure_features(bench, features_dir, backbone.name, options, extract_settings(backbone))
+    return ensure_features(bench, cfg.features_dir, backbone.name, options, extract_settings(backbone),
+                           OmegaConf.to_object(cfg.ray.extract))
 
 
 def patch_features(cfg, bench: Benchmark, stores: dict[str, FeatureStore]) -> dict[str, FeatureStore]:
@@ -121,7 +125,7 @@ def patch_features(cfg, bench: Benchmark, stores: dict[str, FeatureStore]) -> di
     wants = any(m.reranker and "patches" in m.reranker.inputs for m in map(parse_method, cfg.reranker.methods))
     if not (wants and cfg.reranker.patch_backbone):
         return stores
-    return backbone_features(bench, cfg.features_dir, cfg.reranker.patch_backbone)
+    return backbone_features(cfg, bench, cfg.reranker.patch_backbone)
 
 
 def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,5 +149,5 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     path = (Path(cfg.features_dir) / name / source_key(cfg.dataset.root) / config_fingerprint(cfg.backbone.name, **options)
             / "train.lance")
     store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options,
-                          extract_settings(cfg.backbone))["train"]
+                          extract_settings(cfg.backbone), OmegaConf.to_object(cfg.ray.extract))["train"]
     return manifest, store

@@ -15,7 +15,8 @@ import numpy as np
 from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import database_augmentation
-from rrt_dist.index.sharded import ShardedIndex, StaleIndex, table_identities, build_index
+from rrt_dist.index.sharded import ShardedIndex, StaleIndex, build_index, table_identities
+from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore, concat_globals
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,10 @@ def indexed_tables(cfg, stores: dict) -> list[str]:
     return ["gallery"] + (["distractor"] if cfg.with_distractors and "distractor" in stores else [])
 
 
-def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedIndex:
+def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: StageResources | None = None
+                 ) -> ShardedIndex:
     """Open the index of ``stores`` (building it, adding rows it lacks, or rebuilding it when indexed rows
-    changed) and start its shard actors."""
+    changed) and start its shard actors, each asking for ``resources`` (``ray.search``)."""
     directory = index_directory(cfg, benchmark, stores)
     try:
         manifest = read_manifest(directory)
@@ -50,7 +52,7 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedInde
         manifest = None
     if manifest is None:
         _build(cfg, stores, directory)
-    index = ShardedIndex(directory, use_gpu=cfg.use_gpu, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
+    index = ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
     if manifest is not None and not cfg.dba_n:
         try:
             added = index.add_from(stores)
@@ -58,7 +60,7 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore]) -> ShardedInde
             log.warning("%s; rebuilding", why)
             index.close()
             _build(cfg, stores, directory)
-            return ShardedIndex(directory, use_gpu=cfg.use_gpu, params=cfg.params,
+            return ShardedIndex(directory, resources=resources, params=cfg.params,
                                 expected_fingerprint=stores[0].fingerprint)
         if added:
             log.info("%s: added %d new rows", directory, added)
@@ -81,7 +83,7 @@ def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) ->
     return index.search(queries, k)
 
 
-def setting_indexes(cfg, bench, stores: dict) -> dict:
+def setting_indexes(cfg, bench, stores: dict, resources: StageResources | None = None) -> dict:
     """One sharded index per evaluation setting (gallery; gallery + distractors) in ``mode=sharded``.
 
     In ``mode=exact`` the evaluation ranks the whole gallery exactly (the protocols' definition) and
@@ -91,5 +93,6 @@ def setting_indexes(cfg, bench, stores: dict) -> dict:
 
     if cfg.mode == "exact":
         return {}
-    return {setting: ensure_index(cfg, bench.name, [stores["gallery"]] + ([stores["distractor"]] if with_d else []))
+    return {setting: ensure_index(cfg, bench.name, [stores["gallery"]] + ([stores["distractor"]] if with_d else []),
+                                  resources)
             for setting, with_d in settings_of(bench).items()}

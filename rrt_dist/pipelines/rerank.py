@@ -1,4 +1,4 @@
-"""Rerank each query's global top-K in a pool of Ray actors (GPU when present).
+"""Rerank each query's global top-K in a pool of Ray actors (each asking for ``ray.rerank``: GPU when given one).
 
 Each actor holds a :class:`rrt_dist.rerank.core.RerankCore`: it opens the feature tables (pinned versions),
 takes the candidates' descriptors in one batched read per query and scores them (each (query, candidate)
@@ -12,6 +12,7 @@ import ray
 
 from rrt_dist.rerank.core import RerankCore
 from rrt_dist.rerank.methods import parse_method
+from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore
 
 
@@ -19,19 +20,17 @@ class RerankPool:
     """``num_actors`` actors (0: in-process) sharing the work query-chunk by query-chunk."""
 
     def __init__(self, scorer: str, scorer_cfg: dict, query_store: FeatureStore, gallery_stores: list[FeatureStore],
-                 num_actors: int = 1, use_gpu: bool | None = None, chunk: int = 8):
+                 num_actors: int = 1, resources: StageResources | None = None, chunk: int = 8):
         args = (scorer, scorer_cfg, (query_store.uri, query_store.version),
                 [(s.uri, s.version) for s in gallery_stores])
         self.chunk = chunk
         if num_actors == 0:
             self.local, self.actors = RerankCore(*args), []
         else:
-            resources = ray.cluster_resources()
-            use_gpu = resources.get("GPU", 0) >= 1 if use_gpu is None else use_gpu
-            threads = max(1, int(resources.get("CPU", 1)) // num_actors)
-            actor = ray.remote(RerankCore).options(max_restarts=-1, max_task_retries=-1, num_cpus=1,
-                                                   num_gpus=1 if use_gpu else 0)
-            self.local, self.actors = None, [actor.remote(*args, threads) for _ in range(num_actors)]
+            resources = resources or StageResources()
+            actor = ray.remote(RerankCore).options(max_restarts=-1, max_task_retries=-1,
+                                                   **resources.actor_options(num_actors))
+            self.local, self.actors = None, [actor.remote(*args, resources.threads) for _ in range(num_actors)]
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         if self.local is not None:
@@ -58,13 +57,14 @@ def scorer_options(cfg, name: str) -> dict:
     return OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
 
 
-def pools_for(cfg, stores: dict, patch_stores: dict | None = None) -> dict[str, RerankPool]:
+def pools_for(cfg, stores: dict, patch_stores: dict | None = None,
+              resources: StageResources | None = None) -> dict[str, RerankPool]:
     """One pool per reranker the configured ``methods`` use, over the query and gallery tables: ``stores``, or
-    ``patch_stores`` for rerankers that read patch grids."""
+    ``patch_stores`` for rerankers that read patch grids; each actor asks for ``resources`` (``ray.rerank``)."""
     pools = {}
     for entry in dict.fromkeys(m.reranker for m in map(parse_method, cfg.methods) if m.reranker):
         tables = patch_stores if patch_stores and "patches" in entry.inputs else stores
         galleries = [tables[n] for n in ("gallery", "distractor") if n in tables]
         pools[entry.name] = RerankPool(entry.name, scorer_options(cfg, entry.name), tables["query"], galleries,
-                                       cfg.num_actors)
+                                       cfg.num_actors, resources)
     return pools

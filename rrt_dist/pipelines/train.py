@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from omegaconf import OmegaConf, open_dict
 
 from rrt_dist.datasets import Benchmark, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
@@ -26,22 +27,18 @@ from rrt_dist.index.exact import exact_searcher
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
-from .features import ensure_features, extract_settings, global_matrix, training_features
+from .features import backbone_features, global_matrix, training_features
 
 log = logging.getLogger(__name__)
 
 
 def train_settings(cfg) -> TrainSettings:
-    from omegaconf import OmegaConf
-
     train = OmegaConf.to_container(cfg.train, resolve=True)
     return TrainSettings(**{f.name: train[f.name] for f in fields(TrainSettings)})
 
 
 def run_name(cfg) -> str:
     """``train.name``, or one derived from everything that decides the trained weights."""
-    from omegaconf import OmegaConf
-
     if cfg.train.name:
         return cfg.train.name
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
@@ -51,7 +48,7 @@ def run_name(cfg) -> str:
                                                                                              resolve=True)),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
-                                       "cpus_per_worker", "data_cpus", "use_gpu")}}  # where it runs does not change the weights
+                                       "data_cpus")}}  # where it runs does not change the weights
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
     return f"rrt-{cfg.dataset.name}-{digest}"
 
@@ -94,13 +91,10 @@ def _ranking_set(bench: Benchmark, query_ids, queries, gallery_ids, gallery, que
 
 def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.ndarray) -> tuple[dict, np.ndarray]:
     """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out."""
-    from omegaconf import OmegaConf
-
     if cfg.dataset.name == "synthetic":
         val_cfg = OmegaConf.merge(cfg.dataset, {"split": "val", "distractors": {"name": "none"}})
         bench = load_benchmark(val_cfg)
-        options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-        stores = ensure_features(bench, cfg.features_dir, cfg.backbone.name, options, extract_settings(cfg.backbone))
+        stores = backbone_features(cfg, bench, cfg.backbone)
         q_ids, q = global_matrix(stores, ["query"])
         g_ids, g = global_matrix(stores, ["gallery"])
         return _ranking_set(bench, q_ids, q, g_ids, g, stores["query"], [stores["gallery"]]), np.zeros(len(ids), bool)
@@ -118,7 +112,7 @@ def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
         return exact_searcher(vectors, ids), None
     from .index import ensure_index
 
-    index = ensure_index(cfg.index, f"{cfg.dataset.name}-train", [store])
+    index = ensure_index(cfg.index, f"{cfg.dataset.name}-train", [store], OmegaConf.to_object(cfg.ray.search))
     return index.search, index
 
 
@@ -164,8 +158,6 @@ def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> 
     from the previous stage's best weights; the final backbone and projection exported to ``out_dir``.
     Returns (last run's result, its best checkpoint and metrics, history over all stages, exported files)."""
     import torch
-    from omegaconf import OmegaConf
-
     from rrt_dist.features.grid import DenseGrid
     from rrt_dist.train.distributed import fit
     from rrt_dist.train.joint import JointReranker, export_backbone
@@ -177,7 +169,8 @@ def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> 
     for stage in cfg.train.joint_stages:
         result = fit(cfg.train, store, rows, val, f"{name}-{stage}", settings, task="joint",
                      task_config={"stage": stage, "init": init, "backbone": {"name": cfg.backbone.name, "options": options},
-                                  "crop_scale": list(cfg.train.crop_scale), "data_cpus": cfg.train.data_cpus})
+                                  "crop_scale": list(cfg.train.crop_scale), "data_cpus": cfg.train.data_cpus},
+                     resources=OmegaConf.to_object(cfg.ray.train))
         best, metrics = _best(result)
         init = str(out_dir / f"joint_{stage}.pt")
         with best.as_directory() as folder:
@@ -204,7 +197,8 @@ def train_rrt(cfg, out_dir: str | Path) -> dict:
     if cfg.train.joint_stages:
         result, (best, metrics), history, exported = train_joint(cfg, store, rows, val, name, out_dir)
     else:
-        result = fit(cfg.train, store, rows, val, name, train_settings(cfg))
+        result = fit(cfg.train, store, rows, val, name, train_settings(cfg),
+                     resources=OmegaConf.to_object(cfg.ray.train))
         (best, metrics), history = _best(result), _history(result)
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / "model.pt", out_dir / "rrt_best.pt")
@@ -221,8 +215,6 @@ def trained_reranker(cfg) -> dict | None:
 
     Returns what ``train_rrt`` returns, for the report (None when the checkpoint is a path or unused).
     """
-    from omegaconf import open_dict
-
     from rrt_dist.rerank.methods import parse_method
 
     uses_rrt = any(m.reranker and m.reranker.name == "rrt" for m in map(parse_method, cfg.reranker.methods))

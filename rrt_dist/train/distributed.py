@@ -28,6 +28,7 @@ import numpy as np
 import ray
 import torch
 
+from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore
 
 from .core import (TrainSettings, TripletBatches, build_model, epoch_triplets, load_trainer_state, model_checkpoint,
@@ -303,7 +304,7 @@ def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
 
 
 def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, settings: TrainSettings,
-        task: str = "features", task_config: dict | None = None):
+        task: str = "features", task_config: dict | None = None, resources: StageResources | None = None):
     """Train (or resume, or return a finished run) under ``cfg.storage_path / name``; the Ray Train Result.
 
     ``rows``: ``ids``, ``labels``, ``neighbours``, ``anchors`` of the training table (see ``sampler``).
@@ -315,7 +316,8 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
     from ray.train.torch import TorchTrainer
 
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
+    resources = resources or StageResources()       # of each worker (ray.train)
+    gpus = resources.gpus(cfg.num_workers)
     run_dir = f"{storage}/{name}"
     remove_unrecorded_checkpoints(run_dir)
     config = {"settings": asdict(settings), "table": (table.uri, table.version), "rows": ray.put(rows),
@@ -324,8 +326,9 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
               "fail_marker": f"{run_dir}/injected-failure", "task": task, **(task_config or {})}
     trainer = TorchTrainer(
         train_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}),
+                                                           **resources.resources}),
         # Progress comes from the epoch lines (logged, not printed: Ray Train tees worker prints to stdout and to
         # its logger, which showed each line twice); its own per-report INFO lines are noise on a console.
         run_config=RunConfig(name=name, storage_path=storage, logging_config=LoggingConfig(log_level="WARNING"),

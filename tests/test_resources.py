@@ -1,0 +1,62 @@
+"""Resources are configuration: what each stage's actors ask for comes from ``ray.<stage>``, never from a
+snapshot of the cluster (an autoscaled cluster that starts with no GPU node must still be asked for GPUs)."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import rrt_dist.config  # noqa: F401
+from rrt_dist.runtime import PoolResources, StageResources
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ray_config(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides)).ray
+
+
+def test_cluster_preset_asks_for_gpus_whatever_the_cluster_has_now(local_ray):
+    assert local_ray.cluster_resources().get("GPU", 0) == 0          # this machine: no GPU, like a fresh cluster
+    ray = ray_config("ray=cluster")
+    extract, rerank, train = (OmegaConf.to_object(ray[s]) for s in ("extract", "rerank", "train"))
+    for stage in (extract, rerank, train):
+        assert stage.actor_options()["num_gpus"] == 1 and stage.threads == int(stage.num_cpus)
+    assert extract.actor_options() == {"num_cpus": 4, "num_gpus": 1.0}
+    strategy = extract.strategy()
+    assert (strategy.min_size, strategy.max_size) == (1, 8)          # the pool grows as GPU nodes join
+
+
+def test_local_defaults_ask_for_no_gpu_on_a_machine_without_one(local_ray):
+    ray = ray_config()
+    for stage in ("extract", "rerank", "train"):
+        resources = OmegaConf.to_object(ray[stage])
+        assert resources.actor_options() == {"num_cpus": 1.0, "num_gpus": 0.0} and resources.threads == 1
+    search = OmegaConf.to_object(ray.search)
+    assert search.actor_options(4) == {"num_cpus": 0.0, "num_gpus": 0.0} and search.threads == 1
+    assert (OmegaConf.to_object(ray.extract).strategy().min_size, OmegaConf.to_object(ray.extract).strategy().max_size) == (1, 1)
+
+
+def test_auto_gpus_need_one_per_actor_and_custom_resources_pass_through(local_ray, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    auto = StageResources(num_cpus=2, resources={"large_memory": 1})
+    assert auto.actor_options(2) == {"num_cpus": 2, "num_gpus": 1.0, "resources": {"large_memory": 1}}
+    assert auto.actor_options(3)["num_gpus"] == 0.0                  # not one GPU for each of 3 actors
+    assert StageResources(num_cpus=2, num_gpus=0).actor_options()["num_gpus"] == 0.0
+    assert StageResources(num_cpus=3.5, intra_op_threads=6).threads == 6 and StageResources(num_cpus=3.5).threads == 3
+    assert PoolResources(min_actors=3, max_actors=2).strategy().max_size == 3
+
+
+@pytest.mark.parametrize("override, key", [("ray.extract.num_gpus=-1", "ray.extract.num_gpus"),
+                                           ("ray.extract.min_actors=0", "ray.extract.min_actors"),
+                                           ("ray.rerank.num_cpus=-2", "ray.rerank.num_cpus")])
+def test_bad_resources_are_refused_naming_the_key(override, key):
+    from rrt_dist.config import ConfigError, validate_config
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
