@@ -86,8 +86,9 @@ def test_job_submission_to_local_head(tmp_path):
                             start_new_session=True)
     try:
         out = tmp_path / "out"
+        # ray=cluster asks for a GPU per extraction actor; this head has none and no autoscaler to add one
         entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster backbone=tiny_image "
-                      "reranker=none "
+                      "reranker=none ray.extract.num_gpus=0 ray.extract.num_cpus=1 "
                       f"dataset.root={tmp_path / 'syn'} features_dir={tmp_path / 'features'} hydra.run.dir={out}")
         runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
         deadline = time.time() + 120

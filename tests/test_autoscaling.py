@@ -1,0 +1,127 @@
+"""Autoscaling, tested on Ray's fake multi-node provider: a head with no GPU, a worker type with a logical
+GPU from 0 workers. The extraction job asks for one GPU per actor (``ray.extract``), so the autoscaler must
+add GPU nodes; it finishes with every row, and the idle nodes are removed afterwards.
+
+Ray's ``AutoscalingCluster`` helper is not used: the Ray 2.60 wheel lacks the ``example.yaml`` it reads,
+and its start / shutdown run ``ray stop --force``, which would stop every Ray on the machine (the test
+session's embedded one included). This test starts its own head in its own process group, on its own
+ports and temp dir, and stops exactly the processes of that temp dir.
+"""
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_jobs import BIN, free_port
+
+FAKE_GPU_NODE = "ray.worker.gpu"
+
+
+def autoscaling_config(gcs_address: str) -> dict:
+    return {
+        "cluster_name": "rrt-dist-fake", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,                      # idle nodes go after 6 s
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            FAKE_GPU_NODE: {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 100 * 2**20},
+                            "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def nodes(address: str, env: dict) -> list[dict]:
+    """Every node the cluster has had (alive or dead), from a short-lived driver."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print('NODES', json.dumps([{'alive': n['Alive'], 'gpu': n['Resources'].get('GPU', 0)} for n in ray.nodes()]))"
+            % address)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the driver also prints the autoscaler's events
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("NODES "))[6:])
+
+
+def stop_processes_of(temp_dir: Path) -> None:
+    """SIGKILL every process whose command line names ``temp_dir`` (this cluster's raylets, workers, GCS)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp_dir) in cmdline and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(600)
+def test_gpu_nodes_are_added_for_the_extraction_pool_and_removed_when_idle(tmp_path):
+    gcs_port, dash_port = free_port(), free_port()
+    address = f"127.0.0.1:{gcs_port}"
+    temp_dir = Path("/tmp") / f"ray-as-{secrets.token_hex(4)}"      # short: unix socket paths are limited
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps(autoscaling_config(address)))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled",
+           "RAY_DISABLE_USAGE_STATS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    agent_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "runtime-env-agent-port", "metrics-export-port",
+                                                          "ray-client-server-port")]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+         f"--temp-dir={temp_dir}", f"--autoscaling-config={config}", "--disable-usage-stats", *agent_ports],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:                                                  # the head takes a few seconds
+            try:
+                assert nodes(address, env)
+                break
+            except AssertionError:
+                assert time.time() < deadline, "the fake cluster's head did not come up"
+                time.sleep(2)
+        assert [n for n in nodes(address, env) if n["gpu"]] == []      # no GPU node at start
+        job = subprocess.run(
+            [str(BIN / "rrt-dist"), "extract", "experiment=synthetic_small", "backbone=tiny_image",
+             f"dataset.root={tmp_path / 'syn'}", "dataset.distractors.name=none", f"features_dir={tmp_path / 'f'}",
+             f"ray.address={address}", "ray.extract.num_cpus=1", "ray.extract.num_gpus=1",
+             "ray.extract.max_actors=2", f"hydra.run.dir={tmp_path / 'out'}"],
+            env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        from rrt_dist.datasets import read_revisitop
+        from rrt_dist.store import FeatureStore
+
+        bench = read_revisitop(tmp_path / "syn", "synthetic")
+        tables = {line.split()[0]: line.split()[-1] for line in job.stdout.splitlines() if "rows  version" in line}
+        assert len(FeatureStore(tables["gallery"])) == bench.gallery.num_rows
+        assert len(FeatureStore(tables["query"])) == bench.queries.num_rows
+        gpu_nodes = [n for n in nodes(address, env) if n["gpu"]]
+        assert 1 <= len(gpu_nodes) <= 2                              # added because the pool asked for GPUs
+        deadline = time.time() + 180
+        while any(n["alive"] for n in nodes(address, env) if n["gpu"]):
+            assert time.time() < deadline, "idle GPU nodes were not removed"
+            time.sleep(3)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        stop_processes_of(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
