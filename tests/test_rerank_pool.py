@@ -7,7 +7,7 @@ from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.eval.runner import drop_ids, global_rankings, rerank_and_evaluate
 from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
 from rrt_dist.pipelines.rerank import RerankPool
-from rrt_dist.store import FeatureStore, concat_globals
+from rrt_dist.store import FeatureStore
 
 OPTIONS = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.7071, 1.0],
                global_scales=[1.0], max_size=256, max_local=100)
@@ -26,8 +26,7 @@ def tables(local_ray, small_synthetic, tmp_path_factory):
         extract_to_lance(manifest, out / f"{name}.lance", "multiscale-cnn", OPTIONS, ExtractSettings(batch_size=8))
     stores = {n: FeatureStore(out / f"{n}.lance") for n in ("query", "gallery", "distractor")}
     q_ids, q = stores["query"].globals()
-    g_ids, g = concat_globals([stores["gallery"], stores["distractor"]])
-    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, True)
+    ranked, scores = global_rankings(bench, q_ids, q, stores, None, True)
     return bench, stores, ranked, scores
 
 

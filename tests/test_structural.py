@@ -136,8 +136,7 @@ def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_pat
         extract_to_lance(manifest, tmp_path / f"{name}.lance", "dense-grid", options, ExtractSettings(batch_size=8))
         stores[name] = FeatureStore(tmp_path / f"{name}.lance")
     q_ids, q = stores["query"].globals()
-    g_ids, g = stores["gallery"].globals()
-    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, False)
+    ranked, scores = global_rankings(bench, q_ids, q, stores, None, False)
     query_ids = bench.queries.column("id").to_numpy()
     cfg = {"weighting": "correlation", "center": "mean"}
     pool = RerankPool("structural", cfg, stores["query"], [stores["gallery"]], num_actors=2, chunk=5)
@@ -182,7 +181,7 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
     from rrt_dist.datasets import read_revisitop
     from rrt_dist.eval.runner import global_rankings
     from rrt_dist.pipelines.evaluate import evaluate
-    from rrt_dist.store import FeatureStore, concat_globals
+    from rrt_dist.store import FeatureStore
 
     spec, root = small_synthetic
     generated = [f"dataset.{f.name}={getattr(spec, f.name)}" for f in fields(spec)
@@ -207,8 +206,7 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
     main = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["feature_tables"].items()}
     patches = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["patch_tables"].items()}
     q_ids, q = main["query"].globals()
-    g_ids, g = concat_globals([main["gallery"]])
-    ranked, scores = global_rankings(bench, q_ids, q, g_ids, g, None, False)
+    ranked, scores = global_rankings(bench, q_ids, q, main, None, False)
     query_ids = bench.queries.column("id").to_numpy()
     expected = ranked.copy()
     for row, qid in enumerate(query_ids):

@@ -8,7 +8,7 @@ from rrt_dist.datasets.base import NO_ID
 
 from rrt_dist.rerank.methods import parse_method
 
-from .runner import global_rankings, rerank_and_evaluate, settings_of
+from .runner import global_rankings, rerank_and_evaluate, searched_tables, settings_of
 
 def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
     """Refuse unknown reranker methods (and a figure row that is not a reranked one of them) at start-up, before
@@ -23,12 +23,10 @@ def check_methods(methods: list[str], qualitative_row: str | None = None) -> Non
                           f"{methods}")
 
 
-def reranked_depth(bench: Benchmark, gallery_ids: np.ndarray, k: int, k_search: int | None) -> int:
+def reranked_depth(bench: Benchmark, galleries: dict, k: int, k_search: int | None) -> int:
     """How many candidates per query a top-``k`` reranking really reorders: at most the candidates there are
     (the largest setting's searchable gallery, the query itself excluded in leave-one-out mode)."""
-    largest = len(gallery_ids) if bench.n_distractors else int(
-        np.isin(gallery_ids, bench.gallery.column("id").to_numpy()[
-            np.asarray(bench.gallery.column("split").to_pylist()) != "distractor"]).sum())
+    largest = sum(len(t) for t in searched_tables(galleries, bool(bench.n_distractors)))
     if k_search:
         largest = min(largest, k_search)
     return max(1, min(k, largest - int(bench.exclude_self)))
@@ -44,8 +42,8 @@ def headline(metrics: dict) -> float:
     return next(iter(metrics.values()))
 
 
-def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
-                     gallery: np.ndarray, cfg, pools: dict, k_search: int | None = None,
+def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
+                     cfg, pools: dict, k_search: int | None = None,
                      examples: dict | None = None, searchers: dict | None = None) -> dict[str, dict]:
     """``{row label: {setting: metrics}}`` for ``cfg.methods``; ``pools[name]`` reranks (a RerankPool).
 
@@ -55,16 +53,16 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
-    depth = reranked_depth(bench, gallery_ids, cfg.k, k_search)
+    depth = reranked_depth(bench, galleries, cfg.k, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
     rows: dict[str, dict] = {}
     for setting, with_d in settings_of(bench).items():
         search = searchers.get(setting)
-        base = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d, search=search)
+        base = global_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search)
         aqe = None
         if any(m.expand for m in methods):
-            aqe = global_rankings(bench, query_ids, queries, gallery_ids, gallery, k_search, with_d,
+            aqe = global_rankings(bench, query_ids, queries, galleries, k_search, with_d,
                                   alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
         for method in methods:
             label = method.label + (f" (top-{depth})" if method.reranker else "")

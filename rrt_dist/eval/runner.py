@@ -6,8 +6,9 @@ import numpy as np
 from rrt_dist.datasets import Benchmark
 from rrt_dist.datasets.base import NO_ID
 from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
-from rrt_dist.index.exact import exact_searcher
-from rrt_dist.index.qe import alpha_qe_search, vectors_lookup
+from rrt_dist.index.exact import streaming_searcher
+from rrt_dist.index.qe import alpha_qe_search
+from rrt_dist.store import take_globals_from
 
 
 def human_count(n: int) -> str:
@@ -22,26 +23,29 @@ def settings_of(bench: Benchmark) -> dict[str, bool]:
     return out
 
 
-def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray,
-                    gallery: np.ndarray, k: int | None, with_distractors: bool,
-                    alpha_qe: tuple[int, float] | None = None, search=None) -> tuple[np.ndarray, np.ndarray]:
+def searched_tables(galleries: dict, with_distractors: bool) -> list:
+    """The tables a setting searches: the gallery's, and the distractors' when ``with_distractors``."""
+    return [galleries["gallery"]] + ([galleries["distractor"]] if with_distractors and "distractor" in galleries
+                                     else [])
+
+
+def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
+                    k: int | None, with_distractors: bool, alpha_qe: tuple[int, float] | None = None,
+                    search=None) -> tuple[np.ndarray, np.ndarray]:
     """Ranked gallery ids and scores ``[n_queries, k]`` in the benchmark's query order.
 
-    ``search(queries, k) -> (scores, ids)`` is the index to use (e.g. a ShardedIndex over this
-    setting's tables); by default exact search over the gallery (+ distractors), which with
-    ``k=None`` ranks the whole gallery as the revisitop protocol does. ``alpha_qe=(n, alpha)``
-    expands each query with its top-n first. Queries without a descriptor get rows of -1.
+    ``galleries`` holds the feature tables (``gallery``, optionally ``distractor``). ``search(queries, k) ->
+    (scores, ids)`` is the index to use (e.g. a ShardedIndex over this setting's tables); by default exact
+    search streamed block by block from the tables (the driver never holds the gallery), which with ``k=None``
+    ranks the whole gallery as the revisitop protocol does. ``alpha_qe=(n, alpha)`` expands each query with
+    its top-n first (their vectors read by id). Queries without a descriptor get rows of -1.
     """
-    splits = np.asarray(bench.gallery.column("split").to_pylist())
-    searchable = bench.gallery.column("id").to_numpy()[with_distractors | (splits != "distractor")]
-    keep = np.isin(gallery_ids, searchable)
-    g_ids, g = gallery_ids[keep], gallery[keep]
-
+    tables = searched_tables(galleries, with_distractors)
     if search is None:
-        search = exact_searcher(g, g_ids)
-
+        search = streaming_searcher(tables)
     if alpha_qe:
-        scores, ids = alpha_qe_search(search, vectors_lookup(g_ids, g), queries, k or len(g_ids), *alpha_qe)
+        scores, ids = alpha_qe_search(search, lambda ids: take_globals_from(tables, ids), queries,
+                                      k or sum(len(t) for t in tables), *alpha_qe)
     else:
         scores, ids = search(queries, k)
     order = bench.queries.column("id").to_numpy()

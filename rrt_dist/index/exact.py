@@ -24,10 +24,57 @@ def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarr
     return ids, scores
 
 
+def exact_search_blocks(blocks, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_search` over a gallery given as blocks ``(ids, vectors)`` (e.g. read from Lance), holding one
+    block at a time: each block's top-``k`` goes into a ``faiss.ResultHeap``, as faiss's
+    ``contrib.exhaustive_search`` does. ``k=None`` ranks the whole gallery, keeping the ``[n_queries, N]``
+    scores (70 queries × 1M images: 280 MB), never the ``[N, d]`` gallery; ties keep gallery order.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if k is None:
+        # each block ranked by faiss.knn (IndexFlatIP's own scores), then one stable merge by score
+        parts = []
+        for ids, vectors in blocks:
+            scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, np.float32), len(ids),
+                                     metric=faiss.METRIC_INNER_PRODUCT)
+            parts.append((np.asarray(ids, np.int64)[rows], scores))
+        if not parts:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        ids = np.concatenate([p[0] for p in parts], axis=1)
+        scores = np.concatenate([p[1] for p in parts], axis=1)
+        del parts
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, vectors in blocks:
+        if len(ids) == 0:
+            continue
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if vectors.shape[1:] != queries.shape[1:]:
+            raise ValueError(f"dimension mismatch: gallery {vectors.shape[1:]} vs queries {queries.shape[1:]}")
+        scores, rows = faiss.knn(queries, vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(rows >= 0, np.asarray(ids, np.int64)[np.maximum(rows, 0)], NO_ID))
+    heap.finalize()
+    scores, ids = heap.D, heap.I
+    scores[ids == NO_ID] = -np.inf
+    return ids, scores
+
+
 def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):
     """``search(queries, k) -> (scores, ids)`` over ``gallery``: the searcher interface of αQE / DBA / evaluation."""
     def search(queries: np.ndarray, k: int | None):
         ids, scores = exact_search(gallery, gallery_ids, queries, k)
+        return scores, ids
+
+    return search
+
+
+def streaming_searcher(stores, block_rows: int = 65536):
+    """``search(queries, k) -> (scores, ids)`` by exact search over feature tables read block by block (the
+    driver holds one block, not the gallery)."""
+    def search(queries: np.ndarray, k: int | None):
+        blocks = (block for store in stores for block in store.global_blocks(block_rows))
+        ids, scores = exact_search_blocks(blocks, queries, k)
         return scores, ids
 
     return search

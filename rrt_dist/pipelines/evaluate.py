@@ -78,13 +78,13 @@ def evaluate(cfg) -> dict:
     if training:
         timings["training_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    query_ids, queries = global_matrix(stores, ["query"])
-    gallery_ids, gallery = global_matrix(stores, ["gallery", "distractor"])
+    query_ids, queries = global_matrix(stores, ["query"])       # the gallery's are streamed, never loaded whole
+    galleries = {name: stores[name] for name in ("gallery", "distractor") if name in stores}
     pools = pools_for(cfg.reranker, stores, patch_stores, OmegaConf.to_object(cfg.ray.rerank))
     indexes = setting_indexes(cfg.index, bench, stores, OmegaConf.to_object(cfg.ray.search))      # none in index.mode=exact: exact full ranking
     k_search = cfg.index.k if indexes else None
     examples: dict = {}
-    rows = evaluate_methods(bench, query_ids, queries, gallery_ids, gallery, cfg.reranker, pools, k_search,
+    rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker, pools, k_search,
                             examples, {setting: index.search for setting, index in indexes.items()})
     for closable in [*pools.values(), *indexes.values()]:
         closable.close()

@@ -24,10 +24,11 @@ from rrt_dist.datasets import Benchmark, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
 from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import exact_searcher
+from rrt_dist.store import FeatureStore
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
-from .features import backbone_features, global_matrix, training_features
+from .features import backbone_features, training_features
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +78,33 @@ def holdout_split(labels: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
     return np.isin(labels, held)
 
 
-def _ranking_set(bench: Benchmark, query_ids, queries, gallery_ids, gallery, query_table, gallery_tables) -> dict:
+def _ranking_set(bench: Benchmark, query_table, gallery_table) -> dict:
     from rrt_dist.datasets.base import NO_ID
     from rrt_dist.eval.runner import global_rankings
 
-    ranked, scores = global_rankings(bench, query_ids, queries, gallery_ids, gallery, None, False)
+    query_ids, queries = query_table.globals()
+    ranked, scores = global_rankings(bench, query_ids, queries, {"gallery": gallery_table}, None, False)
     row_ids = bench.queries.column("id").to_numpy().copy()
     row_ids[~np.isin(row_ids, query_ids)] = NO_ID
     return {"bench": bench, "query_ids": row_ids, "ranked": ranked, "scores": scores,
             "query": (query_table.uri, query_table.version),
-            "gallery": [(t.uri, t.version) for t in gallery_tables]}
+            "gallery": [(gallery_table.uri, gallery_table.version)]}
 
 
-def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray, vectors: np.ndarray) -> tuple[dict, np.ndarray]:
+def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray) -> tuple[dict, np.ndarray]:
     """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out."""
     if cfg.dataset.name == "synthetic":
         val_cfg = OmegaConf.merge(cfg.dataset, {"split": "val", "distractors": {"name": "none"}})
         bench = load_benchmark(val_cfg)
         stores = backbone_features(cfg, bench, cfg.backbone)
-        q_ids, q = global_matrix(stores, ["query"])
-        g_ids, g = global_matrix(stores, ["gallery"])
-        return _ranking_set(bench, q_ids, q, g_ids, g, stores["query"], [stores["gallery"]]), np.zeros(len(ids), bool)
+        return _ranking_set(bench, stores["query"], stores["gallery"]), np.zeros(len(ids), bool)
     labels = row_values(manifest, ids).astype(np.int64)
     held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
     held_manifest = manifest.filter(pa.array(np.isin(manifest.column("id").to_numpy(), ids[held])))
     bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
                       protocol=MetricLearningProtocol(held_manifest.column("label").to_numpy()), exclude_self=True)
-    return _ranking_set(bench, ids[held], vectors[held], ids[held], vectors[held], store, [store]), held
+    held_table = FeatureStore(store.uri, store.version, only=ids[held])
+    return _ranking_set(bench, held_table, held_table), held
 
 
 def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
@@ -125,7 +126,7 @@ def prepare_training(cfg) -> tuple:
     # anchors and triplets whichever way the table was filled, so seeded runs and resumes reproduce.
     order = np.argsort(ids[listed], kind="stable")
     ids, vectors = ids[listed][order], vectors[listed][order]
-    val, held = validation_set(cfg, manifest, store, ids, vectors)
+    val, held = validation_set(cfg, manifest, store, ids)
     search, index = neighbour_search(cfg, store, ids[~held], vectors[~held])
     rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, cfg.train.min_positives)
     if index is not None:

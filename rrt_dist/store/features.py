@@ -253,6 +253,21 @@ class FeatureStore:
         vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
+    def global_blocks(self, rows: int = 65536, dtype=np.float32):
+        """``(ids, global)`` of the rows in view, ``rows`` at a time in table order: a gallery streamed through
+        search, never held whole (65536 × 2048-d float32 = 512 MB a block)."""
+        for start in range(0, len(self._rows), rows):
+            table = self.dataset.take(self._rows[start:start + rows], columns=["id", "global"])
+            vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            yield table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
+
+    def take_globals(self, ids: Sequence[int], dtype=np.float32) -> np.ndarray:
+        """Global descriptors ``[n, d_g]`` of ``ids``, in that order."""
+        unique, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        table = self.dataset.take(self.rows_of(unique), columns=["global"])
+        vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return vectors.reshape(-1, self.global_dim).astype(dtype)[inverse]
+
     def take_locals(self, ids: Sequence[int], dtype=np.float32) -> dict:
         """Descriptors of ``ids`` (in that order): ``global [n, d_g]``, ``local [n, L, d_l]``, ``positions [n, L, 2]``,
         ``scales [n, L]``, ``n_local [n]`` and ``mask [n, L]`` (True = padding), from one ``take``."""
@@ -306,6 +321,24 @@ def concat_globals(stores) -> tuple[np.ndarray, np.ndarray]:
     """Ids and global descriptors of several tables, concatenated in order."""
     parts = [s.globals() for s in stores]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def take_globals_from(stores, ids: np.ndarray) -> np.ndarray:
+    """Global descriptors of ``ids`` (any shape; the result adds the descriptor axis), each from the table
+    holding it (e.g. gallery + distractors)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    flat = ids.reshape(-1)
+    out, found = None, np.zeros(len(flat), bool)
+    for store in stores:
+        here = store.contains(flat) & ~found
+        if here.any():
+            vectors = store.take_globals(flat[here])
+            if out is None:
+                out = np.zeros((len(flat), vectors.shape[1]), np.float32)
+            out[here], found = vectors, found | here
+    if not found.all():
+        raise KeyError(f"ids in none of the tables: {flat[~found][:5].tolist()}")
+    return out.reshape(*ids.shape, -1)
 
 
 def take_locals_from(stores, ids: Sequence[int]) -> dict:
