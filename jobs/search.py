@@ -18,20 +18,20 @@ import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.runtime import job
 from rrt_dist.index.sharded import write_neighbours
 from rrt_dist.pipelines.features import benchmark_features, global_matrix
-from rrt_dist.index.qe import vectors_lookup
 from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
+from rrt_dist.store import take_globals_from
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
     bench, stores = benchmark_features(cfg)
-    names = indexed_tables(cfg.index, stores)
-    index = ensure_index(cfg.index, bench.name, [stores[n] for n in names], OmegaConf.to_object(cfg.ray.search))
+    tables = [stores[n] for n in indexed_tables(cfg.index, stores)]
+    index = ensure_index(cfg.index, bench.name, tables, OmegaConf.to_object(cfg.ray.search))
     query_ids, queries = global_matrix(stores, ["query"])
     k = cfg.index.k
     start = time.perf_counter()
-    scores, ids = search(index, cfg.index, queries, k, vectors_lookup(*global_matrix(stores, names)))
+    scores, ids = search(index, cfg.index, queries, k, lambda ids: take_globals_from(tables, ids))
     seconds = time.perf_counter() - start
     index.close()
     path = Path(cfg.output_dir) / "neighbours.parquet"

@@ -46,14 +46,3 @@ def database_augmentation(search: Callable, vectors: np.ndarray, ids: np.ndarray
     neighbour_vectors = vectors[np.vectorize(lambda i: position.get(int(i), 0))(nn)]
     scores = np.where(nn != NO_ID, scores, 0.0)
     return expand(vectors, neighbour_vectors, scores, alpha)
-
-
-def vectors_lookup(ids: np.ndarray, vectors: np.ndarray):
-    """``ids [N, n] -> vectors [N, n, d]`` over a set of descriptors (for αQE)."""
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def lookup(query_ids: np.ndarray) -> np.ndarray:
-        return vectors[order[np.clip(np.searchsorted(sorted_ids, query_ids), 0, len(ids) - 1)]]
-
-    return lookup

@@ -20,11 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from tqdm import tqdm
 
 from rrt_dist.datasets.base import NO_ID
 from rrt_dist.runtime import StageResources
-from rrt_dist.store import FeatureStore, concat_globals
+from rrt_dist.store import FeatureStore, take_globals_from
 
 from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, index_ids, merge_results, new_index,
                    read_index, read_manifest, rows_digest, shard_bounds, shard_of, train, write_index, write_manifest)
@@ -56,17 +55,40 @@ class StaleIndex(RuntimeError):
     """The index holds rows its feature tables no longer have as indexed (re-extracted or gone)."""
 
 
+def fill_shard(template: np.ndarray, blocks, id_min: int, id_max: int, uri: str) -> int:
+    """Add the vectors of ``blocks`` (``(ids, vectors)``) whose ids lie in ``[id_min, id_max]`` to a copy of the
+    trained empty index ``template`` (serialised), write it to ``uri``; returns how many it holds."""
+    index = faiss.deserialize_index(template)
+    for ids, vectors in blocks:
+        keep = (ids >= id_min) & (ids <= id_max)
+        if keep.any():
+            index.add_with_ids(np.ascontiguousarray(vectors[keep], np.float32), np.asarray(ids[keep], np.int64))
+    write_index(index, uri)
+    return int(index.ntotal)
+
+
+def _fill_shard_from_tables(template: np.ndarray, tables: list[tuple], id_min: int, id_max: int, uri: str,
+                            block_rows: int) -> int:
+    """:func:`fill_shard` over feature tables given as ``(uri, version, ids in view or None)``, read block by
+    block where the shard is built (a Ray task: the driver never holds the gallery)."""
+    stores = [FeatureStore(u, v, only=only) for u, v, only in tables]
+    return fill_shard(template, (block for s in stores for block in s.global_blocks(block_rows)), id_min, id_max,
+                      uri)
+
+
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
-                memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None) -> IndexManifest:
+                memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None,
+                block_rows: int = 65536) -> IndexManifest:
     """Build and persist a sharded index of every global descriptor in ``stores`` (one or several tables).
 
-    ``vectors`` replaces the tables' descriptors (same order as their concatenated ``globals()``),
-    e.g. after database-side augmentation.
+    The driver holds the ids (8 bytes an image) and the training sample; each shard is filled by a Ray task
+    (in process without Ray) that reads the tables block by block and keeps its own id range. ``vectors``
+    replaces the tables' descriptors (same order as their concatenated ids), e.g. after database-side
+    augmentation, which needs them all anyway: then shards are filled from it in process.
     """
     stores = _sources(stores)
-    ids, table_vectors = concat_globals(stores)
-    vectors = table_vectors if vectors is None else vectors
-    n, d = vectors.shape
+    ids = np.concatenate([s.ids for s in stores])
+    n, d = len(ids), stores[0].global_dim
     if n_shards > max(n, 1):
         log.warning("index: %d shards asked for %d vectors; using %d (a shard holds at least one vector)",
                     n_shards, n, max(n, 1))
@@ -77,25 +99,32 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
         log.info("index: chose %s because %s", factory, choice)
     start = time.perf_counter()
     template = new_index(factory, d)
-    rng = np.random.default_rng(seed)
-    sample = vectors[rng.choice(n, size=min(n, train_size), replace=False)] if not template.is_trained else None
-    if sample is not None:
-        train(template, sample)
+    if not template.is_trained:
+        rows = np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False)
+        train(template, vectors[rows] if vectors is not None else take_globals_from(stores, ids[rows]))
+    serialized = faiss.serialize_index(template)
     bounds = shard_bounds(ids, n_shards)
     manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
                              sources=[{"uri": s.uri, "version": s.version} for s in stores],
                              rows_digest=rows_digest(*table_identities(stores)))
-    which = shard_of(ids, [ShardInfo("", lo, hi) for lo, hi in bounds])
-    for i, (lo, hi) in enumerate(tqdm(bounds, desc="build shards", unit="shard", disable=n_shards < 2)):
-        index = faiss.clone_index(template)
-        rows = np.flatnonzero(which == i)
-        for s in range(0, len(rows), 100_000):          # bounded memory for the float32 copy
-            part = rows[s:s + 100_000]
-            index.add_with_ids(np.ascontiguousarray(vectors[part], np.float32), ids[part])
-        write_index(index, f"{directory}/{_shard_file(i)}")
-        manifest.shards.append(ShardInfo(_shard_file(i), int(lo), int(hi), int(index.ntotal)))
+    uris = [f"{directory}/{_shard_file(i)}" for i in range(len(bounds))]
+    if vectors is not None:
+        blocks = [(ids[s:s + block_rows], vectors[s:s + block_rows]) for s in range(0, n, block_rows)]
+        counts = [fill_shard(serialized, blocks, lo, hi, uri) for (lo, hi), uri in zip(bounds, uris)]
+    else:
+        tables = [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
+        if ray.is_initialized():     # reserving no CPU, like the shard actors: never waits behind other stages
+            task = ray.remote(num_cpus=0)(_fill_shard_from_tables)
+            tables_ref = ray.put(tables)
+            counts = ray.get([task.remote(serialized, tables_ref, lo, hi, uri, block_rows)
+                              for (lo, hi), uri in zip(bounds, uris)])
+        else:
+            counts = [_fill_shard_from_tables(serialized, tables, lo, hi, uri, block_rows)
+                      for (lo, hi), uri in zip(bounds, uris)]
+    manifest.shards = [ShardInfo(_shard_file(i), int(lo), int(hi), count)
+                       for i, ((lo, hi), count) in enumerate(zip(bounds, counts))]
     write_manifest(directory, manifest)
-    log.info("index %s: %d vectors in %d shard(s), %s, built in %.1fs", directory, n, n_shards, factory,
+    log.info("index %s: %d vectors in %d shard(s), %s, built in %.1fs", directory, n, len(bounds), factory,
              time.perf_counter() - start)
     return manifest
 
@@ -121,13 +150,16 @@ class ShardActor:
         scores, ids = self.index.search(np.ascontiguousarray(queries, np.float32), k)
         return scores, ids
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> int:
-        """Add vectors whose ids are not in the shard yet, then persist it; returns the new count."""
-        new = ~np.isin(ids, index_ids(self.cpu_index))
-        if new.any():
-            self.cpu_index.add_with_ids(np.ascontiguousarray(vectors[new], np.float32), ids[new])
+    def add(self, tables: list[tuple], ids: np.ndarray) -> int:
+        """Add the rows ``ids`` not in the shard yet, read here from the feature tables (``(uri, version)``),
+        then persist it; returns the new count."""
+        ids = np.asarray(ids, np.int64)
+        new = ids[~np.isin(ids, index_ids(self.cpu_index))]
+        if len(new):
+            vectors = take_globals_from([FeatureStore(*t) for t in tables], new)
+            self.cpu_index.add_with_ids(vectors, new)
             if self.index is not self.cpu_index:
-                self.index.add_with_ids(np.ascontiguousarray(vectors[new], np.float32), ids[new])
+                self.index.add_with_ids(vectors, new)
             write_index(self.cpu_index, f"{self.directory}/{read_manifest(self.directory).shards[self.shard].file}")
         return int(self.cpu_index.ntotal)
 
@@ -188,11 +220,10 @@ class ShardedIndex:
                              f"the feature tables")
         if rows_digest(current_ids[was_indexed], current_sources[was_indexed]) != self.manifest.rows_digest:
             raise StaleIndex(f"{self.directory}: indexed rows were re-extracted since (their images changed)")
-        ids, vectors = concat_globals(stores)
-        new = ~np.isin(ids, indexed)
-        which = shard_of(ids[new], self.manifest.shards)
-        counts = ray.get([a.add.remote(vectors[new][which == i], ids[new][which == i])
-                          for i, a in enumerate(self.actors)])
+        new = current_ids[~was_indexed]                 # each shard actor reads its own new rows' vectors
+        which = shard_of(new, self.manifest.shards)
+        tables = [(s.uri, s.version) for s in stores]
+        counts = ray.get([a.add.remote(tables, new[which == i]) for i, a in enumerate(self.actors)])
         for info, count in zip(self.manifest.shards, counts):
             info.ntotal = count
         versions = {s["uri"]: s for s in self.manifest.sources}
@@ -200,7 +231,7 @@ class ShardedIndex:
         self.manifest.sources = list(versions.values())
         self.manifest.rows_digest = rows_digest(current_ids, current_sources)
         write_manifest(self.directory, self.manifest)
-        return int(new.sum())
+        return len(new)
 
     def close(self) -> None:
         for a in self.actors:

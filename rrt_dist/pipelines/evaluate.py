@@ -80,8 +80,8 @@ def evaluate(cfg) -> dict:
     t = time.perf_counter()
     query_ids, queries = global_matrix(stores, ["query"])       # the gallery's are streamed, never loaded whole
     galleries = {name: stores[name] for name in ("gallery", "distractor") if name in stores}
-    pools = pools_for(cfg.reranker, stores, patch_stores, OmegaConf.to_object(cfg.ray.rerank))
     indexes = setting_indexes(cfg.index, bench, stores, OmegaConf.to_object(cfg.ray.search))      # none in index.mode=exact: exact full ranking
+    pools = pools_for(cfg.reranker, stores, patch_stores, OmegaConf.to_object(cfg.ray.rerank))
     k_search = cfg.index.k if indexes else None
     examples: dict = {}
     rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker, pools, k_search,
