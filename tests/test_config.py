@@ -78,3 +78,16 @@ def test_structural_presets_compose_and_validate(preset, backbone, weighting):
     validate_config(cfg)
     assert cfg.backbone.name == backbone and cfg.reranker.structural.weighting == weighting
     assert list(cfg.reranker.methods) == ["global", "structural"]
+
+
+@pytest.mark.parametrize("preset, dataset", [("r1m_roxford", "roxford5k"), ("r1m_rparis", "rparis6k")])
+def test_r1m_presets_are_the_papers_delg_setting_with_an_exact_metric(preset, dataset, tmp_path):
+    from rrt_dist.config import validate_config
+
+    weights = tmp_path / "rrt.pt"
+    weights.write_bytes(b"")
+    cfg = make([f"experiment={preset}", f"reranker.checkpoint={weights}"])
+    validate_config(cfg)
+    assert cfg.dataset.name == dataset and cfg.dataset.distractors.name == "r1m"
+    assert cfg.backbone.options.model == "resnet50" and cfg.index.factory == "auto" and cfg.index.mode == "exact"
+    assert cfg.reranker.k == 100 and {"rrt", "gv", "global"} <= set(cfg.reranker.methods)
