@@ -21,9 +21,9 @@ def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callabl
     return preparer(rgb), offset
 
 
-def schema_for(extractor, fingerprint: str) -> pa.Schema:
+def schema_for(extractor, fingerprint: str, local_encoding: str = "fp16") -> pa.Schema:
     return features_schema(extractor.global_dim, extractor.local_dim, extractor.max_local, extractor.name,
-                           extractor.config, fingerprint)
+                           extractor.config, fingerprint, local_encoding)
 
 
 def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures],

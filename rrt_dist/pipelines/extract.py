@@ -37,10 +37,10 @@ from rrt_dist.features.base import Prepared, to_original
 from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
 from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
 from rrt_dist.runtime import PoolResources
-from rrt_dist.schema import bounded
-from rrt_dist.store import (FeatureTableMismatch, check_schema, commit_fragments, committed_sources, delete_ids,
-                            open_table, remove_uncommitted, write_fragment)
-from rrt_dist.store.features import META_FINGERPRINT
+from rrt_dist.schema import bounded, choice
+from rrt_dist.store import (LOCAL_ENCODINGS, FeatureTableMismatch, check_schema, commit_fragments, committed_sources,
+                            delete_ids, open_table, remove_uncommitted, write_fragment)
+from rrt_dist.store.features import META_FINGERPRINT, local_encoding, local_shape
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ExtractSettings:
     commit_every: int = bounded(256, ge=1)           # images per Lance commit
     retry_errors: bool = False                       # extract images recorded as unreadable again
     max_image_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)   # larger images are recorded as errors (decompression bombs)
+    local_storage: str = choice("fp16", *LOCAL_ENCODINGS)   # local descriptors on disk: fp16, or int8 + a scale each
     stop_after_commits: Optional[int] = bounded(None, ge=0)  # fault injection (tests): stop at the next commit after N
     stop_by_kill: bool = False                       # ... by SIGKILL of this process instead of raising InjectedFailure
 
@@ -118,12 +119,12 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict, max_pixe
 class ExtractAndWrite:
     """Actor: runs the extractor on a batch and writes it as an uncommitted Lance fragment."""
 
-    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int):
+    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int, local_storage: str):
         import torch
 
         torch.set_num_threads(torch_threads)    # the actor's own CPUs (Ray sets 1 thread per reserved CPU otherwise)
         self.extractor = create_extractor(extractor_name, **extractor_cfg)
-        self.schema = schema_for(self.extractor, fingerprint(self.extractor))
+        self.schema = schema_for(self.extractor, fingerprint(self.extractor), local_storage)
         self.uri = uri
 
     def __call__(self, batch: dict) -> dict:
@@ -202,6 +203,9 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
             raise FeatureTableMismatch(f"{uri} holds features of fingerprint {found}, not of the requested extractor "
                                        f"{extractor_name!r} ({expected_fp}); use another output path or the extractor "
                                        f"that wrote it")
+        if local_encoding(table.schema) != settings.local_storage and local_shape(table.schema)[0]:
+            raise FeatureTableMismatch(f"{uri} stores local descriptors as {local_encoding(table.schema)}, not "
+                                       f"{settings.local_storage}: use another output path or its encoding")
 
     all_ids = manifest.column("id").to_numpy()
     current = file_identities(manifest.column("uri").to_pylist())
@@ -229,7 +233,7 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
                  summary.already, summary.recorded_errors, errors_uri)
         return summary
     probe = create_extractor(extractor_name, **extractor_cfg)  # fails fast on missing weights, before the pool starts
-    schema = schema_for(probe, fingerprint(probe))
+    schema = schema_for(probe, fingerprint(probe), settings.local_storage)
     del probe
     if table is not None:
         check_schema(table.schema, schema, uri)
@@ -242,7 +246,8 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
           .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg,
                                                 "max_pixels": settings.max_image_pixels},
                        batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
-          .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads),
+          .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads,
+                                                                      settings.local_storage),
                        batch_size=settings.batch_size, batch_format="numpy", compute=resources.strategy(),
                        **resources.actor_options()))
 

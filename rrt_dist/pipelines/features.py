@@ -37,8 +37,15 @@ def source_key(location: str | Path) -> str:
     return hashlib.sha1(str(Path(location).resolve()).encode()).hexdigest()[:10]
 
 
-def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict) -> dict[str, Path]:
+def table_folder(extractor: str, options: dict, settings: ExtractSettings) -> str:
+    """A table folder's name: the extractor's fingerprint, and how locals are stored when not fp16."""
     fp = config_fingerprint(extractor, **options)
+    return fp if settings.local_storage == "fp16" else f"{fp}-{settings.local_storage}"
+
+
+def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
+                settings: ExtractSettings) -> dict[str, Path]:
+    fp = table_folder(extractor, options, settings)
     folder = Path(features_dir) / bench.name / source_key(bench.info["root"]) / fp
     paths = {"gallery": folder / "gallery.lance"}
     if not bench.exclude_self:
@@ -80,7 +87,7 @@ def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extrac
 def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
                     settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
     """A benchmark's feature tables, extracted where missing (``query`` is the gallery's when they are one set)."""
-    stores = ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options), extractor,
+    stores = ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options, settings), extractor,
                            options, settings, resources)
     stores.setdefault("query", stores["gallery"])
     return stores
@@ -146,8 +153,9 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     name, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
     init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
-    path = (Path(cfg.features_dir) / name / source_key(cfg.dataset.root) / config_fingerprint(cfg.backbone.name, **options)
-            / "train.lance")
-    store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options,
-                          extract_settings(cfg.backbone), OmegaConf.to_object(cfg.ray.extract))["train"]
+    settings = extract_settings(cfg.backbone)
+    path = (Path(cfg.features_dir) / name / source_key(cfg.dataset.root)
+            / table_folder(cfg.backbone.name, options, settings) / "train.lance")
+    store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options, settings,
+                          OmegaConf.to_object(cfg.ray.extract))["train"]
     return manifest, store

@@ -37,10 +37,20 @@ class FeatureTableMismatch(ValueError):
     """A feature table written by another extractor (or with other dimensions)."""
 
 
+LOCAL_ENCODINGS = ("fp16", "int8")
+
+
 def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: str, config: dict,
-                    fingerprint: str) -> pa.Schema:
+                    fingerprint: str, local_encoding: str = "fp16") -> pa.Schema:
+    """The feature table schema. ``local_encoding``: how local descriptors are stored: ``fp16`` (2 bytes a
+    value), or ``int8`` with one float32 scale per descriptor (``local_scale``: 1 byte a value, about half the
+    size; :func:`encode_int8` / :func:`decode_int8`). Readers decode to float32 either way."""
+    if local_encoding not in LOCAL_ENCODINGS:
+        raise ValueError(f"local_encoding must be one of {LOCAL_ENCODINGS}, got {local_encoding!r}")
+    local_type = pa.float16() if local_encoding == "fp16" else pa.int8()
     local_fields = [
-        pa.field("local", pa.list_(pa.float16(), max_local * local_dim)),
+        pa.field("local", pa.list_(local_type, max_local * local_dim)),
+        *([pa.field("local_scale", pa.list_(pa.float32(), max_local))] if local_encoding == "int8" else []),
         pa.field("positions", pa.list_(pa.float32(), max_local * 2)),
         pa.field("scales", pa.list_(pa.int8(), max_local)),
     ] if max_local and local_dim else []
@@ -62,6 +72,23 @@ def local_shape(schema: pa.Schema) -> tuple[int, int]:
     return width, schema.field("local").type.list_size // width
 
 
+def local_encoding(schema: pa.Schema) -> str:
+    return "int8" if "local_scale" in schema.names else "fp16"
+
+
+def encode_int8(local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[..., d]`` float -> (int8 codes ``[..., d]``, float32 scales ``[...]``): each descriptor divided by its
+    largest magnitude / 127 and rounded, so the error of a value is at most half its descriptor's scale."""
+    local = np.asarray(local, np.float32)
+    scale = np.abs(local).max(axis=-1) / 127.0
+    codes = np.rint(local / np.where(scale > 0, scale, 1.0)[..., None])
+    return np.clip(codes, -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def decode_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scale[..., None]
+
+
 def _fixed(values: np.ndarray, width: int, typ) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1), type=typ), width)
 
@@ -79,9 +106,13 @@ def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray
         raise FeatureTableMismatch(f"expected global [{n}, {d_g}] and local [{n}, {width}, {d_l}], got "
                                    f"{global_.shape} and {local.shape}")
     columns = [pa.array(np.asarray(ids, np.int64)), _fixed(global_.astype(np.float16), d_g, pa.float16())]
+    if width and local_encoding(schema) == "int8":
+        codes, scale = encode_int8(local)
+        columns += [_fixed(codes, width * d_l, pa.int8()), _fixed(scale, width, pa.float32())]
+    elif width:
+        columns.append(_fixed(local.astype(np.float16), width * d_l, pa.float16()))
     if width:
-        columns += [_fixed(local.astype(np.float16), width * d_l, pa.float16()),
-                    _fixed(positions.astype(np.float32), width * 2, pa.float32()),
+        columns += [_fixed(positions.astype(np.float32), width * 2, pa.float32()),
                     _fixed(scales.astype(np.int8), width, pa.int8())]
     sources = pa.nulls(n, pa.string()) if sources is None else pa.array(list(sources), pa.string())
     return pa.Table.from_arrays(columns + [pa.array(np.asarray(n_local, np.int32)), sources], schema=schema)
@@ -274,7 +305,9 @@ class FeatureStore:
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.rows_of(ids)
         n, width, d_l = len(ids), self.max_local, self.local_dim
-        columns = ["id", "global", "n_local"] + (["local", "positions", "scales"] if width else [])
+        int8 = local_encoding(self.dataset.schema) == "int8"
+        columns = ["id", "global", "n_local"] + (["local", "positions", "scales"] if width else []) + (
+            ["local_scale"] if width and int8 else [])
         table = self.dataset.take(rows, columns=columns)
         if not np.array_equal(table.column("id").to_numpy(), ids):  # take follows the requested row order
             raise RuntimeError(f"{self.uri}: take returned rows out of order")
@@ -286,7 +319,10 @@ class FeatureStore:
 
         n_local = table.column("n_local").to_numpy()
         glob = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return {"global": glob.astype(dtype).reshape(n, self.global_dim), "local": arr("local", dtype, (n, width, d_l)), "positions": arr("positions", np.float32, (n, width, 2)),
+        local = (decode_int8(arr("local", np.int8, (n, width, d_l)), arr("local_scale", np.float32, (n, width)))
+                 if int8 else arr("local", np.float32, (n, width, d_l)))
+        return {"global": glob.astype(dtype).reshape(n, self.global_dim), "local": local.astype(dtype, copy=False),
+                "positions": arr("positions", np.float32, (n, width, 2)),
                 "scales": arr("scales", np.int64, (n, width)), "n_local": n_local,
                 "mask": np.arange(width)[None, :] >= n_local[:, None]}
 
