@@ -106,22 +106,29 @@ def test_int8_locals_round_trip_within_half_a_step():
 
 
 @pytest.mark.ray
-def test_int8_local_storage_halves_the_table_and_decodes_on_read(local_ray, manifest, tmp_path):
-    """backbone.local_storage=int8: the same extraction, locals as int8 + one scale each (about half the bytes
-    on disk), read back as float32 within half a quantisation step of the fp16 table's; globals unchanged."""
+def test_compact_local_storage_shrinks_the_table_and_decodes_on_read(local_ray, manifest, tmp_path):
+    """backbone.local_storage: the same extraction, locals as int8 + one scale each (about half the bytes on
+    disk) or as PQ codes (16 bytes a descriptor, codebook trained on a sample and kept in the table), read back
+    as float32: int8 within half a quantisation step of the fp16 table's, PQ equal to FAISS's own decoding of
+    the fp16 locals' codes; globals unchanged, padding zero."""
     from pathlib import Path
 
-    from rrt_dist.store.features import local_encoding
+    import faiss
+
+    from rrt_dist.store.features import codebook_uri, local_encoding
 
     sizes = {}
     stores = {}
-    for encoding in ("fp16", "int8"):
+    for encoding in ("fp16", "int8", "pq"):
         uri = tmp_path / f"{encoding}.lance"
-        extract_to_lance(manifest, uri, "multiscale-cnn", OPTIONS, ExtractSettings(batch_size=8, local_storage=encoding))
+        extract_to_lance(manifest, uri, "multiscale-cnn", OPTIONS,
+                         ExtractSettings(batch_size=8, local_storage=encoding, local_pq_m=16, local_pq_sample=20))
         stores[encoding] = FeatureStore(uri)
         sizes[encoding] = sum(p.stat().st_size for p in Path(uri).rglob("*.lance"))
         assert local_encoding(stores[encoding].dataset.schema) == encoding
-    assert sizes["int8"] < 0.6 * sizes["fp16"]
+    assert sizes["int8"] < 0.6 * sizes["fp16"] and sizes["pq"] < 0.25 * sizes["fp16"]
+    assert (tmp_path / "pq-pq-sample.lance").is_dir()             # the images the codebook was trained on
+    assert Path(codebook_uri(tmp_path / "pq.lance")).is_file()
     ids = manifest.column("id").to_pylist()
     full, small = stores["fp16"].take_locals(ids), stores["int8"].take_locals(ids)
     assert small["local"].dtype == np.float32
@@ -129,6 +136,19 @@ def test_int8_local_storage_halves_the_table_and_decodes_on_read(local_ray, mani
     np.testing.assert_array_equal(small["n_local"], full["n_local"])
     step = np.abs(full["local"]).max(axis=-1, keepdims=True) / 127
     assert (np.abs(small["local"] - full["local"]) <= step / 2 + 2e-3).all()   # + the fp16 rounding of the other
+    codebook = stores["pq"].codebook
+    assert codebook.shape == (16, 256, 8)
+    pq = faiss.ProductQuantizer(128, 16, 8)                       # FAISS itself, from the stored centroids
+    faiss.copy_array_to_vector(codebook.reshape(-1), pq.centroids)
+    coded = stores["pq"].take_locals(ids)
+    valid = ~full["mask"]
+    expected = pq.decode(pq.compute_codes(np.ascontiguousarray(full["local"][valid])))
+    # the table coded float32 outputs, this recodes their fp16 copies: a sub-vector on a cell border may flip
+    same = np.abs(coded["local"][valid] - expected).reshape(-1, 16, 8).max(axis=-1) < 1e-6
+    assert same.mean() > 0.98
+    assert (coded["local"][~valid] == 0).all() and np.array_equal(coded["global"], full["global"])
+    rel = np.linalg.norm(coded["local"][valid] - full["local"][valid], axis=1) / np.linalg.norm(full["local"][valid], axis=1)
+    assert np.median(rel) < 0.5                                   # a coarse but faithful approximation
     with pytest.raises(FeatureTableMismatch, match="stores local descriptors as fp16"):
         extract_to_lance(manifest, tmp_path / "fp16.lance", "multiscale-cnn", OPTIONS,
                          ExtractSettings(batch_size=8, local_storage="int8"))

@@ -21,14 +21,15 @@ def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callabl
     return preparer(rgb), offset
 
 
-def schema_for(extractor, fingerprint: str, local_encoding: str = "fp16") -> pa.Schema:
+def schema_for(extractor, fingerprint: str, local_encoding: str = "fp16", codebook=None) -> pa.Schema:
     return features_schema(extractor.global_dim, extractor.local_dim, extractor.max_local, extractor.name,
-                           extractor.config, fingerprint, local_encoding)
+                           extractor.config, fingerprint, local_encoding, codebook)
 
 
 def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageFeatures],
-                   sources: Sequence[str] | None = None) -> pa.Table:
-    """Pad each image's locals to the table width (rows beyond ``n_local`` are zero); ``sources``: the files' identities."""
+                   sources: Sequence[str] | None = None, codebook=None) -> pa.Table:
+    """Pad each image's locals to the table width (rows beyond ``n_local`` are zero); ``sources``: the files'
+    identities; ``codebook``: a pq table's."""
     n = len(ids)
     width, d_l = local_shape(schema)
     d_g = schema.field("global").type.list_size
@@ -43,7 +44,7 @@ def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageF
         if k:
             local[i, :k], pos[i, :k], scl[i, :k] = f.local[:k], f.positions[:k], f.scales[:k]
         n_local[i] = k
-    return features_to_table(schema, ids, glob, local, pos, scl, n_local, sources)
+    return features_to_table(schema, ids, glob, local, pos, scl, n_local, sources, codebook)
 
 
 def extract_rows(extractor, preparer: Callable, rows: Sequence[dict], batch_size: int = 16):

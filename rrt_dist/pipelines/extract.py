@@ -22,7 +22,7 @@ import pickle
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -38,9 +38,10 @@ from rrt_dist.features.core import decode_and_prepare, features_table, schema_fo
 from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
 from rrt_dist.runtime import PoolResources
 from rrt_dist.schema import bounded, choice
-from rrt_dist.store import (LOCAL_ENCODINGS, FeatureTableMismatch, check_schema, commit_fragments, committed_sources,
-                            delete_ids, open_table, remove_uncommitted, write_fragment)
-from rrt_dist.store.features import META_FINGERPRINT, local_encoding, local_shape
+from rrt_dist.store import (LOCAL_ENCODINGS, FeatureStore, FeatureTableMismatch, check_schema, commit_fragments,
+                            committed_sources, delete_ids, open_table, remove_uncommitted, write_fragment)
+from rrt_dist.store.features import (META_FINGERPRINT, local_encoding, local_shape, read_codebook, train_pq,
+                                     write_codebook)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class ExtractSettings:
     commit_every: int = bounded(256, ge=1)           # images per Lance commit
     retry_errors: bool = False                       # extract images recorded as unreadable again
     max_image_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)   # larger images are recorded as errors (decompression bombs)
-    local_storage: str = choice("fp16", *LOCAL_ENCODINGS)   # local descriptors on disk: fp16, or int8 + a scale each
+    local_storage: str = choice("fp16", *LOCAL_ENCODINGS)   # locals on disk: fp16 | int8 (+ a scale each) | pq
+    local_pq_m: int = bounded(16, ge=1)              # pq: codes (bytes) per local descriptor
+    local_pq_sample: int = bounded(200, ge=1)        # pq: images whose locals train the codebook (seeded sample)
     stop_after_commits: Optional[int] = bounded(None, ge=0)  # fault injection (tests): stop at the next commit after N
     stop_by_kill: bool = False                       # ... by SIGKILL of this process instead of raising InjectedFailure
 
@@ -119,13 +122,14 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict, max_pixe
 class ExtractAndWrite:
     """Actor: runs the extractor on a batch and writes it as an uncommitted Lance fragment."""
 
-    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int, local_storage: str):
+    def __init__(self, extractor_name: str, extractor_cfg: dict, uri: str, torch_threads: int, local_storage: str,
+                 codebook: np.ndarray | None):
         import torch
 
         torch.set_num_threads(torch_threads)    # the actor's own CPUs (Ray sets 1 thread per reserved CPU otherwise)
         self.extractor = create_extractor(extractor_name, **extractor_cfg)
-        self.schema = schema_for(self.extractor, fingerprint(self.extractor), local_storage)
-        self.uri = uri
+        self.schema = schema_for(self.extractor, fingerprint(self.extractor), local_storage, codebook)
+        self.uri, self.codebook = uri, codebook
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if not e]
@@ -135,7 +139,7 @@ class ExtractAndWrite:
             feats = [to_original(f, p, tuple(batch["geometry"][i][2:]))
                      for i, p, f in zip(ok, prepared, self.extractor.extract(prepared))]
             table = features_table(self.schema, [int(batch["id"][i]) for i in ok], feats,
-                                   [str(batch["source"][i]) for i in ok])
+                                   [str(batch["source"][i]) for i in ok], self.codebook)
             fragments = pickle.dumps(write_fragment(self.uri, table))
         bad = [(int(batch["id"][i]), str(batch["uri"][i]), str(e), str(batch["source"][i]))
                for i, e in enumerate(batch["error"]) if e]
@@ -181,6 +185,22 @@ def _prepare_table(uri: str, what: str) -> None:
     note = remove_uncommitted(uri)
     if note:
         log.warning("%s: %s", what, note)
+
+
+def pq_codebook(manifest: pa.Table, uri: str, extractor_name: str, extractor_cfg: dict, settings: ExtractSettings,
+                resources: PoolResources | None) -> np.ndarray:
+    """Train the PQ codebook of a new table on the locals of ``settings.local_pq_sample`` of its images (a seeded
+    sample), extracted in fp16 to ``<table>-pq-sample.lance`` beside it (kept: a rerun reuses it)."""
+    rows = np.sort(np.random.default_rng(0).choice(manifest.num_rows, min(manifest.num_rows, settings.local_pq_sample),
+                                                   replace=False))
+    sample_uri = f"{uri.removesuffix('.lance')}-pq-sample.lance"
+    extract_to_lance(manifest.take(rows), sample_uri, extractor_name, extractor_cfg,
+                     replace(settings, local_storage="fp16"), desc="extract pq sample", resources=resources)
+    sample = FeatureStore(sample_uri)
+    locals_ = sample.take_locals(sample.ids)
+    log.info("%s: training a %d-byte PQ codebook on %d local descriptors of %d images", uri, settings.local_pq_m,
+             int((~locals_["mask"]).sum()), len(sample))
+    return train_pq(locals_["local"][~locals_["mask"]], settings.local_pq_m)
 
 
 def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, extractor_cfg: dict | None = None,
@@ -233,7 +253,14 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
                  summary.already, summary.recorded_errors, errors_uri)
         return summary
     probe = create_extractor(extractor_name, **extractor_cfg)  # fails fast on missing weights, before the pool starts
-    schema = schema_for(probe, fingerprint(probe), settings.local_storage)
+    codebook = None
+    if settings.local_storage == "pq" and probe.max_local:
+        if table is not None:                         # a table keeps the codebook it began with
+            codebook = read_codebook(uri, table.schema)
+        else:
+            codebook = pq_codebook(todo, uri, extractor_name, extractor_cfg, settings, resources)
+            write_codebook(uri, codebook)
+    schema = schema_for(probe, fingerprint(probe), settings.local_storage if probe.max_local else "fp16", codebook)
     del probe
     if table is not None:
         check_schema(table.schema, schema, uri)
@@ -247,7 +274,7 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
                                                 "max_pixels": settings.max_image_pixels},
                        batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
           .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads,
-                                                                      settings.local_storage),
+                                                                      local_encoding(schema), codebook),
                        batch_size=settings.batch_size, batch_format="numpy", compute=resources.strategy(),
                        **resources.actor_options()))
 

@@ -40,7 +40,8 @@ def source_key(location: str | Path) -> str:
 def table_folder(extractor: str, options: dict, settings: ExtractSettings) -> str:
     """A table folder's name: the extractor's fingerprint, and how locals are stored when not fp16."""
     fp = config_fingerprint(extractor, **options)
-    return fp if settings.local_storage == "fp16" else f"{fp}-{settings.local_storage}"
+    storage = {"fp16": "", "int8": "-int8", "pq": f"-pq{settings.local_pq_m}"}[settings.local_storage]
+    return fp + storage
 
 
 def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,

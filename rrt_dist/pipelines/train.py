@@ -48,7 +48,8 @@ def run_name(cfg) -> str:
                 "backbone": config_fingerprint(cfg.backbone.name, **OmegaConf.to_container(cfg.backbone.options,
                                                                                              resolve=True)),
                 # locals decoded from int8 are not the fp16 ones (fp16 runs keep their names)
-                **({"local_storage": cfg.backbone.local_storage} if cfg.backbone.local_storage != "fp16" else {}),
+                **({"local_storage": cfg.backbone.local_storage, "local_pq_m": cfg.backbone.local_pq_m}
+                   if cfg.backbone.local_storage != "fp16" else {}),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
                                        "data_cpus")}}  # where it runs does not change the weights

@@ -21,35 +21,46 @@ row becomes visible atomically with its Lance version and a killed job leaves no
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import faiss
+import fsspec
 import lance
 import numpy as np
 import pyarrow as pa
 
 META_EXTRACTOR, META_CONFIG, META_FINGERPRINT = b"rrt_dist.extractor", b"rrt_dist.config", b"rrt_dist.fingerprint"
+META_LOCAL_DIM, META_PQ_CODEBOOK = b"rrt_dist.local_dim", b"rrt_dist.pq_codebook_sha1"   # pq tables only
 
 
 class FeatureTableMismatch(ValueError):
     """A feature table written by another extractor (or with other dimensions)."""
 
 
-LOCAL_ENCODINGS = ("fp16", "int8")
+LOCAL_ENCODINGS = ("fp16", "int8", "pq")
 
 
 def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: str, config: dict,
-                    fingerprint: str, local_encoding: str = "fp16") -> pa.Schema:
+                    fingerprint: str, local_encoding: str = "fp16", codebook: np.ndarray | None = None) -> pa.Schema:
     """The feature table schema. ``local_encoding``: how local descriptors are stored: ``fp16`` (2 bytes a
-    value), or ``int8`` with one float32 scale per descriptor (``local_scale``: 1 byte a value, about half the
-    size; :func:`encode_int8` / :func:`decode_int8`). Readers decode to float32 either way."""
+    value); ``int8`` with one float32 scale per descriptor (``local_scale``: 1 byte a value, about half the
+    size; :func:`encode_int8`); ``pq``: product-quantisation codes, one byte per sub-vector, of the FAISS
+    ``ProductQuantizer`` whose ``codebook`` (``[M, 256, local_dim / M]``, trained on a sample) is kept beside
+    the table (:func:`write_codebook`; the schema records its digest). Readers decode to float32 whichever it is."""
     if local_encoding not in LOCAL_ENCODINGS:
         raise ValueError(f"local_encoding must be one of {LOCAL_ENCODINGS}, got {local_encoding!r}")
-    local_type = pa.float16() if local_encoding == "fp16" else pa.int8()
+    if (local_encoding == "pq") != (codebook is not None):
+        raise ValueError("a pq table needs its codebook, and only a pq table has one")
+    local_type = {"fp16": pa.float16(), "int8": pa.int8(), "pq": pa.uint8()}[local_encoding]
+    per_local = local_dim if codebook is None else codebook.shape[0]          # values, or PQ codes, a descriptor
+    extra = {} if codebook is None else {META_LOCAL_DIM: str(local_dim).encode(),
+                                         META_PQ_CODEBOOK: codebook_digest(codebook).encode()}
     local_fields = [
-        pa.field("local", pa.list_(local_type, max_local * local_dim)),
+        pa.field("local", pa.list_(local_type, max_local * per_local)),
         *([pa.field("local_scale", pa.list_(pa.float32(), max_local))] if local_encoding == "int8" else []),
         pa.field("positions", pa.list_(pa.float32(), max_local * 2)),
         pa.field("scales", pa.list_(pa.int8(), max_local)),
@@ -61,7 +72,7 @@ def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: 
         pa.field("n_local", pa.int32()),
         pa.field("source", pa.string()),
     ], metadata={META_EXTRACTOR: extractor.encode(), META_CONFIG: json.dumps(config, sort_keys=True, default=str).encode(),
-                 META_FINGERPRINT: fingerprint.encode()})
+                 META_FINGERPRINT: fingerprint.encode(), **extra})
 
 
 def local_shape(schema: pa.Schema) -> tuple[int, int]:
@@ -69,11 +80,78 @@ def local_shape(schema: pa.Schema) -> tuple[int, int]:
     if "scales" not in schema.names:
         return 0, 0
     width = schema.field("scales").type.list_size
+    if META_LOCAL_DIM in (schema.metadata or {}):
+        return width, int(schema.metadata[META_LOCAL_DIM])
     return width, schema.field("local").type.list_size // width
 
 
 def local_encoding(schema: pa.Schema) -> str:
+    if META_PQ_CODEBOOK in (schema.metadata or {}):
+        return "pq"
     return "int8" if "local_scale" in schema.names else "fp16"
+
+
+def train_pq(sample: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
+    """A PQ codebook ``[m, 256, d / m]`` (FAISS ``ProductQuantizer``, 8 bits a code) trained on ``sample [n, d]``."""
+    sample = np.ascontiguousarray(sample, np.float32)
+    d = sample.shape[1]
+    if d % m:
+        raise ValueError(f"local descriptors of dimension {d} do not split into {m} sub-vectors")
+    pq = faiss.ProductQuantizer(d, m, 8)
+    pq.cp.seed = seed
+    pq.train(sample)
+    return faiss.vector_to_array(pq.centroids).reshape(m, 256, d // m)
+
+
+def _product_quantizer(codebook: np.ndarray):
+    m, _, sub = codebook.shape
+    pq = faiss.ProductQuantizer(m * sub, m, 8)
+    faiss.copy_array_to_vector(np.ascontiguousarray(codebook, np.float32).reshape(-1), pq.centroids)
+    pq.is_trained = True
+    return pq
+
+
+def codebook_digest(codebook: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(codebook, np.float32).tobytes()).hexdigest()
+
+
+def codebook_uri(table_uri: str | Path) -> str:
+    """Where a pq table's codebook lives: beside it (not in its schema, which every data file and version
+    manifest repeats)."""
+    return f"{str(table_uri).removesuffix('.lance')}-pq-codebook.npy"
+
+
+def write_codebook(table_uri: str | Path, codebook: np.ndarray) -> None:
+    """Write (atomically, local path or fsspec URI) the codebook of a pq table before its first commit."""
+    fs, path = fsspec.core.url_to_fs(codebook_uri(table_uri))
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(f"{path}.tmp", "wb") as f:
+        np.save(f, np.ascontiguousarray(codebook, np.float32))
+    fs.mv(f"{path}.tmp", path)
+
+
+def read_codebook(table_uri: str | Path, schema: pa.Schema) -> np.ndarray:
+    """The codebook of a pq table, checked against the digest its schema records."""
+    fs, path = fsspec.core.url_to_fs(codebook_uri(table_uri))
+    try:
+        with fs.open(path, "rb") as f:
+            codebook = np.load(f)
+    except FileNotFoundError:
+        raise FeatureTableMismatch(f"{table_uri} stores PQ codes but its codebook {path} is missing") from None
+    if codebook_digest(codebook).encode() != (schema.metadata or {}).get(META_PQ_CODEBOOK):
+        raise FeatureTableMismatch(f"{path} is not the codebook {table_uri} was encoded with")
+    return codebook
+
+
+def encode_pq(local: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """``[..., d]`` float -> ``[..., M]`` uint8 codes."""
+    flat = np.ascontiguousarray(local, np.float32).reshape(-1, local.shape[-1])
+    return _product_quantizer(codebook).compute_codes(flat).reshape(*local.shape[:-1], codebook.shape[0])
+
+
+def decode_pq(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(codes, np.uint8).reshape(-1, codebook.shape[0])
+    return _product_quantizer(codebook).decode(flat).reshape(*codes.shape[:-1], -1)
 
 
 def encode_int8(local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +173,7 @@ def _fixed(values: np.ndarray, width: int, typ) -> pa.FixedSizeListArray:
 
 def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray, local: np.ndarray,
                       positions: np.ndarray, scales: np.ndarray, n_local: np.ndarray,
-                      sources: Sequence[str | None] | None = None) -> pa.Table:
+                      sources: Sequence[str | None] | None = None, codebook: np.ndarray | None = None) -> pa.Table:
     """Batch arrays (``local [B, L, d_l]``, ``positions [B, L, 2]``, ``scales [B, L]``) -> an Arrow table.
 
     ``sources``: each image file's identity (:func:`rrt_dist.features.images.file_identity`), null if unknown."""
@@ -106,9 +184,14 @@ def features_to_table(schema: pa.Schema, ids: Sequence[int], global_: np.ndarray
         raise FeatureTableMismatch(f"expected global [{n}, {d_g}] and local [{n}, {width}, {d_l}], got "
                                    f"{global_.shape} and {local.shape}")
     columns = [pa.array(np.asarray(ids, np.int64)), _fixed(global_.astype(np.float16), d_g, pa.float16())]
-    if width and local_encoding(schema) == "int8":
+    encoding = local_encoding(schema)
+    if width and encoding == "int8":
         codes, scale = encode_int8(local)
         columns += [_fixed(codes, width * d_l, pa.int8()), _fixed(scale, width, pa.float32())]
+    elif width and encoding == "pq":
+        if codebook is None or codebook_digest(codebook).encode() != schema.metadata[META_PQ_CODEBOOK]:
+            raise FeatureTableMismatch("PQ codes must be computed with the codebook the schema records")
+        columns.append(_fixed(encode_pq(local, codebook), width * codebook.shape[0], pa.uint8()))
     elif width:
         columns.append(_fixed(local.astype(np.float16), width * d_l, pa.float16()))
     if width:
@@ -235,6 +318,7 @@ class FeatureStore:
         schema = self.dataset.schema
         self.global_dim = schema.field("global").type.list_size
         self.max_local, self.local_dim = local_shape(schema)
+        self.codebook = read_codebook(self.uri, schema) if local_encoding(schema) == "pq" else None
         ids = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
         self._rows = np.arange(len(ids))                     # table row offset of each id in view
         if only is not None:
@@ -305,9 +389,9 @@ class FeatureStore:
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.rows_of(ids)
         n, width, d_l = len(ids), self.max_local, self.local_dim
-        int8 = local_encoding(self.dataset.schema) == "int8"
+        encoding = local_encoding(self.dataset.schema)
         columns = ["id", "global", "n_local"] + (["local", "positions", "scales"] if width else []) + (
-            ["local_scale"] if width and int8 else [])
+            ["local_scale"] if width and encoding == "int8" else [])
         table = self.dataset.take(rows, columns=columns)
         if not np.array_equal(table.column("id").to_numpy(), ids):  # take follows the requested row order
             raise RuntimeError(f"{self.uri}: take returned rows out of order")
@@ -319,12 +403,18 @@ class FeatureStore:
 
         n_local = table.column("n_local").to_numpy()
         glob = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        local = (decode_int8(arr("local", np.int8, (n, width, d_l)), arr("local_scale", np.float32, (n, width)))
-                 if int8 else arr("local", np.float32, (n, width, d_l)))
+        if encoding == "int8":
+            local = decode_int8(arr("local", np.int8, (n, width, d_l)), arr("local_scale", np.float32, (n, width)))
+        elif encoding == "pq":
+            local = decode_pq(arr("local", np.uint8, (n, width, self.codebook.shape[0])), self.codebook)
+        else:
+            local = arr("local", np.float32, (n, width, d_l))
+        mask = np.arange(width)[None, :] >= n_local[:, None]
+        local[mask] = 0                                   # padding decodes to zeros whatever the encoding
         return {"global": glob.astype(dtype).reshape(n, self.global_dim), "local": local.astype(dtype, copy=False),
                 "positions": arr("positions", np.float32, (n, width, 2)),
                 "scales": arr("scales", np.int64, (n, width)), "n_local": n_local,
-                "mask": np.arange(width)[None, :] >= n_local[:, None]}
+                "mask": mask}
 
 
 class MemoryFeatures:
