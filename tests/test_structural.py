@@ -192,7 +192,8 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
             "backbone.options.max_local=60", "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
             "+backbone@reranker.patch_backbone=lite0_grid", "reranker.patch_backbone.options.image_size=96",
             "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural]", "reranker.k=20",
-            "reranker.protocol_junk_removal=false", "reranker.structural.center=mean", "reranker.num_actors=0",
+            # two pools of two 1-CPU actors each on a 2-CPU Ray: they must run one after the other
+            "reranker.protocol_junk_removal=false", "reranker.structural.center=mean", "reranker.num_actors=2",
             f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
     validate_config(cfg)
     payload = evaluate(cfg)

@@ -43,39 +43,54 @@ def headline(metrics: dict) -> float:
 
 
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
-                     cfg, pools: dict, k_search: int | None = None,
+                     cfg, open_pool, k_search: int | None = None,
                      examples: dict | None = None, searchers: dict | None = None) -> dict[str, dict]:
-    """``{row label: {setting: metrics}}`` for ``cfg.methods``; ``pools[name]`` reranks (a RerankPool).
+    """``{row label: {setting: metrics}}`` for ``cfg.methods``, in their order.
+
+    Rows are computed reranker by reranker: ``open_pool(name)`` starts that reranker's pool (a RerankPool),
+    which serves its rows in every setting (its cache of scored pairs carries over: the ±distractor settings
+    rerank mostly the same pairs) and is closed before the next one starts, so the pools never hold more
+    than one reranker's resources (three pools of one CPU each would never all start on two CPUs). The
+    global rankings are recomputed per reranker: a search is cheap next to reranking.
 
     ``examples`` receives, for the first setting, each row's ranking (the medium protocol's for
     reranked rows of revisitop benchmarks), for qualitative figures. ``searchers[setting]`` is the
-    search function of that setting's index (exact in-process search when absent).
+    search function of that setting's index (exact search streamed from the tables when absent).
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
     depth = reranked_depth(bench, galleries, cfg.k, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
-    rows: dict[str, dict] = {}
-    for setting, with_d in settings_of(bench).items():
-        search = searchers.get(setting)
-        base = global_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search)
-        aqe = None
-        if any(m.expand for m in methods):
-            aqe = global_rankings(bench, query_ids, queries, galleries, k_search, with_d,
-                                  alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
-        for method in methods:
-            label = method.label + (f" (top-{depth})" if method.reranker else "")
-            ranked, scores = aqe if method.expand else base
-            kept: dict = {}
-            if method.reranker is None:
-                metrics = bench.evaluate(ranked)
-                kept["all"] = ranked
-            else:
-                pool = pools[method.reranker.name]
-                metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
-                                              cfg.protocol_junk_removal, keep=kept)
-            rows.setdefault(label, {})[setting] = metrics
-            if examples is not None and not with_d:
-                examples[label] = kept.get("medium", kept.get("all"))
+    labels = {m.name: m.label + (f" (top-{depth})" if m.reranker else "") for m in methods}
+    rows: dict[str, dict] = {labels[m.name]: {} for m in methods}
+    kept_examples: dict = {}
+    for reranker in dict.fromkeys(m.reranker for m in methods):
+        group = [m for m in methods if m.reranker == reranker]
+        pool = open_pool(reranker.name) if reranker else None
+        try:
+            for setting, with_d in settings_of(bench).items():
+                search = searchers.get(setting)
+                base = global_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search)
+                aqe = None
+                if any(m.expand for m in group):
+                    aqe = global_rankings(bench, query_ids, queries, galleries, k_search, with_d,
+                                          alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
+                for method in group:
+                    ranked, scores = aqe if method.expand else base
+                    kept: dict = {}
+                    if pool is None:
+                        metrics = bench.evaluate(ranked)
+                        kept["all"] = ranked
+                    else:
+                        metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
+                                                      cfg.protocol_junk_removal, keep=kept)
+                    rows[labels[method.name]][setting] = metrics
+                    if not with_d:
+                        kept_examples[labels[method.name]] = kept.get("medium", kept.get("all"))
+        finally:
+            if pool is not None:
+                pool.close()
+    if examples is not None:
+        examples.update({label: kept_examples[label] for label in rows})
     return rows

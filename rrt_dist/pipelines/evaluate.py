@@ -18,7 +18,7 @@ from rrt_dist.rerank.methods import parse_method
 
 from .features import benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
-from .rerank import pools_for
+from .rerank import open_pool
 from .train import trained_reranker
 
 
@@ -80,14 +80,16 @@ def evaluate(cfg) -> dict:
     t = time.perf_counter()
     query_ids, queries = global_matrix(stores, ["query"])       # the gallery's are streamed, never loaded whole
     galleries = {name: stores[name] for name in ("gallery", "distractor") if name in stores}
-    indexes = setting_indexes(cfg.index, bench, stores, OmegaConf.to_object(cfg.ray.search))      # none in index.mode=exact: exact full ranking
-    pools = pools_for(cfg.reranker, stores, patch_stores, OmegaConf.to_object(cfg.ray.rerank))
+    # none in index.mode=exact: the exact ranking of the whole gallery
+    indexes = setting_indexes(cfg.index, bench, stores, OmegaConf.to_object(cfg.ray.search))
+    rerank_resources = OmegaConf.to_object(cfg.ray.rerank)
     k_search = cfg.index.k if indexes else None
     examples: dict = {}
-    rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker, pools, k_search,
-                            examples, {setting: index.search for setting, index in indexes.items()})
-    for closable in [*pools.values(), *indexes.values()]:
-        closable.close()
+    rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
+                            lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
+                            k_search, examples, {setting: index.search for setting, index in indexes.items()})
+    for index in indexes.values():
+        index.close()
     timings["search_rerank_s"] = time.perf_counter() - t
     settings = list(settings_of(bench))
     unreadable = unreadable_counts(bench, stores)

@@ -11,7 +11,7 @@ import numpy as np
 import ray
 
 from rrt_dist.rerank.core import RerankCore
-from rrt_dist.rerank.methods import parse_method
+from rrt_dist.rerank.methods import get_reranker
 from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore
 
@@ -57,14 +57,11 @@ def scorer_options(cfg, name: str) -> dict:
     return OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
 
 
-def pools_for(cfg, stores: dict, patch_stores: dict | None = None,
-              resources: StageResources | None = None) -> dict[str, RerankPool]:
-    """One pool per reranker the configured ``methods`` use, over the query and gallery tables: ``stores``, or
-    ``patch_stores`` for rerankers that read patch grids; each actor asks for ``resources`` (``ray.rerank``)."""
-    pools = {}
-    for entry in dict.fromkeys(m.reranker for m in map(parse_method, cfg.methods) if m.reranker):
-        tables = patch_stores if patch_stores and "patches" in entry.inputs else stores
-        galleries = [tables[n] for n in ("gallery", "distractor") if n in tables]
-        pools[entry.name] = RerankPool(entry.name, scorer_options(cfg, entry.name), tables["query"], galleries,
-                                       cfg.num_actors, resources)
-    return pools
+def open_pool(cfg, name: str, stores: dict, patch_stores: dict | None = None,
+              resources: StageResources | None = None) -> RerankPool:
+    """The pool of reranker ``name`` over the query and gallery tables: ``stores``, or ``patch_stores`` when it
+    reads patch grids; each of its ``cfg.num_actors`` actors asks for ``resources`` (``ray.rerank``)."""
+    entry = get_reranker(name)
+    tables = patch_stores if patch_stores and "patches" in entry.inputs else stores
+    galleries = [tables[n] for n in ("gallery", "distractor") if n in tables]
+    return RerankPool(name, scorer_options(cfg, name), tables["query"], galleries, cfg.num_actors, resources)
