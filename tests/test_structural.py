@@ -202,6 +202,7 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
     assert run["patch_backbone"]["name"] == "dense-grid" and run["backbone"]["name"] == "multiscale-cnn"
     assert run["patch_backbone"]["fingerprint"] != run["backbone"]["fingerprint"]
     assert (tmp_path / "out" / "structural.png").exists()
+    assert "- patch grids of the structural rows: dense-grid" in (tmp_path / "out" / "report.md").read_text()
 
     bench = read_revisitop(root, "synthetic")
     main = {k: FeatureStore(t["uri"], t["version"]) for k, t in payload["feature_tables"].items()}

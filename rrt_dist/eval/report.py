@@ -60,8 +60,10 @@ def render_markdown(protocol: str, rows: dict, settings: list[str], title: str) 
 
 def run_section(run: dict) -> str:
     """What identifies a report: dataset root and split sizes, unreadable images, backbone, search, timings."""
-    backbone = run["backbone"]
-    options = ", ".join(f"{k}={v}" for k, v in backbone["options"].items())
+    def described(backbone: dict) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in backbone["options"].items())
+        return f"{backbone['name']} (fingerprint {backbone['fingerprint']}): {options}"
+
     splits = f"{run['queries']} queries, {run['gallery']} gallery images" + (
         f", {run['distractors']} distractors" if run["distractors"] else "") + (
         " (leave-one-out: every gallery image is a query, itself excluded)" if run["leave_one_out"] else "")
@@ -70,7 +72,9 @@ def run_section(run: dict) -> str:
     lines = ["## Run", "",
              f"- dataset: {run['dataset']} at `{run['root']}`: {splits}",
              f"- unreadable images (scored as misses): {unreadable}",
-             f"- backbone: {backbone['name']} (fingerprint {backbone['fingerprint']}): {options}",
+             f"- backbone: {described(run['backbone'])}",
+             *([f"- patch grids of the structural rows: {described(run['patch_backbone'])}; their score is added "
+                "to the backbone's global cosine"] if "patch_backbone" in run else []),
              f"- global search: {run['search']}",
              *([f"- RP and MAP@R with R = {run['metric_learning_r']}"] if "metric_learning_r" in run else []),
              f"- qualitative figure: {run['qualitative_row'] or 'none (no reranked row)'} against the first row",
