@@ -69,7 +69,7 @@ def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):
     return search
 
 
-def streaming_searcher(stores, block_rows: int = 65536):
+def streaming_searcher(stores, block_rows: int = 16384):
     """``search(queries, k) -> (scores, ids)`` by exact search over feature tables read block by block (the
     driver holds one block, not the gallery)."""
     def search(queries: np.ndarray, k: int | None):

@@ -78,7 +78,7 @@ def _fill_shard_from_tables(template: np.ndarray, tables: list[tuple], id_min: i
 
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
                 memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None,
-                block_rows: int = 65536) -> IndexManifest:
+                block_rows: int = 16384) -> IndexManifest:
     """Build and persist a sharded index of every global descriptor in ``stores`` (one or several tables).
 
     The driver holds the ids (8 bytes an image) and the training sample; each shard is filled by a Ray task

@@ -368,9 +368,9 @@ class FeatureStore:
         vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
-    def global_blocks(self, rows: int = 65536, dtype=np.float32):
+    def global_blocks(self, rows: int = 16384, dtype=np.float32):
         """``(ids, global)`` of the rows in view, ``rows`` at a time in table order: a gallery streamed through
-        search, never held whole (65536 × 2048-d float32 = 512 MB a block)."""
+        search, never held whole (16384 × 2048-d float32 = 128 MB a block)."""
         for start in range(0, len(self._rows), rows):
             table = self.dataset.take(self._rows[start:start + rows], columns=["id", "global"])
             vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
