@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +70,15 @@ def benchmark_manifests(bench: Benchmark) -> dict[str, pa.Table]:
 def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extractor: str, options: dict,
                   settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
     """Extract the rows of every table in ``paths`` that are not there yet (or whose image changed) on an actor
-    pool of ``resources``; return the tables (pinned versions), each restricted to its manifest's ids."""
+    pool of ``resources``; return the tables (pinned versions), each restricted to its manifest's ids.
+
+    A ``query`` table keeps fp16 locals whatever ``settings.local_storage`` asks: queries are few (70 for
+    R1M), and a codebook trained on them alone would be poor."""
     stores = {}
     for name, path in paths.items():
-        summary = extract_to_lance(manifests[name], path, extractor, options, settings, desc=f"extract {name}",
-                                   resources=resources)
+        table_settings = replace(settings, local_storage="fp16") if name == "query" else settings
+        summary = extract_to_lance(manifests[name], path, extractor, options, table_settings,
+                                   desc=f"extract {name}", resources=resources)
         if summary.errors:
             log.warning("%s: %d unreadable images recorded in %s-errors.lance, e.g. %s", name, summary.errors,
                         str(path).removesuffix(".lance"), summary.error_samples)
