@@ -314,6 +314,10 @@ def register() -> None:
                           ("train", TrainConfig), ("ray", RayConfig)):
         cs.store(group=group, name="schema", node=schema)
     cs.store(group="dataset/distractors", name="schema", node=DistractorsConfig)
+    # ${rrt.cpus:}: the CPUs this process may use (configs/ray/local.yaml)
+    from rrt_dist.runtime import available_cpus
+
+    OmegaConf.register_new_resolver("rrt.cpus", available_cpus, replace=True)
 
 
 register()

@@ -29,10 +29,14 @@ def test_cluster_preset_asks_for_gpus_whatever_the_cluster_has_now(local_ray):
 
 
 def test_local_defaults_ask_for_no_gpu_on_a_machine_without_one(local_ray):
+    from rrt_dist.runtime import available_cpus
+
     ray = ray_config()
     for stage in ("extract", "rerank", "train"):
         resources = OmegaConf.to_object(ray[stage])
-        assert resources.actor_options() == {"num_cpus": 1.0, "num_gpus": 0.0} and resources.threads == 1
+        assert resources.actor_options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+        # the embedded extraction actor (decoding fused into it) threads over the machine's CPUs
+        assert resources.threads == (available_cpus() if stage == "extract" else 1)
     search = OmegaConf.to_object(ray.search)
     assert search.actor_options(4) == {"num_cpus": 0.0, "num_gpus": 0.0} and search.threads == 1
     assert (OmegaConf.to_object(ray.extract).strategy().min_size, OmegaConf.to_object(ray.extract).strategy().max_size) == (1, 1)
