@@ -10,7 +10,6 @@ ports and temp dir, and stops exactly the processes of that temp dir.
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_jobs import BIN, free_port
+from test_jobs import BIN, free_port, stop_head
 
 FAKE_GPU_NODE = "ray.worker.gpu"
 
@@ -118,10 +117,5 @@ def test_gpu_nodes_are_added_for_the_extraction_pool_and_removed_when_idle(tmp_p
             assert time.time() < deadline, "idle GPU nodes were not removed"
             time.sleep(3)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        stop_processes_of(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head, temp_dir)
+        stop_processes_of(temp_dir)          # the worker nodes the autoscaler started, outside the head's group

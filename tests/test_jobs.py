@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def stop_head(head: subprocess.Popen, temp_dir: Path) -> None:
+    """Stop a `ray start --head --block` started in its own process group (this head only) and remove its temp dir."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,12 +122,7 @@ def test_job_submission_to_local_head(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["config"]["ray"]["address"] == "auto"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head, temp_dir)
 
 
 def test_index_and_search_jobs(tmp_path):
