@@ -4,7 +4,8 @@ import pytest
 import ray
 
 from rrt_dist.datasets import read_r1m, read_revisitop
-from rrt_dist.eval.runner import drop_ids, global_rankings, rerank_and_evaluate
+from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
+from rrt_dist.eval.runner import first_kept, global_rankings, rerank_and_evaluate
 from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
 from rrt_dist.pipelines.rerank import RerankPool
 from rrt_dist.store import FeatureStore
@@ -30,10 +31,15 @@ def tables(local_ray, small_synthetic, tmp_path_factory):
     return bench, stores, ranked, scores
 
 
-def test_drop_ids_keeps_order_and_pads():
-    ranked = np.array([[5, 6, 7, 8]])
-    out, sc = drop_ids(ranked, np.array([[0.9, 0.8, 0.7, 0.6]], np.float32), [np.array([6, 8])])
-    assert out.tolist() == [[5, 7, -1, -1]] and sc[0, :2].tolist() == pytest.approx([0.9, 0.7])
+def test_first_kept_keeps_order_pads_and_says_where_it_stopped():
+    ranked = np.array([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
+    out, sc, cut = first_kept(ranked, scores, [np.array([6, 8]), np.array([2, 3, 4, 5])], 3)
+    assert out.tolist() == [[5, 7, 9], [1, -1, -1]]
+    assert sc[0].tolist() == pytest.approx([0.9, 0.7, 0.5]) and sc[1, 0] == pytest.approx(0.9)
+    assert cut.tolist() == [5, 5]                    # row 0 used all five; row 1 ran out
+    out, _, cut = first_kept(ranked, scores, [np.array([6]), np.array([], np.int64)], 2)
+    assert out.tolist() == [[5, 7], [1, 2]] and cut.tolist() == [3, 2]
 
 
 @pytest.mark.ray
@@ -75,9 +81,28 @@ def test_protocol_junk_is_removed_before_the_top_k(tables):
         assert not np.isin(medium[q], junk).any()
         hard_junk = gallery_ids[np.concatenate([g["junk"], g["easy"]]).astype(np.int64)]
         assert not np.isin(seen[2][q], hard_junk).any()
+        assert medium.shape[1] == 10                          # only the top-k crosses to the reranker
     plain = rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ranked, scores, rerank, 10,
                                 protocol_junk_removal=False)
     assert plain == bench.evaluate(ranked)
+
+    # against the whole-list computation: junk dropped from every row, top-10 reversed, the rest kept
+    def reverse(query_ids, r, s, k):
+        return np.concatenate([r[:, :k][:, ::-1], r[:, k:]], axis=1)
+
+    kept: dict = {}
+    got = rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ranked, scores, reverse, 10, keep=kept)
+    for protocol, (_, junk_keys) in REVISITOP_PROTOCOLS.items():
+        rows = []
+        for q, g in enumerate(bench.protocol.gnd):
+            junk = gallery_ids[np.concatenate([np.asarray(g[j], np.int64) for j in junk_keys])]
+            row = ranked[q][~np.isin(ranked[q], junk)]
+            rows.append(np.concatenate([row[:10][::-1], row[10:]]))
+        width = max(map(len, rows))
+        whole = np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
+        assert got[protocol] == bench.evaluate(whole)[protocol]
+        np.testing.assert_array_equal(kept[protocol], whole[:, :10])
+    assert got != bench.evaluate(ranked)                  # the reversal changed something
 
 
 @pytest.mark.ray

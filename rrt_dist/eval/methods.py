@@ -81,7 +81,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
                     kept: dict = {}
                     if pool is None:
                         metrics = bench.evaluate(ranked)
-                        kept["all"] = ranked
+                        kept["all"] = ranked[:, :depth]
                     else:
                         metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
                                                       cfg.protocol_junk_removal, keep=kept)

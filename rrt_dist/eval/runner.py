@@ -44,12 +44,13 @@ def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     if search is None:
         search = streaming_searcher(tables)
     if alpha_qe:
-        scores, ids = alpha_qe_search(search, lambda ids: take_globals_from(tables, ids), queries,
-                                      k or sum(len(t) for t in tables), *alpha_qe)
+        scores, ids = alpha_qe_search(search, lambda ids: take_globals_from(tables, ids), queries, k, *alpha_qe)
     else:
         scores, ids = search(queries, k)
     order = bench.queries.column("id").to_numpy()
-    out_ids = np.full((len(order), ids.shape[1]), -1, dtype=np.int64)
+    if np.array_equal(order, query_ids):           # the usual case: no [n_queries, N] copy
+        return ids, scores
+    out_ids = np.full((len(order), ids.shape[1]), NO_ID, dtype=ids.dtype)
     out_scores = np.full((len(order), ids.shape[1]), -np.inf, dtype=np.float32)
     row = {q: i for i, q in enumerate(order)}
     rows = np.asarray([row[q] for q in query_ids], dtype=np.int64)
@@ -57,13 +58,19 @@ def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     return out_ids, out_scores
 
 
-def drop_ids(ranked: np.ndarray, scores: np.ndarray, drop: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Remove ``drop[q]`` from row q (keeping order) and pad the rows' ends with -1 / -inf."""
-    out_ids, out_scores = np.full_like(ranked, NO_ID), np.full_like(scores, -np.inf)
+def first_kept(ranked: np.ndarray, scores: np.ndarray, drop: list[np.ndarray], k: int):
+    """The first ``k`` entries of each row not in ``drop[q]`` (order kept; rows short of ``k`` padded with -1 /
+    -inf) with their scores, and per row the position just after the last one taken."""
+    width = min(k, ranked.shape[1])
+    out_ids = np.full((len(ranked), width), NO_ID, ranked.dtype)
+    out_scores = np.full((len(ranked), width), -np.inf, np.float32)
+    cut = np.full(len(ranked), ranked.shape[1], np.int64)
     for q, (row, sc) in enumerate(zip(ranked, scores)):
-        keep = ~np.isin(row, drop[q])
-        out_ids[q, :keep.sum()], out_scores[q, :keep.sum()] = row[keep], sc[keep]
-    return out_ids, out_scores
+        taken = np.flatnonzero(~np.isin(row, drop[q]))[:width]
+        out_ids[q, :len(taken)], out_scores[q, :len(taken)] = row[taken], sc[taken]
+        if len(taken) == width and width:
+            cut[q] = taken[-1] + 1
+    return out_ids, out_scores, cut
 
 
 def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray,
@@ -71,19 +78,27 @@ def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.
     """Rerank the top-``k`` of each row with ``rerank(query_ids, ranked, scores, k)`` and score it.
 
     Revisitop detail (DELG, RRT): each protocol (easy / medium / hard) is reranked separately, with
-    that protocol's junk moved out of the list before its top-k is taken. ``keep`` receives the
-    reranked lists (per protocol, or under "all").
+    that protocol's junk moved out of the list before its top-k is taken. Only that top-k is reranked, so the
+    scored list is the reranked top-k followed by the rest of the ranking as it was (its junk is ignored by the
+    protocol's metric): no copy of the whole ranking per protocol. ``keep`` receives the reranked top-k
+    (per protocol, or under "all").
     """
     keep = {} if keep is None else keep
     if bench.protocol.name != "revisitop" or not protocol_junk_removal:
-        keep["all"] = rerank(row_query_ids, ranked, scores, k)
-        return bench.evaluate(keep["all"])
+        reranked = rerank(row_query_ids, ranked, scores, k)
+        keep["all"] = reranked[:, :k]
+        return bench.evaluate(reranked)
     gallery_ids = bench.gallery.column("id").to_numpy()
     out = {}
     for protocol, (_, junk_keys) in REVISITOP_PROTOCOLS.items():
         junk = [gallery_ids[np.concatenate([np.asarray(g[j], np.int64) for j in junk_keys])]
                 for g in bench.protocol.gnd]
-        cleaned, cleaned_scores = drop_ids(ranked, scores, junk)
-        keep[protocol] = rerank(row_query_ids, cleaned, cleaned_scores, k)
-        out[protocol] = bench.evaluate(keep[protocol])[protocol]
+        top, top_scores, cut = first_kept(ranked, scores, junk, k)
+        keep[protocol] = rerank(row_query_ids, top, top_scores, k)
+        full = np.full_like(ranked, NO_ID)
+        full[:, :top.shape[1]] = keep[protocol]
+        for q, c in enumerate(cut):
+            full[q, top.shape[1]:top.shape[1] + ranked.shape[1] - c] = ranked[q, c:]
+        out[protocol] = bench.evaluate(full)[protocol]
+        del full
     return out

@@ -24,40 +24,60 @@ def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarr
     return ids, scores
 
 
+def _block_vectors(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if vectors.shape[1:] != queries.shape[1:]:
+        raise ValueError(f"dimension mismatch: gallery {vectors.shape[1:]} vs queries {queries.shape[1:]}")
+    return vectors
+
+
 def exact_search_blocks(blocks, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_search` over a gallery given as blocks ``(ids, vectors)`` (e.g. read from Lance), holding one
     block at a time: each block's top-``k`` goes into a ``faiss.ResultHeap``, as faiss's
-    ``contrib.exhaustive_search`` does. ``k=None`` ranks the whole gallery, keeping the ``[n_queries, N]``
-    scores (70 queries × 1M images: 280 MB), never the ``[N, d]`` gallery; ties keep gallery order.
+    ``contrib.exhaustive_search`` does. ``k=None`` ranks the whole gallery (see :func:`rank_blocks`).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if k is None:
-        # each block ranked by faiss.knn (IndexFlatIP's own scores), then one stable merge by score
-        parts = []
-        for ids, vectors in blocks:
-            scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, np.float32), len(ids),
-                                     metric=faiss.METRIC_INNER_PRODUCT)
-            parts.append((np.asarray(ids, np.int64)[rows], scores))
-        if not parts:
-            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        ids = np.concatenate([p[0] for p in parts], axis=1)
-        scores = np.concatenate([p[1] for p in parts], axis=1)
-        del parts
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+        return rank_blocks(blocks, queries)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for ids, vectors in blocks:
         if len(ids) == 0:
             continue
-        vectors = np.ascontiguousarray(vectors, np.float32)
-        if vectors.shape[1:] != queries.shape[1:]:
-            raise ValueError(f"dimension mismatch: gallery {vectors.shape[1:]} vs queries {queries.shape[1:]}")
+        vectors = _block_vectors(vectors, queries)
         scores, rows = faiss.knn(queries, vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, np.where(rows >= 0, np.asarray(ids, np.int64)[np.maximum(rows, 0)], NO_ID))
     heap.finalize()
     scores, ids = heap.D, heap.I
     scores[ids == NO_ID] = -np.inf
     return ids, scores
+
+
+def rank_blocks(blocks, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole gallery ranked per query: ids (int32 when every id fits, as revisitop's ranks do) and scores,
+    best first, ties in gallery order. Holds the ``[n_queries, N]`` scores (70 queries × 1M images: 280 MB)
+    and the ranked ids, never the ``[N, d]`` gallery; each query's row is sorted on its own."""
+    parts, block_ids = [], []
+    for ids, vectors in blocks:
+        if len(ids) == 0:
+            continue
+        # IndexFlatIP's own scores (faiss.knn over the block), put back in gallery order
+        scores, rows = faiss.knn(queries, _block_vectors(vectors, queries), len(ids), metric=faiss.METRIC_INNER_PRODUCT)
+        in_order = np.empty_like(scores)
+        np.put_along_axis(in_order, rows, scores, axis=1)
+        parts.append(in_order)
+        block_ids.append(np.asarray(ids, np.int64))
+    if not parts:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    scores = np.concatenate(parts, axis=1)
+    del parts
+    gallery_ids = np.concatenate(block_ids)
+    fits = gallery_ids.min() >= np.iinfo(np.int32).min and gallery_ids.max() <= np.iinfo(np.int32).max
+    ranked = np.empty(scores.shape, np.int32 if fits else np.int64)
+    for q in range(len(scores)):
+        order = np.argsort(-scores[q], kind="stable")
+        ranked[q] = gallery_ids[order]
+        scores[q] = scores[q][order]
+    return ranked, scores
 
 
 def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):

@@ -23,11 +23,11 @@ def expand(vectors: np.ndarray, neighbour_vectors: np.ndarray, neighbour_scores:
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray, k: int, n: int = 2,
+def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray, k: int | None, n: int = 2,
                     alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """Search, expand each query with its top-``n`` results, search again.
 
-    ``search(queries, k) -> (scores, ids)``; ``vectors_of(ids [N, n]) -> [N, n, d]``.
+    ``search(queries, k) -> (scores, ids)`` (``k=None``: the whole ranking); ``vectors_of(ids [N, n]) -> [N, n, d]``.
     """
     scores, ids = search(queries, n)
     valid = ids != NO_ID

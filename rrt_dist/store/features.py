@@ -368,11 +368,15 @@ class FeatureStore:
         vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
-    def global_blocks(self, rows: int = 16384, dtype=np.float32):
-        """``(ids, global)`` of the rows in view, ``rows`` at a time in table order: a gallery streamed through
-        search, never held whole (16384 × 2048-d float32 = 128 MB a block)."""
-        for start in range(0, len(self._rows), rows):
-            table = self.dataset.take(self._rows[start:start + rows], columns=["id", "global"])
+    def global_blocks(self, rows: int = 16384, dtype=np.float32, id_range: tuple[int, int] | None = None):
+        """``(ids, global)`` of the rows in view (those with ids in ``id_range``, both ends included, if given),
+        ``rows`` at a time in table order: a gallery streamed through search, never held whole (16384 × 2048-d
+        float32 = 128 MB a block)."""
+        offsets = self._rows
+        if id_range is not None:
+            offsets = offsets[(self.ids >= id_range[0]) & (self.ids <= id_range[1])]
+        for start in range(0, len(offsets), rows):
+            table = self.dataset.take(offsets[start:start + rows], columns=["id", "global"])
             vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             yield table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
