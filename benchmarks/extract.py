@@ -1,12 +1,18 @@
 """Extraction throughput: the Ray Data pipeline vs a plain in-process loop, same model and threads.
 
-    python benchmarks/extract.py [--quick] [--images N] [--backbone-options JSON]
+    python benchmarks/extract.py [--quick] [--images N]
+    python benchmarks/extract.py --backbone delg_r50 --random-weights --cost-only --cost-size 1024 768
 
-Both decode, crop, resize and extract the same images of the synthetic benchmark with the
-shipped-weights Lite0 multi-scale extractor (the demo's) and the same intra-op threads; the
+Both decode, crop, resize and extract the same images of the synthetic benchmark with a backbone preset
+(default: the shipped-weights Lite0 multi-scale extractor, the demo's) and the same intra-op threads; the
 pipeline also writes and commits the Lance table. ``ratio`` compares the pipeline's throughput
 after start-up (Ray workers, actor, model load: a fixed cost per run, reported separately) with
-the loop's (target >= 0.9 on a 2-core machine); the last line is JSON.
+the loop's (target >= 0.9 on a 2-core machine).
+
+``--cost-size W H`` also measures the cost of one image of that size (synthetic views upscaled to it, e.g. the
+1024 x 768 of Oxford / Paris / R1M photos): seconds per image here and the forward pass's GFLOP per image
+(``torch.utils.flop_counter``), from which a GPU's time per image follows. ``--random-weights`` skips
+downloading hub weights (the cost does not depend on them). The last line is JSON.
 """
 from __future__ import annotations
 
@@ -32,16 +38,43 @@ from rrt_dist.runtime import PoolResources, available_cpus, init_ray
 REPO = Path(__file__).resolve().parent.parent
 
 
+def image_cost(extractor, preparer, rows: list[dict], size: tuple[int, int]) -> dict:
+    """Seconds and forward GFLOP per image of ``size`` (the rows' images resized to it), batches of one."""
+    import cv2
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rrt_dist.features.images import load_image
+
+    prepared = [preparer(cv2.resize(load_image(row["uri"], None), size, interpolation=cv2.INTER_CUBIC))
+                for row in rows]
+    extractor.extract(prepared[:1])                                # warm-up
+    counter = FlopCounterMode(display=False)
+    with counter:
+        extractor.extract(prepared[:1])
+    start = time.perf_counter()
+    for p in prepared:
+        extractor.extract([p])
+    return {"cost_size": list(size), "cost_s_per_image": round((time.perf_counter() - start) / len(prepared), 3),
+            "cost_gflop_per_image": round(counter.get_total_flops() / 1e9, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64 images")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data", default="data/bench-synthetic")
+    parser.add_argument("--backbone", default="lite0_multiscale", help="a preset of configs/backbone")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--cost-size", type=int, nargs=2, metavar=("W", "H"))
+    parser.add_argument("--cost-images", type=int, default=3)
+    parser.add_argument("--cost-only", action="store_true", help="only the per-image cost (needs --cost-size)")
     args = parser.parse_args()
     n = 64 if args.quick else args.images
-    backbone = yaml.safe_load((REPO / "configs/backbone/lite0_multiscale.yaml").read_text())
-    name, options = backbone["name"], backbone["options"]
+    backbone = yaml.safe_load((REPO / f"configs/backbone/{args.backbone}.yaml").read_text())
+    name, options = backbone["name"], dict(backbone["options"])
+    if args.random_weights:
+        options["pretrained"] = False
     threads = available_cpus()
 
     spec = SyntheticSpec(n_landmarks=20, n_val_landmarks=0, n_train_landmarks=0, n_distractors=1000)
@@ -55,6 +88,16 @@ def main() -> None:
     torch.set_num_threads(threads)
     extractor = create_extractor(name, **options)
     preparer = create_preparer(name, **options)
+    cost = {}
+    if args.cost_size:
+        cost = image_cost(extractor, preparer, rows[:args.cost_images], tuple(args.cost_size))
+        print(f"{args.backbone} at {args.cost_size[0]}x{args.cost_size[1]}: {cost['cost_gflop_per_image']} GFLOP, "
+              f"{cost['cost_s_per_image']} s an image on {threads} threads")
+    if args.cost_only:
+        if not cost:
+            parser.error("--cost-only needs --cost-size")
+        print(json.dumps({"benchmark": "extract", "backbone": args.backbone, "threads": threads, **cost}))
+        return
     extract_rows(extractor, preparer, rows[:4], args.batch_size)  # warm-up
     start = time.perf_counter()
     ids, _, errors = extract_rows(extractor, preparer, rows, args.batch_size)
@@ -69,13 +112,13 @@ def main() -> None:
                                    resources=PoolResources(intra_op_threads=threads))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"benchmark": "extract", "extractor": name, "model": options["model"], "images": n, "threads": threads,
+    result = {"benchmark": "extract", "backbone": args.backbone, "extractor": name, "model": options["model"], "images": n, "threads": threads,
               "loop_img_per_s": round(n / loop_seconds, 2),
               "ray_img_per_s": round(summary.steady_images_per_second, 2),
               "ray_startup_s": round(summary.startup_seconds, 1),
               "ray_img_per_s_incl_startup": round(summary.images_per_second, 2),
               "ratio": round(summary.steady_images_per_second / (n / loop_seconds), 3),
-              "ratio_incl_startup": round(summary.images_per_second / (n / loop_seconds), 3)}
+              "ratio_incl_startup": round(summary.images_per_second / (n / loop_seconds), 3), **cost}
     print(f"in-process loop {result['loop_img_per_s']} img/s; Ray Data pipeline {result['ray_img_per_s']} img/s after "
           f"{result['ray_startup_s']} s start-up (ratio {result['ratio']}; {result['ratio_incl_startup']} including "
           f"start-up), {threads} threads")

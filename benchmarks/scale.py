@@ -147,6 +147,8 @@ def measure(stages: dict, name: str, fn):
     out = fn()
     stages[name] = {"seconds": round(time.perf_counter() - start, 2), "driver_peak_rss": peak_rss(os.getpid()),
                     "actor_peak_rss": max([peak_rss(p) for p in ray_worker_pids()] or [0])}
+    print(f"  {name}: {stages[name]['seconds']} s, driver peak {stages[name]['driver_peak_rss'] / 2**20:.0f} MiB, "
+          f"largest worker {stages[name]['actor_peak_rss'] / 2**20:.0f} MiB", flush=True)
     return out
 
 

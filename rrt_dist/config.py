@@ -225,6 +225,9 @@ class IndexConfig:
     params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
     memory_budget_gb: float = bounded(8.0, gt=0)     # for factory=auto
     train_size: int = bounded(200_000, ge=1)         # training sample for IVF / PQ
+    # rows added since the build go to delta shards (trained quantizer kept) until they pass this fraction of
+    # the index; then it is retrained and rebuilt (faiss#2109, #2876)
+    rebuild_fraction: float = bounded(0.2, ge=0, le=1)
     with_distractors: bool = True            # index the benchmark's distractors with its gallery
     qe_n: int = bounded(0, ge=0)             # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
     qe_alpha: float = bounded(0.3, ge=0)

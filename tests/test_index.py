@@ -363,3 +363,124 @@ def test_evaluation_never_loads_the_gallery_into_the_driver(local_ray, small_syn
                                                                                           abs=1e-3)
         assert sharded["results"]["Global only"][setting][protocol]["mAP"] == pytest.approx(
             exact["results"]["Global only"][setting][protocol]["mAP"], abs=1e-3)
+
+
+def append_rows(uri, ids, vectors, sources=None):
+    schema = features_schema(vectors.shape[1], 0, 0, "test", {}, "fp-test")
+    table = features_to_table(schema, ids, vectors, np.zeros((len(ids), 0, 0)), None, None, np.zeros(len(ids)),
+                              sources=sources)
+    commit_fragments(uri, schema, write_fragment(uri, table))
+
+
+@pytest.mark.ray
+def test_versions_delta_shards_removals_and_rebuilds(local_ray, data, tmp_path):
+    """Each update is one new version: small additions go to delta shards (new ones once the open one reaches a
+    build shard's size), rows whose image changed or that left the table are removed from their shards and the
+    changed ones re-added, a large addition retrains and rebuilds; every version searches like exact search
+    over the table's rows of that moment, and the manifest's history says what happened and why."""
+    from rrt_dist.index.core import collect_garbage
+    from rrt_dist.index.sharded import read_rows, update_index
+    from rrt_dist.store import delete_ids
+
+    _, ids, vectors, queries = data
+    uri, directory = str(tmp_path / "g.lance"), str(tmp_path / "idx")
+    append_rows(uri, ids[:1000], vectors[:1000], sources=["a"] * 1000)
+    build_index(FeatureStore(uri), directory, factory="Flat", n_shards=2)
+
+    def check(expected_ids):
+        store = FeatureStore(uri)
+        manifest = read_manifest(directory)
+        indexed = read_rows(directory, manifest)[0]
+        assert sorted(indexed.tolist()) == sorted(expected_ids) == sorted(store.ids.tolist())
+        assert manifest.ntotal == len(expected_ids)
+        index = ShardedIndex(directory)
+        scores, got = index.search(queries, 20)
+        index.close()
+        stored_ids, stored = store.globals()
+        want_scores, want_ids = search_numpy_exact(stored, stored_ids, queries, 20)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        assert (got == want_ids).mean() > 0.99
+        return manifest
+
+    append_rows(uri, ids[1000:1100], vectors[1000:1100], sources=["a"] * 100)     # +10 %: a delta shard
+    manifest, summary = update_index(FeatureStore(uri), directory, rebuild_fraction=0.5)
+    assert summary["action"] == "add" and summary["added"] == 100 and manifest.version == 2
+    assert [s.delta for s in manifest.shards] == [False, False, True]
+    check(ids[:1100].tolist())
+    assert update_index(FeatureStore(uri), directory, 0.5)[1]["action"] == "none"   # nothing new: no version
+    assert read_manifest(directory).version == 2
+
+    append_rows(uri, ids[1100:1550], vectors[1100:1550], sources=["a"] * 450)   # fills the delta, opens another
+    manifest, summary = update_index(FeatureStore(uri), directory, rebuild_fraction=0.5)
+    assert [s.delta for s in manifest.shards] == [False, False, True, True] and manifest.version == 3
+    assert manifest.shards[2].ntotal == 500 and manifest.shards[3].ntotal == 50    # a build shard holds 500
+    check(ids[:1550].tolist())
+
+    # 20 rows leave the table, 10 are re-extracted from a changed image (new vectors)
+    delete_ids(uri, ids[:30])
+    append_rows(uri, ids[20:30], vectors[2000:2010], sources=["b"] * 10)
+    manifest, summary = update_index(FeatureStore(uri), directory, rebuild_fraction=0.5)
+    assert summary["removed"] == 30 and summary["added"] == 10 and manifest.version == 4
+    check(ids[20:1550].tolist())
+    history = [h["action"] for h in manifest.history]
+    assert history == ["build", "add", "add", "add"] and "within rebuild_fraction=0.5" in manifest.history[-1]["reason"]
+
+    append_rows(uri, ids[1550:3000], vectors[1550:3000], sources=["a"] * 1450)  # past the fraction: rebuilt
+    manifest, summary = update_index(FeatureStore(uri), directory, rebuild_fraction=0.5)
+    assert summary["action"] == "rebuild" and "more than rebuild_fraction=0.5" in summary["reason"]
+    assert manifest.version == 5 and not any(s.delta for s in manifest.shards) and len(manifest.shards) == 2
+    check(ids[20:3000].tolist())
+    # files of versions older than the last three are collected; the last three stay loadable
+    names = {p.name for p in Path(directory).iterdir()}
+    assert "shard-00002-v000002.faiss" not in names                      # only version 2 named it
+    assert {"shard-00002-v000003.faiss", "shard-00000-v000001.faiss", "trained-v000005.faiss"} <= names
+    assert collect_garbage(directory) == []
+
+
+@pytest.mark.ray
+def test_ivf_keeps_its_quantizer_and_graph_indexes_rebuild_to_remove(local_ray, data, tmp_path):
+    from rrt_dist.index.sharded import update_index
+    from rrt_dist.store import delete_ids
+
+    _, ids, vectors, queries = data
+    uri = str(tmp_path / "g.lance")
+    append_rows(uri, ids[:2000], vectors[:2000])
+    build_index(FeatureStore(uri), str(tmp_path / "ivf"), factory="IVF32,Flat", n_shards=2, seed=3)
+    build_index(FeatureStore(uri), str(tmp_path / "hnsw"), factory="HNSW16", n_shards=2)
+    append_rows(uri, ids[2000:2100], vectors[2000:2100])
+    ivf, summary = update_index(FeatureStore(uri), str(tmp_path / "ivf"), 0.2)
+    assert summary["action"] == "add" and ivf.template == "trained-v000001.faiss"   # the trained quantizer kept
+    index = ShardedIndex(str(tmp_path / "ivf"), params="nprobe=32")
+    scores, _ = index.search(queries, 20)
+    index.close()
+    stored_ids, stored = FeatureStore(uri).globals()
+    np.testing.assert_allclose(scores, search_numpy_exact(stored, stored_ids, queries, 20)[0], atol=1e-5)
+    assert update_index(FeatureStore(uri), str(tmp_path / "hnsw"), 0.2)[1]["action"] == "add"
+    delete_ids(uri, ids[:5])
+    manifest, summary = update_index(FeatureStore(uri), str(tmp_path / "hnsw"), 0.2)
+    assert summary["action"] == "rebuild" and "cannot remove rows" in summary["reason"] and manifest.ntotal == 2095
+
+
+@pytest.mark.ray
+def test_a_searcher_answers_from_one_version_until_it_refreshes(local_ray, data, tmp_path):
+    """A search service keeps answering while a writer commits a new version, from the version it serves
+    (whose files stay); after refresh() it answers from the new one, only the changed shards reloaded."""
+    from rrt_dist.index.sharded import update_index
+
+    _, ids, vectors, queries = data
+    uri, directory = str(tmp_path / "g.lance"), str(tmp_path / "idx")
+    append_rows(uri, ids[:1000], vectors[:1000])
+    build_index(FeatureStore(uri), directory, factory="Flat", n_shards=2)
+    index = ShardedIndex(directory)
+    before_scores, before = index.search(queries, 10)
+    base_actors = index.actors
+    append_rows(uri, ids[1000:1100], queries[:50].repeat(2, axis=0))    # exact copies of the queries
+    update_index(FeatureStore(uri), directory, 0.5)
+    again_scores, again = index.search(queries, 10)                     # still version 1
+    np.testing.assert_array_equal(again, before)
+    assert index.version == 1 and index.refresh() and index.version == 2
+    assert index.actors[:2] == base_actors and len(index.actors) == 3   # only the delta shard was loaded
+    scores, got = index.search(queries, 10)
+    assert np.isin(got[:, :2], ids[1000:1100]).all() and (scores[:, 0] > 0.999).all()
+    assert not index.refresh()
+    index.close()

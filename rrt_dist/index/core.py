@@ -32,6 +32,8 @@ class ShardInfo:
     id_min: int          # inclusive
     id_max: int          # inclusive
     ntotal: int = 0
+    rows: str = ""       # Parquet of the shard's rows (id, image-file identity), written with it; files never change
+    delta: bool = False  # holds rows added since the last build (any id), not an id range
 
 
 @dataclass
@@ -45,6 +47,11 @@ class IndexManifest:
     choice: str = ""                      # why ``auto`` picked this factory
     rows_digest: str = ""                 # of the indexed rows' (id, file identity): see rows_digest()
     created: float = field(default_factory=time.time)
+    version: int = 1                      # each commit (build, add, rebuild) is a new version
+    template: str = ""                    # the trained empty index: delta shards start from it
+    built_rows: int = 0                   # rows the last build trained and indexed
+    requested: dict = field(default_factory=dict)   # what the build was asked (factory, shards, ...): rebuilds redo it
+    history: list[dict] = field(default_factory=list)  # per version: action, rows added / removed, why
 
     @property
     def ntotal(self) -> int:
@@ -133,35 +140,70 @@ def shard_bounds(ids: np.ndarray, n_shards: int) -> list[tuple[int, int]]:
     return list(zip(lows, highs))
 
 
-def shard_of(ids: np.ndarray, shards: list[ShardInfo]) -> np.ndarray:
-    lows = np.asarray([s.id_min for s in shards], np.int64)
-    return np.searchsorted(lows, np.asarray(ids, np.int64), side="right") - 1
+def _local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def write_index(index: faiss.Index, uri: str) -> None:
-    """Write to a local path or any fsspec URI (s3://, gs://, memory://...), atomically where the store allows."""
-    data = faiss.serialize_index(index)   # CPU indexes only: shard actors persist their CPU copy
+    """Write to a local path or any fsspec URI (s3://, gs://, memory://...), atomically where the store allows.
+    Local files are written by FAISS itself, without a serialised copy in memory (a 1M x 2048 Flat shard is
+    8 GB)."""
     fs, path = fsspec.core.url_to_fs(uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
     tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data.tobytes())
+    if _local(fs):
+        faiss.write_index(index, tmp)     # CPU indexes only: shard actors persist their CPU copy
+    else:
+        data = faiss.serialize_index(index)
+        with fs.open(tmp, "wb") as f:
+            f.write(memoryview(data))
     fs.mv(tmp, path)
 
 
 def read_index(uri: str) -> faiss.Index:
     fs, path = fsspec.core.url_to_fs(uri)
+    if _local(fs):
+        return faiss.read_index(path)
     with fs.open(path, "rb") as f:
         return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
 
 
 def write_manifest(directory: str, manifest: IndexManifest) -> None:
+    """Commit ``manifest``: its version's copy under ``versions/``, then ``manifest.json`` replaced in one
+    rename (readers see the old version or the new one, never a mix: every file it names is already written
+    and never rewritten)."""
     fs, path = fsspec.core.url_to_fs(directory)
-    fs.makedirs(path, exist_ok=True)
+    fs.makedirs(f"{path}/versions", exist_ok=True)
+    text = manifest.to_json()
+    with fs.open(f"{path}/versions/manifest-{manifest.version:06d}.json", "w") as f:
+        f.write(text)
     tmp = f"{path}/{MANIFEST}.tmp"
     with fs.open(tmp, "w") as f:
-        f.write(manifest.to_json())
+        f.write(text)
     fs.mv(tmp, f"{path}/{MANIFEST}")
+
+
+def collect_garbage(directory: str, keep_versions: int = 3) -> list[str]:
+    """Remove index files no kept version names (the last ``keep_versions`` committed ones): older versions'
+    shards, and files of a commit that never happened (a writer killed before its manifest). A searcher still
+    serving a version that old keeps its shards in memory, but an actor restarted then could not reload them."""
+    fs, path = fsspec.core.url_to_fs(directory)
+    current = read_manifest(directory)
+    named = {MANIFEST}
+    for v in range(max(1, current.version - keep_versions + 1), current.version + 1):
+        try:
+            with fs.open(f"{path}/versions/manifest-{v:06d}.json", "r") as f:
+                manifest = IndexManifest.from_json(f.read())
+        except FileNotFoundError:
+            continue
+        named |= {manifest.template} | {s.file for s in manifest.shards} | {s.rows for s in manifest.shards}
+    removed = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if fs.isfile(entry) and name not in named:
+            fs.rm(entry)
+            removed.append(name)
+    return removed
 
 
 def read_manifest(directory: str) -> IndexManifest:
@@ -194,13 +236,3 @@ def search_numpy_exact(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np
     return np.take_along_axis(sims, order, 1).astype(np.float32), np.asarray(gallery_ids)[order]
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """Every id stored in an index built by :func:`new_index` (IDMap2 or IVF)."""
-    base = faiss.downcast_index(index)
-    if isinstance(base, faiss.IndexIDMap2) or isinstance(base, faiss.IndexIDMap):
-        return faiss.vector_to_array(base.id_map).astype(np.int64)
-    ivf = faiss.extract_index_ivf(index)
-    invlists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(ivf.nlist)
-             if invlists.list_size(i)]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

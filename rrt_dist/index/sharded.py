@@ -1,22 +1,34 @@
-"""Sharded FAISS index served by Ray actors (one per shard), with build, incremental add and persistence.
+"""Sharded FAISS index served by Ray actors (one per shard), with build, versioned updates and persistence.
 
 Layout of an index directory (local path or fsspec URI)::
 
-    manifest.json      dimension, metric, factory, shards (file, id range, count), source table + Lance
-                       version, extractor fingerprint, why ``auto`` chose the factory
-    shard-00000.faiss  one FAISS index per contiguous id range
+    manifest.json                   the committed version: dimension, metric, factory, shards (file, rows
+                                    file, id range or delta, count), source tables + Lance versions,
+                                    extractor fingerprint, why ``auto`` chose the factory, history
+    versions/manifest-000003.json   every committed version
+    shard-00000-v000001.faiss       one FAISS index per contiguous id range (the build) or per delta
+    shard-00000-v000001.rows.parquet  its rows: id and image-file identity
+    trained-v000001.faiss           the trained empty index the delta shards start from
 
-A shard actor is restarted by Ray if it dies and reloads its shard from the directory; the
-searcher retries the call. Queries from another extractor than the one indexed are refused.
+Files are written once and never changed: an update writes new files for the shards it changes (rows
+removed because their image changed or left the tables) and for the delta shards receiving new rows, then
+commits a new manifest in one rename. New rows go to delta shards, keeping the trained quantizer, until they
+pass ``rebuild_fraction`` of the index, which then is retrained and rebuilt (faiss#2109, faiss#2876); each
+version's history entry says which and why. A shard actor serves one file and reloads it after a restart;
+:meth:`ShardedIndex.refresh` moves a searcher to the newest version without stopping it. Queries from another
+extractor than the one indexed are refused.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import time
 from functools import partial
 
 import faiss
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,15 +38,19 @@ from rrt_dist.datasets.base import NO_ID
 from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore, take_globals_from
 
-from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, index_ids, merge_results, new_index,
-                   read_index, read_manifest, rows_digest, shard_bounds, shard_of, train, write_index, write_manifest)
+from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, collect_garbage, merge_results, new_index,
+                   read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
 from .qe import alpha_qe_search
 
 log = logging.getLogger(__name__)
 
 
-def _shard_file(i: int) -> str:
-    return f"shard-{i:05d}.faiss"
+def _shard_file(i: int, version: int) -> str:
+    return f"shard-{i:05d}-v{version:06d}.faiss"
+
+
+def _rows_file(shard_file: str) -> str:
+    return shard_file.removesuffix(".faiss") + ".rows.parquet"
 
 
 def _sources(stores) -> list[FeatureStore]:
@@ -52,8 +68,39 @@ def table_identities(stores) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-class StaleIndex(RuntimeError):
-    """The index holds rows its feature tables no longer have as indexed (re-extracted or gone)."""
+def _open_tables(tables: list[tuple]) -> list[FeatureStore]:
+    return [FeatureStore(u, v, only=only) for u, v, only in tables]
+
+
+def _read_globals(tables: list[tuple], ids: np.ndarray) -> np.ndarray:
+    return take_globals_from(_open_tables(tables), ids)
+
+
+def write_rows(uri: str, ids: np.ndarray, sources: np.ndarray) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "wb") as f:
+        pq.write_table(pa.table({"id": pa.array(np.asarray(ids, np.int64)),
+                                 "source": pa.array([None if x is None else str(x) for x in sources], pa.string())}), f)
+
+
+def _read_rows_file(directory: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    fs, path = fsspec.core.url_to_fs(directory)
+    with fs.open(f"{path}/{name}", "rb") as f:
+        table = pq.read_table(f)
+    return table.column("id").to_numpy(), np.asarray(table.column("source").to_pylist(), dtype=object)
+
+
+def read_rows(directory: str, manifest: IndexManifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, sources, shard)`` of every indexed row of ``manifest``."""
+    ids, sources, shard = [], [], []
+    for i, info in enumerate(manifest.shards):
+        shard_ids, shard_sources = _read_rows_file(directory, info.rows)
+        ids.append(shard_ids)
+        sources.append(shard_sources)
+        shard.append(np.full(len(shard_ids), i))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, np.int64)
+    return np.concatenate(ids), np.concatenate(sources), np.concatenate(shard)
 
 
 def fill_shard(template: np.ndarray, blocks, id_min: int, id_max: int, uri: str) -> int:
@@ -76,14 +123,6 @@ def _fill_shard_from_tables(template: np.ndarray, tables: list[tuple], id_min: i
     return fill_shard(template, blocks, id_min, id_max, uri)
 
 
-def _open_tables(tables: list[tuple]) -> list[FeatureStore]:
-    return [FeatureStore(u, v, only=only) for u, v, only in tables]
-
-
-def _read_globals(tables: list[tuple], ids: np.ndarray) -> np.ndarray:
-    return take_globals_from(_open_tables(tables), ids)
-
-
 def _trained_template(factory: str, d: int, read_sample) -> np.ndarray:
     """The index ``factory`` trained on ``read_sample()`` (called only when it needs training), serialised. Run
     as a Ray task reading the sample from the tables: a 200k × 2048 sample is 1.6 GB the driver never holds."""
@@ -93,10 +132,22 @@ def _trained_template(factory: str, d: int, read_sample) -> np.ndarray:
     return faiss.serialize_index(template)
 
 
+def _run(fn, *args):
+    """``fn(*args)`` as a Ray task reserving no CPU (index work never waits behind other stages), or in process."""
+    if ray.is_initialized():
+        return ray.remote(num_cpus=0)(fn).remote(*args)
+    return fn(*args)
+
+
+def _results(pending: list) -> list:
+    return ray.get(pending) if ray.is_initialized() else pending
+
+
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
                 memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None,
-                block_rows: int = 16384) -> IndexManifest:
-    """Build and persist a sharded index of every global descriptor in ``stores`` (one or several tables).
+                block_rows: int = 16384, previous: IndexManifest | None = None, reason: str = "") -> IndexManifest:
+    """Build and commit a sharded index of every global descriptor in ``stores`` (one or several tables): version 1,
+    or the version after ``previous`` (a rebuild, recorded with ``reason`` in its history).
 
     The driver holds the ids (8 bytes an image); a Ray task reads the training sample and trains, and each shard
     is filled by a Ray task (in process without Ray) that reads its own id range block by block. ``vectors``
@@ -104,7 +155,9 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     augmentation, which needs them all anyway: then shards are filled from it in process.
     """
     stores = _sources(stores)
-    ids = np.concatenate([s.ids for s in stores])
+    requested = {"factory": factory, "n_shards": n_shards, "train_size": train_size, "memory_budget": memory_budget,
+                 "seed": seed}
+    ids, sources = table_identities(stores)
     n, d = len(ids), stores[0].global_dim
     if n_shards > max(n, 1):
         log.warning("index: %d shards asked for %d vectors; using %d (a shard holds at least one vector)",
@@ -115,6 +168,7 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
         factory, choice = choose_factory(n, d, memory_budget)
         log.info("index: chose %s because %s", factory, choice)
     start = time.perf_counter()
+    version = previous.version + 1 if previous else 1
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
     tables = [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
     if vectors is not None:
@@ -124,38 +178,149 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
                                                                                       ids[sample])))
     else:
         serialized = _trained_template(factory, d, partial(_read_globals, tables, ids[sample]))
+    template_file = f"trained-v{version:06d}.faiss"
+    write_index(faiss.deserialize_index(serialized), f"{directory}/{template_file}")
     bounds = shard_bounds(ids, n_shards)
-    manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
-                             sources=[{"uri": s.uri, "version": s.version} for s in stores],
-                             rows_digest=rows_digest(*table_identities(stores)))
-    uris = [f"{directory}/{_shard_file(i)}" for i in range(len(bounds))]
+    files = [_shard_file(i, version) for i in range(len(bounds))]
     if vectors is not None:
         blocks = [(ids[s:s + block_rows], vectors[s:s + block_rows]) for s in range(0, n, block_rows)]
-        counts = [fill_shard(serialized, blocks, lo, hi, uri) for (lo, hi), uri in zip(bounds, uris)]
-    elif ray.is_initialized():     # reserving no CPU, like the shard actors: never waits behind other stages
-        task = ray.remote(num_cpus=0)(_fill_shard_from_tables)
-        tables_ref = ray.put(tables)
-        counts = ray.get([task.remote(serialized, tables_ref, lo, hi, uri, block_rows)
-                          for (lo, hi), uri in zip(bounds, uris)])
+        counts = [fill_shard(serialized, blocks, lo, hi, f"{directory}/{f}") for (lo, hi), f in zip(bounds, files)]
     else:
-        counts = [_fill_shard_from_tables(serialized, tables, lo, hi, uri, block_rows)
-                  for (lo, hi), uri in zip(bounds, uris)]
-    manifest.shards = [ShardInfo(_shard_file(i), int(lo), int(hi), count)
-                       for i, ((lo, hi), count) in enumerate(zip(bounds, counts))]
+        tables_ref = ray.put(tables) if ray.is_initialized() else tables
+        counts = _results([_run(_fill_shard_from_tables, serialized, tables_ref, lo, hi, f"{directory}/{f}", block_rows)
+                           for (lo, hi), f in zip(bounds, files)])
+    shards = []
+    for (lo, hi), f, count in zip(bounds, files, counts):
+        mine = (ids >= lo) & (ids <= hi)
+        write_rows(f"{directory}/{_rows_file(f)}", ids[mine], sources[mine])
+        shards.append(ShardInfo(f, int(lo), int(hi), count, rows=_rows_file(f)))
+    history = list(previous.history) if previous else []
+    history.append({"version": version, "action": "rebuild" if previous else "build", "rows": n,
+                    "reason": reason or (choice and f"auto: {choice}"), "time": time.time()})
+    manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
+                             sources=[{"uri": s.uri, "version": s.version} for s in stores],
+                             rows_digest=rows_digest(ids, sources), shards=shards, version=version,
+                             template=template_file, built_rows=n, requested=requested, history=history)
     write_manifest(directory, manifest)
-    log.info("index %s: %d vectors in %d shard(s), %s, built in %.1fs", directory, n, len(bounds), factory,
-             time.perf_counter() - start)
+    collect_garbage(directory)
+    log.info("index %s v%d: %d vectors in %d shard(s), %s, built in %.1fs", directory, version, n, len(bounds),
+             factory, time.perf_counter() - start)
     return manifest
 
 
-class ShardActor:
-    """Holds one shard (on the GPU, fp16, when this actor has one); reloads it after a restart."""
+def _rewrite_shard(directory: str, source: str, tables: list[tuple], add_ids: np.ndarray, remove_ids: np.ndarray,
+                   out: str) -> int:
+    """Write ``out``: the index file ``source`` (a shard, or the trained template for a new delta shard) without
+    ``remove_ids``, with the vectors of ``add_ids`` read from ``tables``; returns its count."""
+    index = read_index(f"{directory}/{source}")
+    if len(remove_ids):
+        index.remove_ids(faiss.IDSelectorBatch(np.asarray(remove_ids, np.int64)))
+    for start in range(0, len(add_ids), 16384):
+        chunk = np.asarray(add_ids[start:start + 16384], np.int64)
+        index.add_with_ids(np.ascontiguousarray(_read_globals(tables, chunk), np.float32), chunk)
+    write_index(index, f"{directory}/{out}")
+    return int(index.ntotal)
 
-    def __init__(self, directory: str, shard: int, use_gpu: bool, params: str | None, threads: int):
-        self.directory, self.shard = directory, shard
+
+def _can_remove(factory: str) -> bool:
+    return not factory.upper().startswith(("HNSW", "NSG"))   # graph indexes cannot delete (faiss)
+
+
+def _rebuild(stores, directory: str, manifest: IndexManifest, why: str) -> IndexManifest:
+    log.info("%s: %s", directory, why)
+    requested = manifest.requested or {"factory": manifest.factory, "n_shards": len(manifest.shards)}
+    return build_index(stores, directory, previous=manifest, reason=why, **requested)
+
+
+def update_index(stores, directory: str, rebuild_fraction: float = 0.2) -> tuple[IndexManifest, dict]:
+    """Bring the index at ``directory`` to the rows of ``stores`` in one new version (or none when it has them):
+    rows gone from the tables or whose image changed are removed from their shards; new and changed rows go to
+    delta shards (the open one, then new ones of a build shard's size), keeping the trained quantizer; when the
+    rows outside the build would pass ``rebuild_fraction`` of the index, or rows must be removed from an index
+    that cannot remove, it is retrained and rebuilt instead. Returns the manifest and ``{added, removed, action,
+    reason}``. One writer at a time; readers are never disturbed (files are new, the commit one rename)."""
+    stores = _sources(stores)
+    manifest = read_manifest(directory)
+    if stores[0].fingerprint != manifest.fingerprint:
+        raise IndexMismatch(f"{stores[0].uri} holds another extractor's descriptors ({stores[0].fingerprint}) "
+                            f"than {directory} ({manifest.fingerprint})")
+    if any(not s.rows for s in manifest.shards):
+        why = "the index predates versioned shards (no rows files): rebuilt"
+        return _rebuild(stores, directory, manifest, why), {"added": 0, "removed": 0, "action": "rebuild",
+                                                            "reason": why}
+    indexed, indexed_sources, shard = read_rows(directory, manifest)
+    current, current_sources = table_identities(stores)
+    source_of = dict(zip(current.tolist(), current_sources.tolist()))
+    still = np.isin(indexed, current)
+    changed = np.array([source_of[i] != s for i, s in zip(indexed[still].tolist(), indexed_sources[still].tolist())],
+                       bool)
+    remove = np.concatenate([indexed[~still], indexed[still][changed]])
+    remove_shard = np.concatenate([shard[~still], shard[still][changed]])
+    add = np.concatenate([current[~np.isin(current, indexed)], indexed[still][changed]])
+    summary = {"added": int(len(add)), "removed": int(len(remove)), "action": "none", "reason": ""}
+    if not len(add) and not len(remove):
+        return manifest, summary
+    delta_rows = sum(s.ntotal for s in manifest.shards if s.delta) + len(add) - int(
+        sum(manifest.shards[i].delta for i in remove_shard))
+    why = ""
+    if delta_rows > rebuild_fraction * len(current):
+        why = (f"{delta_rows} rows outside the build would be {delta_rows / max(1, len(current)):.1%} of "
+               f"{len(current)}, more than rebuild_fraction={rebuild_fraction}: retrained and rebuilt")
+    elif len(remove) and not _can_remove(manifest.factory):
+        why = f"{len(remove)} rows changed or left the tables and {manifest.factory} cannot remove rows: rebuilt"
+    if why:
+        return _rebuild(stores, directory, manifest, why), {**summary, "action": "rebuild", "reason": why}
+    version = manifest.version + 1
+    tables = [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
+    shards = [ShardInfo(**vars(s)) for s in manifest.shards]
+    empty = np.zeros(0, np.int64)
+    jobs = {int(i): [shards[i].file, empty, remove[remove_shard == i]] for i in np.unique(remove_shard)}
+    # the open delta shard fills up to a build shard's size, then new delta shards are started
+    capacity = max(1, math.ceil(manifest.built_rows / max(1, sum(not s.delta for s in shards))))
+    pending = add
+    while len(pending):
+        last = len(shards) - 1
+        if not (shards and shards[-1].delta) or shards[last].ntotal + len(jobs.get(last, [0, empty])[1]) >= capacity:
+            shards.append(ShardInfo("", np.iinfo(np.int64).min, np.iinfo(np.int64).max, 0, delta=True))
+            last = len(shards) - 1
+            jobs[last] = [manifest.template, empty, empty]
+        job = jobs.setdefault(last, [shards[last].file, empty, empty])
+        room = capacity - shards[last].ntotal - len(job[1])
+        job[1], pending = np.concatenate([job[1], pending[:room]]), pending[room:]
+    results = _results([_run(_rewrite_shard, directory, source, tables, adding, removing,
+                             _shard_file(i, version)) for i, (source, adding, removing) in jobs.items()])
+    indexed_source = dict(zip(indexed.tolist(), indexed_sources.tolist()))
+    for (i, (source, adding, removing)), count in zip(jobs.items(), results):
+        old_ids = _read_rows_file(directory, shards[i].rows)[0] if shards[i].file else empty
+        keep = old_ids[~np.isin(old_ids, removing)]
+        rows_ids = np.concatenate([keep, adding])
+        rows_sources = np.array([indexed_source[x] for x in keep.tolist()] + [source_of[x] for x in adding.tolist()],
+                                dtype=object)
+        shards[i].file, shards[i].ntotal = _shard_file(i, version), count
+        shards[i].rows = _rows_file(shards[i].file)
+        write_rows(f"{directory}/{shards[i].rows}", rows_ids, rows_sources)
+    shards = [s for s in shards if s.ntotal or not s.delta]              # a delta emptied by removals goes
+    fraction = delta_rows / max(1, len(current))
+    reason = (f"{len(add)} rows added to delta shards, {len(remove)} removed; delta {delta_rows} rows = "
+              f"{fraction:.1%} of the index, within rebuild_fraction={rebuild_fraction}: trained quantizer kept")
+    updated = IndexManifest(**{**vars(manifest), "shards": shards, "version": version,
+                               "sources": [{"uri": s.uri, "version": s.version} for s in stores],
+                               "rows_digest": rows_digest(current, current_sources),
+                               "history": manifest.history + [{"version": version, "action": "add",
+                                                               "added": int(len(add)), "removed": int(len(remove)),
+                                                               "reason": reason, "time": time.time()}]})
+    write_manifest(directory, updated)
+    collect_garbage(directory)
+    log.info("%s v%d: %s", directory, version, reason)
+    return updated, {**summary, "action": "add", "reason": reason}
+
+
+class ShardActor:
+    """Serves one shard file (on the GPU, fp16, when this actor has one); reloads it after a restart."""
+
+    def __init__(self, directory: str, file: str, use_gpu: bool, params: str | None, threads: int):
         faiss.omp_set_num_threads(threads)  # Ray caps OpenMP at the actor's CPU reservation otherwise
-        info = read_manifest(directory).shards[shard]
-        self.cpu_index = read_index(f"{directory}/{info.file}")
+        self.cpu_index = read_index(f"{directory}/{file}")
         self.index = self.cpu_index
         if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             options = faiss.GpuClonerOptions()
@@ -169,42 +334,60 @@ class ShardActor:
         scores, ids = self.index.search(np.ascontiguousarray(queries, np.float32), k)
         return scores, ids
 
-    def add(self, tables: list[tuple], ids: np.ndarray) -> int:
-        """Add the rows ``ids`` not in the shard yet, read here from the feature tables (``(uri, version)``),
-        then persist it; returns the new count."""
-        ids = np.asarray(ids, np.int64)
-        new = ids[~np.isin(ids, index_ids(self.cpu_index))]
-        if len(new):
-            vectors = take_globals_from([FeatureStore(*t) for t in tables], new)
-            self.cpu_index.add_with_ids(vectors, new)
-            if self.index is not self.cpu_index:
-                self.index.add_with_ids(vectors, new)
-            write_index(self.cpu_index, f"{self.directory}/{read_manifest(self.directory).shards[self.shard].file}")
-        return int(self.cpu_index.ntotal)
-
-    def ids(self) -> np.ndarray:
-        return index_ids(self.cpu_index)
-
     def pid(self) -> int:
         return os.getpid()
 
 
 class ShardedIndex:
-    """Fans query batches out to the shard actors and merges their top-k (highest inner product first)."""
+    """Fans query batches out to the shard actors of one committed version and merges their top-k (highest inner
+    product first). :meth:`refresh` moves it to the newest version: actors for the changed shards start and load
+    first, then searches switch over in one step, so every query is answered from a single version."""
 
     def __init__(self, directory: str, resources: StageResources | None = None, params: str | None = None,
                  expected_fingerprint: str | None = None):
-        self.directory = directory
-        self.manifest = read_manifest(directory)
-        if expected_fingerprint is not None and expected_fingerprint != self.manifest.fingerprint:
-            raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {self.manifest.fingerprint}, "
+        self.directory, self.params = directory, params
+        self.resources = resources or StageResources(num_cpus=0)
+        manifest = read_manifest(directory)
+        if expected_fingerprint is not None and expected_fingerprint != manifest.fingerprint:
+            raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {manifest.fingerprint}, "
                                 f"queries come from {expected_fingerprint}: rebuild the index or use the same extractor")
-        n_shards = len(self.manifest.shards)
-        resources = resources or StageResources(num_cpus=0)
-        options = resources.actor_options(n_shards)
+        self._lock = threading.Lock()
+        self._by_file: dict = {}
+        self._retired: list = []
+        self._serve(manifest)
+
+    def _serve(self, manifest: IndexManifest) -> None:
+        options = self.resources.actor_options(len(manifest.shards))
         actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **options)
-        self.actors = [actor.remote(directory, i, options["num_gpus"] > 0, params, resources.threads)
-                       for i in range(n_shards)]
+        started = {s.file: actor.remote(self.directory, s.file, options["num_gpus"] > 0, self.params,
+                                        self.resources.threads)
+                   for s in manifest.shards if s.file not in self._by_file}
+        ray.get([a.pid.remote() for a in started.values()])          # loaded before any query goes to them
+        with self._lock:
+            by_file = {**self._by_file, **started}
+            kept = {s.file for s in manifest.shards}
+            for victim in self._retired:             # retired one refresh ago: no search can still be using them
+                ray.kill(victim)
+            self._retired = [a for f, a in by_file.items() if f not in kept]
+            self._by_file = {f: by_file[f] for f in kept}
+            self.manifest = manifest
+            self._actors = [by_file[s.file] for s in manifest.shards]
+
+    def refresh(self) -> bool:
+        """Serve the newest committed version if it is not the one served; returns whether it changed."""
+        manifest = read_manifest(self.directory)
+        if manifest.version == self.manifest.version:
+            return False
+        self._serve(manifest)
+        return True
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def actors(self) -> list:
+        return list(self._actors)
 
     @property
     def dimension(self) -> int:
@@ -215,46 +398,26 @@ class ShardedIndex:
         queries = np.ascontiguousarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dimension:
             raise IndexMismatch(f"queries of shape {queries.shape} for an index of dimension {self.dimension}")
+        with self._lock:
+            actors = self._actors
         ref = ray.put(queries)
-        parts = ray.get([a.search.remote(ref, k) for a in self.actors])
+        parts = ray.get([a.search.remote(ref, k) for a in actors])
         return merge_results(parts, k)
 
     def search_alpha_qe(self, queries: np.ndarray, k: int, vectors_of, n: int = 2, alpha: float = 0.3):
         return alpha_qe_search(self.search, vectors_of, queries, k, n, alpha)
 
-    def add_from(self, stores) -> int:
-        """Incremental add: index every row of ``stores`` not indexed yet; returns how many were added.
-
-        Raises :class:`StaleIndex` when an indexed row is gone from the tables or was re-extracted since
-        (its image changed): adding cannot fix that, the index must be rebuilt."""
-        stores = _sources(stores)
-        if stores[0].fingerprint != self.manifest.fingerprint:
-            raise IndexMismatch(f"{stores[0].uri} holds another extractor's descriptors ({stores[0].fingerprint}) "
-                                f"than {self.directory} ({self.manifest.fingerprint})")
-        indexed = np.concatenate(ray.get([a.ids.remote() for a in self.actors]))
-        current_ids, current_sources = table_identities(stores)
-        was_indexed = np.isin(current_ids, indexed)
-        if was_indexed.sum() != len(indexed):
-            raise StaleIndex(f"{self.directory}: {len(indexed) - int(was_indexed.sum())} indexed rows are no longer in "
-                             f"the feature tables")
-        if rows_digest(current_ids[was_indexed], current_sources[was_indexed]) != self.manifest.rows_digest:
-            raise StaleIndex(f"{self.directory}: indexed rows were re-extracted since (their images changed)")
-        new = current_ids[~was_indexed]                 # each shard actor reads its own new rows' vectors
-        which = shard_of(new, self.manifest.shards)
-        tables = [(s.uri, s.version) for s in stores]
-        counts = ray.get([a.add.remote(tables, new[which == i]) for i, a in enumerate(self.actors)])
-        for info, count in zip(self.manifest.shards, counts):
-            info.ntotal = count
-        versions = {s["uri"]: s for s in self.manifest.sources}
-        versions.update({s.uri: {"uri": s.uri, "version": s.version} for s in stores})
-        self.manifest.sources = list(versions.values())
-        self.manifest.rows_digest = rows_digest(current_ids, current_sources)
-        write_manifest(self.directory, self.manifest)
-        return len(new)
+    def add_from(self, stores, rebuild_fraction: float = 0.2) -> int:
+        """:func:`update_index` with ``stores``, then serve the new version; returns how many rows were added."""
+        _, summary = update_index(stores, self.directory, rebuild_fraction)
+        self.refresh()
+        return summary["added"]
 
     def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        with self._lock:
+            for a in [*self._by_file.values(), *self._retired]:
+                ray.kill(a)
+            self._by_file, self._retired, self._actors = {}, [], []
 
 
 def write_neighbours(path: str, query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:

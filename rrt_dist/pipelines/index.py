@@ -15,7 +15,7 @@ import numpy as np
 from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import database_augmentation
-from rrt_dist.index.sharded import ShardedIndex, StaleIndex, build_index, table_identities
+from rrt_dist.index.sharded import ShardedIndex, build_index, table_identities, update_index
 from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore, concat_globals
 
@@ -39,41 +39,35 @@ def indexed_tables(cfg, stores: dict) -> list[str]:
 
 def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: StageResources | None = None
                  ) -> ShardedIndex:
-    """Open the index of ``stores`` (building it, adding rows it lacks, or rebuilding it when indexed rows
-    changed) and start its shard actors, each asking for ``resources`` (``ray.search``)."""
+    """Open the index of ``stores`` (building it, or committing a version with the rows it lacks and without
+    those that changed or left the tables) and start its shard actors, each asking for ``resources``
+    (``ray.search``)."""
     directory = index_directory(cfg, benchmark, stores)
     try:
         manifest = read_manifest(directory)
     except FileNotFoundError:
         manifest = None
-    if manifest is not None and cfg.dba_n and manifest.rows_digest != rows_digest(*table_identities(stores)):
-        # DBA vectors depend on every neighbourhood: any change means a rebuild.
-        log.warning("%s: the feature tables changed since this DBA index was built; rebuilding", directory)
-        manifest = None
     if manifest is None:
         _build(cfg, stores, directory)
-    index = ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
-    if manifest is not None and not cfg.dba_n:
-        try:
-            added = index.add_from(stores)
-        except StaleIndex as why:
-            log.warning("%s; rebuilding", why)
-            index.close()
-            _build(cfg, stores, directory)
-            return ShardedIndex(directory, resources=resources, params=cfg.params,
-                                expected_fingerprint=stores[0].fingerprint)
-        if added:
-            log.info("%s: added %d new rows", directory, added)
-    return index
+    elif cfg.dba_n:
+        if manifest.rows_digest != rows_digest(*table_identities(stores)):
+            # DBA vectors depend on every neighbourhood: any change means a rebuild.
+            _build(cfg, stores, directory, manifest, "the feature tables changed and DBA vectors depend on every "
+                                                     "neighbourhood")
+    else:
+        _, summary = update_index(stores, directory, cfg.rebuild_fraction)
+        if summary["action"] != "none":
+            log.info("%s: %s", directory, summary["reason"])
+    return ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
 
 
-def _build(cfg, stores: list[FeatureStore], directory: str) -> None:
+def _build(cfg, stores: list[FeatureStore], directory: str, previous=None, reason: str = "") -> None:
     vectors = None
     if cfg.dba_n:
         ids, vectors = concat_globals(stores)
         vectors = database_augmentation(exact_searcher(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
     build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
-                vectors=vectors)
+                vectors=vectors, previous=previous, reason=reason)
 
 
 def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
