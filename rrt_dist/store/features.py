@@ -378,7 +378,9 @@ class FeatureStore:
         for start in range(0, len(offsets), rows):
             table = self.dataset.take(offsets[start:start + rows], columns=["id", "global"])
             vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            yield table.column("id").to_numpy(), vectors.reshape(-1, self.global_dim).astype(dtype)
+            # ids copied: a zero-copy view would keep the block's whole Arrow table (64 MB) alive as long as
+            # the caller keeps the ids (the whole ranking keeps every block's: 4 GB at 1M images)
+            yield table.column("id").to_numpy().copy(), vectors.reshape(-1, self.global_dim).astype(dtype)
 
     def take_globals(self, ids: Sequence[int], dtype=np.float32) -> np.ndarray:
         """Global descriptors ``[n, d_g]`` of ``ids``, in that order."""
