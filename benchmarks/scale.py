@@ -12,8 +12,9 @@ verification finds them). Then runs what the evaluate job runs after extraction:
 - ``index_build``: ``index.factory=auto`` (Flat while it fits 8 GB, then IVF), 2 shards filled by Ray tasks;
 - ``search_top100``: the sharded index's top-100 for the 70 queries;
 - ``full_ranking``: the exact ranking of the whole gallery the revisitop metric needs, streamed from Lance;
-- ``rerank_gv`` / ``rerank_rrt``: the top-100 of ``--rerank-queries`` queries reranked in a pool of one actor
-  (GV; RRT with random weights): their cost is per query, not per gallery image;
+- ``pool_gv`` / ``pool_rrt``: a rerank pool of one actor started and warmed up on one query;
+- ``rerank_gv`` / ``rerank_rrt``: the top-100 of ``--rerank-queries`` other queries reranked by it (GV; RRT with
+  random weights): their cost is per query, not per gallery image;
 - ``metrics``: revisitop mAP over the whole ranking.
 
 Per stage: wall time, the driver's peak RSS and the largest Ray worker's peak RSS (both VmHWM, reset before the
@@ -177,14 +178,15 @@ def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> di
     scores, ranked = measure(stages, "full_ranking", lambda: streaming_searcher([gstore])(queries, None))
     head = slice(0, rerank_queries)
     for method, options in (("gv", {}), ("rrt", {"checkpoint": rrt_checkpoint})):
-        def rerank():
-            pool = RerankPool(method, options, qstore, [gstore], num_actors=1, chunk=2)
-            try:
-                return pool.rerank(q_ids[head], ranked[head, :100], scores[head, :100], 100)
-            finally:
-                pool.close()
-
-        reranked = measure(stages, f"rerank_{method}", rerank)
+        # the pool's start (actors opening the tables: the gallery's ids are read once) is timed apart from
+        # reranking, whose cost is per query; the warm-up query is not one of the timed ones (pair cache)
+        pool = measure(stages, f"pool_{method}", lambda: _warm_pool(method, options, qstore, gstore, q_ids, ranked,
+                                                                     scores, rerank_queries))
+        try:
+            reranked = measure(stages, f"rerank_{method}",
+                               lambda: pool.rerank(q_ids[head], ranked[head, :100], scores[head, :100], 100))
+        finally:
+            pool.close()
         stages[f"rerank_{method}"]["queries"] = rerank_queries
         # the planted positives share locals with their query: reranking must bring them up
         stages[f"rerank_{method}"]["positives_in_top10"] = int(sum(
@@ -193,6 +195,13 @@ def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> di
             for q in range(rerank_queries)))
     metrics = measure(stages, "metrics", lambda: bench.evaluate(ranked))
     return {"gallery": n, "stages": stages, "global_medium_map": round(100 * metrics["medium"]["mAP"], 2)}
+
+
+def _warm_pool(method, options, qstore, gstore, q_ids, ranked, scores, warm_query: int) -> RerankPool:
+    pool = RerankPool(method, options, qstore, [gstore], num_actors=1, chunk=2)
+    one = slice(warm_query, warm_query + 1)
+    pool.rerank(q_ids[one], ranked[one, :100], scores[one, :100], 100)
+    return pool
 
 
 def growth(results: list[dict]) -> dict:
