@@ -123,3 +123,19 @@ def test_topk_stable_breaks_ties_by_index():
     scores = np.array([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0]])
     np.testing.assert_array_equal(topk_stable(scores, 2), [[1, 2], [0, 1], [3, 2]])
     np.testing.assert_array_equal(topk_stable(scores, 1), [[1], [0], [3]])
+
+
+def test_gallery_indices_by_offset_and_by_search_agree_chunk_by_chunk():
+    from rrt_dist.datasets.base import Benchmark, RevisitopProtocol, make_manifest
+
+    rng = np.random.default_rng(0)
+    for ids in (np.arange(5, 505), rng.permutation(np.unique(rng.integers(0, 10**12, 600))[:500])):   # revisitop / any
+        bench = Benchmark("b", make_manifest([10**12], [""], "query"), make_manifest(ids, [""] * 500, "gallery"),
+                          RevisitopProtocol([{"easy": [0], "hard": [], "junk": []}]))
+        ranked = np.stack([rng.permutation(ids)[:300], np.r_[ids[:299], -1]])
+        got = bench.gallery_indices(ranked, chunk=77)
+        position = {int(i): p for p, i in enumerate(ids)}
+        assert got.dtype == np.int32
+        assert got.tolist() == [[position.get(int(i), -1) for i in row] for row in ranked]
+        with pytest.raises(KeyError, match="ids not in the b gallery"):
+            bench.gallery_indices(np.array([ids[0], 10**15]))

@@ -176,24 +176,41 @@ class Benchmark:
         gallery_ids = self.gallery.column("id").to_numpy()
         self._order = np.argsort(gallery_ids, kind="stable")
         self._sorted_ids = gallery_ids[self._order]
+        # ids that are the rows' positions plus a constant (revisitop: 0..N-1) map by subtraction
+        consecutive = len(gallery_ids) and np.array_equal(np.diff(gallery_ids), np.ones(len(gallery_ids) - 1, np.int64))
+        self._offset = int(gallery_ids[0]) if consecutive else None
 
     @property
     def n_distractors(self) -> int:
         return int(np.sum(np.asarray(self.gallery.column("split").to_pylist()) == "distractor"))
 
-    def gallery_indices(self, ids: np.ndarray) -> np.ndarray:
-        """Map gallery ids to gallery row indices; -1 (no result) stays -1, an unknown id is an error."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
-        found = self._sorted_ids[pos] == ids
-        if not np.all(found | (ids == NO_ID)):
-            bad = ids[~found & (ids != NO_ID)][:3]
-            raise KeyError(f"ids not in the {self.name} gallery, e.g. {bad.tolist()}")
-        return np.where(found, self._order[pos], -1)
+    def gallery_indices(self, ids: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+        """Map gallery ids to gallery row indices; -1 (no result) stays -1, an unknown id is an error. Works
+        through ``chunk`` ids at a time into int32 indices (a [70, 1M] ranking: 280 MB, not several int64
+        copies of it); ids that are the rows' positions plus a constant (revisitop) are mapped by subtraction."""
+        ids = np.asarray(ids)
+        n = len(self._sorted_ids)
+        out = np.empty(ids.shape, np.int32 if n < 2**31 else np.int64)
+        flat, out_flat = ids.reshape(-1), out.reshape(-1)
+        for s in range(0, len(flat), chunk):
+            part = flat[s:s + chunk].astype(np.int64)
+            if self._offset is not None:
+                pos = part - self._offset
+                found = (pos >= 0) & (pos < n)
+                pos[~found] = 0
+            else:
+                pos = np.searchsorted(self._sorted_ids, part)
+                np.clip(pos, 0, n - 1, out=pos)
+                found = self._sorted_ids[pos] == part
+            if not np.all(found | (part == NO_ID)):
+                bad = part[~found & (part != NO_ID)][:3]
+                raise KeyError(f"ids not in the {self.name} gallery, e.g. {bad.tolist()}")
+            out_flat[s:s + chunk] = np.where(found, pos if self._offset is not None else self._order[pos], -1)
+        return out
 
     def evaluate(self, ranked_ids: np.ndarray) -> dict:
         """Score ``ranked_ids`` (``[n_queries, n_ranked]`` gallery ids, best first; -1 pads short rows)."""
-        ranked_ids = np.asarray(ranked_ids, dtype=np.int64)
+        ranked_ids = np.asarray(ranked_ids)
         if ranked_ids.ndim != 2 or ranked_ids.shape[0] != self.queries.num_rows:
             raise ValueError(f"expected rankings for {self.queries.num_rows} queries, got shape {ranked_ids.shape}")
         if self.exclude_self:
