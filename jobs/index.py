@@ -3,8 +3,9 @@
     rrt-dist index                                          # synthetic benchmark, exact (Flat) index
     rrt-dist index index=ivf_pq dataset=roxford5k dataset/distractors=r1m ... ray=cluster
 
-Rerunning after new rows were appended to the feature tables (a new gallery, or images added)
-adds them without a rebuild; the manifest records the Lance versions indexed.
+Rerunning after the feature tables changed (images added, re-extracted or removed) commits a new index
+version holding exactly their rows: delta shards with the trained quantizer kept, or a rebuild past
+index.rebuild_fraction; the manifest records the Lance versions indexed and, per version, what was done and why.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def main(cfg: DictConfig) -> dict:
     index = ensure_index(cfg.index, bench.name, [stores[n] for n in indexed_tables(cfg.index, stores)],
                          OmegaConf.to_object(cfg.ray.search))
     m = index.manifest
-    print(f"index {index.directory}: {m.factory} ({m.choice or 'as configured'}), {m.ntotal} vectors of dimension "
-          f"{m.dimension} in {len(m.shards)} shard(s); sources {m.sources}")
+    print(f"index {index.directory} v{m.version}: {m.factory} ({m.choice or 'as configured'}), {m.ntotal} vectors of "
+          f"dimension {m.dimension} in {len(m.shards)} shard(s); sources {m.sources}; {m.history[-1]['action']}: "
+          f"{m.history[-1]['reason'] or '-'}")
     index.close()
-    return {"directory": index.directory, "ntotal": m.ntotal, "factory": m.factory}
+    return {"directory": index.directory, "ntotal": m.ntotal, "factory": m.factory, "version": m.version}
 
 
 if __name__ == "__main__":

@@ -287,6 +287,18 @@ class TrainConfig(TrainSettings):
 
 
 @dataclass
+class GalleryConfig:
+    """A named gallery that grows (``rrt-dist ingest``): its feature table, its versioned sharded index and its
+    ingest history live under ``<root>/<name>/``. New images come from ``images`` (a folder, searched
+    recursively) or ``manifest`` (CSV or Parquet with a ``uri`` or ``path`` column, optional ``id`` and
+    ``label``; paths relative to the manifest's folder)."""
+    name: str = "default"
+    root: str = "data/galleries"
+    images: Optional[str] = None
+    manifest: Optional[str] = None
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -294,6 +306,7 @@ class Config:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
     features_dir: str = "data/features"      # Lance feature tables: <features_dir>/<benchmark>/<fingerprint>/
     output_dir: str = "${hydra:runtime.output_dir}"
 

@@ -1,0 +1,34 @@
+"""List the galleries under ``gallery.root``: rows, index version and size, extractor fingerprint, ingests.
+
+    rrt-dist galleries [gallery.root=/data/rrt-dist/galleries]
+"""
+from __future__ import annotations
+
+import datetime
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+import rrt_dist.config  # noqa: F401  (registers the structured configs)
+from rrt_dist.pipelines.ingest import list_galleries
+from rrt_dist.runtime import job
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@job
+def main(cfg: DictConfig) -> list:
+    galleries = list_galleries(cfg.gallery.root)
+    if not galleries:
+        print(f"no gallery under {cfg.gallery.root}")
+    for g in galleries:
+        when = datetime.datetime.fromtimestamp(g["last_ingest"]).isoformat(timespec="seconds") if g["last_ingest"] else "-"
+        print(f"{g['name']}: {g['rows']} rows, index v{g['index_version']} ({g['index_rows']} rows, "
+              f"{g.get('factory', '-')}, {g.get('shards', 0)} shards), extractor {g['fingerprint']}, "
+              f"{g['ingests']} ingests, last {when}")
+    print(json.dumps(galleries))
+    return galleries
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Galleries that grow: ingest new images into a named gallery's feature table and versioned sharded index.
+
+A gallery lives under ``<gallery.root>/<name>/``::
+
+    gallery.json                         name, extractor and fingerprint, table and index paths, ingest history
+    features/<fingerprint>/gallery.lance the feature table (+ ``gallery-errors.lance``, the unreadable images)
+    index/<fingerprint>/<factory>-<n>s/  the versioned sharded index (``rrt_dist.index.sharded``)
+
+An ingest extracts only the images the table lacks (by stable id; an image whose file changed since is
+extracted again), commits them in batches, then commits one new index version holding exactly the table's
+rows. Killed at any point, rerunning the same command finishes the work: committed batches are skipped, an
+index version is only ever committed whole, and files of a commit that never happened are collected.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from rrt_dist.datasets.base import DatasetLayoutError, make_manifest, stable_id
+from rrt_dist.index.core import read_manifest
+from rrt_dist.index.sharded import build_index, update_index
+from rrt_dist.runtime import PoolResources
+from rrt_dist.store import FeatureStore, committed_sources
+
+from .extract import ExtractSettings, extract_to_lance
+from .features import table_folder
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_LAYOUT = "a CSV or Parquet file with a uri (or path) column, optional id and label columns"
+RECORD = "gallery.json"
+
+
+def new_images(images: str | None = None, manifest: str | None = None):
+    """The manifest of a batch of new images: a folder (every image file under it, sorted) or a CSV / Parquet
+    file (``uri`` or ``path``; relative paths are relative to its folder). Ids are given, or the stable id of the
+    image's absolute path / URI, so the same image ingested twice is one row."""
+    if (images is None) == (manifest is None):
+        raise DatasetLayoutError(images or manifest or "gallery", "set exactly one of gallery.images (a folder) and "
+                                 "gallery.manifest (a CSV or Parquet file)", MANIFEST_LAYOUT)
+    labels = ids = None
+    if images is not None:
+        folder = Path(images)
+        if not folder.is_dir():
+            raise DatasetLayoutError(folder, "is not a folder", "a folder of images")
+        uris = sorted(str(p.resolve()) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        path = Path(manifest)
+        if not path.is_file():
+            raise DatasetLayoutError(path, "file not found", MANIFEST_LAYOUT)
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        column = "uri" if "uri" in frame else "path" if "path" in frame else None
+        if column is None:
+            raise DatasetLayoutError(path, f"has no uri or path column (columns: {list(frame.columns)})",
+                                     MANIFEST_LAYOUT)
+        uris = [u if "://" in u or os.path.isabs(u) else str((path.parent / u).resolve())
+                for u in frame[column].astype(str).str.strip()]
+        ids = frame["id"].astype(np.int64).tolist() if "id" in frame else None
+        labels = frame["label"].astype(np.int64).tolist() if "label" in frame else None
+    if not uris:
+        raise DatasetLayoutError(images or manifest, "lists no image", MANIFEST_LAYOUT)
+    return make_manifest(ids if ids is not None else [stable_id(u) for u in uris], uris, "gallery", labels=labels)
+
+
+def gallery_dir(root: str, name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise DatasetLayoutError(name, "is not a gallery name (letters, digits, '_', '.', '-')", "gallery.name")
+    return f"{root.rstrip('/')}/{name}"
+
+
+def read_record(directory: str) -> dict | None:
+    fs, path = fsspec.core.url_to_fs(directory)
+    if not fs.exists(f"{path}/{RECORD}"):
+        return None
+    with fs.open(f"{path}/{RECORD}", "r") as f:
+        return json.loads(f.read())
+
+
+def write_record(directory: str, record: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(directory)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{RECORD}.tmp", "w") as f:
+        f.write(json.dumps(record, indent=2))
+    fs.mv(f"{path}/{RECORD}.tmp", f"{path}/{RECORD}")
+
+
+def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings, index_cfg,
+           resources: PoolResources | None = None) -> dict:
+    """Ingest a batch of new images (``gallery_cfg.images`` / ``.manifest``) into gallery ``gallery_cfg.name``:
+    extract what the table lacks, then commit an index version with every row of the table. Returns the summary
+    (new, skipped, changed, failed, errors table, index version and what the update did)."""
+    batch = new_images(gallery_cfg.images, gallery_cfg.manifest)
+    directory = gallery_dir(gallery_cfg.root, gallery_cfg.name)
+    folder = table_folder(extractor, options, settings)
+    record = read_record(directory) or {"name": gallery_cfg.name, "extractor": extractor, "history": []}
+    if record.get("fingerprint", folder) != folder:
+        raise DatasetLayoutError(directory, f"gallery {gallery_cfg.name!r} holds features of {record['fingerprint']}, "
+                                 f"not of this backbone ({folder}): ingest with the backbone it was created with",
+                                 "one extractor per gallery")
+    table = f"{directory}/features/{folder}/gallery.lance"
+    index_dir = f"{directory}/index/{folder}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', index_cfg.factory)}-{index_cfg.n_shards}s"
+    record.update(fingerprint=folder, table=table, index=index_dir)
+    write_record(directory, record)                      # the gallery exists (and is listed) from its first ingest
+
+    start = time.perf_counter()
+    before = committed_sources(table)[0]
+    extracted = extract_to_lance(batch, table, extractor, options, settings, desc=f"ingest {gallery_cfg.name}",
+                                 resources=resources)
+    store = FeatureStore(table)
+    index_start = time.perf_counter()
+    try:
+        read_manifest(index_dir)
+    except FileNotFoundError:
+        manifest = build_index(store, index_dir, index_cfg.factory, index_cfg.n_shards, index_cfg.train_size,
+                               index_cfg.memory_budget_gb * 2**30)
+        update = {"action": "build", "added": manifest.ntotal, "removed": 0, "reason": manifest.history[-1]["reason"]}
+    else:
+        manifest, update = update_index(store, index_dir, index_cfg.rebuild_fraction)
+    index_seconds = time.perf_counter() - index_start
+    batch_ids = batch.column("id").to_numpy()
+    new = int((np.isin(batch_ids, store.ids) & ~np.isin(batch_ids, before)).sum())
+    summary = {"gallery": gallery_cfg.name, "batch": len(batch), "new": new,
+               "changed": extracted.changed, "skipped": extracted.skipped, "failed": extracted.errors,
+               "errors_table": table.removesuffix(".lance") + "-errors.lance", "error_samples": extracted.error_samples,
+               "extract_images_per_s": round(extracted.images_per_second, 2), "rows": len(store),
+               "index_version": manifest.version, "index_action": update["action"], "index_added": update["added"],
+               "index_removed": update["removed"], "index_reason": update["reason"],
+               "index_seconds": round(index_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
+               "time": time.time()}
+    record["history"].append({k: v for k, v in summary.items() if k != "error_samples"})
+    write_record(directory, record)
+    return summary
+
+
+def list_galleries(root: str) -> list[dict]:
+    """Every gallery under ``root``: name, rows, index version and size, extractor fingerprint, last ingest."""
+    fs, path = fsspec.core.url_to_fs(root)
+    out = []
+    for entry in sorted(fs.ls(path, detail=False)) if fs.exists(path) else []:
+        record = read_record(entry)
+        if record is None:
+            continue
+        row = {"name": record["name"], "fingerprint": record.get("fingerprint", ""), "rows": 0, "index_version": None,
+               "index_rows": 0, "ingests": len(record["history"]),
+               "last_ingest": record["history"][-1]["time"] if record["history"] else None}
+        if record.get("table") and fs.exists(record["table"]):
+            row["rows"] = len(FeatureStore(record["table"]))
+        try:
+            manifest = read_manifest(record["index"])
+            row.update(index_version=manifest.version, index_rows=manifest.ntotal, factory=manifest.factory,
+                       shards=len(manifest.shards))
+        except (FileNotFoundError, KeyError):
+            pass
+        out.append(row)
+    return out

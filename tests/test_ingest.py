@@ -1,0 +1,159 @@
+"""Galleries that grow: ingest batches of new images, survive kill -9, equal a build from scratch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rrt_dist.config import GalleryConfig, IndexConfig
+from rrt_dist.datasets import read_revisitop
+from rrt_dist.datasets.base import stable_id
+from rrt_dist.index.core import read_manifest, search_numpy_exact
+from rrt_dist.index.sharded import ShardedIndex, build_index, read_rows
+from rrt_dist.pipelines.extract import ExtractSettings
+from rrt_dist.pipelines.ingest import ingest, list_galleries, new_images, read_record
+from rrt_dist.store import FeatureStore
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+DRIVER = """
+import json, sys, ray
+from rrt_dist.config import GalleryConfig, IndexConfig
+from rrt_dist.pipelines.extract import ExtractSettings
+from rrt_dist.pipelines.ingest import ingest
+root, name, manifest, stop, address = sys.argv[1:6]
+ray.init(address=address, logging_level="ERROR")
+settings = ExtractSettings(batch_size=2, commit_every=4, stop_after_commits=None if stop == "none" else int(stop),
+                           stop_by_kill=True)
+summary = ingest(GalleryConfig(name=name, root=root, manifest=manifest), "tiny-image", {}, settings,
+                 IndexConfig(factory="Flat", n_shards=2, rebuild_fraction=0.9))
+print(json.dumps({k: v for k, v in summary.items() if k != "error_samples"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def batches(small_synthetic, tmp_path_factory):
+    """Three CSV batches of gallery images (the last one repeats two images of the first and adds new ones)."""
+    _, root = small_synthetic
+    uris = read_revisitop(root, "synthetic").gallery.column("uri").to_pylist()
+    folder = tmp_path_factory.mktemp("batches")
+    parts = {"b1": uris[:16], "b2": uris[16:36], "b3": uris[:2] + uris[36:44]}
+    for name, rows in parts.items():
+        (folder / f"{name}.csv").write_text("uri\n" + "\n".join(rows) + "\n")
+    return folder, parts
+
+
+def check_equals_a_build_from_scratch(gallery: Path, tmp_path: Path, expected_uris: list[str]):
+    """The gallery's table holds each image once, the index exactly the table's rows, and searching it gives
+    what a Flat index built from scratch over the same rows gives."""
+    record = read_record(str(gallery))
+    store = FeatureStore(record["table"])
+    assert len(np.unique(store.ids)) == len(store.ids) == len(expected_uris)
+    assert sorted(store.ids.tolist()) == sorted(stable_id(u) for u in expected_uris)
+    manifest = read_manifest(record["index"])
+    indexed = read_rows(record["index"], manifest)[0]
+    assert len(np.unique(indexed)) == len(indexed) and sorted(indexed.tolist()) == sorted(store.ids.tolist())
+    build_index(store, str(tmp_path / "scratch"), factory="Flat", n_shards=2)
+    ids, vectors = store.globals()
+    queries = vectors[:8]
+    served, scratch = ShardedIndex(record["index"]), ShardedIndex(str(tmp_path / "scratch"))
+    (got_scores, got), (want_scores, want) = served.search(queries, 10), scratch.search(queries, 10)
+    served.close()
+    scratch.close()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_scores, want_scores)
+    np.testing.assert_allclose(got_scores, search_numpy_exact(vectors, ids, queries, 10)[0], atol=1e-5)
+    return record, manifest
+
+
+@pytest.mark.ray
+def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray, batches, tmp_path):
+    folder, parts = batches
+    address = local_ray.get_runtime_context().gcs_address
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    root = tmp_path / "galleries"
+
+    def drive(batch, stop="none"):
+        return subprocess.run([sys.executable, str(script), str(root), "shop", str(folder / f"{batch}.csv"), str(stop),
+                               address], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    first = drive("b1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout.splitlines()[-1])["index_action"] == "build"
+    killed = drive("b2", stop=2)                                  # two commits of the second batch, then kill -9
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert read_manifest(read_record(str(root / "shop"))["index"]).version == 1
+    resumed = drive("b2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout.splitlines()[-1])
+    assert (summary["new"], summary["skipped"], summary["failed"]) == (12, 8, 0)   # 8 committed before the kill
+    assert summary["index_action"] == "add" and summary["index_added"] == 20 and summary["index_version"] == 2
+    check_equals_a_build_from_scratch(root / "shop", tmp_path / "s1", parts["b1"] + parts["b2"])
+
+    # killed while committing the index: its files are written, its manifest never is
+    import rrt_dist.index.sharded as sharded
+
+    def crash(*_):
+        raise KeyboardInterrupt("killed before the manifest commit")
+
+    original = sharded.write_manifest
+    sharded.write_manifest = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ingest(GalleryConfig(name="shop", root=str(root), manifest=str(folder / "b3.csv")), "tiny-image", {},
+                   ExtractSettings(batch_size=2), IndexConfig(factory="Flat", n_shards=2, rebuild_fraction=0.9))
+    finally:
+        sharded.write_manifest = original
+    again = drive("b3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["new"], summary["skipped"], summary["index_added"], summary["index_version"]) == (0, 10, 8, 3)
+    record, manifest = check_equals_a_build_from_scratch(root / "shop", tmp_path / "s2",
+                                                         parts["b1"] + parts["b2"] + parts["b3"][2:])
+    index_files = {p.name for p in Path(record["index"]).iterdir()}
+    assert not any(".tmp" in n for n in index_files)
+    assert [h["index_version"] for h in record["history"]] == [1, 2, 3]
+    [listed] = list_galleries(str(root))
+    assert (listed["name"], listed["rows"], listed["index_version"], listed["index_rows"]) == ("shop", 44, 3, 44)
+
+
+def test_input_errors_name_the_file(tmp_path):
+    from rrt_dist.datasets import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match="exactly one of"):
+        new_images()
+    (tmp_path / "m.csv").write_text("name\nx.jpg\n")
+    with pytest.raises(DatasetLayoutError, match="no uri or path column"):
+        new_images(manifest=str(tmp_path / "m.csv"))
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("b.jpg", "sub/a.PNG", "notes.txt"):
+        (tmp_path / "imgs" / name).write_bytes(b"x")
+    rows = new_images(images=str(tmp_path / "imgs"))
+    assert [Path(u).name for u in rows.column("uri").to_pylist()] == ["b.jpg", "a.PNG"]
+    (tmp_path / "rel.csv").write_text("path,label\nimgs/b.jpg,3\n")
+    rel = new_images(manifest=str(tmp_path / "rel.csv"))
+    assert rel.column("uri").to_pylist() == [str((tmp_path / "imgs" / "b.jpg").resolve())]
+    assert rel.column("id").to_pylist() == rows.column("id").to_pylist()[:1]      # same image, same stable id
+
+
+def test_ingest_and_galleries_commands(small_synthetic, tmp_path):
+    _, root = small_synthetic
+    images = tmp_path / "photos"
+    images.mkdir()
+    for uri in read_revisitop(root, "synthetic").gallery.column("uri").to_pylist()[:6]:
+        os.symlink(uri, images / Path(uri).name)
+    common = [f"gallery.root={tmp_path / 'g'}", "gallery.name=photos", "backbone=tiny_image",
+              f"hydra.run.dir={tmp_path / 'out'}"]
+    ingested = subprocess.run([str(BIN / "rrt-dist"), "ingest", f"gallery.images={images}", *common],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ingested.returncode == 0, ingested.stderr[-2000:]
+    assert "gallery photos: 6 images in this batch: 6 new" in ingested.stdout and "index version 1" in ingested.stdout
+    listed = subprocess.run([str(BIN / "rrt-dist"), "galleries", *common], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "photos: 6 rows, index v1 (6 rows, Flat, 1 shards)" in listed.stdout
