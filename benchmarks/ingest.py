@@ -5,8 +5,8 @@ versioned index vs rebuilding it.
 
 1. Extraction: a gallery already holding ``--base`` images of the synthetic benchmark ingests ``--new`` more
    (``rrt-dist ingest``'s pipeline: extract what the table lacks, commit an index version); the same new images
-   are extracted into a fresh table. ``extract_ratio`` = ingest images/s / fresh images/s (target >= 0.9):
-   what growing a gallery costs beyond extracting the new images.
+   are extracted into a fresh table. ``extract_ratio`` = ingest images/s / fresh images/s, both wall clock
+   around the call (target >= 0.9): what growing a gallery costs beyond extracting the new images.
 2. Index: a ``--vectors`` gallery of synthetic 2048-d descriptors (a Lance table, fp16) indexed with
    ``--factory``; then +1 % and +10 % rows appended and committed as a new version (delta shards, the trained
    quantizer kept) vs a full rebuild over the same rows. ``add_speedup`` = rebuild s / add s.
@@ -42,7 +42,8 @@ DIM = 2048
 def extraction(work: Path, data: str, backbone: str, base: int, new: int) -> dict:
     spec = SyntheticSpec(n_landmarks=20, n_val_landmarks=0, n_train_landmarks=0, n_distractors=1000)
     generate_synthetic(spec, data)
-    uris = read_revisitop(data, "synthetic", read_r1m(Path(data) / "distractors")).gallery.column("uri").to_pylist()
+    uris = [str(Path(u).resolve()) for u in read_revisitop(data, "synthetic", read_r1m(Path(data) / "distractors"))
+            .gallery.column("uri").to_pylist()]
     if base + new > len(uris):
         raise SystemExit(f"at most {len(uris)} images")
     preset = yaml.safe_load((REPO / f"configs/backbone/{backbone}.yaml").read_text())
@@ -57,12 +58,14 @@ def extraction(work: Path, data: str, backbone: str, base: int, new: int) -> dic
     summary = ingest(GalleryConfig(**{**vars(gallery), "manifest": str(work / "new.csv")}), name, options, settings,
                      index, resources)
     assert summary["new"] == new, summary
-    fresh = extract_to_lance(new_images(manifest=str(work / "new.csv")), work / "fresh.lance", name, options,
-                             settings, resources=resources)
-    ingest_rate, fresh_rate = new / summary["seconds"], new / fresh.seconds     # both with their start-up
+    start = time.perf_counter()               # wall clock around both, as the ingest's seconds are
+    extract_to_lance(new_images(manifest=str(work / "new.csv")), work / "fresh.lance", name, options, settings,
+                     resources=resources)
+    fresh_s = time.perf_counter() - start
+    ingest_rate, fresh_rate = new / summary["seconds"], new / fresh_s
     return {"backbone": backbone, "base": base, "new": new, "ingest_s": summary["seconds"],
             "ingest_index_s": summary["index_seconds"], "ingest_img_per_s": round(ingest_rate, 2),
-            "fresh_s": round(fresh.seconds, 2), "fresh_img_per_s": round(fresh_rate, 2),
+            "fresh_s": round(fresh_s, 2), "fresh_img_per_s": round(fresh_rate, 2),
             "extract_ratio": round(ingest_rate / fresh_rate, 3)}
 
 

@@ -1,6 +1,7 @@
 """Autoscaling, tested on Ray's fake multi-node provider: a head with no GPU, a worker type with a logical
-GPU from 0 workers. The extraction job asks for one GPU per actor (``ray.extract``), so the autoscaler must
-add GPU nodes; it finishes with every row, and the idle nodes are removed afterwards.
+GPU from 0 workers. The ingest job (a folder into a new gallery) asks for one GPU per extraction actor
+(``ray.extract``), so the autoscaler must add GPU nodes; it finishes with every row in the table and the index,
+and the idle nodes are removed afterwards.
 
 Ray's ``AutoscalingCluster`` helper is not used: the Ray 2.60 wheel lacks the ``example.yaml`` it reads,
 and its start / shutdown run ``ray stop --force``, which would stop every Ray on the machine (the test
@@ -69,7 +70,7 @@ def stop_processes_of(temp_dir: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_gpu_nodes_are_added_for_the_extraction_pool_and_removed_when_idle(tmp_path):
+def test_gpu_nodes_are_added_for_the_ingest_job_and_removed_when_idle(small_synthetic, tmp_path):
     gcs_port, dash_port = free_port(), free_port()
     address = f"127.0.0.1:{gcs_port}"
     temp_dir = Path("/tmp") / f"ray-as-{secrets.token_hex(4)}"      # short: unix socket paths are limited
@@ -96,20 +97,17 @@ def test_gpu_nodes_are_added_for_the_extraction_pool_and_removed_when_idle(tmp_p
                 assert time.time() < deadline, "the fake cluster's head did not come up"
                 time.sleep(2)
         assert [n for n in nodes(address, env) if n["gpu"]] == []      # no GPU node at start
+        _, root = small_synthetic
+        images = sorted((root / "jpg" / "test").rglob("*.jpg"))
         job = subprocess.run(
-            [str(BIN / "rrt-dist"), "extract", "experiment=synthetic_small", "backbone=tiny_image",
-             f"dataset.root={tmp_path / 'syn'}", "dataset.distractors.name=none", f"features_dir={tmp_path / 'f'}",
-             f"ray.address={address}", "ray.extract.num_cpus=1", "ray.extract.num_gpus=1",
-             "ray.extract.max_actors=2", f"hydra.run.dir={tmp_path / 'out'}"],
+            [str(BIN / "rrt-dist"), "ingest", f"gallery.images={root / 'jpg' / 'test'}", f"gallery.root={tmp_path / 'g'}",
+             "gallery.name=autoscaled", "backbone=tiny_image", f"ray.address={address}", "ray.extract.num_cpus=1",
+             "ray.extract.num_gpus=1", "ray.extract.max_actors=2", f"hydra.run.dir={tmp_path / 'out'}"],
             env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        from rrt_dist.datasets import read_revisitop
-        from rrt_dist.store import FeatureStore
-
-        bench = read_revisitop(tmp_path / "syn", "synthetic")
-        tables = {line.split()[0]: line.split()[-1] for line in job.stdout.splitlines() if "rows  version" in line}
-        assert len(FeatureStore(tables["gallery"])) == bench.gallery.num_rows
-        assert len(FeatureStore(tables["query"])) == bench.queries.num_rows
+        summary = json.loads(job.stdout.splitlines()[-1])
+        assert (summary["new"], summary["failed"], summary["rows"]) == (len(images), 0, len(images))
+        assert summary["index_version"] == 1 and summary["index_action"] == "build"
         gpu_nodes = [n for n in nodes(address, env) if n["gpu"]]
         assert 1 <= len(gpu_nodes) <= 2                              # added because the pool asked for GPUs
         deadline = time.time() + 180

@@ -157,3 +157,20 @@ def test_ingest_and_galleries_commands(small_synthetic, tmp_path):
                             timeout=120, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "photos: 6 rows, index v1 (6 rows, Flat, 1 shards)" in listed.stdout
+
+
+@pytest.mark.ray
+def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches, tmp_path):
+    from rrt_dist.datasets import DatasetLayoutError
+
+    folder, parts = batches
+    (tmp_path / "broken.csv").write_text("uri\nmissing-1.jpg\nmissing-2.jpg\n")
+    gallery = GalleryConfig(name="broken", root=str(tmp_path / "g"), manifest=str(tmp_path / "broken.csv"))
+    args = ("tiny-image", {}, ExtractSettings(batch_size=2), IndexConfig(factory="Flat"))
+    with pytest.raises(DatasetLayoutError, match="no image of the batch could be read"):
+        ingest(gallery, *args)
+    (tmp_path / "mixed.csv").write_text("uri\n" + "\n".join(parts["b1"][:3] + [str(tmp_path / "missing-3.jpg")]))
+    summary = ingest(GalleryConfig(name="broken", root=str(tmp_path / "g"), manifest=str(tmp_path / "mixed.csv")),
+                     *args)
+    assert (summary["new"], summary["failed"], summary["rows"], summary["index_version"]) == (3, 1, 3, 1)
+    assert "missing-3.jpg" in str(summary["error_samples"])

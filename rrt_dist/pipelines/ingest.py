@@ -115,6 +115,10 @@ def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings
     before = committed_sources(table)[0]
     extracted = extract_to_lance(batch, table, extractor, options, settings, desc=f"ingest {gallery_cfg.name}",
                                  resources=resources)
+    if not committed_sources(table)[0].size:
+        raise DatasetLayoutError(batch.column("uri")[0].as_py(), f"no image of the batch could be read (see "
+                                 f"{table.removesuffix('.lance')}-errors.lance, e.g. {extracted.error_samples})",
+                                 "readable images")
     store = FeatureStore(table)
     index_start = time.perf_counter()
     try:
