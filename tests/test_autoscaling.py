@@ -105,7 +105,8 @@ def test_gpu_nodes_are_added_for_the_ingest_job_and_removed_when_idle(small_synt
              "ray.extract.num_gpus=1", "ray.extract.max_actors=2", f"hydra.run.dir={tmp_path / 'out'}"],
             env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        summary = json.loads(job.stdout.splitlines()[-1])
+        # the job's summary line (Ray may print autoscaler events to the driver's output after it)
+        summary = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"gallery"')][-1])
         assert (summary["new"], summary["failed"], summary["rows"]) == (len(images), 0, len(images))
         assert summary["index_version"] == 1 and summary["index_action"] == "build"
         gpu_nodes = [n for n in nodes(address, env) if n["gpu"]]
