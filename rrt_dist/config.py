@@ -264,6 +264,19 @@ RerankerConfig = _reranker_config()
 
 
 @dataclass
+class SelfSupConfig:
+    """Self-supervised pairs (``train.pairs=selfsup``, see ``rrt_dist.datasets.selfsup``): ``views`` random warps
+    of each source image, extracted like any table; a view is its source's positive, other images from the
+    global top-k its negatives. Views are seeded by ``train.seed``."""
+    images: Optional[str] = None      # a folder or CSV / Parquet manifest of images; None: the evaluated gallery
+    max_images: Optional[int] = bounded(10000, ge=1)   # a seeded sample of that many sources (None: all)
+    views: int = bounded(4, ge=1)
+    difficulty: float = bounded(0.6, ge=0, le=1)       # 1: the synthetic benchmark's hardest views
+    max_size: int = bounded(640, ge=32)               # views' longest side
+    root: str = "data/selfsup"        # rendered views: <root>/<images source>/<view settings>/
+
+
+@dataclass
 class TrainConfig(TrainSettings):
     """RRT training with Ray Train (defaults: the paper's DELG / GLDv2 setting): the loop's own settings
     (:class:`rrt_dist.train.core.TrainSettings`) plus how the driver samples pairs, validates and places workers.
@@ -271,6 +284,10 @@ class TrainConfig(TrainSettings):
     A run is named ``name`` (default: derived from the dataset, backbone and these settings) under
     ``storage_path``; rerunning a name resumes from its latest checkpoint, and a finished run is reused.
     """
+    # where training pairs come from: labels (the dataset's labelled training split), selfsup (warps of the
+    # gallery's own images, no labels), mixed (both); auto: selfsup for a folder gallery, else labels
+    pairs: str = choice("auto", "auto", "labels", "selfsup", "mixed")
+    selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
     k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
     joint_stages: list[str] = field(default_factory=list, metadata={"choices": ("frozen", "finetune")})

@@ -145,21 +145,68 @@ def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np
     return concat_globals([stores[n] for n in names if n in stores])
 
 
-def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
-    """The labelled training manifest of ``cfg.dataset`` and its feature table, extracted where missing.
+def training_pairs(cfg) -> str:
+    """``train.pairs`` resolved: ``auto`` is ``selfsup`` for a folder gallery (no training split), else ``labels``."""
+    if cfg.train.pairs != "auto":
+        return cfg.train.pairs
+    return "selfsup" if cfg.dataset.name == "folder" else "labels"
 
-    The table lives at ``<features_dir>/<dataset>-train/<source>/<fingerprint>/train.lance``.
+
+def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
+    """The self-supervised training manifest (sources and their rendered views, labelled by source) and the
+    location its sources come from: ``train.selfsup.images``, else the evaluated gallery (distractors left out)."""
+    from omegaconf import OmegaConf
+
+    from rrt_dist.datasets import load_benchmark
+    from rrt_dist.datasets.selfsup import ViewSpec, selfsup_manifest, write_views
+    from rrt_dist.runtime import init_ray
+
+    conf = cfg.train.selfsup
+    if conf.images:
+        from .ingest import new_images
+
+        location = conf.images
+        sources = new_images(**({"images": conf.images} if Path(conf.images).is_dir() else {"manifest": conf.images}))
+    else:
+        location = cfg.dataset.root
+        sources = benchmark_manifests(load_benchmark(cfg.dataset, ray_cfg=cfg.ray))["gallery"]
+    if conf.max_images and sources.num_rows > conf.max_images:
+        keep = np.random.default_rng(cfg.train.seed).choice(sources.num_rows, conf.max_images, replace=False)
+        sources = sources.take(np.sort(keep))
+    spec = ViewSpec(views=conf.views, difficulty=conf.difficulty, seed=cfg.train.seed, max_size=conf.max_size)
+    init_ray(cfg.ray)
+    views = write_views(sources, Path(conf.root) / source_key(location) / spec.fingerprint(), spec)
+    log.info("self-supervised pairs: %d source images x %d views (%s)", sources.num_rows, conf.views,
+             OmegaConf.to_container(conf, resolve=True))
+    return selfsup_manifest(sources, views), location
+
+
+def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
+    """The training manifest (``train.pairs``: the dataset's labelled split, self-supervised views, or both) and
+    its feature table, extracted where missing.
+
+    The table lives at ``<features_dir>/<dataset>-<train|selfsup|mixed>/<source>/<fingerprint>/train.lance``.
     """
     from omegaconf import OmegaConf
 
-    from rrt_dist.datasets import load_training_set
+    from rrt_dist.datasets import concat_manifests, load_training_set
     from rrt_dist.runtime import init_ray
 
-    name, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+    pairs = training_pairs(cfg)
+    if pairs == "labels":
+        name, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+        location = cfg.dataset.root
+    else:
+        manifest, location = selfsup_training_set(cfg)
+        name = f"{cfg.dataset.name}-{pairs}"
+        if pairs == "mixed":
+            labelled = load_training_set(cfg.dataset, ray_cfg=cfg.ray)[1]
+            manifest = concat_manifests([labelled, manifest])
+            location = f"{cfg.dataset.root}+{location}"
     init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     settings = extract_settings(cfg.backbone)
-    path = (Path(cfg.features_dir) / name / source_key(cfg.dataset.root)
+    path = (Path(cfg.features_dir) / name / source_key(location)
             / table_folder(cfg.backbone.name, options, settings) / "train.lance")
     store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options, settings,
                           OmegaConf.to_object(cfg.ray.extract))["train"]

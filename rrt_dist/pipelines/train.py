@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,23 @@ from rrt_dist.store import FeatureStore
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
-from .features import backbone_features, training_features
+from .features import backbone_features, training_features, training_pairs
 
 log = logging.getLogger(__name__)
 
 
 def train_settings(cfg) -> TrainSettings:
+    """The loop's settings; with self-supervised pairs a positive is any other view of the anchor's image
+    (``positive_scope=label``): a view is a positive by construction, whether or not it is in the top-k."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    return TrainSettings(**{f.name: train[f.name] for f in fields(TrainSettings)})
+    settings = TrainSettings(**{f.name: train[f.name] for f in fields(TrainSettings)})
+    return settings if training_pairs(cfg) == "labels" else replace(settings, positive_scope="label")
+
+
+def min_positives(cfg) -> int:
+    """Same-label images an anchor needs among its top-k; self-supervised anchors need none there (their views
+    are positives wherever they rank), only a negative."""
+    return cfg.train.min_positives if training_pairs(cfg) == "labels" else 0
 
 
 def run_name(cfg) -> str:
@@ -74,10 +83,12 @@ def training_rows(manifest: pa.Table, ids: np.ndarray, vectors: np.ndarray, sear
 
 
 def holdout_split(labels: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
-    """Boolean mask of the rows whose label is among ``n_labels`` held out (seeded, labels with >= 2 images)."""
+    """Boolean mask of the rows whose label is among ``n_labels`` held out (seeded, labels with >= 2 images);
+    at most a quarter of the labels, so that a small gallery keeps most of its images for training."""
     values, counts = np.unique(labels, return_counts=True)
     candidates = values[counts >= 2]
-    held = np.random.default_rng(seed).choice(candidates, size=min(n_labels, len(candidates)), replace=False)
+    size = min(n_labels, max(1, len(candidates) // 4))
+    held = np.random.default_rng(seed).choice(candidates, size=size, replace=False)
     return np.isin(labels, held)
 
 
@@ -95,8 +106,10 @@ def _ranking_set(bench: Benchmark, query_table, gallery_table) -> dict:
 
 
 def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out."""
-    if cfg.dataset.name == "synthetic":
+    """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out: the
+    synthetic benchmark's ``val`` split when training on its labels, else labels (self-supervised: source
+    images with their views) held out of the training rows and scored leave-one-out."""
+    if cfg.dataset.name == "synthetic" and training_pairs(cfg) == "labels":
         val_cfg = OmegaConf.merge(cfg.dataset, {"split": "val", "distractors": {"name": "none"}})
         bench = load_benchmark(val_cfg)
         stores = backbone_features(cfg, bench, cfg.backbone)
@@ -131,13 +144,13 @@ def prepare_training(cfg) -> tuple:
     ids, vectors = ids[listed][order], vectors[listed][order]
     val, held = validation_set(cfg, manifest, store, ids)
     search, index = neighbour_search(cfg, store, ids[~held], vectors[~held])
-    rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, cfg.train.min_positives)
+    rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, min_positives(cfg))
     if index is not None:
         index.close()
     log.info("training rows: %d images, %d labels, %d anchors; validation on %s", len(rows["ids"]),
              len(np.unique(rows["labels"])), len(rows["anchors"]), val["bench"].name)
     if len(rows["anchors"]) < cfg.train.num_workers * cfg.train.batch_size:
-        raise ValueError(f"only {len(rows['anchors'])} training images have >= {cfg.train.min_positives} same-label "
+        raise ValueError(f"only {len(rows['anchors'])} training images have >= {min_positives(cfg)} same-label "
                          f"images among their top-{cfg.train.k}: too few for {cfg.train.num_workers} workers x "
                          f"{cfg.train.batch_size} triplets")
     return store, rows, val

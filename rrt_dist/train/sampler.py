@@ -36,13 +36,19 @@ def training_neighbours(search, vectors: np.ndarray, ids: np.ndarray, k: int) ->
 
 
 def eligible_anchors(neighbours: np.ndarray, labels: np.ndarray, min_positives: int) -> np.ndarray:
-    """Rows with >= ``min_positives`` same-label and >= 1 different-label images among their neighbours."""
+    """Rows with >= ``min_positives`` same-label and >= 1 different-label images among their neighbours.
+    ``min_positives=0`` (positives drawn from the whole label, as self-supervised views): the label needs
+    another image anywhere."""
     labels = np.asarray(labels)
     valid = neighbours != -1
     same = (labels[np.where(valid, neighbours, 0)] == labels[:, None]) & valid
     n_same = same.sum(axis=1)
     n_other = valid.sum(axis=1) - n_same
-    return np.flatnonzero((n_same >= min_positives) & (n_other >= 1))
+    keep = (n_same >= min_positives) & (n_other >= 1)
+    if min_positives == 0:
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        keep &= counts[inverse] >= 2
+    return np.flatnonzero(keep)
 
 
 def anchor_shard(anchors: np.ndarray, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:

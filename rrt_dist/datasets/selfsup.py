@@ -1,0 +1,132 @@
+"""Training images without labels: a gallery's own photos and random warps of each, labelled by the photo
+they come from, so that RRT's pair rules (``rrt_dist.train.sampler``) apply unchanged: a positive is another
+view of the anchor's photo, a negative a different photo from the anchor's global top-k.
+
+Warps are the synthetic benchmark's view family (``synthetic.render_view``): the photo placed in a frame of
+background clutter, scaled, rotated, shifted and skewed in perspective, sometimes a close-up of part of it,
+with occluders, then brightness, colour, gamma, blur and noise. A view is a function of (seed, source id,
+view index), so reruns write the same files, and ``views.parquet`` records each view's homography
+(source pixels -> view pixels), the ground truth of its correspondences.
+
+    <root>/views/<view id>.jpg
+    <root>/views.parquet        id, uri, source_id, source_uri, view, homography (9 floats, row-major)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .base import make_manifest, stable_id
+from .synthetic import render_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    views: int = 4              # warped views per photo
+    difficulty: float = 0.6     # 0: mild warps; 1: the synthetic benchmark's hardest views
+    seed: int = 0
+    max_size: int = 640         # views' longest side (pixels); the source keeps its own size
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def view_id(source_id: int, index: int, spec: ViewSpec) -> int:
+    return stable_id(f"selfsup:{spec.fingerprint()}:{source_id}:{index}")
+
+
+def view_rng(source_id: int, index: int, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, source_id % (1 << 64), index])
+
+
+def render_views(image: np.ndarray, source_id: int, spec: ViewSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``spec.views`` warped views of an RGB ``image``: ``(view, H)`` with H mapping source to view pixels."""
+    h, w = image.shape[:2]
+    scale = min(1.0, spec.max_size / max(h, w))
+    width, height = max(1, round(w * scale)), max(1, round(h * scale))
+    out = []
+    for index in range(spec.views):
+        view, H, _ = render_view(image, (0, 0, w, h), view_rng(source_id, index, spec.seed), spec.difficulty,
+                                 width, height)
+        out.append((view, H))
+    return out
+
+
+def write_source_views(rows: list[dict], folder: str, spec: ViewSpec) -> list[dict]:
+    """Render and write the views of ``rows`` (``id``, ``uri``) under ``folder``; one record per view.
+    Files are written to a temporary name and renamed, so a killed run leaves no torn view. Unreadable
+    sources are skipped (they have no descriptors either)."""
+    from rrt_dist.features.images import ImageError, load_image
+
+    records = []
+    for row in rows:
+        try:
+            image = load_image(row["uri"])
+        except ImageError as err:
+            log.warning("self-supervised views: skipping %s (%s)", row["uri"], err)
+            continue
+        for index, (view, H) in enumerate(render_views(image, row["id"], spec)):
+            vid = view_id(row["id"], index, spec)
+            path = Path(folder) / f"{vid & ((1 << 64) - 1):016x}.jpg"
+            if not path.is_file():
+                tmp = path.with_suffix(".tmp.jpg")
+                cv2.imwrite(str(tmp), cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+                os.replace(tmp, path)
+            records.append({"id": vid, "uri": str(path), "source_id": row["id"], "source_uri": row["uri"],
+                            "view": index, "homography": H.astype(np.float64).ravel().tolist()})
+    return records
+
+
+def write_views(sources: pa.Table, root: str | Path, spec: ViewSpec, chunk_size: int = 32) -> pa.Table:
+    """The views of every ``sources`` row (a manifest), rendered where missing (Ray tasks when Ray is up) and
+    recorded in ``<root>/views.parquet``; returns that table."""
+    import ray
+    from tqdm import tqdm
+
+    root = Path(root)
+    folder = root / "views"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "uri": u} for i, u in zip(sources.column("id").to_pylist(), sources.column("uri").to_pylist())]
+    chunks = [rows[s:s + chunk_size] for s in range(0, len(rows), chunk_size)]
+    records: list[dict] = []
+    with tqdm(total=len(rows), desc="render self-supervised views", unit="img", mininterval=2.0) as bar:
+        if ray.is_initialized() and len(chunks) > 1:
+            task = ray.remote(num_cpus=1)(write_source_views)
+            pending = {task.remote(chunk, str(folder), spec): len(chunk) for chunk in chunks}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    records += ray.get(ref)
+                    bar.update(pending.pop(ref))
+        else:
+            for chunk in chunks:
+                records += write_source_views(chunk, str(folder), spec)
+                bar.update(len(chunk))
+    records.sort(key=lambda r: (r["source_id"], r["view"]))
+    table = pa.Table.from_pylist(records, schema=pa.schema([
+        ("id", pa.int64()), ("uri", pa.string()), ("source_id", pa.int64()), ("source_uri", pa.string()),
+        ("view", pa.int32()), ("homography", pa.list_(pa.float64(), 9))]))
+    tmp = root / "views.parquet.tmp"
+    pq.write_table(table.replace_schema_metadata({"spec": json.dumps(asdict(spec))}), tmp)
+    os.replace(tmp, root / "views.parquet")
+    return table
+
+
+def selfsup_manifest(sources: pa.Table, views: pa.Table) -> pa.Table:
+    """Training manifest: every source that has views and its views, each labelled by its source's id."""
+    kept = np.isin(sources.column("id").to_numpy(), views.column("source_id").to_numpy())
+    ids = np.concatenate([sources.column("id").to_numpy()[kept], views.column("id").to_numpy()])
+    uris = [u for u, k in zip(sources.column("uri").to_pylist(), kept) if k] + views.column("uri").to_pylist()
+    labels = np.concatenate([sources.column("id").to_numpy()[kept], views.column("source_id").to_numpy()])
+    return make_manifest(ids.tolist(), uris, "train", labels=labels.tolist())
