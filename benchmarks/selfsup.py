@@ -57,32 +57,39 @@ def main() -> None:
     quick = ["train.epochs=2", "train.milestones=[]"] if args.quick else []
     synthetic_root = f"dataset.root={work / 'synthetic'}"
     revisitop = {"Medium": ("medium", "mAP"), "Hard": ("hard", "mAP")}
-    result: dict = {"synthetic": {}, "photos": {}}
-    demo_checkpoint = None
-    for seed in args.seeds:
-        labels = run_evaluate(work, f"synthetic-labels-{seed}", ["experiment=demo", synthetic_root,
-                                                                 f"train.seed={seed}", *quick])
-        selfsup = run_evaluate(work, f"synthetic-selfsup-{seed}", [
-            "experiment=demo", synthetic_root, f"train.seed={seed}", "train.pairs=selfsup", "train.selfsup.views=2",
-            "train.epochs=16", "train.milestones=[12]", *quick])
-        result["synthetic"][seed] = {"labels": metrics(labels, revisitop), "selfsup": metrics(selfsup, revisitop)}
-        demo_checkpoint = demo_checkpoint or labels["training"]["checkpoint"]
-        print(json.dumps({"synthetic": {seed: result["synthetic"][seed]}}))
+    result: dict = {"synthetic": {seed: {} for seed in args.seeds}, "photos": {}}
+
+    def synthetic(seed: int, pairs: str) -> dict:
+        extra = (["train.pairs=selfsup", "train.selfsup.views=2", "train.epochs=16", "train.milestones=[12]"]
+                 if pairs == "selfsup" else [])
+        payload = run_evaluate(work, f"synthetic-{pairs}-{seed}", ["experiment=demo", synthetic_root,
+                                                                   f"train.seed={seed}", *extra, *quick])
+        result["synthetic"][seed][pairs] = metrics(payload, revisitop)
+        print(json.dumps({"synthetic": {seed: {pairs: result["synthetic"][seed][pairs]}}}), flush=True)
+        return payload
+
+    # The demo's labels-trained RRT (first seed) is also the "demo-trained RRT" row on the photographs.
+    demo_checkpoint = synthetic(args.seeds[0], "labels")["training"]["checkpoint"]
 
     from rrt_dist.datasets.photos import write_photo_benchmark
 
     photos = work / "photos"
-    meta = write_photo_benchmark(photos)
+    result["photos_benchmark"] = write_photo_benchmark(photos)
     folder = ["dataset=folder", f"dataset.root={photos}"]
     ranked = {"mAP": ("mAP",), "R@1": ("R@1",)}
     demo = run_evaluate(work, "photos-demo-rrt", folder + [f"reranker.checkpoint={demo_checkpoint}"])
-    result["photos"]["demo (labels, synthetic split)"] = metrics(demo, ranked)
+    result["photos"]["demo RRT (synthetic labels)"] = metrics(demo, ranked)
     for seed in args.seeds:
         selfsup = run_evaluate(work, f"photos-selfsup-{seed}", folder + [
             "reranker=trained", "reranker.methods=[global,gv,rrt]", f"train.selfsup.images={photos / 'train'}",
             "train.selfsup.views=16", f"train.seed={seed}", *quick])
-        result["photos"][f"selfsup seed {seed}"] = metrics(selfsup, ranked)
-    result["photos_benchmark"] = meta
+        result["photos"][f"self-supervised RRT, seed {seed}"] = metrics(selfsup, ranked)
+        print(json.dumps({"photos": result["photos"]}), flush=True)
+
+    for seed in args.seeds:
+        synthetic(seed, "selfsup")
+        if seed != args.seeds[0]:
+            synthetic(seed, "labels")
     print(json.dumps(result))
 
 
