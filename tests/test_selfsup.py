@@ -60,7 +60,7 @@ def _mapped(H, points):
 def test_view_positives_are_true_correspondences(tmp_path):
     """The recorded homography maps the source's locals onto their mutual nearest neighbours in the view (within
     a 24-pixel tolerance, the backbone's stride at the coarser scale); another view's homography, or a view of
-    another photo, does not."""
+    another photo, does not (measured: 90-95 % inliers; 3-14 % with another view's homography; 0-3 %)."""
     from rrt_dist.features import create_extractor, create_preparer
     from rrt_dist.features.core import extract_rows
 
@@ -86,8 +86,8 @@ def test_view_positives_are_true_correspondences(tmp_path):
         def inliers(H_):
             return float((np.linalg.norm(_mapped(H_, source.positions[src]) - target.positions[tgt], axis=1) < 24).mean())
 
-        assert inliers(H) >= 0.6, n
-        assert inliers(views[(n + 1) % len(views)][1]) <= 0.1
+        assert inliers(H) >= 0.75, n
+        assert inliers(views[(n + 1) % len(views)][1]) <= 0.25    # views overlap: another one's H maps some
         unrelated = features(elsewhere[n][0], f"other{n}.png")
         src, tgt = _mutual_matches(source, unrelated)
         assert float((np.linalg.norm(_mapped(H, source.positions[src]) - unrelated.positions[tgt], axis=1) < 24)
@@ -146,3 +146,19 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path):
                                                                f"output_dir={tmp_path / 'out2'}"])
     again = train_rrt(longer, longer.output_dir)
     assert [h["resumed_after"] for h in again["history"]] == [0, 0, 2]
+
+
+@pytest.mark.parametrize("pairs", ["labels", "mixed"])
+def test_labelled_pairs_on_an_unlabelled_gallery_say_to_train_without_labels(tmp_path, pairs):
+    from hydra import compose, initialize_config_dir
+
+    import rrt_dist.config  # noqa: F401
+    from rrt_dist.datasets.photos import write_photo_benchmark
+    from rrt_dist.pipelines.features import training_features
+
+    write_photo_benchmark(tmp_path / "photos", n_test=4, views=1)
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=folder", f"dataset.root={tmp_path / 'photos'}",
+                                           f"train.pairs={pairs}", f"features_dir={tmp_path / 'features'}"])
+    with pytest.raises(ValueError, match=r"needs a label for every training image.*train.pairs=selfsup"):
+        training_features(cfg)

@@ -3,8 +3,9 @@ to see what a reranker does outside the synthetic benchmark's domain.
 
 Photos are split by a seeded permutation into ``train`` (for self-supervised training, ``train/``) and
 ``test``. Each test photo is a query; the gallery holds ``views`` warped views of each (its positives, drawn
-with the synthetic benchmark's view family at ``difficulty``, seeded apart from any training views) and the
-training photos as distractors. Written in the ``folder`` layout (``dataset=folder dataset.root=<root>``)::
+as self-supervised views are, at ``difficulty``, seeded apart from any training views; 1.4 by default, harder
+than training views (<= 1): close-ups of down to 5 % of the photo, rotated up to 42 degrees) and, as
+distractors, the training photos and as many views of each. Written in the ``folder`` layout (``dataset=folder dataset.root=<root>``)::
 
     <root>/gallery.csv  queries.csv  images/  train/
 """
@@ -47,7 +48,7 @@ def shipped_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def write_photo_benchmark(root: str | Path, n_test: int = 10, views: int = 3, difficulty: float = 0.9,
+def write_photo_benchmark(root: str | Path, n_test: int = 10, views: int = 3, difficulty: float = 1.4,
                           seed: int = 0) -> dict:
     """Write the benchmark under ``root`` (idempotent for the same arguments); returns its description."""
     root = Path(root)
@@ -75,8 +76,10 @@ def write_photo_benchmark(root: str | Path, n_test: int = 10, views: int = 3, di
                      for v, (view, _) in enumerate(render_views(photos[name], q, spec))]
         gallery += positives
         queries.append({"path": query, "positives": ";".join(positives)})
-    for name in train:
+    for d, name in enumerate(train):
         gallery.append(save(photos[name], f"images/{name}.png"))
+        gallery += [save(view, f"images/{name}_view{v}.jpg")
+                    for v, (view, _) in enumerate(render_views(photos[name], len(test) + d, spec))]
         save(photos[name], f"train/{name}.png")
     pd.DataFrame({"path": gallery}).to_csv(root / "gallery.csv", index=False)
     pd.DataFrame(queries).to_csv(root / "queries.csv", index=False)

@@ -2,10 +2,12 @@
 they come from, so that RRT's pair rules (``rrt_dist.train.sampler``) apply unchanged: a positive is another
 view of the anchor's photo, a negative a different photo from the anchor's global top-k.
 
-Warps are the synthetic benchmark's view family (``synthetic.render_view``): the photo placed in a frame of
-background clutter, scaled, rotated, shifted and skewed in perspective, sometimes a close-up of part of it,
-with occluders, then brightness, colour, gamma, blur and noise. A view is a function of (seed, source id,
-view index), so reruns write the same files, and ``views.parquet`` records each view's homography
+A view is a random region of the photo stretched over the whole frame: a crop (scale), a rotation and a
+perspective skew, i.e. a homography, then the synthetic benchmark's photometric changes (brightness, colour,
+gamma, blur, noise). Unlike the synthetic benchmark's views, the photo is not placed on rendered clutter: every
+view would share that clutter, negatives would match on it, and the reranker would learn the artefact (it did:
+trained on such views, RRT ranked real photographs' positives below random). A view is a function of (seed,
+source id, view index), so reruns write the same files, and ``views.parquet`` records each view's homography
 (source pixels -> view pixels), the ground truth of its correspondences.
 
     <root>/views/<view id>.jpg
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import make_manifest, stable_id
-from .synthetic import render_view
+from .synthetic import photometric_change
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,41 @@ def view_rng(source_id: int, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, source_id % (1 << 64), index])
 
 
+def crop_homography(rng: np.random.Generator, width: int, height: int, difficulty: float, view_width: int,
+                    view_height: int) -> np.ndarray:
+    """Source -> view homography: a region of ``max(0.05, 1 - 0.7 d)`` to all of the source's area (aspect changed by up to
+    2^(0.3 d)), rotated by up to 30 d degrees and shrunk until it fits, its corners moved by up to 0.12 d of its
+    size (perspective), stretched over the ``view_width`` x ``view_height`` frame."""
+    d = difficulty
+    area, aspect = rng.uniform(max(0.05, 1 - 0.7 * d), 1.0), 2.0 ** (rng.uniform(-0.3, 0.3) * d)
+    crop_w, crop_h = min(width, width * np.sqrt(area * aspect)), min(height, height * np.sqrt(area / aspect))
+    angle = np.deg2rad(rng.uniform(-30, 30) * d)
+    cos, sin = abs(np.cos(angle)), abs(np.sin(angle))
+    fit = min(1.0, width / (crop_w * cos + crop_h * sin), height / (crop_w * sin + crop_h * cos)) * 0.999
+    crop_w, crop_h = crop_w * fit, crop_h * fit
+    half_w, half_h = (crop_w * cos + crop_h * sin) / 2, (crop_w * sin + crop_h * cos) / 2
+    centre = np.array([rng.uniform(half_w, width - half_w), rng.uniform(half_h, height - half_h)])
+    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * np.array([crop_w, crop_h]) / 2
+    corners = corners + rng.uniform(-1, 1, size=(4, 2)) * 0.12 * d * np.array([crop_w, crop_h])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    source = (corners @ rotation.T + centre).astype(np.float32)
+    frame = np.array([[0, 0], [view_width, 0], [view_width, view_height], [0, view_height]], np.float32)
+    return cv2.getPerspectiveTransform(source, frame)
+
+
 def render_views(image: np.ndarray, source_id: int, spec: ViewSpec) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``spec.views`` warped views of an RGB ``image``: ``(view, H)`` with H mapping source to view pixels."""
+    """``spec.views`` warped views of an RGB ``image``: ``(view, H)`` with H mapping source to view pixels.
+    Skewed corners that leave the photo show it mirrored (a few pixels' band)."""
     h, w = image.shape[:2]
     scale = min(1.0, spec.max_size / max(h, w))
     width, height = max(1, round(w * scale)), max(1, round(h * scale))
     out = []
     for index in range(spec.views):
-        view, H, _ = render_view(image, (0, 0, w, h), view_rng(source_id, index, spec.seed), spec.difficulty,
-                                 width, height)
-        out.append((view, H))
+        rng = view_rng(source_id, index, spec.seed)
+        H = crop_homography(rng, w, h, spec.difficulty, width, height)
+        view = cv2.warpPerspective(image, H, (width, height), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REFLECT_101)
+        out.append((photometric_change(view, rng, spec.difficulty), H))
     return out
 
 
@@ -124,7 +151,8 @@ def write_views(sources: pa.Table, root: str | Path, spec: ViewSpec, chunk_size:
 
 
 def selfsup_manifest(sources: pa.Table, views: pa.Table) -> pa.Table:
-    """Training manifest: every source that has views and its views, each labelled by its source's id."""
+    """Training manifest: every source that has views and its views, each labelled by its source's id (random
+    64-bit, so apart from a labelled split's class numbers when the two are mixed)."""
     kept = np.isin(sources.column("id").to_numpy(), views.column("source_id").to_numpy())
     ids = np.concatenate([sources.column("id").to_numpy()[kept], views.column("id").to_numpy()])
     uris = [u for u, k in zip(sources.column("uri").to_pylist(), kept) if k] + views.column("uri").to_pylist()

@@ -234,14 +234,14 @@ def render_view(scene, rect, rng, difficulty: float, width: int, height: int, oc
             else:
                 cv2.rectangle(img, (cx - ax // 2, cy - ay), (cx + ax // 2, cy + ay), colour, -1)
                 cv2.rectangle(visible, (cx - ax // 2, cy - ay), (cx + ax // 2, cy + ay), 0, -1)
-    img = _photometric(img, rng, difficulty)
+    img = photometric_change(img, rng, difficulty)
     # Which scene points are seen: the view frame minus occluders, mapped back to the scene.
     to_mask = np.diag([MASK / SCENE, MASK / SCENE, 1.0]) @ np.linalg.inv(H)
     seen = cv2.warpPerspective(visible, to_mask, (MASK, MASK), flags=cv2.INTER_NEAREST)
     return img, H, seen.astype(bool)
 
 
-def _photometric(img, rng, d: float) -> np.ndarray:
+def photometric_change(img, rng, d: float) -> np.ndarray:
     x = img.astype(np.float32) / 255.0
     x = x * (1 + rng.uniform(-0.45, 0.35) * d) * (1 + rng.uniform(-0.25, 0.25, size=3) * d)
     x = np.clip(x, 0, 1) ** (2.0 ** (rng.uniform(-1, 1) * 0.8 * d))

@@ -181,6 +181,14 @@ def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
     return selfsup_manifest(sources, views), location
 
 
+def _labelled(manifest: pa.Table, pairs: str) -> pa.Table:
+    if manifest.column("label").null_count:
+        raise ValueError(f"train.pairs={pairs} needs a label for every training image, and "
+                         f"{manifest.column('label').null_count} of {manifest.num_rows} have none: "
+                         "train.pairs=selfsup trains without labels")
+    return manifest
+
+
 def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     """The training manifest (``train.pairs``: the dataset's labelled split, self-supervised views, or both) and
     its feature table, extracted where missing.
@@ -193,16 +201,16 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     from rrt_dist.runtime import init_ray
 
     pairs = training_pairs(cfg)
-    if pairs == "labels":
-        name, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
-        location = cfg.dataset.root
-    else:
-        manifest, location = selfsup_training_set(cfg)
+    if pairs in ("labels", "mixed"):
+        name, labelled = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+        manifest, location = _labelled(labelled, pairs), cfg.dataset.root
+    if pairs != "labels":
+        selfsup, selfsup_location = selfsup_training_set(cfg)
         name = f"{cfg.dataset.name}-{pairs}"
         if pairs == "mixed":
-            labelled = load_training_set(cfg.dataset, ray_cfg=cfg.ray)[1]
-            manifest = concat_manifests([labelled, manifest])
-            location = f"{cfg.dataset.root}+{location}"
+            manifest, location = concat_manifests([manifest, selfsup]), f"{location}+{selfsup_location}"
+        else:
+            manifest, location = selfsup, selfsup_location
     init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     settings = extract_settings(cfg.backbone)
