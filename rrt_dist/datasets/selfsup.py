@@ -31,6 +31,7 @@ from .base import make_manifest, stable_id
 from .synthetic import photometric_change
 
 log = logging.getLogger(__name__)
+WARPS = 2      # version of the view rendering below: part of view ids and of trained runs' names
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class ViewSpec:
     max_size: int = 640         # views' longest side (pixels); the source keeps its own size
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Names the views these settings render with this module's warps (``WARPS`` changes when they do)."""
+        return hashlib.sha1(json.dumps({**asdict(self), "warps": WARPS}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def view_id(source_id: int, index: int, spec: ViewSpec) -> int:

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from rrt_dist.datasets import Benchmark, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
+from rrt_dist.datasets.selfsup import WARPS
 from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.store import FeatureStore
@@ -59,6 +60,8 @@ def run_name(cfg) -> str:
                 # locals decoded from int8 are not the fp16 ones (fp16 runs keep their names)
                 **({"local_storage": cfg.backbone.local_storage, "local_pq_m": cfg.backbone.local_pq_m}
                    if cfg.backbone.local_storage != "fp16" else {}),
+                # self-supervised views: how they are rendered, beyond the settings (cfg.train.selfsup)
+                **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
                                        "data_cpus")}}  # where it runs does not change the weights
