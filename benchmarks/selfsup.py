@@ -48,6 +48,38 @@ def metrics(payload: dict, keys: dict[str, tuple[str, ...]]) -> dict:
             for row, settings in payload["results"].items()}
 
 
+def matching_ceiling(report: dict, n_locals: tuple[int, ...] = (32, 100, 500)) -> dict:
+    """mAP (%) of ranking a folder benchmark's whole gallery by the count of mutual nearest-neighbour locals
+    (cosine > 0.5) among each image's best ``n`` locals, ties broken by the global score: how much
+    evidence ``n`` locals hold, whatever a reranker does with them."""
+    import numpy as np
+
+    from rrt_dist.datasets import read_folder
+    from rrt_dist.eval.metrics import average_precision, positive_positions
+    from rrt_dist.rerank.scorers import truncate_locals
+    from rrt_dist.store import FeatureStore
+
+    bench = read_folder(report["run"]["root"])
+    tables = report["feature_tables"]
+    query_ids, gallery_ids = bench.queries.column("id").to_numpy(), bench.gallery.column("id").to_numpy()
+    queries = FeatureStore(tables["query"]["uri"], tables["query"]["version"]).take_locals(query_ids)
+    gallery = FeatureStore(tables["gallery"]["uri"], tables["gallery"]["version"]).take_locals(gallery_ids)
+    out = {}
+    for n in n_locals:
+        q, g = truncate_locals(queries, n), truncate_locals(gallery, n)
+        aps = []
+        for i, positives in enumerate(bench.protocol.positives):
+            a = q["local"][i][~q["mask"][i]]
+            counts = np.empty(len(gallery_ids))
+            for j in range(len(gallery_ids)):
+                sim = a @ g["local"][j][~g["mask"][j]].T
+                counts[j] = ((sim.argmax(0)[sim.argmax(1)] == np.arange(len(a))) & (sim.max(1) > 0.5)).sum()
+            order = np.argsort(-(counts + 1e-3 * (g["global"] @ q["global"][i])), kind="stable")
+            aps.append(average_precision(positive_positions(order, positives), len(positives)))
+        out[f"{n} locals"] = round(100 * float(np.mean(aps)), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -80,6 +112,7 @@ def main() -> None:
     ranked = {"mAP": ("mAP",), "R@1": ("R@1",)}
     demo = run_evaluate(work, "photos-demo-rrt", folder + [f"reranker.checkpoint={demo_checkpoint}"])
     result["photos"]["demo RRT (synthetic labels)"] = metrics(demo, ranked)
+    result["photos"]["mutual-NN match count, mAP"] = matching_ceiling(demo)
     for seed in args.seeds:
         selfsup = run_evaluate(work, f"photos-selfsup-{seed}", folder + [
             "reranker=trained", f"train.selfsup.images={photos / 'train'}", "train.selfsup.views=16",

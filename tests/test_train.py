@@ -4,6 +4,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pytest
 import torch
 
@@ -129,6 +131,31 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     assert again["history"] == longer["history"]                            # finished: nothing retrained
     best = max(longer["history"], key=lambda h: (h["val_score"], h["epoch"]))
     assert again["best_epoch"] == best["epoch"]
+
+
+@pytest.mark.ray
+def test_mixed_pairs_add_views_of_the_gallery_to_the_labelled_split(local_ray, train_cfg, tmp_path):
+    """train.pairs=mixed: the labelled training split keeps its labels and its pair rule rows; the gallery's views
+    come labelled by their source; validation holds out whole labels of either kind, never test queries."""
+    from rrt_dist.datasets import load_benchmark, load_training_set
+    from rrt_dist.pipelines.train import prepare_training
+
+    cfg = train_cfg("mixed", "train.pairs=mixed", "train.selfsup.views=1", f"train.selfsup.root={tmp_path / 'views'}")
+    store, rows, val = prepare_training(cfg)
+    labelled = load_training_set(cfg.dataset)[1]
+    gallery = load_benchmark(cfg.dataset).gallery
+    gallery = gallery.filter(pa.compute.not_equal(gallery.column("split"), "distractor"))
+    label_of = dict(zip(labelled.column("id").to_pylist(), labelled.column("label").to_pylist()))
+    row_label = dict(zip(rows["ids"].tolist(), rows["labels"].tolist()))
+    in_training = [i for i in label_of if i in row_label]
+    assert in_training and all(row_label[i] == label_of[i] for i in in_training)
+    sources = set(gallery.column("id").to_pylist())
+    views = [i for i in row_label if i not in label_of and i not in sources]
+    assert views and all(row_label[v] in sources for v in views)          # a view is labelled by its source
+    held = val["bench"].gallery.column("id").to_numpy()
+    assert len(held) and not np.isin(held, rows["ids"]).any()
+    assert not np.isin(load_benchmark(cfg.dataset).queries.column("id").to_numpy(), rows["ids"]).any()
+    assert len(rows["ids"]) + len(held) == labelled.num_rows + 2 * len(sources)
 
 
 def test_sop_setting_composes_to_the_papers_sop_model():
