@@ -271,7 +271,7 @@ class SelfSupConfig:
     images: Optional[str] = None      # a folder or CSV / Parquet manifest of images; None: the evaluated gallery
     max_images: Optional[int] = bounded(10000, ge=1)   # a seeded sample of that many sources (None: all)
     views: int = bounded(4, ge=1)
-    difficulty: float = bounded(0.6, ge=0, le=1)       # 1: the synthetic benchmark's hardest views
+    difficulty: float = bounded(0.6, ge=0, le=1)       # 1: crops of 30 % or more, 30 degree rotations
     max_size: int = bounded(640, ge=32)               # views' longest side
     root: str = "data/selfsup"        # rendered views: <root>/<images source>/<view settings>/
 

@@ -34,6 +34,9 @@ def test_views_are_deterministic_by_seed_and_labelled_by_their_source(tmp_path):
         assert Path(a).name == Path(b).name and Path(a).read_bytes() == Path(b).read_bytes()
     assert pq.read_table(tmp_path / "a" / "views.parquet").equals(first.replace_schema_metadata(
         pq.read_table(tmp_path / "a" / "views.parquet").schema.metadata))
+    written = {p: Path(p).stat().st_mtime_ns for p in first.column("uri").to_pylist()}
+    assert write_views(sources, tmp_path / "a", spec).equals(first)               # a rerun renders nothing again
+    assert all(Path(p).stat().st_mtime_ns == t for p, t in written.items())
     other = write_views(sources, tmp_path / "c", ViewSpec(views=2, seed=6))
     assert not np.allclose(np.stack(first.column("homography").to_pylist()),
                            np.stack(other.column("homography").to_pylist()))

@@ -37,7 +37,7 @@ WARPS = 2      # version of the view rendering below: part of view ids and of tr
 @dataclass(frozen=True)
 class ViewSpec:
     views: int = 4              # warped views per photo
-    difficulty: float = 0.6     # 0: mild warps; 1: the synthetic benchmark's hardest views
+    difficulty: float = 0.6     # 0: the whole image, unchanged; 1: crops of 30 % or more, 30 degree rotations
     seed: int = 0
     max_size: int = 640         # views' longest side (pixels); the source keeps its own size
 
@@ -76,39 +76,61 @@ def crop_homography(rng: np.random.Generator, width: int, height: int, difficult
     return cv2.getPerspectiveTransform(source, frame)
 
 
+def view_geometry(width: int, height: int, source_id: int, index: int, spec: ViewSpec):
+    """View ``index`` of a ``width`` x ``height`` source: its generator (left where rendering goes on), its
+    homography (source -> view pixels) and its frame size, the longest side at most ``spec.max_size``."""
+    scale = min(1.0, spec.max_size / max(width, height))
+    frame = max(1, round(width * scale)), max(1, round(height * scale))
+    rng = view_rng(source_id, index, spec.seed)
+    return rng, crop_homography(rng, width, height, spec.difficulty, *frame), frame
+
+
+def warp_view(image: np.ndarray, rng: np.random.Generator, H: np.ndarray, frame: tuple[int, int],
+                difficulty: float) -> np.ndarray:
+    """The view: the source warped by ``H`` (skewed corners that leave the photo show it mirrored, a few pixels'
+    band), then photometric changes drawn from ``rng``."""
+    view = cv2.warpPerspective(image, H, frame, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return photometric_change(view, rng, difficulty)
+
+
 def render_views(image: np.ndarray, source_id: int, spec: ViewSpec) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``spec.views`` warped views of an RGB ``image``: ``(view, H)`` with H mapping source to view pixels.
-    Skewed corners that leave the photo show it mirrored (a few pixels' band)."""
+    """``spec.views`` warped views of an RGB ``image``: ``(view, H)`` with H mapping source to view pixels."""
     h, w = image.shape[:2]
-    scale = min(1.0, spec.max_size / max(h, w))
-    width, height = max(1, round(w * scale)), max(1, round(h * scale))
     out = []
     for index in range(spec.views):
-        rng = view_rng(source_id, index, spec.seed)
-        H = crop_homography(rng, w, h, spec.difficulty, width, height)
-        view = cv2.warpPerspective(image, H, (width, height), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REFLECT_101)
-        out.append((photometric_change(view, rng, spec.difficulty), H))
+        rng, H, frame = view_geometry(w, h, source_id, index, spec)
+        out.append((warp_view(image, rng, H, frame, spec.difficulty), H))
     return out
 
 
 def write_source_views(rows: list[dict], folder: str, spec: ViewSpec) -> list[dict]:
     """Render and write the views of ``rows`` (``id``, ``uri``) under ``folder``; one record per view.
-    Files are written to a temporary name and renamed, so a killed run leaves no torn view. Unreadable
+    Views already on disk are not rendered again (their homography needs only the source's size, read from its
+    header). Files are written to a temporary name and renamed, so a killed run leaves no torn view. Unreadable
     sources are skipped (they have no descriptors either)."""
+    from PIL import Image
+
     from rrt_dist.features.images import ImageError, load_image
 
     records = []
     for row in rows:
+        ids = [view_id(row["id"], index, spec) for index in range(spec.views)]
+        paths = [Path(folder) / f"{vid & ((1 << 64) - 1):016x}.jpg" for vid in ids]
+        image = None
         try:
-            image = load_image(row["uri"])
-        except ImageError as err:
+            if all(p.is_file() for p in paths):
+                with Image.open(row["uri"]) as header:
+                    width, height = header.size
+            else:
+                image = load_image(row["uri"])
+                height, width = image.shape[:2]
+        except (ImageError, OSError) as err:
             log.warning("self-supervised views: skipping %s (%s)", row["uri"], err)
             continue
-        for index, (view, H) in enumerate(render_views(image, row["id"], spec)):
-            vid = view_id(row["id"], index, spec)
-            path = Path(folder) / f"{vid & ((1 << 64) - 1):016x}.jpg"
+        for index, (vid, path) in enumerate(zip(ids, paths)):
+            rng, H, frame = view_geometry(width, height, row["id"], index, spec)
             if not path.is_file():
+                view = warp_view(image, rng, H, frame, spec.difficulty)
                 tmp = path.with_suffix(".tmp.jpg")
                 cv2.imwrite(str(tmp), cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
                 os.replace(tmp, path)
