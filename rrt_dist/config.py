@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from rrt_dist.pipelines.extract import ExtractSettings
 from rrt_dist.runtime import PoolResources, StageResources
 from rrt_dist.train.core import TrainSettings
+from rrt_dist.train.metric import MetricSettings
 from rrt_dist.schema import ConfigError, bounded, choice  # noqa: F401  (ConfigError: re-exported)
 
 
@@ -164,7 +165,8 @@ def _synthetic_config() -> type:
     return make_dataclass("SyntheticConfig", [
         ("name", str, field(default="synthetic")),
         ("root", str, field(default="data/synthetic")),
-        ("split", str, choice("test", "test", "val")),   # val is for model selection during training
+        # val is for model selection during training; test_classes: the test split as a metric-learning set
+        ("split", str, choice("test", "test", "val", "test_classes")),
         *spec_fields,
     ], bases=(DatasetConfig,))
 
@@ -291,8 +293,9 @@ class TrainConfig(TrainSettings):
     k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
     joint_stages: list[str] = field(default_factory=list, metadata={"choices": ("frozen", "finetune")})
-    crop_scale: list[float] = bounded(gt=0, le=1, factory=lambda: [0.25, 1.0])  # joint: random crop's share of the area
-    data_cpus: float = bounded(0.5, gt=0)    # joint: CPUs per Ray Data decode task (beside the workers' CPUs)
+    crop_scale: list[float] = bounded(gt=0, le=1, factory=lambda: [0.25, 1.0])  # images: random crop's share of the area
+    data_cpus: float = bounded(0.5, gt=0)    # images: CPUs per Ray Data decode task (beside the workers' CPUs)
+    metric: MetricSettings = field(default_factory=MetricSettings)   # train_metric: loss and what it sees
     val_k: int = bounded(100, ge=1)          # top-K reranked when validating each epoch
     val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
     num_workers: int = bounded(2, ge=1)      # resources of each: ray.train

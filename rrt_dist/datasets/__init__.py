@@ -10,6 +10,7 @@ from .gldv2 import read_gldv2_retrieval, read_gldv2_train
 from .metric_learning import read_cars196, read_cub200, read_sop
 from .msls import read_msls
 from .revisitop import read_r1m, read_revisitop
+from .synthetic import synthetic_as_metric_learning
 
 __all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "load_benchmark", "load_distractors",
            "load_training_set", "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
@@ -71,11 +72,14 @@ def _read_benchmark(cfg, ray_cfg) -> Benchmark:
     name = cfg.name
     if name == "synthetic":
         _generate(cfg, ray_cfg)
-        if cfg.split not in ("test", "val"):
-            raise ValueError(f"dataset.split must be test or val, got {cfg.split!r}")
-        bench = read_revisitop(cfg.root, "synthetic" if cfg.split == "test" else "synthetic-val", load_distractors(cfg))
-        bench.name = "synthetic" if cfg.split == "test" else "synthetic-val"
-        return bench
+        if cfg.split not in ("test", "val", "test_classes"):
+            raise ValueError(f"dataset.split must be test, val or test_classes, got {cfg.split!r}")
+        split = "val" if cfg.split == "val" else "test"
+        if cfg.split == "test_classes" and load_distractors(cfg) is not None:
+            raise ValueError("split=test_classes is a metric-learning set: it takes no distractors")
+        bench = read_revisitop(cfg.root, "synthetic" if split == "test" else "synthetic-val", load_distractors(cfg))
+        bench.name = "synthetic" if split == "test" else "synthetic-val"
+        return synthetic_as_metric_learning(bench, cfg.root) if cfg.split == "test_classes" else bench
     if name in ("roxford5k", "rparis6k"):
         return read_revisitop(cfg.root, name, load_distractors(cfg))
     if load_distractors(cfg) is not None:

@@ -393,6 +393,41 @@ def write_ground_truth(spec: SyntheticSpec, root: str | Path, items: list[Item],
     return stats
 
 
+def read_ground_truth(root: str | Path, split: str = "test") -> dict:
+    with open(Path(root) / f"gnd_synthetic{'' if split == 'test' else '-' + split}.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def landmark_labels(gnd: dict, root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+    """(landmark of each gallery image, landmark of each query) of a split's ground truth, numbered from 0."""
+    place = np.full(len(gnd["imlist"]), -1)
+    q_place = []
+    for entry in gnd["gnd"]:           # a query's easy + hard + junk views are all of its landmark's
+        members = np.asarray(entry["easy"] + entry["hard"] + entry["junk"], np.int64)
+        known = place[members][place[members] >= 0]
+        q_place.append(int(known[0]) if len(known) else int(place.max()) + 1)
+        place[members] = q_place[-1]
+    if (place < 0).any():
+        raise ValueError(f"{root}: {int((place < 0).sum())} gallery images belong to no query's landmark")
+    return place, np.asarray(q_place, np.int64)
+
+
+def synthetic_as_metric_learning(bench, root: str | Path, split: str = "test"):
+    """The ``split``'s queries and gallery views as one metric-learning set (landmark = class, query set =
+    gallery, self excluded): the landmarks are disjoint from the training split's, as the zero-shot protocol
+    of CUB200 / Cars196 / SOP wants. ``bench`` is the split read as revisitop."""
+    import pyarrow as pa
+
+    from .base import Benchmark, MetricLearningProtocol
+
+    place, q_place = landmark_labels(read_ground_truth(root, split), root)
+    images = pa.concat_tables([bench.queries, bench.gallery])
+    labels = np.concatenate([q_place, place])
+    images = images.set_column(images.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+    return Benchmark(name=f"{bench.name}-classes", queries=images, gallery=images,
+                     protocol=MetricLearningProtocol(labels), exclude_self=True, info=bench.info)
+
+
 def synthetic_as_msls(root: str | Path, out: str | Path, city: str = "cph", spacing_m: float = 100.0,
                       split: str = "test") -> dict:
     """The synthetic benchmark's ``split`` in MSLS layout (``read_msls``), to run the place-recognition
@@ -404,17 +439,8 @@ def synthetic_as_msls(root: str | Path, out: str | Path, city: str = "cph", spac
     import shutil
 
     root, out = Path(root), Path(out)
-    with open(root / f"gnd_synthetic{'' if split == 'test' else '-' + split}.pkl", "rb") as f:
-        gnd = pickle.load(f)
-    place = np.full(len(gnd["imlist"]), -1)
-    q_place = []
-    for entry in gnd["gnd"]:           # a query's easy + hard + junk views are all of its landmark's
-        members = np.asarray(entry["easy"] + entry["hard"] + entry["junk"], np.int64)
-        known = place[members][place[members] >= 0]
-        q_place.append(int(known[0]) if len(known) else int(place.max()) + 1)
-        place[members] = q_place[-1]
-    if (place < 0).any():
-        raise ValueError(f"{root}: {int((place < 0).sum())} gallery images belong to no query's landmark")
+    gnd = read_ground_truth(root, split)
+    place, q_place = landmark_labels(gnd, root)
     jitter = np.random.default_rng(0).uniform(-7, 7, (len(place), 2))     # within 10 m of the place
     sides = {"database": (gnd["imlist"], place, jitter), "query": (gnd["qimlist"], np.asarray(q_place),
                                                                    np.zeros((len(q_place), 2)))}

@@ -91,12 +91,14 @@ def qualitative_figure(bench: Benchmark, before: np.ndarray, after: np.ndarray, 
     return path
 
 
-def training_curve(history: list[dict], path: str | Path) -> Path:
-    """Training loss and pair accuracy, and the validation score, per epoch."""
+def training_curve(history: list[dict], path: str | Path, loss: str = "loss (BCE)", accuracy: str = "pair accuracy",
+                   score: str = "validation mAP (held-out split)") -> Path:
+    """Training loss and accuracy, and the validation score, per epoch (``loss`` / ``accuracy`` / ``score``:
+    what the three are called)."""
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(epochs, [h["loss"] for h in history], "o-", label="loss (BCE)")
-    left.plot(epochs, [h["accuracy"] for h in history], "s-", label="pair accuracy")
+    left.plot(epochs, [h["loss"] for h in history], "o-", label=loss)
+    left.plot(epochs, [h["accuracy"] for h in history], "s-", label=accuracy)
     left.set_xlabel("epoch")
     left.set_title("training")
     left.legend()
@@ -104,7 +106,7 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
         right.plot([h["epoch"] for h in history if "val_score" in h],
                    [100 * h["val_score"] for h in history if "val_score" in h], "o-", color="#1a9641")
     right.set_xlabel("epoch")
-    right.set_title("validation mAP (held-out split)")
+    right.set_title(score)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -181,7 +181,7 @@ def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
     return selfsup_manifest(sources, views), location
 
 
-def _labelled(manifest: pa.Table, pairs: str) -> pa.Table:
+def require_labels(manifest: pa.Table, pairs: str) -> pa.Table:
     if manifest.column("label").null_count:
         raise ValueError(f"train.pairs={pairs} needs a label for every training image, and "
                          f"{manifest.column('label').null_count} of {manifest.num_rows} have none: "
@@ -203,7 +203,7 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     pairs = training_pairs(cfg)
     if pairs in ("labels", "mixed"):
         name, labelled = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
-        manifest, location = _labelled(labelled, pairs), cfg.dataset.root
+        manifest, location = require_labels(labelled, pairs), cfg.dataset.root
     if pairs != "labels":
         selfsup, selfsup_location = selfsup_training_set(cfg)
         name = f"{cfg.dataset.name}-{pairs}"

@@ -29,7 +29,7 @@ from rrt_dist.store import FeatureStore
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
-from .features import backbone_features, training_features, training_pairs
+from .features import require_labels, backbone_features, training_features, training_pairs
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def min_positives(cfg) -> int:
     return cfg.train.min_positives if training_pairs(cfg) == "labels" else 0
 
 
-def run_name(cfg) -> str:
-    """``train.name``, or one derived from everything that decides the trained weights."""
+def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> str:
+    """``train.name``, or one derived from everything that decides the trained weights (``decisive_extra``:
+    what else does, for the caller's kind of run)."""
     if cfg.train.name:
         return cfg.train.name
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
@@ -64,9 +65,10 @@ def run_name(cfg) -> str:
                 **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
-                                       "data_cpus")}}  # where it runs does not change the weights
+                                       "data_cpus")},  # where it runs does not change the weights
+                **(decisive_extra or {})}
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
-    return f"rrt-{cfg.dataset.name}-{digest}"
+    return f"{prefix}-{cfg.dataset.name}-{digest}"
 
 
 def row_values(manifest: pa.Table, ids: np.ndarray, column: str = "label") -> np.ndarray:
@@ -248,3 +250,72 @@ def trained_reranker(cfg) -> dict | None:
     with open_dict(cfg):
         cfg.reranker.checkpoint = training["checkpoint"]
     return training
+
+
+# ----------------------------------------------------------------------------- metric learning (extractor)
+
+def metric_training_set(cfg) -> tuple[dict, dict]:
+    """(rows, validation set) of metric-learning training: the dataset's labelled training split with
+    ``train.val_holdout_labels`` classes held out (at most a quarter; never test classes). ``rows``: ``uris``
+    and ``labels`` renumbered 0..n-1; validation: the held-out images as a leave-one-out benchmark, decoded
+    and prepared once as the extractor prepares them."""
+    from rrt_dist.datasets import load_training_set
+    from rrt_dist.features import create_preparer
+    from rrt_dist.features.core import decode_and_prepare
+
+    _, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+    manifest = require_labels(manifest, "labels").sort_by("id")     # id order: seeded batches do not depend on listing
+    labels = manifest.column("label").to_numpy()
+    held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
+    train = manifest.filter(pa.array(~held))
+    _, classes = np.unique(labels[~held], return_inverse=True)
+    rows = {"uris": np.asarray(train.column("uri").to_pylist()), "labels": classes.astype(np.int64)}
+    held_manifest = manifest.filter(pa.array(held))
+    bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
+                      protocol=MetricLearningProtocol(held_manifest.column("label").to_numpy()), exclude_self=True)
+    preparer = create_preparer(cfg.backbone.name, **OmegaConf.to_container(cfg.backbone.options, resolve=True))
+    images = np.stack([decode_and_prepare(row["uri"], row["bbox"], preparer)[0].image
+                       for row in held_manifest.select(["uri", "bbox"]).to_pylist()])
+    log.info("metric training: %d images of %d classes; validation on %d images of %d held-out classes",
+             len(classes), classes.max() + 1, len(images), len(np.unique(labels[held])))
+    return rows, {"bench": bench, "images": images}
+
+
+def train_metric(cfg, out_dir: str | Path) -> dict:
+    """Train the extractor with ``train.metric``'s loss (resuming a run of the same name) and export the best
+    epoch (validation MAP@R) as ``dense-grid`` options. Returns ``backbone`` (the options to extract with),
+    ``history``, ``best_epoch``, ``run``, ``curve``."""
+    import torch
+
+    from rrt_dist.eval.figures import training_curve
+    from rrt_dist.features.grid import DenseGrid
+    from rrt_dist.runtime import init_ray
+    from rrt_dist.train.distributed import fit
+    from rrt_dist.train.metric import MetricEmbedder, export_extractor
+
+    if cfg.backbone.name != "dense-grid":
+        raise ValueError(f"metric-learning training trains a dense-grid extractor (backbone=dense_grid_r50), "
+                         f"not {cfg.backbone.name!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    structural = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
+    rows, val = metric_training_set(cfg)
+    init_ray(cfg.ray)
+    name = run_name(cfg, "ml", {"structural": structural})
+    result = fit(cfg.train, None, rows, val, name, train_settings(cfg), task="metric",
+                 task_config={"metric": OmegaConf.to_container(cfg.train.metric, resolve=True),
+                              "backbone": {"name": cfg.backbone.name, "options": options}, "structural": structural,
+                              "crop_scale": list(cfg.train.crop_scale), "data_cpus": cfg.train.data_cpus},
+                 resources=OmegaConf.to_object(cfg.ray.train))
+    (best, metrics), history = _best(result), _history(result)
+    model = MetricEmbedder(DenseGrid(**{**options, "device": "cpu"}))
+    with best.as_directory() as folder:
+        model.load_state_dict(torch.load(Path(folder) / "metric.pt", map_location="cpu", weights_only=True)["model"])
+    exported = export_extractor(model, out_dir)
+    curve = training_curve(history, out_dir / "training_curve.png", loss=f"loss ({cfg.train.metric.loss})",
+                           accuracy="batch P@1", score="validation MAP@R (held-out classes)")
+    print(f"trained extractor ({name}): best epoch {metrics['epoch']} (validation MAP@R "
+          f"{100 * metrics.get('val_score', 0):.2f}) -> {exported['checkpoint']}")
+    return {"backbone": exported, "history": history, "best_epoch": metrics["epoch"], "run": f"{result.path}",
+            "curve": str(curve), "training_images": int(len(rows["labels"]))}

@@ -54,6 +54,13 @@ class FeatureTask:
     def prepare_kwargs(self) -> dict:
         return {}
 
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.settings.lr,
+                                 weight_decay=self.settings.weight_decay)
+
+    def throughput(self, steps: int, seconds: float) -> dict:
+        return {"pairs_per_s": 2 * steps * self.settings.batch_size * self.world_size / max(seconds, 1e-9)}
+
     def set_mode(self, model) -> None:
         model.train()
 
@@ -157,7 +164,114 @@ class JointTask(FeatureTask):
         model.load_state_dict(torch.load(folder / "joint.pt", map_location="cpu", weights_only=True))
 
 
-TASKS = {"features": FeatureTask, "joint": JointTask}
+class MetricTask:
+    """An extractor trained with a metric-learning loss on global (+ structural) similarity, from images
+    (``rrt_dist.train.metric``): class-balanced batches split across the workers in whole classes, each
+    worker streaming its share through Ray Data (decode + seeded augmentation in CPU tasks)."""
+
+    def __init__(self, config: dict, settings: TrainSettings, rank: int, world_size: int):
+        from rrt_dist.features.grid import DenseGrid
+
+        from .metric import MetricSettings
+
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.metric = MetricSettings(**config["metric"])
+        self.rows = ray.get(config["rows"])                       # uris, labels (0..n_classes-1)
+        self.options = {**config["backbone"]["options"], "device": "cpu"}
+        self.extractor_cfg = DenseGrid.parse_config(**self.options)
+        self.structural, self.val_k = config["structural"], config["val_k"]
+        self.crop_scale, self.data_cpus = tuple(config["crop_scale"]), config["data_cpus"]
+        self.val = ray.get(config["val"]) if rank == 0 and config["val"] is not None else None
+        self.objective = None
+
+    def build(self) -> torch.nn.Module:
+        from rrt_dist.features.grid import DenseGrid
+
+        from .metric import MetricEmbedder, Objective
+
+        torch.manual_seed(self.settings.seed)
+        model = MetricEmbedder(DenseGrid(**self.options))
+        n_classes = int(self.rows["labels"].max()) + 1
+        self.objective = Objective(self.metric, n_classes, self.extractor_cfg.dim, self.structural)
+        return model
+
+    def prepare_kwargs(self) -> dict:
+        # The backbone's classifier head is never on the path to the embedding.
+        return {"parallel_strategy_kwargs": {"find_unused_parameters": True}}
+
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        from .metric import optimizer_for
+
+        return optimizer_for(model, self.objective, self.settings.lr, self.settings.weight_decay, self.metric.beta_lr)
+
+    def throughput(self, steps: int, seconds: float) -> dict:
+        return {"images_per_s": steps * self.settings.batch_size / max(seconds, 1e-9)}
+
+    def set_mode(self, model) -> None:
+        from .metric import set_train_mode
+
+        set_train_mode(model, self.metric.freeze_batchnorm)
+
+    def epoch_batches(self, epoch: int):
+        from .metric import class_balanced_batches, decode_images, worker_share
+
+        s = self.settings
+        batches = worker_share(class_balanced_batches(self.rows["labels"], self.metric.per_class, s.batch_size,
+                                                      s.seed, epoch), self.rank, self.world_size, self.metric.per_class)
+        n, size = batches.shape
+        crop_seeds = np.random.default_rng([s.seed, epoch, self.rank, 4]).integers(0, 2 ** 62, size=batches.size)
+        rows = [{"uri": self.rows["uris"][r], "label": int(self.rows["labels"][r]), "seed": int(c),
+                 "step_seed": s.seed * 1_000_003 + epoch * 10_007 + step}     # the same on every worker
+                for (step, r), c in zip(((i // size, r) for i, r in enumerate(batches.ravel().tolist())), crop_seeds)]
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True        # the seeded order, so resumed epochs repeat exactly
+        context.enable_progress_bars = False
+        images = ray.data.from_items(rows).map_batches(
+            decode_images, fn_kwargs={"image_size": self.extractor_cfg.image_size, "scale": self.crop_scale},
+            batch_size=size, batch_format="numpy", num_cpus=self.data_cpus)
+        return n, self._batches(images.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2,
+                                                    drop_last=True))
+
+    def _batches(self, decoded):
+        from .metric import image_batch
+
+        t = time.perf_counter()
+        for batch in decoded:
+            waited = time.perf_counter() - t
+            yield image_batch(batch, self.extractor_cfg.mean, self.extractor_cfg.std), waited
+            t = time.perf_counter()
+
+    def step(self, model, optimizer, batch: dict) -> dict:
+        from .metric import metric_step
+
+        self.objective.to(batch["images"].device)
+        return metric_step(model, self.objective, optimizer, batch["images"], batch["labels"], int(batch["seed"]),
+                           self.world_size, self.settings.grad_clip)
+
+    def validate(self, model) -> dict | None:
+        from .metric import embed_features, retrieval_metrics
+
+        if self.val is None:
+            return None
+        was_training = {m: m.training for m in model.modules()}
+        model.eval()
+        features = embed_features(model, self.val["images"], self.metric.val_batch)
+        metrics = retrieval_metrics(self.val["bench"], features, self.structural, self.val_k)
+        for module, mode in was_training.items():
+            module.training = mode
+        return {"metrics": metrics, "score": metrics["structural" if self.metric.structural else "global"]["MAP@R"]}
+
+    def save(self, model, epoch: int, metrics: dict, folder: Path) -> None:
+        torch.save({"model": model.state_dict(), "objective": self.objective.state_dict(), "epoch": epoch,
+                    "metrics": metrics}, folder / "metric.pt")
+
+    def load(self, model, folder: Path) -> None:
+        state = torch.load(folder / "metric.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+
+
+TASKS = {"features": FeatureTask, "joint": JointTask, "metric": MetricTask}
 
 
 def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
@@ -209,8 +323,7 @@ def train_worker(config: dict) -> None:
     core_model = task.build()
     task.set_mode(core_model)
     model = ray.train.torch.prepare_model(core_model, **task.prepare_kwargs())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    optimizer = task.optimizer(model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.gamma)
     start, history = _restore(task, model, optimizer, scheduler)
     if start and rank == 0:
@@ -240,7 +353,7 @@ def train_worker(config: dict) -> None:
         steps = len(losses)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
-                   "steps": steps, "pairs_per_s": 2 * steps * settings.batch_size * world_size / max(train_s, 1e-9),
+                   "steps": steps, **task.throughput(steps, train_s),
                    "data_s_per_step": data_s / max(steps, 1), "compute_s_per_step": step_s / max(steps, 1),
                    "lr": scheduler.get_last_lr()[0], "resumed_after": start}   # epochs done when this attempt began
         if rank != 0:
@@ -251,13 +364,14 @@ def train_worker(config: dict) -> None:
         if result is not None:
             metrics.update(val_score=result["score"], val_metrics=result["metrics"], val_s=time.perf_counter() - t)
         history.append(metrics)
-        for key in ("loss", "accuracy", "pairs_per_s", "val_score"):
+        for key in ("loss", "accuracy", "pairs_per_s", "images_per_s", "val_score"):
             if key in metrics:
                 writer.add_scalar(key, metrics[key], epoch + 1)
         writer.flush()
         epoch_s = time.perf_counter() - t_epoch
-        log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, pair accuracy {metrics['accuracy']:.3f}, "
-              f"{metrics['pairs_per_s']:.1f} pairs/s" +
+        rate = ", ".join(f"{v:.1f} {k.replace('_per_s', '')}/s" for k, v in metrics.items() if k.endswith("_per_s"))
+        log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}, "
+              f"{rate}" +
               (f", validation {100 * metrics['val_score']:.2f}" if "val_score" in metrics else "") +
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
         with tempfile.TemporaryDirectory() as folder:
@@ -303,14 +417,16 @@ def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
     return sorted(removed)
 
 
-def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, settings: TrainSettings,
+def fit(cfg, table: FeatureStore | None, rows: dict, val: dict | None, name: str, settings: TrainSettings,
         task: str = "features", task_config: dict | None = None, resources: StageResources | None = None):
     """Train (or resume, or return a finished run) under ``cfg.storage_path / name``; the Ray Train Result.
 
     ``rows``: ``ids``, ``labels``, ``neighbours``, ``anchors`` of the training table (see ``sampler``).
     ``task``: ``features`` (RRT on the table's descriptors) or ``joint`` (backbone + RRT from images; then
     ``task_config`` holds ``stage``, ``init`` (a ``joint.pt`` to start from, or None), ``backbone`` (name and
-    options of a dense-grid extractor), ``crop_scale`` and ``data_cpus``).
+    options of a dense-grid extractor), ``crop_scale`` and ``data_cpus``), or ``metric`` (an extractor trained
+    with a metric-learning loss, no table: ``rows`` holds ``uris`` and ``labels``; ``task_config`` holds
+    ``metric``, ``backbone``, ``structural``, ``crop_scale`` and ``data_cpus``).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -320,7 +436,8 @@ def fit(cfg, table: FeatureStore, rows: dict, val: dict | None, name: str, setti
     gpus = resources.gpus(cfg.num_workers)
     run_dir = f"{storage}/{name}"
     remove_unrecorded_checkpoints(run_dir)
-    config = {"settings": asdict(settings), "table": (table.uri, table.version), "rows": ray.put(rows),
+    config = {"settings": asdict(settings), "table": None if table is None else (table.uri, table.version),
+              "rows": ray.put(rows),
               "val": None if val is None else ray.put(val), "val_k": cfg.val_k,
               "tensorboard_dir": f"{run_dir}/tensorboard", "fail_at_epoch": cfg.fail_at_epoch,
               "fail_marker": f"{run_dir}/injected-failure", "task": task, **(task_config or {})}
