@@ -256,8 +256,8 @@ def trained_reranker(cfg) -> dict | None:
 
 def metric_training_set(cfg) -> tuple[dict, dict]:
     """(rows, validation set) of metric-learning training: the dataset's labelled training split with
-    ``train.val_holdout_labels`` classes held out (at most a quarter; never test classes). ``rows``: ``uris``
-    and ``labels`` renumbered 0..n-1; validation: the held-out images as a leave-one-out benchmark, decoded
+    ``train.val_holdout_labels`` classes held out (at most a quarter; never test classes). ``rows``: ``ids``,
+    ``uris`` and ``labels`` renumbered 0..n-1; validation: the held-out images as a leave-one-out benchmark, decoded
     and prepared once as the extractor prepares them."""
     from rrt_dist.datasets import load_training_set
     from rrt_dist.features import create_preparer
@@ -269,7 +269,8 @@ def metric_training_set(cfg) -> tuple[dict, dict]:
     held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
     train = manifest.filter(pa.array(~held))
     _, classes = np.unique(labels[~held], return_inverse=True)
-    rows = {"uris": np.asarray(train.column("uri").to_pylist()), "labels": classes.astype(np.int64)}
+    rows = {"ids": train.column("id").to_numpy(), "uris": np.asarray(train.column("uri").to_pylist()),
+            "labels": classes.astype(np.int64)}
     held_manifest = manifest.filter(pa.array(held))
     bench = Benchmark(name=f"{cfg.dataset.name}-holdout", queries=held_manifest, gallery=held_manifest,
                       protocol=MetricLearningProtocol(held_manifest.column("label").to_numpy()), exclude_self=True)

@@ -194,10 +194,13 @@ class Objective(nn.Module):
         from pytorch_metric_learning.utils import common_functions
 
         rows = pack(globals_, patches) if self.settings.structural else globals_
-        # The distance-weighted miner draws with pytorch-metric-learning's numpy generator: seeded per step, every
-        # worker (and a single-process run of the union batch) draws the same triplets.
+        # Miners draw with torch's generator (the distance-weighted one) or pytorch-metric-learning's numpy one:
+        # both seeded per step, so every worker, a resumed run and a single-process run of the union batch draw
+        # the same tuples.
         common_functions.NUMPY_RANDOM = np.random.RandomState(seed % 2 ** 32)
-        tuples = self.miner(globals_ if self.mine_on_global else rows, labels)
+        with torch.random.fork_rng(devices=[labels.device] if labels.is_cuda else []):
+            torch.manual_seed(seed)
+            tuples = self.miner(globals_ if self.mine_on_global else rows, labels)
         return self.loss(rows, labels, tuples)
 
 
