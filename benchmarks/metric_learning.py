@@ -56,7 +56,7 @@ def main() -> None:
             training = train_metric(cfg, cfg.output_dir)
             with open_dict(cfg):
                 cfg.backbone.options.update(training["backbone"])
-            results[name] = test_metrics(evaluate(cfg))
+            results[name] = test_metrics(evaluate(cfg, training))
             curves[name] = [round(100 * h["val_score"], 2) for h in training["history"]]
             print(name, results[name], "validation MAP@R per epoch:", curves[name], flush=True)
     print("\n| extractor | G P@1 | G RP | G MAP@R | G+S P@1 | G+S RP | G+S MAP@R |\n|---|---|---|---|---|---|---|")

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> dict:
     training = train_metric(cfg, cfg.output_dir)
     with open_dict(cfg):
         cfg.backbone.options.update(training["backbone"])
-    return {"training": training, "evaluation": evaluate(cfg)}
+    return {"training": training, "evaluation": evaluate(cfg, training)}
 
 
 if __name__ == "__main__":

@@ -223,3 +223,25 @@ def test_metric_training_killed_after_an_epoch_resumes_to_the_uninterrupted_weig
     for i, f in enumerate(stored):
         np.testing.assert_allclose(f.global_, expected["global"][i], atol=1e-4)
         np.testing.assert_allclose(f.local, expected["local"][i], atol=1e-4)
+
+
+def test_test_transform_resizes_the_shorter_side_then_crops_the_centre():
+    """backbone.options.resize=256 with image_size=224: torchvision's Resize(256) + CenterCrop(224); stored
+    positions map back to the original image."""
+    import torchvision.transforms.functional as TF
+
+    y, x = np.mgrid[0:300, 0:400]
+    rgb = np.stack([x * 0.6, y * 0.8, 128 + 100 * np.sin(x / 30) * np.cos(y / 40)], -1).astype(np.uint8)
+    prepare = DenseGrid.preparer(model="resnet18", image_size=224, resize=256)
+    prepared = prepare(rgb)
+    assert prepared.image.shape == (224, 224, 3)
+    reference = TF.center_crop(TF.resize(torch.from_numpy(rgb).permute(2, 0, 1), 256, antialias=True), 224)
+    assert np.abs(prepared.image.astype(int) - reference.permute(1, 2, 0).numpy().astype(int)).mean() < 1
+    # the prepared image's centre is the original's centre; its corner is the crop's corner
+    from rrt_dist.features.base import ImageFeatures, to_original
+
+    cells = ImageFeatures(np.zeros(4, np.float32), np.zeros((2, 4), np.float32),
+                          np.array([[112.0, 112.0], [0.0, 0.0]], np.float32), np.zeros(2, np.int64))
+    np.testing.assert_allclose(to_original(cells, prepared).positions,
+                               [[200.0, 150.0], [200 - 112 * 300 / 256, 150 - 112 * 300 / 256]], atol=1.0)
+    assert DenseGrid.preparer(model="resnet18", image_size=224)(rgb).image.shape == (224, 224, 3)   # default: squash

@@ -83,15 +83,20 @@ def run_section(run: dict) -> str:
 
 
 def training_section(training: dict) -> str:
-    """How the report's RRT was trained: the curve, and loss / pair accuracy / validation score per epoch."""
-    lines = [f"## RRT training ({training['run']})", "",
-             f"{training['training_images']} training images, {training['anchors']} anchors; best epoch "
-             f"{training['best_epoch']} by validation score (held-out split, never the test set).", "",
+    """How the report's model was trained (RRT, or an extractor by metric learning: ``train_metric``): the curve,
+    and loss / accuracy / validation score / throughput per epoch."""
+    rrt = "anchors" in training
+    rate = "pairs_per_s" if rrt else "images_per_s"
+    lines = [f"## {'RRT' if rrt else 'Extractor'} training ({training['run']})", "",
+             f"{training['training_images']} training images" + (f", {training['anchors']} anchors" if rrt else "") +
+             f"; best epoch {training['best_epoch']} by validation score "
+             f"({'held-out split' if rrt else 'MAP@R on held-out training classes'}, never the test set).", "",
              f"![training curve]({Path(training['curve']).name})", "",
-             "| Epoch | Loss | Pair accuracy | Validation (%) | Pairs/s |", "|---|---|---|---|---|"]
+             f"| Epoch | Loss | {'Pair accuracy' if rrt else 'Batch P@1'} | Validation (%) | "
+             f"{'Pairs' if rrt else 'Images'}/s |", "|---|---|---|---|---|"]
     for h in training["history"]:
         lines.append(f"| {h['epoch']} | {h['loss']:.4f} | {h['accuracy']:.3f} | {_pct(h.get('val_score'))} | "
-                     f"{h['pairs_per_s']:.1f} |")
+                     f"{h[rate]:.1f} |")
     return "\n".join(lines) + "\n"
 
 

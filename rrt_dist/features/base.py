@@ -49,8 +49,22 @@ def resize_exact(rgb: np.ndarray, size: int) -> Prepared:
     return Prepared(out, (w / size, h / size), (0.0, 0.0))
 
 
+def resize_center_crop(rgb: np.ndarray, resize: int, size: int) -> Prepared:
+    """Shorter side scaled to ``resize``, then the central ``size`` x ``size`` (torchvision's Resize(resize) +
+    CenterCrop(size), the metric-learning test transform 256 -> 224)."""
+    h, w = rgb.shape[:2]
+    s = resize / min(h, w)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    scaled = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return Prepared(np.ascontiguousarray(scaled[top:top + size, left:left + size]), (w / nw, h / nh),
+                    (left * w / nw, top * h / nh))
+
+
 def to_original(features: ImageFeatures, prepared: Prepared, offset=(0.0, 0.0)) -> ImageFeatures:
-    pos = features.positions * np.asarray(prepared.factor, np.float32) + np.asarray(offset, np.float32)
+    """Positions in the prepared image -> the original's pixels (``offset``: where a query's crop starts)."""
+    pos = (features.positions * np.asarray(prepared.factor, np.float32) + np.asarray(prepared.offset, np.float32)
+           + np.asarray(offset, np.float32))
     return ImageFeatures(features.global_, features.local, pos.astype(np.float32), features.scales)
 
 

@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import ImageFeatures, Prepared, image_tensor, l2n, load_projection, pick_device, resize_exact
+from .base import (ImageFeatures, Prepared, image_tensor, l2n, load_projection, pick_device, resize_center_crop,
+                   resize_exact)
 from .weights import WeightsUnavailable, create_backbone
 
 
@@ -31,6 +32,7 @@ class DenseGridConfig:
     checkpoint: Optional[str] = None
     pretrained: bool = True
     image_size: int = 224
+    resize: Optional[int] = None              # shorter side -> resize, then centre crop image_size (None: squash)
     dim: int = 128
     global_projection: Optional[str] = None   # .npz mean/projection [C, dim]; default: fixed orthogonal
     local_projection: Optional[str] = None
@@ -50,8 +52,10 @@ class _SingleScale:
 
     @classmethod
     def preparer(cls, **cfg):
-        size = cls.parse_config(**cfg).image_size
-        return lambda rgb: resize_exact(rgb, size)
+        config = cls.parse_config(**cfg)
+        if config.resize:
+            return lambda rgb: resize_center_crop(rgb, config.resize, config.image_size)
+        return lambda rgb: resize_exact(rgb, config.image_size)
 
     @property
     def config(self) -> dict:
@@ -100,6 +104,7 @@ class ViTConfig:
     checkpoint: Optional[str] = None
     pretrained: bool = True
     image_size: int = 224
+    resize: Optional[int] = None              # shorter side -> resize, then centre crop image_size (None: squash)
     grid_size: Optional[int] = 7              # patch grid average-pooled to grid_size x grid_size (None: native)
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)

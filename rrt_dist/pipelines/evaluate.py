@@ -67,15 +67,17 @@ def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_q
     return pairs
 
 
-def evaluate(cfg) -> dict:
-    """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload."""
+def evaluate(cfg, training: dict | None = None) -> dict:
+    """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload.
+    ``training``: how the evaluated extractor was trained (``train_metric``), for the report."""
     timings, start = {}, time.perf_counter()
     bench, stores = benchmark_features(cfg)
     patch_stores = patch_features(cfg, bench, stores)
     timings["features_s"] = time.perf_counter() - start
     t = time.perf_counter()
-    training = trained_reranker(cfg)                          # reranker.checkpoint=train: RRT trained first
-    if training:
+    reranker_training = trained_reranker(cfg)                 # reranker.checkpoint=train: RRT trained first
+    if reranker_training:
+        training = reranker_training
         timings["training_s"] = time.perf_counter() - t
     t = time.perf_counter()
     query_ids, queries = global_matrix(stores, ["query"])       # the gallery's are streamed, never loaded whole

@@ -106,7 +106,7 @@ def decode_batch(batch: dict, extractor_name: str, extractor_cfg: dict, max_pixe
         try:
             prepared, offset = decode_and_prepare(uri, bbox, preparer, max_pixels)
             images.append(prepared.image)
-            geometry.append([*prepared.factor, *offset])
+            geometry.append([*prepared.factor, *(np.add(offset, prepared.offset))])   # query crop + preparer's crop
             errors.append("")
         except ImageError as err:
             images.append(np.zeros((1, 1, 3), np.uint8))
