@@ -30,7 +30,8 @@ def random_images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def random_cells(n: int, cells: int = 9, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return embeddings(torch.randn(n, cells, dim, generator=torch.Generator().manual_seed(seed)))
+    cells = torch.randn(n, cells, dim, generator=torch.Generator().manual_seed(seed))
+    return embeddings(cells.mean(dim=1), cells)
 
 
 def test_structural_similarity_in_training_is_the_rerankers():
@@ -245,3 +246,39 @@ def test_test_transform_resizes_the_shorter_side_then_crops_the_centre():
     np.testing.assert_allclose(to_original(cells, prepared).positions,
                                [[200.0, 150.0], [200 - 112 * 300 / 256, 150 - 112 * 300 / 256]], atol=1.0)
     assert DenseGrid.preparer(model="resnet18", image_size=224)(rgb).image.shape == (224, 224, 3)   # default: squash
+
+
+def test_a_vit_trains_with_its_cls_token_as_global_and_exports_what_the_vit_extractor_loads(tmp_path):
+    """The ViT-reranking paper's transformers (CvT-13; here a random ViT-Tiny from timm): CLS token and pooled
+    patch tokens through trainable projections; every layer trains (no BatchNorm to freeze)."""
+    from rrt_dist.features.grid import ViTTokens
+    from rrt_dist.train.metric import export_extractor
+
+    options = {"model": "vit_tiny_patch16_224", "pretrained": False, "dim": 32, "device": "cpu"}
+    torch.manual_seed(0)
+    model = MetricEmbedder(ViTTokens(**options))
+    assert model.project_global is not None
+    set_train_mode(model, freeze_batchnorm=False)
+    objective = Objective(MetricSettings(loss="multisimilarity"), 4, 32, {**STRUCTURAL, "center": "cls",
+                                                                          "weighting": "inverse"})
+    optimizer = optimizer_for(model, objective, 1e-4, 0.0, 5e-4)
+    images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(2):
+        metric_step(model, objective, optimizer, images, LABELS, seed=step)
+    trained = model.state_dict()
+    for key in ("backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "project.weight",
+                "project_global.weight"):
+        assert not torch.equal(trained[key], start[key]), key
+
+    exported = export_extractor(model.eval(), tmp_path)
+    assert exported["global_projection"] != exported["local_projection"]
+    extractor = ViTTokens(**{**options, **exported})
+    rgb = np.random.default_rng(3).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    stored = extractor.extract([Prepared(image=x, factor=(1.0, 1.0), offset=(0, 0)) for x in rgb])
+    expected = embed_features(model, rgb)
+    for i, f in enumerate(stored):
+        np.testing.assert_allclose(f.global_, expected["global"][i], atol=1e-4)
+        np.testing.assert_allclose(f.local, expected["local"][i], atol=1e-4)
+    with pytest.raises(ValueError, match="backbone.options.dim"):
+        MetricEmbedder(ViTTokens(**{**options, "dim": None}))

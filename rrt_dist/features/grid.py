@@ -106,9 +106,13 @@ class ViTConfig:
     image_size: int = 224
     resize: Optional[int] = None              # shorter side -> resize, then centre crop image_size (None: squash)
     grid_size: Optional[int] = 7              # patch grid average-pooled to grid_size x grid_size (None: native)
+    dim: Optional[int] = None                 # project global and tokens to dim (None: the model's width, as is)
+    global_projection: Optional[str] = None   # .npz mean/projection [width, dim]; default: fixed orthogonal
+    local_projection: Optional[str] = None
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     device: str = "auto"
+    seed: int = 0
 
 
 def pool_grid(tokens: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
@@ -138,15 +142,17 @@ class ViTTokens(_SingleScale):
             self.has_cls = getattr(self.model, "cls_token", None) is not None
             grid = self.cfg.image_size // self.model.feature_info[-1]["reduction"]
         self.model = self.model.to(self.device)
-        self.global_dim = self.local_dim = dim
+        self.width = dim
+        self.global_dim = self.local_dim = self.cfg.dim or dim
+        if self.cfg.dim:
+            self.g_mean, self.g_proj = load_projection(self.cfg.global_projection, dim, self.cfg.dim, self.cfg.seed)
+            self.l_mean, self.l_proj = load_projection(self.cfg.local_projection, dim, self.cfg.dim, self.cfg.seed + 1)
         self.grid = self.cfg.grid_size or grid
         self.max_local = self.grid * self.grid
 
-    @torch.inference_mode()
-    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
-        if not batch:
-            return []
-        x = self._batch(batch)
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(global [B, width], tokens [B, grid*grid, width])`` of normalised images, differentiable: the CLS
+        token (the tokens' mean where the model has none) and the patch tokens pooled to the grid."""
         if self.cfg.model == "cvt-13":
             out = self.model(pixel_values=x)
             patches = out.last_hidden_state                                   # [B, C, h, w]
@@ -162,12 +168,21 @@ class ViTTokens(_SingleScale):
                 n_prefix = getattr(self.model, "num_prefix_tokens", 1)
                 tokens, cls = feats[:, n_prefix:], feats[:, 0]
                 h = w = int(round(tokens.shape[1] ** 0.5))
-        glob = cls.float().cpu().numpy() if cls is not None else tokens.float().mean(dim=1).cpu().numpy()
+        glob = cls if cls is not None else tokens.mean(dim=1)
         if (h, w) != (self.grid, self.grid):
-            tokens, h, w = pool_grid(tokens, h, w, self.grid), self.grid, self.grid
-        glob, local = l2n(glob), l2n(tokens.float().cpu().numpy())
-        pos = grid_positions(h, w, self.cfg.image_size)
-        return [ImageFeatures(glob[i], local[i], pos, np.zeros(h * w, np.int64)) for i in range(len(batch))]
+            tokens = pool_grid(tokens, h, w, self.grid)
+        return glob, tokens
+
+    @torch.inference_mode()
+    def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        if not batch:
+            return []
+        glob, tokens = (t.float().cpu().numpy() for t in self.tokens(self._batch(batch)))
+        if self.cfg.dim:
+            glob, tokens = (glob - self.g_mean) @ self.g_proj, (tokens - self.l_mean) @ self.l_proj
+        glob, local = l2n(glob), l2n(tokens)
+        pos = grid_positions(self.grid, self.grid, self.cfg.image_size)
+        return [ImageFeatures(glob[i], local[i], pos, np.zeros(self.max_local, np.int64)) for i in range(len(batch))]
 
 
 def _create_cvt13(cfg: ViTConfig):

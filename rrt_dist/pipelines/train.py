@@ -284,19 +284,19 @@ def metric_training_set(cfg) -> tuple[dict, dict]:
 
 def train_metric(cfg, out_dir: str | Path) -> dict:
     """Train the extractor with ``train.metric``'s loss (resuming a run of the same name) and export the best
-    epoch (validation MAP@R) as ``dense-grid`` options. Returns ``backbone`` (the options to extract with),
+    epoch (validation MAP@R) as the extractor's options. Returns ``backbone`` (the options to extract with),
     ``history``, ``best_epoch``, ``run``, ``curve``."""
     import torch
 
     from rrt_dist.eval.figures import training_curve
-    from rrt_dist.features.grid import DenseGrid
+    from rrt_dist.features import create_extractor
     from rrt_dist.runtime import init_ray
     from rrt_dist.train.distributed import fit
-    from rrt_dist.train.metric import MetricEmbedder, export_extractor
+    from rrt_dist.train.metric import TRAINABLE_EXTRACTORS, MetricEmbedder, export_extractor
 
-    if cfg.backbone.name != "dense-grid":
-        raise ValueError(f"metric-learning training trains a dense-grid extractor (backbone=dense_grid_r50), "
-                         f"not {cfg.backbone.name!r}")
+    if cfg.backbone.name not in TRAINABLE_EXTRACTORS:
+        raise ValueError(f"metric-learning training trains a dense-grid or vit extractor (backbone=dense_grid_r50, "
+                         f"cvt13, deit_s, swin_t), not {cfg.backbone.name!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
@@ -310,7 +310,7 @@ def train_metric(cfg, out_dir: str | Path) -> dict:
                               "crop_scale": list(cfg.train.crop_scale), "data_cpus": cfg.train.data_cpus},
                  resources=OmegaConf.to_object(cfg.ray.train))
     (best, metrics), history = _best(result), _history(result)
-    model = MetricEmbedder(DenseGrid(**{**options, "device": "cpu"}))
+    model = MetricEmbedder(create_extractor(cfg.backbone.name, **{**options, "device": "cpu"}))
     with best.as_directory() as folder:
         model.load_state_dict(torch.load(Path(folder) / "metric.pt", map_location="cpu", weights_only=True)["model"])
     exported = export_extractor(model, out_dir)

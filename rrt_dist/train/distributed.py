@@ -170,29 +170,31 @@ class MetricTask:
     worker streaming its share through Ray Data (decode + seeded augmentation in CPU tasks)."""
 
     def __init__(self, config: dict, settings: TrainSettings, rank: int, world_size: int):
-        from rrt_dist.features.grid import DenseGrid
+        from rrt_dist.features import extractor_config_class
 
         from .metric import MetricSettings
 
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.metric = MetricSettings(**config["metric"])
         self.rows = ray.get(config["rows"])                       # uris, labels (0..n_classes-1)
+        self.extractor = config["backbone"]["name"]
         self.options = {**config["backbone"]["options"], "device": "cpu"}
-        self.extractor_cfg = DenseGrid.parse_config(**self.options)
+        self.extractor_cfg = extractor_config_class(self.extractor)(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in self.options.items()})
         self.structural, self.val_k = config["structural"], config["val_k"]
         self.crop_scale, self.data_cpus = tuple(config["crop_scale"]), config["data_cpus"]
         self.val = ray.get(config["val"]) if rank == 0 and config["val"] is not None else None
         self.objective = None
 
     def build(self) -> torch.nn.Module:
-        from rrt_dist.features.grid import DenseGrid
+        from rrt_dist.features import create_extractor
 
         from .metric import MetricEmbedder, Objective
 
         torch.manual_seed(self.settings.seed)
-        model = MetricEmbedder(DenseGrid(**self.options))
+        model = MetricEmbedder(create_extractor(self.extractor, **self.options))
         n_classes = int(self.rows["labels"].max()) + 1
-        self.objective = Objective(self.metric, n_classes, self.extractor_cfg.dim, self.structural)
+        self.objective = Objective(self.metric, n_classes, model.project.out_features, self.structural)
         return model
 
     def prepare_kwargs(self) -> dict:

@@ -188,18 +188,21 @@ class ReextractedValidation:
 
 # ----------------------------------------------------------------------------- exported weights
 
-def export_backbone(model: JointReranker, folder: str | Path) -> dict:
-    """Write the finetuned extractor where the ``dense-grid`` extractor reads it: ``backbone.pt`` (the timm
-    state dict, ``backbone.options.checkpoint``) and ``local_projection.npz`` (``backbone.options.local_projection``).
-
-    The trained projection ``W x + b`` is stored as the extractor's ``(x - mean) @ P`` with ``P = W^T``
-    and ``mean`` solving ``mean @ P = -b`` (exact: ``P`` has full column rank).
-    """
-    folder = Path(folder)
-    torch.save(model.backbone.state_dict(), folder / "backbone.pt")
-    weight = model.project.weight.detach().cpu().double().numpy()           # [dim, C]
-    bias = model.project.bias.detach().cpu().double().numpy()
+def write_projection(layer: nn.Linear, path: str | Path) -> str:
+    """A trained projection ``W x + b`` as the extractors' ``(x - mean) @ P`` (``.npz``): ``P = W^T`` and ``mean``
+    solving ``mean @ P = -b`` (exact: ``P`` has full column rank). Returns the path."""
+    weight = layer.weight.detach().cpu().double().numpy()                   # [dim, C]
+    bias = layer.bias.detach().cpu().double().numpy()
     projection = weight.T
     mean = -bias @ np.linalg.pinv(projection)
-    np.savez(folder / "local_projection.npz", mean=mean.astype(np.float32), projection=projection.astype(np.float32))
-    return {"checkpoint": str(folder / "backbone.pt"), "local_projection": str(folder / "local_projection.npz")}
+    np.savez(path, mean=mean.astype(np.float32), projection=projection.astype(np.float32))
+    return str(path)
+
+
+def export_backbone(model: JointReranker, folder: str | Path) -> dict:
+    """Write the finetuned extractor where the ``dense-grid`` extractor reads it: ``backbone.pt`` (the timm
+    state dict, ``backbone.options.checkpoint``) and ``local_projection.npz`` (``backbone.options.local_projection``)."""
+    folder = Path(folder)
+    torch.save(model.backbone.state_dict(), folder / "backbone.pt")
+    return {"checkpoint": str(folder / "backbone.pt"),
+            "local_projection": write_projection(model.project, folder / "local_projection.npz")}

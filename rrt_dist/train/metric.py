@@ -2,10 +2,11 @@
 paper's Tables 2 and 3), the part without Ray: the model, the similarities the losses see, the losses
 (pytorch-metric-learning), one step (data-parallel aware), class-balanced batches, validation and export.
 
-The model (``MetricEmbedder``) is the ``dense-grid`` extractor made trainable: every cell of the backbone's
-last feature map through a trainable linear projection to ``dim`` (128). The global embedding is the
-normalised mean of the projected cells (what the extractor stores as its global with the same projection),
-the structural side the normalised cells.
+The model (``MetricEmbedder``) is the ``dense-grid`` extractor (ResNet-50, DIML) or the ``vit`` one (CvT-13,
+DeiT-S, Swin-T) made trainable: every cell of the backbone's last feature map, or every patch token pooled to
+the grid, through a trainable linear projection to ``dim`` (128). The global embedding is the projected CLS
+token where there is one, else the normalised mean of the projected cells (what the extractor stores as its
+global); the structural side is the normalised cells.
 
 How the structural term enters training (DIML's criteria, "equal weights" in the paper): for a pair of
 images, a transport plan ``T`` between their cells is computed without gradient, with the structural
@@ -62,23 +63,51 @@ class MetricSettings:
     val_batch: int = bounded(32, ge=1)      # images per forward pass when validating
 
 
+TRAINABLE_EXTRACTORS = ("dense-grid", "vit")
+
+
+def _affine(mean: np.ndarray, proj: np.ndarray) -> nn.Linear:
+    """The extractor's fixed ``(x - mean) @ proj`` as a trainable linear layer."""
+    mean, proj = torch.as_tensor(mean), torch.as_tensor(proj)                   # [C], [C, dim]
+    layer = nn.Linear(proj.shape[0], proj.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(proj.T)
+        layer.bias.copy_(-(mean @ proj))
+    return layer
+
+
 class MetricEmbedder(nn.Module):
-    """A dense-grid extractor's backbone + a trainable projection of its last-map cells (see module doc)."""
+    """A ``dense-grid`` or ``vit`` extractor made trainable: its cells (the CNN's last-map cells, or the
+    transformer's patch tokens pooled to its grid) through a trainable projection to ``dim``, starting as the
+    extractor's own. The global is the projected CLS token (its own projection) where the model has one, else
+    the mean of the projected cells (the projection of the map's mean, as the extractor computes it)."""
 
     def __init__(self, extractor):
         super().__init__()
-        self.backbone, self.last = extractor.model, extractor.last
-        self.mean, self.std = extractor.cfg.mean, extractor.cfg.std
-        mean, proj = torch.as_tensor(extractor.l_mean), torch.as_tensor(extractor.l_proj)     # [C], [C, dim]
-        self.project = nn.Linear(proj.shape[0], proj.shape[1])
-        with torch.no_grad():                                  # starts as the extractor's own projection
-            self.project.weight.copy_(proj.T)
-            self.project.bias.copy_(-(mean @ proj))
+        if extractor.name not in TRAINABLE_EXTRACTORS:
+            raise ValueError(f"metric learning trains a {' or '.join(TRAINABLE_EXTRACTORS)} extractor, not {extractor.name!r}")
+        self.backbone, self.mean, self.std = extractor.model, extractor.cfg.mean, extractor.cfg.std
+        self.project_global = None
+        if extractor.name == "dense-grid":
+            self.last = extractor.last
+        else:
+            if not extractor.cfg.dim:
+                raise ValueError("a vit extractor is trained with an embedding projection: set backbone.options.dim "
+                                 "(128 in the paper's recipe)")
+            self.tokens = extractor.tokens                 # reads extractor.model, which is self.backbone
+            if extractor.has_cls:
+                self.project_global = _affine(extractor.g_mean, extractor.g_proj)
+        self.project = _affine(extractor.l_mean, extractor.l_proj)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Projected cells ``[B, h*w, dim]`` (not normalised) of normalised ``[B, 3, H, W]`` images."""
-        (fmap,) = self.backbone.forward_intermediates(images, indices=[self.last], intermediates_only=True)
-        return self.project(fmap.flatten(2).transpose(1, 2))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global ``[B, dim]``, cells ``[B, R, dim]``), projected, not normalised, of normalised images."""
+        if self.project_global is None and not hasattr(self, "tokens"):
+            (fmap,) = self.backbone.forward_intermediates(images, indices=[self.last], intermediates_only=True)
+            cells = self.project(fmap.flatten(2).transpose(1, 2))
+            return cells.mean(dim=1), cells
+        glob, tokens = self.tokens(images)
+        cells = self.project(tokens)
+        return (cells.mean(dim=1) if self.project_global is None else self.project_global(glob)), cells
 
 
 def set_train_mode(model: MetricEmbedder, freeze_batchnorm: bool) -> None:
@@ -90,9 +119,9 @@ def set_train_mode(model: MetricEmbedder, freeze_batchnorm: bool) -> None:
                 module.eval()
 
 
-def embeddings(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def embeddings(glob: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(global ``[B, dim]``, patches ``[B, R, dim]``), both L2-normalised."""
-    return F.normalize(cells.mean(dim=1), dim=-1), F.normalize(cells, dim=-1)
+    return F.normalize(glob, dim=-1), F.normalize(cells, dim=-1)
 
 
 def pack(globals_: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -228,7 +257,7 @@ def metric_step(model: nn.Module, objective: Objective, optimizer, images: torch
     """One step on this worker's images (see the module doc for the data-parallel form). Returns loss and the
     batch's P@1."""
     optimizer.zero_grad(set_to_none=True)
-    globals_, patches = embeddings(model(images))
+    globals_, patches = embeddings(*model(images))
     all_globals, all_patches, all_labels = (gather_ranks(x) for x in (globals_, patches, labels))
     loss = objective(all_globals, all_patches, all_labels, seed)
     (loss * world_size).backward()
@@ -312,7 +341,7 @@ def embed_features(model: MetricEmbedder, images: np.ndarray, batch_size: int = 
     device = next(model.parameters()).device
     parts = [model(normalised(torch.as_tensor(images[s:s + batch_size], device=device), model.mean, model.std))
              for s in range(0, len(images), batch_size)]
-    globals_, patches = embeddings(torch.cat(parts))
+    globals_, patches = embeddings(torch.cat([g for g, _ in parts]), torch.cat([c for _, c in parts]))
     n, width = patches.shape[:2]
     side = int(round(np.sqrt(width)))
     positions = grid_positions(side, side, images.shape[1])
@@ -340,10 +369,19 @@ def retrieval_metrics(bench, features: dict, structural: dict, k: int) -> dict:
 
 
 def export_extractor(model: MetricEmbedder, folder: str | Path) -> dict:
-    """Write the trained model as ``dense-grid`` extractor options: ``checkpoint`` (backbone) and the learnt
-    projection as both ``local_projection`` and ``global_projection`` (the global is the projected cells'
-    mean, which is the projection of the map's mean)."""
-    from .joint import export_backbone
+    """Write the trained model as extractor options (``dense-grid`` or ``vit``): ``checkpoint`` (the backbone's
+    state dict, or a saved Hugging Face model folder for CvT-13), ``local_projection`` and ``global_projection``
+    (the same file where the global is the projected cells' mean)."""
+    from .joint import write_projection
 
-    exported = export_backbone(model, folder)
-    return {**exported, "global_projection": exported["local_projection"]}
+    folder = Path(folder)
+    if hasattr(model.backbone, "save_pretrained"):                         # CvT-13 (transformers)
+        model.backbone.save_pretrained(folder / "backbone")
+        checkpoint = folder / "backbone"
+    else:
+        checkpoint = folder / "backbone.pt"
+        torch.save(model.backbone.state_dict(), checkpoint)
+    local = write_projection(model.project, folder / "local_projection.npz")
+    glob = local if model.project_global is None else write_projection(model.project_global,
+                                                                        folder / "global_projection.npz")
+    return {"checkpoint": str(checkpoint), "local_projection": local, "global_projection": glob}
