@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rrt_dist.features.base import Prepared
 from rrt_dist.features.grid import DenseGrid
@@ -282,3 +283,21 @@ def test_a_vit_trains_with_its_cls_token_as_global_and_exports_what_the_vit_extr
         np.testing.assert_allclose(f.local, expected["local"][i], atol=1e-4)
     with pytest.raises(ValueError, match="backbone.options.dim"):
         MetricEmbedder(ViTTokens(**{**options, "dim": None}))
+
+
+def test_a_pair_with_no_transportable_mass_scores_zero_not_nan():
+    """Cells all anti-correlated with the other image's centre leave a marginal without mass (seen in training:
+    one NaN similarity made every weight NaN). Nothing is transported: structural score 0, gradient finite."""
+    gen = torch.Generator().manual_seed(0)
+    d = F.normalize(torch.randn(16, generator=gen), dim=0)
+    noise = 0.1 * torch.randn(3, 9, 16, generator=gen)
+    cells = torch.stack([d + noise[0], -d + noise[1], torch.randn(9, 16, generator=gen)])   # image 1 opposes image 0
+    g, p = embeddings(cells.mean(dim=1), cells)
+    p = p.clone().requires_grad_(True)
+    parts = transport_plans(p[0].detach(), g[0], p[1:2].detach(), g[1:2], **{**STRUCTURAL, "center": "mean"})
+    assert parts["u"].sum() == 0 and parts["v"].sum() == 0 and parts["plan"].abs().sum() == 0
+    rows = pack(g, p)
+    sim = structural_matrix(rows, rows, 16, {**STRUCTURAL, "center": "mean"}, "cosine")
+    assert torch.isfinite(sim).all()
+    sim.sum().backward()
+    assert torch.isfinite(p.grad).all()

@@ -13,6 +13,7 @@ For a query with patches ``P_q [R, C]`` and centre ``c_q [C]`` and a candidate w
     Sinkhorn  r = u / (K c),  c = v / (K^T r), from r = c = 1, at most ``max_iter`` times, stopping when the
               mean |change of r| over the whole batch falls below ``stop_tol``
     T         = diag(r) K diag(c);   score = sum(T * sim)
+              (T = 0 where u or v has no mass: every cell anti-correlated with the other image's centre)
 
 ``inverse`` is the paper's inverse cross-correlation for transformers, whose CLS token is closer to the
 background than to the object. ``ot_part`` < 1 gives partial transport: a dummy bin on each side takes
@@ -102,6 +103,11 @@ def transport_plans(query_patches, query_center, cand_patches, cand_centers, *, 
     K = torch.exp(-(1 - sim) / ot_temp)
     u = _marginal(torch.einsum("c,nic->ni", qc, cp), weighting, temperature)
     v = _marginal(torch.einsum("jc,nc->nj", qp, cc).contiguous(), weighting, temperature)
+    # A side whose cells all anti-correlate with the other's centre has no mass: nothing is transported (plan 0,
+    # score 0). Sinkhorn on it would divide by zero and give NaN; it runs on uniform marginals instead.
+    empty = (u.sum(dim=-1) <= 0) | (v.sum(dim=-1) <= 0)
+    u_run = torch.where(empty[:, None], 1.0 / max(u.shape[-1], 1), u)
+    v_run = torch.where(empty[:, None], 1.0 / max(v.shape[-1], 1), v)
     if len(cp) == 0:
         plan = K
     elif ot_part < 1:
@@ -110,11 +116,11 @@ def transport_plans(query_patches, query_center, cand_patches, cand_centers, *, 
         padded[:, :ri, :rj] = K
         padded[:, ri, rj] = 0                                          # dummy to dummy: never
         dummy = u.new_full((n, 1), 1 - ot_part)
-        plan = sinkhorn(padded, torch.cat([ot_part * u, dummy], 1), torch.cat([ot_part * v, dummy], 1),
+        plan = sinkhorn(padded, torch.cat([ot_part * u_run, dummy], 1), torch.cat([ot_part * v_run, dummy], 1),
                         max_iter, stop_tol)[:, :ri, :rj]
     else:
-        plan = sinkhorn(K, u, v, max_iter, stop_tol)
-    return {"plan": plan, "sim": sim, "u": u, "v": v}
+        plan = sinkhorn(K, u_run, v_run, max_iter, stop_tol)
+    return {"plan": plan.masked_fill(empty[:, None, None], 0), "sim": sim, "u": u, "v": v}
 
 
 def structural_similarity(query_patches, query_center, cand_patches, cand_centers, *, weighting: str = "correlation",
