@@ -301,3 +301,31 @@ def test_a_pair_with_no_transportable_mass_scores_zero_not_nan():
     assert torch.isfinite(sim).all()
     sim.sum().backward()
     assert torch.isfinite(p.grad).all()
+
+
+def test_cvt13_trains_every_layer_and_exports_a_model_folder_the_vit_extractor_loads(tmp_path):
+    """CvT-13 (random weights; the cvt extra): BatchNorm included in training, as the paper finetunes every layer."""
+    pytest.importorskip("transformers")
+    from rrt_dist.features.grid import ViTTokens
+    from rrt_dist.train.metric import export_extractor
+
+    options = {"model": "cvt-13", "pretrained": False, "dim": 32, "device": "cpu"}
+    torch.manual_seed(0)
+    model = MetricEmbedder(ViTTokens(**options))
+    set_train_mode(model, freeze_batchnorm=False)
+    running = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+    assert running
+    objective = Objective(MetricSettings(loss="margin"), 4, 32, {**STRUCTURAL, "center": "cls", "weighting": "inverse"})
+    metric_step(model, objective, optimizer_for(model, objective, 1e-4, 0.0, 5e-4),
+                torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1)), LABELS, seed=0)
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in running.items())   # BatchNorm trains too
+
+    exported = export_extractor(model.eval(), tmp_path)
+    assert Path(exported["checkpoint"]).is_dir()
+    extractor = ViTTokens(**{**options, **exported})
+    rgb = np.random.default_rng(3).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    stored = extractor.extract([Prepared(image=x, factor=(1.0, 1.0), offset=(0, 0)) for x in rgb])
+    expected = embed_features(model, rgb)
+    for i, f in enumerate(stored):
+        np.testing.assert_allclose(f.global_, expected["global"][i], atol=1e-4)
+        np.testing.assert_allclose(f.local, expected["local"][i], atol=1e-4)
