@@ -174,3 +174,42 @@ def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches,
                      *args)
     assert (summary["new"], summary["failed"], summary["rows"], summary["index_version"]) == (3, 1, 3, 1)
     assert "missing-3.jpg" in str(summary["error_samples"])
+
+
+HOLDER = """
+import sys, time, pathlib
+from rrt_dist.pipelines.ingest import gallery_lock
+with gallery_lock(sys.argv[1]):
+    print("held", flush=True)
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+"""
+
+
+def test_ingests_into_one_gallery_take_turns_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Two ingests into the same gallery would append the same ids twice and race for the index version: the
+    second waits for the first's lock; a holder killed with SIGKILL releases it (the kernel drops the flock)."""
+    import threading
+    import time
+
+    from rrt_dist.pipelines.ingest import GalleryBusy, gallery_lock
+
+    directory, release = str(tmp_path / "galleries" / "shop"), tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, directory, str(release)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(GalleryBusy, match=f"pid {holder.pid}"):
+        with gallery_lock(directory, wait=False):
+            pass
+    threading.Timer(1.0, release.touch).start()
+    start = time.monotonic()
+    with gallery_lock(directory):                        # waits until the holder lets go
+        waited = time.monotonic() - start
+    assert waited >= 0.9 and holder.wait(10) == 0
+
+    release.unlink()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, directory, str(release)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(10)
+    with gallery_lock(directory, wait=False):            # nothing left locked
+        pass
