@@ -213,3 +213,35 @@ def test_ingests_into_one_gallery_take_turns_and_a_killed_one_leaves_no_lock(tmp
     holder.wait(10)
     with gallery_lock(directory, wait=False):            # nothing left locked
         pass
+
+
+def test_images_and_manifests_can_be_fsspec_uris():
+    """A batch on an object store (here fsspec's in-memory file system): the folder listed, the manifest read,
+    its relative entries resolved against its folder, the images decoded, and a rewritten object detected."""
+    import io
+
+    import fsspec
+    from PIL import Image
+
+    from rrt_dist.features.images import file_identity, load_image
+
+    fs = fsspec.filesystem("memory")
+    rgb = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    for name in ("new/b.png", "new/sub/a.png"):
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        fs.pipe(f"/bucket/{name}", buffer.getvalue())
+    fs.pipe("/bucket/new/notes.txt", b"x")
+    fs.pipe("/bucket/batch.csv", b"path,label\nnew/b.png,3\nmemory:///bucket/new/sub/a.png,4\n")
+
+    listed = new_images(images="memory:///bucket/new").column("uri").to_pylist()
+    assert listed == ["memory:///bucket/new/b.png", "memory:///bucket/new/sub/a.png"]
+    batch = new_images(manifest="memory:///bucket/batch.csv")
+    assert batch.column("uri").to_pylist() == listed and batch.column("label").to_pylist() == [3, 4]
+    assert batch.column("id").to_pylist() == new_images(images="memory:///bucket/new").column("id").to_pylist()
+    np.testing.assert_array_equal(load_image(listed[0]), rgb)
+
+    before = file_identity(listed[0])
+    fs.pipe("/bucket/new/b.png", fs.cat("/bucket/new/sub/a.png") + b"")       # rewritten in place
+    assert file_identity(listed[0]) != before
+    assert file_identity("memory:///bucket/new/gone.png") == "missing"

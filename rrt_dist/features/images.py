@@ -18,9 +18,31 @@ class ImageError(ValueError):
     """An image that cannot be read; recorded by the pipelines, not fatal."""
 
 
+# What a file system reports that changes when an object is rewritten, most specific first (s3 / gcs / azure /
+# local or memory through fsspec).
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id", "mtime", "LastModified", "last_modified",
+                 "created")
+
+
+def is_uri(location: str) -> bool:
+    """A URI fsspec opens (``s3://``, ``gs://``, ``file://``, ...), not a plain local path."""
+    return "://" in location
+
+
 def file_identity(uri: str) -> str:
-    """What ties extracted features to the file they came from: its size and modification time (ns).
-    A file replaced or rewritten in place gets another identity; a missing file is ``"missing"``."""
+    """What ties extracted features to the file they came from: its size and modification time (ns), or for
+    a URI its size and the store's version of the object (ETag, generation, mtime). A file replaced or
+    rewritten in place gets another identity; a missing file is ``"missing"``."""
+    if is_uri(uri):
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            info = fs.info(path)
+        except (OSError, ValueError):
+            return "missing"
+        version = next((info[k] for k in _VERSION_KEYS if info.get(k) is not None), "")
+        return f"{info.get('size')}:{version}"
     try:
         st = os.stat(uri)
     except OSError:
@@ -28,16 +50,30 @@ def file_identity(uri: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _source(uri: str):
+    """What PIL opens: the path, or a URI's bytes read whole (decoders seek back and forth, which remote
+    streams do slowly)."""
+    if is_uri(uri):
+        import io
+
+        import fsspec
+
+        with fsspec.open(uri, "rb") as f:
+            return io.BytesIO(f.read())
+    return uri
+
+
 def load_image(uri: str, bbox: Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``uri`` to RGB uint8 ``[H, W, 3]``; ``bbox`` (x1, y1, x2, y2) crops it, as revisitop queries are.
 
-    Any failure to read this one image (missing, truncated, not an image, larger than ``max_pixels``
-    pixels, a decoder error of any kind) raises :class:`ImageError` naming the file and the reason.
+    ``uri``: a local path or any fsspec URI (``s3://``, ``gs://``, ``file://``...). Any failure to read this one
+    image (missing, truncated, not an image, larger than ``max_pixels`` pixels, a decoder error of any kind)
+    raises :class:`ImageError` naming the file and the reason.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(uri) as im:
+            with Image.open(_source(uri)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(f"{uri}: {w}x{h} pixels exceed the limit of {max_pixels} "
