@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 
 from rrt_dist.datasets.base import NO_ID
 from rrt_dist.runtime import StageResources
@@ -139,8 +140,20 @@ def _run(fn, *args):
     return fn(*args)
 
 
-def _results(pending: list) -> list:
-    return ray.get(pending) if ray.is_initialized() else pending
+def _results(pending: list, desc: str, rows: list[int]) -> list:
+    """The shard tasks' results in order, with a progress bar over the vectors they index (``rows`` per task:
+    vectors/s and ETA, advancing as each shard completes)."""
+    if not ray.is_initialized():
+        return pending
+    position = {ref: i for i, ref in enumerate(pending)}
+    out, left = [None] * len(pending), list(pending)
+    with tqdm(total=int(sum(rows)), desc=desc, unit="vec", unit_scale=True, mininterval=2.0) as bar:
+        while left:
+            done, left = ray.wait(left, num_returns=1)
+            i = position[done[0]]
+            out[i] = ray.get(done[0])
+            bar.update(int(rows[i]))
+    return out
 
 
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
@@ -188,7 +201,8 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     else:
         tables_ref = ray.put(tables) if ray.is_initialized() else tables
         counts = _results([_run(_fill_shard_from_tables, serialized, tables_ref, lo, hi, f"{directory}/{f}", block_rows)
-                           for (lo, hi), f in zip(bounds, files)])
+                           for (lo, hi), f in zip(bounds, files)], f"index build ({len(bounds)} shards)",
+                          [int(((ids >= lo) & (ids <= hi)).sum()) for lo, hi in bounds])
     shards = []
     for (lo, hi), f, count in zip(bounds, files, counts):
         mine = (ids >= lo) & (ids <= hi)
@@ -288,7 +302,9 @@ def update_index(stores, directory: str, rebuild_fraction: float = 0.2) -> tuple
         room = capacity - shards[last].ntotal - len(job[1])
         job[1], pending = np.concatenate([job[1], pending[:room]]), pending[room:]
     results = _results([_run(_rewrite_shard, directory, source, tables, adding, removing,
-                             _shard_file(i, version)) for i, (source, adding, removing) in jobs.items()])
+                             _shard_file(i, version)) for i, (source, adding, removing) in jobs.items()],
+                       f"index update ({len(jobs)} shards)",
+                       [shards[i].ntotal + len(adding) - len(removing) for i, (_, adding, removing) in jobs.items()])
     indexed_source = dict(zip(indexed.tolist(), indexed_sources.tolist()))
     for (i, (source, adding, removing)), count in zip(jobs.items(), results):
         old_ids = _read_rows_file(directory, shards[i].rows)[0] if shards[i].file else empty
