@@ -78,7 +78,7 @@ def test_each_loss_trains_the_embedding_on_a_fixed_batch(loss, structural):
         last = metric_step(model, objective, optimizer, images, labels, seed=step)
     assert first > 0 and last["loss"] < first
     if loss == "margin":                                # the per-class beta is trained
-        assert not torch.allclose(objective.loss.beta, torch.full((4,), 0.6))
+        assert not torch.allclose(objective.loss.beta, torch.full((4,), MetricSettings().beta))
 
 
 def test_batchnorm_stays_frozen_when_asked():
@@ -162,7 +162,7 @@ def test_ddp_step_on_two_workers_equals_one_step_on_the_union_batch(local_ray, t
         for name, value in objective.state_dict().items():
             torch.testing.assert_close(r["objective"][name], value, rtol=1e-5, atol=1e-6)
     if loss == "margin":
-        assert not torch.allclose(objective.loss.beta, torch.full((4,), 0.6))   # beta moved, and alike
+        assert not torch.allclose(objective.loss.beta, torch.full((4,), MetricSettings().beta))   # beta moved, and alike
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_metric_training_killed_after_an_epoch_resumes_to_the_uninterrupted_weig
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["objective"]["loss.beta"], b["objective"]["loss.beta"])
-    assert not torch.allclose(a["objective"]["loss.beta"], torch.full_like(a["objective"]["loss.beta"], 0.6))
+    assert not torch.allclose(a["objective"]["loss.beta"], torch.full_like(a["objective"]["loss.beta"], MetricSettings().beta))
 
     model = MetricEmbedder(DenseGrid(**{**cfg.backbone.options, "device": "cpu"})).eval()
     best = Path(clean["run"]) / f"epoch_{clean['best_epoch']:03d}" / "metric.pt"

@@ -53,7 +53,7 @@ class MetricSettings:
     freeze_batchnorm: bool = True           # DIML's ResNet-50 (BatchNorm in eval mode, statistics kept)
     beta_lr: float = bounded(5e-4, gt=0)    # margin: learning rate of the per-class beta
     margin: float = bounded(0.2, ge=0)      # margin and triplet losses
-    beta: float = bounded(0.6, gt=0)        # margin: initial beta
+    beta: float = bounded(1.2, gt=0)        # margin: initial beta (the reference code's; not 0.6)
     cutoff: float = bounded(0.5, ge=0)      # distance-weighted miner
     nonzero_loss_cutoff: float = bounded(1.4, gt=0)
     ms_alpha: float = bounded(2.0, gt=0)    # multi-similarity loss
