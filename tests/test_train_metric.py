@@ -213,7 +213,8 @@ def test_metric_training_killed_after_an_epoch_resumes_to_the_uninterrupted_weig
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["objective"]["loss.beta"], b["objective"]["loss.beta"])
-    assert not torch.allclose(a["objective"]["loss.beta"], torch.full_like(a["objective"]["loss.beta"], MetricSettings().beta))
+    beta = a["objective"]["loss.beta"]
+    assert not torch.allclose(beta, torch.full_like(beta, MetricSettings().beta))
 
     model = MetricEmbedder(DenseGrid(**{**cfg.backbone.options, "device": "cpu"})).eval()
     best = Path(clean["run"]) / f"epoch_{clean['best_epoch']:03d}" / "metric.pt"
