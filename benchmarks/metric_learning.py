@@ -56,7 +56,8 @@ def main() -> None:
             for seed in args.seeds:
                 name = f"{loss} on {trained_on}, seed {seed}"
                 cfg = compose(args.work, f"{loss}-{trained_on}-s{seed}", [
-                    f"train.metric.loss={loss}", f"train.metric.structural={trained_on == 'G+S'}", f"train.seed={seed}"])
+                    f"train.metric.loss={loss}", f"train.metric.structural={trained_on == 'G+S'}",
+                    f"train.seed={seed}"])
                 training = train_metric(cfg, cfg.output_dir)
                 with open_dict(cfg):
                     cfg.backbone.options.update(training["backbone"])

@@ -14,8 +14,8 @@ from rrt_dist.features.base import Prepared
 from rrt_dist.features.grid import DenseGrid
 from rrt_dist.rerank.structural import StructuralConfig, structural_similarity, transport_plans
 from rrt_dist.train.metric import (LOSSES, MetricEmbedder, MetricSettings, Objective, class_balanced_batches,
-                                   embed_features, embeddings, metric_step, optimizer_for, pack, set_train_mode, structural_matrix,
-                                   structural_pairs, worker_share)
+                                   embed_features, embeddings, metric_step, optimizer_for, pack, set_train_mode,
+                                   structural_matrix, structural_pairs, worker_share)
 
 REPO = Path(__file__).resolve().parent.parent
 STRUCTURAL = asdict(StructuralConfig())
@@ -162,7 +162,8 @@ def test_ddp_step_on_two_workers_equals_one_step_on_the_union_batch(local_ray, t
         for name, value in objective.state_dict().items():
             torch.testing.assert_close(r["objective"][name], value, rtol=1e-5, atol=1e-6)
     if loss == "margin":
-        assert not torch.allclose(objective.loss.beta, torch.full((4,), MetricSettings().beta))   # beta moved, and alike
+        # beta moved, and alike
+        assert not torch.allclose(objective.loss.beta, torch.full((4,), MetricSettings().beta))
 
 
 @pytest.fixture(scope="module")

@@ -372,8 +372,8 @@ def train_worker(config: dict) -> None:
         writer.flush()
         epoch_s = time.perf_counter() - t_epoch
         rate = ", ".join(f"{v:.1f} {k.replace('_per_s', '')}/s" for k, v in metrics.items() if k.endswith("_per_s"))
-        log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}, "
-              f"{rate}" +
+        log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, "
+              f"accuracy {metrics['accuracy']:.3f}, {rate}" +
               (f", validation {100 * metrics['val_score']:.2f}" if "val_score" in metrics else "") +
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
         with tempfile.TemporaryDirectory() as folder:

@@ -85,7 +85,8 @@ class MetricEmbedder(nn.Module):
     def __init__(self, extractor):
         super().__init__()
         if extractor.name not in TRAINABLE_EXTRACTORS:
-            raise ValueError(f"metric learning trains a {' or '.join(TRAINABLE_EXTRACTORS)} extractor, not {extractor.name!r}")
+            raise ValueError(f"metric learning trains a {' or '.join(TRAINABLE_EXTRACTORS)} extractor, "
+                             f"not {extractor.name!r}")
         self.backbone, self.mean, self.std = extractor.model, extractor.cfg.mean, extractor.cfg.std
         self.project_global = None
         if extractor.name == "dense-grid":
