@@ -285,3 +285,28 @@ def test_pca_whitening_fit_and_use(tmp_path):
     assert ex.global_dim == 64
     f = ex.extract([create_preparer("multiscale-cnn", max_size=128)(data.coffee())])[0]
     assert f.global_.shape == (64,) and np.isclose(np.linalg.norm(f.global_), 1, atol=1e-5)
+
+
+def test_fingerprint_follows_the_weights_not_only_their_path(tmp_path):
+    """A checkpoint rewritten at the same path (a rerun of training exports there) is another extractor: its
+    tables must not be taken for the old ones. The same bytes with another modification time (a node's own
+    copy) are the same extractor."""
+    import os
+
+    import numpy as np
+
+    projection = tmp_path / "local_projection.npz"
+    rng = np.random.default_rng(0)
+    np.savez(projection, mean=np.zeros(512, np.float32), projection=rng.normal(size=(512, 128)).astype(np.float32))
+    options = {"model": "resnet18", "pretrained": False, "local_projection": str(projection)}
+    before = config_fingerprint("dense-grid", **options)
+    os.utime(projection, ns=(1, 1))
+    assert config_fingerprint("dense-grid", **options) == before
+    np.savez(projection, mean=np.zeros(512, np.float32), projection=rng.normal(size=(512, 128)).astype(np.float32))
+    assert config_fingerprint("dense-grid", **options) != before
+    model_dir = tmp_path / "saved"                                    # a saved Hugging Face model folder
+    model_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(b"a")
+    folder = config_fingerprint("vit", model="cvt-13", checkpoint=str(model_dir))
+    (model_dir / "weights.bin").write_bytes(b"b")
+    assert config_fingerprint("vit", model="cvt-13", checkpoint=str(model_dir)) != folder

@@ -1,6 +1,7 @@
 """Descriptor extractors behind one registry, in the style of timm's ``create_model``."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -68,8 +69,38 @@ def create_preparer(name: str, **cfg):
     return _REGISTRY[name].preparer(**cfg)
 
 
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, identity: str) -> str:
+    """SHA-1 of a local file's bytes (cached per process by path and size / mtime: read once, not per table)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def weights_identity(location: str) -> str:
+    """What the weights at ``location`` are, beyond their path: the content of the file, or of every file of a
+    model folder (a saved Hugging Face model); for a URI, the store's version of the object (an s3 ETag is a
+    content hash). A checkpoint rewritten at the same path, as a rerun of training does, is another extractor:
+    its tables are not the old ones. Content, not modification time, so that nodes holding their own copies of
+    the same weights agree."""
+    from .images import file_identity
+
+    if "://" in location:
+        return file_identity(location)
+    path = Path(location)
+    if path.is_dir():
+        return ";".join(f"{p.relative_to(path)}={weights_identity(str(p))}" for p in sorted(path.rglob("*"))
+                        if p.is_file())
+    identity = file_identity(location)
+    return identity if identity == "missing" else _content_digest(str(path.resolve()), identity)
+
+
 def _digest(name: str, config: dict) -> str:
-    payload = json.dumps({"name": name, "config": config}, sort_keys=True, default=str)
+    weights = {k: weights_identity(str(config[k])) for k in FILE_OPTIONS if config.get(k)}
+    payload = json.dumps({"name": name, "config": config, **({"weights": weights} if weights else {})},
+                         sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
