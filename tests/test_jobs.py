@@ -92,7 +92,8 @@ def test_job_submission_to_local_head(tmp_path):
              "--disable-usage-stats", *agent_ports]
     # --block in its own process group: stopping it stops this head only (`ray stop` would stop every
     # Ray on the machine, the test session's embedded one included).
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    head_log = tmp_path / "ray-head.log"
+    head = subprocess.Popen(start, env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         out = tmp_path / "out"
@@ -101,16 +102,19 @@ def test_job_submission_to_local_head(tmp_path):
                       "reranker=none ray.extract.num_gpus=0 ray.extract.num_cpus=1 "
                       f"dataset.root={tmp_path / 'syn'} features_dir={tmp_path / 'features'} hydra.run.dir={out}")
         runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
-        deadline = time.time() + 120
-        while True:  # the head and its job agent take a few seconds to come up
+        # The head and its job agent take seconds to come up, minutes on a fresh venv (first imports compile
+        # every module) of a loaded 2-core machine; a head that died says why.
+        deadline = time.time() + 300
+        while True:
+            assert head.poll() is None, f"ray start --head exited: {head_log.read_text()[-3000:]}"
             try:
                 client = JobSubmissionClient(f"http://127.0.0.1:{dash_port}",
                                              headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
                 job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
                 break
-            except (RuntimeError, ConnectionError):
+            except (RuntimeError, ConnectionError) as err:
                 if time.time() > deadline:
-                    raise
+                    raise AssertionError(f"no job server after 300 s: {head_log.read_text()[-3000:]}") from err
                 time.sleep(2)
         deadline = time.time() + 480
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
