@@ -152,17 +152,18 @@ def _plans(query_patches, query_global, ref_patches, ref_globals, structural: di
                                ref_globals.detach(), **structural)["plan"]
 
 
+def _scores(q_global, q_patches, r_globals, r_patches, structural: dict, form: str) -> torch.Tensor:
+    """``[M]`` global + structural similarity / distance of one query against M references."""
+    plan = _plans(q_patches, q_global, r_patches, r_globals, structural)           # [M, R_ref, R_query]
+    return _combine(plan, torch.einsum("mac,bc->mab", r_patches, q_patches), r_globals @ q_global, form)
+
+
 def structural_matrix(query: torch.Tensor, ref: torch.Tensor, dim: int, structural: dict,
                       form: str = "cosine") -> torch.Tensor:
     """``[N, M]`` global + structural similarity (``cosine``) or distance (``euclidean``) between packed rows."""
     qg, qp = _unpack(query, dim)
     rg, rp = _unpack(ref, dim)
-    rows = []
-    for i in range(len(query)):
-        plan = _plans(qp[i], qg[i], rp, rg, structural)                       # [M, R_ref, R_query]
-        cell_cos = torch.einsum("mac,bc->mab", rp, qp[i])
-        rows.append(_combine(plan, cell_cos, rg @ qg[i], form))
-    return torch.stack(rows)
+    return torch.stack([_scores(qg[i], qp[i], rg, rp, structural, form) for i in range(len(query))])
 
 
 def structural_pairs(query: torch.Tensor, ref: torch.Tensor, dim: int, structural: dict,
@@ -170,11 +171,8 @@ def structural_pairs(query: torch.Tensor, ref: torch.Tensor, dim: int, structura
     """``[N]`` the same for the pairs ``(query[i], ref[i])``."""
     qg, qp = _unpack(query, dim)
     rg, rp = _unpack(ref, dim)
-    out = []
-    for i in range(len(query)):
-        plan = _plans(qp[i], qg[i], rp[i:i + 1], rg[i:i + 1], structural)
-        out.append(_combine(plan, torch.einsum("mac,bc->mab", rp[i:i + 1], qp[i]), rg[i:i + 1] @ qg[i], form)[0])
-    return torch.stack(out)
+    return torch.stack([_scores(qg[i], qp[i], rg[i:i + 1], rp[i:i + 1], structural, form)[0]
+                        for i in range(len(query))])
 
 
 def structural_distance(dim: int, structural: dict, form: str):
