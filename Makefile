@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 		{ echo "rrt-dist needs Python >= 3.11 (found: '$(PYTHON)'); run: make PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cpu,dev]"
+	$(BIN)/python -m pip install --quiet --no-cache-dir -c constraints.txt -e ".[cpu,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

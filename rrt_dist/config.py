@@ -74,6 +74,10 @@ def validate_config(cfg) -> None:
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)
+    root = cfg.get("storage_root")
+    if root is not None and (not root or (root.endswith("/") and root != "/")):
+        # interpolated into every stored path: "s3://b/x/" would give "s3://b/x//features", another key
+        raise ConfigError(f"storage_root={root!r}: give a folder or URI without a trailing '/'")
 
 
 @dataclass
@@ -235,7 +239,7 @@ class IndexConfig:
     qe_alpha: float = bounded(0.3, ge=0)
     dba_n: int = bounded(0, ge=0)            # database-side augmentation neighbours (0 = off)
     dba_alpha: float = bounded(0.3, ge=0)
-    dir: str = "data/indexes"
+    dir: str = "${storage_root}/indexes"
 
 
 @dataclass
@@ -275,7 +279,7 @@ class SelfSupConfig:
     views: int = bounded(4, ge=1)
     difficulty: float = bounded(0.6, ge=0, le=1)       # 1: crops of 30 % or more, 30 degree rotations
     max_size: int = bounded(640, ge=32)               # views' longest side
-    root: str = "data/selfsup"        # rendered views: <root>/<images source>/<view settings>/
+    root: str = "${storage_root}/selfsup"   # rendered views: <root>/<images source>/<view settings>/
 
 
 @dataclass
@@ -300,7 +304,7 @@ class TrainConfig(TrainSettings):
     val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
     num_workers: int = bounded(2, ge=1)      # resources of each: ray.train
     name: Optional[str] = None
-    storage_path: str = "data/train"         # local folder or URI (s3://, gs://) shared by the workers
+    storage_path: str = "${storage_root}/train"   # local folder or URI (s3://, gs://) shared by the workers
     keep_checkpoints: int = bounded(2, ge=1)  # best by validation score; the latest is always kept too
     max_failures: int = bounded(3, ge=0)     # worker failures survived (restart from the latest checkpoint)
     fail_at_epoch: Optional[int] = bounded(None, ge=0)   # fault injection (tests): one worker dies once at this epoch
@@ -313,7 +317,7 @@ class GalleryConfig:
     recursively) or ``manifest`` (CSV or Parquet with a ``uri`` or ``path`` column, optional ``id`` and
     ``label``; paths relative to the manifest's folder)."""
     name: str = "default"
-    root: str = "data/galleries"
+    root: str = "${storage_root}/galleries"
     images: Optional[str] = None
     manifest: Optional[str] = None
 
@@ -327,8 +331,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
-    features_dir: str = "data/features"      # Lance feature tables: <features_dir>/<benchmark>/<fingerprint>/
-    output_dir: str = "${hydra:runtime.output_dir}"
+    # What jobs write and later jobs reuse (feature tables, indexes, galleries, training runs, rendered views) lives
+    # under one root: a local or shared path, or an fsspec URI (s3://, gs://). On a cluster it must outlive the
+    # cluster, not be Ray's temporary copy of the working directory.
+    storage_root: str = "data"
+    features_dir: str = "${storage_root}/features"   # Lance feature tables: <features_dir>/<benchmark>/<fingerprint>/
+    output_dir: str = "${hydra:runtime.output_dir}"  # this run's report, figures, exported weights (a local folder)
+    # where the output folder is copied when the job ends (ended by an error too): <outputs_root>/<job>/<run>;
+    # null: it stays in output_dir only (ray=cluster: ${storage_root}/outputs)
+    outputs_root: Optional[str] = None
 
 
 DATASET_SCHEMAS = {

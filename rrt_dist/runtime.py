@@ -106,18 +106,72 @@ def user_errors() -> tuple[type, ...]:
     return ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, IndexMismatch, FeatureTableMismatch
 
 
+# Ray's job supervisor sets this in the environment of a driver started by ``ray job submit``, whose working
+# directory is Ray's temporary copy of the submitted one (gone with the cluster).
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def outputs_destination(cfg, job_name: str) -> Optional[str]:
+    """Where a run's output folder is copied when it ends: ``<outputs_root>/<job>/<run folder>``.
+    ``outputs_root: null`` means ``<storage_root>/outputs`` for a submitted job and no copy otherwise."""
+    from rrt_dist.features.images import join_location
+
+    root = cfg.get("outputs_root")
+    if root is None and SUBMITTED_JOB_ENV in os.environ:
+        root = join_location(cfg.storage_root, "outputs")
+    if root is None:
+        return None
+    return join_location(root, job_name, os.path.basename(os.path.normpath(cfg.output_dir)))
+
+
+def publish_outputs(output_dir: str, destination: str) -> None:
+    """Copy (or overwrite) ``output_dir``'s files under ``destination``, a local or shared path or an fsspec URI."""
+    import fsspec
+
+    from rrt_dist.features.images import is_uri
+
+    if not is_uri(destination) and os.path.realpath(output_dir) == os.path.realpath(destination):
+        return
+    fs, path = fsspec.core.url_to_fs(destination)
+    fs.makedirs(path, exist_ok=True)
+    fs.put(f"{os.path.normpath(output_dir)}/", path, recursive=True)
+
+
+def _announce_storage(cfg, destination: Optional[str]) -> None:
+    from rrt_dist.features.images import is_uri
+
+    root = str(cfg.storage_root)
+    shown = root if is_uri(root) else os.path.abspath(root)
+    log.info("storage: %s (tables, indexes, galleries, training runs); outputs: %s%s", shown, cfg.output_dir,
+             f" -> {destination}" if destination else "")
+    if SUBMITTED_JOB_ENV in os.environ and not (is_uri(root) or os.path.isabs(root)):
+        log.warning("storage_root=%s is relative to this submitted job's working directory, Ray's temporary copy "
+                    "(%s): everything stored there is lost with the cluster; set storage_root to a shared path "
+                    "or a URI", root, os.getcwd())
+
+
 def job(main):
     """Decorator of a job's ``main(cfg)`` (under ``hydra.main``): the config is validated before anything
     starts (no Ray, no data touched), and a known user error ends the job with one line on stderr and
-    exit status 2."""
+    exit status 2. Once the job has started, its output folder is copied where ``outputs_destination`` says,
+    however it ends."""
     @functools.wraps(main)
     def run(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        from rrt_dist.config import validate_config
+
         errors = user_errors()
         try:
-            from rrt_dist.config import validate_config
-
             validate_config(cfg)
-            return main(cfg)
+            destination = outputs_destination(cfg, HydraConfig.get().job.name)
+            _announce_storage(cfg, destination)
+            try:
+                return main(cfg)
+            finally:
+                if destination:
+                    publish_outputs(cfg.output_dir, destination)
+                    print(f"rrt-dist: outputs copied to {destination}", file=sys.stderr)
         except errors as err:
             print(f"rrt-dist: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 import rrt_dist.config  # noqa: F401
+from rrt_dist.runtime import SUBMITTED_JOB_ENV, outputs_destination
 
 REPO = Path(__file__).resolve().parent.parent
 # The KubeRay CRDs live beside the repository (../shared/kuberay-crds), not in it
@@ -89,7 +90,7 @@ def test_kuberay_cluster_autoscales_from_zero_gpus_with_auth_and_fits_the_cluste
     assert images == {built}                                           # the image the Dockerfile builds
 
 
-def test_kuberay_rayjob_entrypoint_composes_and_writes_to_the_shared_volume():
+def test_kuberay_rayjob_entrypoint_composes_and_writes_to_the_shared_volume(monkeypatch):
     spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
     args = shlex.split(spec["spec"]["entrypoint"])
     assert args[0] == "python" and (REPO / args[1]).is_file()
@@ -98,7 +99,13 @@ def test_kuberay_rayjob_entrypoint_composes_and_writes_to_the_shared_volume():
     assert cfg.ray.address == "auto" and cfg.dataset.distractors.name == "r1m"
     mounts = {m["mountPath"] for m in spec["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
               ["containers"][0]["volumeMounts"]}
-    for where in (cfg.features_dir, cfg.index.dir, cfg.train.storage_path, cfg.hydra.run.dir):
+    # what a submitted job's driver sees: its report is copied under the storage root when it ends
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    cfg.output_dir = "/tmp/ray/session_1/runtime_resources/working_dir_files/x/outputs/evaluate/2026-11-24_03-00-00"
+    outputs = outputs_destination(cfg, "evaluate")
+    assert outputs == f"{cfg.storage_root}/outputs/evaluate/2026-11-24_03-00-00"
+    for where in (cfg.features_dir, cfg.index.dir, cfg.train.storage_path, cfg.train.selfsup.root, cfg.gallery.root,
+                  outputs):
         assert any(str(where).startswith(m + "/") for m in mounts), where
 
 

@@ -91,3 +91,44 @@ def test_r1m_presets_are_the_papers_delg_setting_with_an_exact_metric(preset, da
     assert cfg.dataset.name == dataset and cfg.dataset.distractors.name == "r1m"
     assert cfg.backbone.options.model == "resnet50" and cfg.index.factory == "auto" and cfg.index.mode == "exact"
     assert cfg.reranker.k == 100 and {"rrt", "gv", "global"} <= set(cfg.reranker.methods)
+
+
+def test_storage_root_places_everything_jobs_store(monkeypatch, tmp_path):
+    """One key moves tables, indexes, galleries, training runs and views (a URI too); a submitted job's report
+    is copied under it, a local run's only where outputs_root says."""
+    from rrt_dist.config import ConfigError, validate_config
+    from rrt_dist.features.images import join_location
+    from rrt_dist.runtime import SUBMITTED_JOB_ENV, outputs_destination, publish_outputs
+
+    default = make()
+    assert (default.features_dir, default.index.dir, default.train.storage_path, default.gallery.root,
+            default.train.selfsup.root) == ("data/features", "data/indexes", "data/train", "data/galleries", "data/selfsup")
+    cfg = make(["storage_root=s3://bucket/rrt", "index.dir=/fast/indexes"])
+    validate_config(cfg)
+    assert cfg.features_dir == "s3://bucket/rrt/features" and cfg.index.dir == "/fast/indexes"
+    assert join_location(cfg.features_dir, "synthetic", "t.lance") == "s3://bucket/rrt/features/synthetic/t.lance"
+    with pytest.raises(ConfigError, match="storage_root"):
+        validate_config(make(["storage_root=s3://bucket/rrt/"]))
+    assert join_location("s3://bucket/rrt/", "features", "/t.lance") == "s3://bucket/rrt/features/t.lance"
+
+    monkeypatch.delenv(SUBMITTED_JOB_ENV, raising=False)
+    cfg.output_dir = str(tmp_path / "outputs" / "evaluate" / "2026-11-24_08-00-00")
+    assert outputs_destination(cfg, "evaluate") is None                    # a local run keeps its folder
+    cfg.outputs_root = "memory://shared/out"
+    assert outputs_destination(cfg, "evaluate") == "memory://shared/out/evaluate/2026-11-24_08-00-00"
+    cfg.outputs_root = None
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    assert outputs_destination(cfg, "evaluate") == "s3://bucket/rrt/outputs/evaluate/2026-11-24_08-00-00"
+
+    import fsspec
+
+    out = Path(cfg.output_dir)
+    (out / "figures").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    (out / "figures" / "curve.png").write_bytes(b"png")
+    for _ in range(2):                                                     # a rerun overwrites, never nests
+        publish_outputs(str(out), "memory://shared/out/evaluate/run")
+    fs = fsspec.filesystem("memory")
+    assert sorted(fs.find("/shared/out")) == ["/shared/out/evaluate/run/figures/curve.png",
+                                              "/shared/out/evaluate/run/report.json"]
+    publish_outputs(str(out), str(out))                                   # already there: nothing to copy

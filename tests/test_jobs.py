@@ -96,11 +96,12 @@ def test_job_submission_to_local_head(tmp_path):
     head = subprocess.Popen(start, env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        out = tmp_path / "out"
-        # ray=cluster asks for a GPU per extraction actor; this head has none and no autoscaler to add one
+        storage = tmp_path / "storage"
+        # ray=cluster asks for a GPU per extraction actor; this head has none and no autoscaler to add one.
+        # Outputs: nothing but the storage root says where (the job runs in Ray's temporary copy of REPO).
         entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster backbone=tiny_image "
                       "reranker=none ray.extract.num_gpus=0 ray.extract.num_cpus=1 "
-                      f"dataset.root={tmp_path / 'syn'} features_dir={tmp_path / 'features'} hydra.run.dir={out}")
+                      f"dataset.root={tmp_path / 'syn'} storage_root={storage}")
         runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
         # The head and its job agent take seconds to come up, minutes on a fresh venv (first imports compile
         # every module) of a loaded 2-core machine; a head that died says why.
@@ -123,8 +124,11 @@ def test_job_submission_to_local_head(tmp_path):
         logs = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
         assert "joining Ray cluster" in logs and "| Global only |" in logs
-        report = json.loads((out / "report.json").read_text())
-        assert report["config"]["ray"]["address"] == "auto"
+        [report_path] = (storage / "outputs" / "evaluate").glob("*/report.json")
+        assert f"outputs copied to {report_path.parent}" in logs
+        report = json.loads(report_path.read_text())
+        assert report["config"]["ray"]["address"] == "auto" and report["config"]["features_dir"] == f"{storage}/features"
+        assert list((storage / "features").glob("synthetic/*/*/gallery.lance"))
     finally:
         stop_head(head, temp_dir)
 

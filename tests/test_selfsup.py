@@ -3,6 +3,7 @@ and training through the RRT loop without labels."""
 from pathlib import Path
 
 import cv2
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -41,6 +42,12 @@ def test_views_are_deterministic_by_seed_and_labelled_by_their_source(tmp_path):
     assert not np.allclose(np.stack(first.column("homography").to_pylist()),
                            np.stack(other.column("homography").to_pylist()))
     assert set(other.column("id").to_pylist()).isdisjoint(first.column("id").to_pylist())
+    stored = write_views(sources, "memory://store/selfsup/a", spec)          # storage_root may be a URI
+    assert stored.drop_columns(["uri"]).equals(first.drop_columns(["uri"]))
+    for uri, local in zip(stored.column("uri").to_pylist(), first.column("uri").to_pylist()):
+        assert uri.startswith("memory://store/selfsup/a/views/") and fsspec.open(uri, "rb").open().read() == \
+            Path(local).read_bytes()
+    assert fsspec.filesystem("memory").isfile("/store/selfsup/a/views.parquet")
 
     manifest = selfsup_manifest(sources, first)
     label = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))

@@ -107,19 +107,21 @@ def write_source_views(rows: list[dict], folder: str, spec: ViewSpec) -> list[di
     """Render and write the views of ``rows`` (``id``, ``uri``) under ``folder``; one record per view.
     Views already on disk are not rendered again (their homography needs only the source's size, read from its
     header). Files are written to a temporary name and renamed, so a killed run leaves no torn view. Unreadable
-    sources are skipped (they have no descriptors either)."""
+    sources are skipped (they have no descriptors either). ``folder`` and the sources may be fsspec URIs."""
+    import fsspec
     from PIL import Image
 
-    from rrt_dist.features.images import ImageError, load_image
+    from rrt_dist.features.images import ImageError, join_location, load_image
 
+    fs, _ = fsspec.core.url_to_fs(folder)
     records = []
     for row in rows:
         ids = [view_id(row["id"], index, spec) for index in range(spec.views)]
-        paths = [Path(folder) / f"{vid & ((1 << 64) - 1):016x}.jpg" for vid in ids]
+        paths = [join_location(folder, f"{vid & ((1 << 64) - 1):016x}.jpg") for vid in ids]
         image = None
         try:
-            if all(p.is_file() for p in paths):
-                with Image.open(row["uri"]) as header:
+            if all(fs.isfile(p) for p in paths):
+                with fsspec.open(row["uri"], "rb") as f, Image.open(f) as header:
                     width, height = header.size
             else:
                 image = load_image(row["uri"])
@@ -129,12 +131,15 @@ def write_source_views(rows: list[dict], folder: str, spec: ViewSpec) -> list[di
             continue
         for index, (vid, path) in enumerate(zip(ids, paths)):
             rng, H, frame = view_geometry(width, height, row["id"], index, spec)
-            if not path.is_file():
+            if not fs.isfile(path):
                 view = warp_view(image, rng, H, frame, spec.difficulty)
-                tmp = path.with_suffix(".tmp.jpg")
-                cv2.imwrite(str(tmp), cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-                os.replace(tmp, path)
-            records.append({"id": vid, "uri": str(path), "source_id": row["id"], "source_uri": row["uri"],
+                ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+                assert ok, "JPEG encoding failed"
+                tmp = path.removesuffix(".jpg") + ".tmp.jpg"
+                with fs.open(tmp, "wb") as f:
+                    f.write(jpeg.tobytes())
+                fs.mv(tmp, path)
+            records.append({"id": vid, "uri": path, "source_id": row["id"], "source_uri": row["uri"],
                             "view": index, "homography": H.astype(np.float64).ravel().tolist()})
     return records
 
@@ -142,19 +147,23 @@ def write_source_views(rows: list[dict], folder: str, spec: ViewSpec) -> list[di
 def write_views(sources: pa.Table, root: str | Path, spec: ViewSpec, chunk_size: int = 32) -> pa.Table:
     """The views of every ``sources`` row (a manifest), rendered where missing (Ray tasks when Ray is up) and
     recorded in ``<root>/views.parquet``; returns that table."""
+    import fsspec
     import ray
     from tqdm import tqdm
 
-    root = Path(root)
-    folder = root / "views"
-    folder.mkdir(parents=True, exist_ok=True)
+    from rrt_dist.features.images import join_location
+
+    root = str(root)
+    folder = join_location(root, "views")
+    fs, _ = fsspec.core.url_to_fs(folder)
+    fs.makedirs(folder, exist_ok=True)
     rows = [{"id": i, "uri": u} for i, u in zip(sources.column("id").to_pylist(), sources.column("uri").to_pylist())]
     chunks = [rows[s:s + chunk_size] for s in range(0, len(rows), chunk_size)]
     records: list[dict] = []
     with tqdm(total=len(rows), desc="render self-supervised views", unit="img", mininterval=2.0) as bar:
         if ray.is_initialized() and len(chunks) > 1:
             task = ray.remote(num_cpus=1)(write_source_views)
-            pending = {task.remote(chunk, str(folder), spec): len(chunk) for chunk in chunks}
+            pending = {task.remote(chunk, folder, spec): len(chunk) for chunk in chunks}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
@@ -162,15 +171,16 @@ def write_views(sources: pa.Table, root: str | Path, spec: ViewSpec, chunk_size:
                     bar.update(pending.pop(ref))
         else:
             for chunk in chunks:
-                records += write_source_views(chunk, str(folder), spec)
+                records += write_source_views(chunk, folder, spec)
                 bar.update(len(chunk))
     records.sort(key=lambda r: (r["source_id"], r["view"]))
     table = pa.Table.from_pylist(records, schema=pa.schema([
         ("id", pa.int64()), ("uri", pa.string()), ("source_id", pa.int64()), ("source_uri", pa.string()),
         ("view", pa.int32()), ("homography", pa.list_(pa.float64(), 9))]))
-    tmp = root / "views.parquet.tmp"
-    pq.write_table(table.replace_schema_metadata({"spec": json.dumps(asdict(spec))}), tmp)
-    os.replace(tmp, root / "views.parquet")
+    tmp, final = join_location(root, "views.parquet.tmp"), join_location(root, "views.parquet")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table.replace_schema_metadata({"spec": json.dumps(asdict(spec))}), f)
+    fs.mv(tmp, final)
     return table
 
 

@@ -29,6 +29,14 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def join_location(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...`` for a local path or a URI (``pathlib`` would fold ``s3://b`` into ``s3:/b``)."""
+    root = str(root)
+    if is_uri(root):
+        return "/".join([root.rstrip("/"), *(str(p).strip("/") for p in parts)])
+    return os.path.join(root, *map(str, parts))
+
+
 def file_identity(uri: str) -> str:
     """What ties extracted features to the file they came from: its size and modification time (ns), or for
     a URI its size and the store's version of the object (ETag, generation, mtime). A file replaced or

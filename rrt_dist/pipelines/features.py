@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark, DatasetLayoutError
 from rrt_dist.features import config_fingerprint
+from rrt_dist.features.images import join_location
 from rrt_dist.runtime import PoolResources
 from rrt_dist.store import FeatureStore, concat_globals
 
@@ -45,17 +46,18 @@ def table_folder(extractor: str, options: dict, settings: ExtractSettings) -> st
 
 
 def table_paths(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
-                settings: ExtractSettings) -> dict[str, Path]:
+                settings: ExtractSettings) -> dict[str, str]:
+    """Where a benchmark's tables live under ``features_dir`` (a local path or a URI Lance writes to)."""
     fp = table_folder(extractor, options, settings)
-    folder = Path(features_dir) / bench.name / source_key(bench.info["root"]) / fp
-    paths = {"gallery": folder / "gallery.lance"}
+    folder = join_location(features_dir, bench.name, source_key(bench.info["root"]), fp)
+    paths = {"gallery": join_location(folder, "gallery.lance")}
     if not bench.exclude_self:
-        paths["query"] = folder / "query.lance"
+        paths["query"] = join_location(folder, "query.lance")
     if bench.n_distractors:
         uris = bench.gallery.filter(pa.compute.equal(bench.gallery.column("split"), "distractor")).column("uri")
         # Named by where the distractors live, so every benchmark that appends them shares one table.
-        paths["distractor"] = (Path(features_dir) / "distractors" / source_key(Path(uris[0].as_py()).parent.parent)
-                               / fp / "distractor.lance")
+        paths["distractor"] = join_location(features_dir, "distractors", source_key(Path(uris[0].as_py()).parent.parent),
+                                            fp, "distractor.lance")
     return paths
 
 
@@ -67,7 +69,7 @@ def benchmark_manifests(bench: Benchmark) -> dict[str, pa.Table]:
             "distractor": bench.gallery.filter(pa.array(splits == "distractor"))}
 
 
-def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, Path], extractor: str, options: dict,
+def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, str], extractor: str, options: dict,
                   settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
     """Extract the rows of every table in ``paths`` that are not there yet (or whose image changed) on an actor
     pool of ``resources``; return the tables (pinned versions), each restricted to its manifest's ids.
@@ -175,7 +177,7 @@ def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
         sources = sources.take(np.sort(keep))
     spec = ViewSpec(views=conf.views, difficulty=conf.difficulty, seed=cfg.train.seed, max_size=conf.max_size)
     init_ray(cfg.ray)
-    views = write_views(sources, Path(conf.root) / source_key(location) / spec.fingerprint(), spec)
+    views = write_views(sources, join_location(conf.root, source_key(location), spec.fingerprint()), spec)
     log.info("self-supervised pairs: %d source images x %d views (%s)", sources.num_rows, conf.views,
              OmegaConf.to_container(conf, resolve=True))
     return selfsup_manifest(sources, views), location
@@ -214,8 +216,8 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     init_ray(cfg.ray)
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     settings = extract_settings(cfg.backbone)
-    path = (Path(cfg.features_dir) / name / source_key(location)
-            / table_folder(cfg.backbone.name, options, settings) / "train.lance")
+    path = join_location(cfg.features_dir, name, source_key(location), table_folder(cfg.backbone.name, options, settings),
+                         "train.lance")
     store = ensure_tables({"train": manifest}, {"train": path}, cfg.backbone.name, options, settings,
                           OmegaConf.to_object(cfg.ray.extract))["train"]
     return manifest, store

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 
+from rrt_dist.features.images import join_location
 from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.exact import exact_searcher
 from rrt_dist.index.qe import database_augmentation
@@ -29,7 +29,7 @@ def index_directory(cfg, benchmark: str, stores: list[FeatureStore]) -> str:
     name += f"-dba{cfg.dba_n}" if cfg.dba_n else ""
     name += "-d" if len(stores) > 1 else ""
     tables = hashlib.sha1("|".join(sorted(s.uri for s in stores)).encode()).hexdigest()[:10]
-    return str(Path(cfg.dir) / benchmark / stores[0].fingerprint / tables / name)
+    return join_location(cfg.dir, benchmark, stores[0].fingerprint, tables, name)
 
 
 def indexed_tables(cfg, stores: dict) -> list[str]:
