@@ -11,11 +11,13 @@ verification finds them). Then runs what the evaluate job runs after extraction:
 
 - ``index_build``: ``index.factory=auto`` (Flat while it fits 8 GB, then IVF), 2 shards filled by Ray tasks;
 - ``search_top100``: the sharded index's top-100 for the 70 queries;
-- ``full_ranking``: the exact ranking of the whole gallery the revisitop metric needs, streamed from Lance;
+- ``metric_ranking``: what the revisitop metric needs of the exact ranking of the whole gallery, streamed from
+  Lance twice: each query's top-100 (+ its relevant ids) and its positives' and junk's places
+  (``rrt_dist.eval.runner.metric_rankings``, the evaluate job's exact path);
 - ``pool_gv`` / ``pool_rrt``: a rerank pool of one actor started and warmed up on one query;
 - ``rerank_gv`` / ``rerank_rrt``: the top-100 of ``--rerank-queries`` other queries reranked by it (GV; RRT with
   random weights): their cost is per query, not per gallery image;
-- ``metrics``: revisitop mAP over the whole ranking.
+- ``metrics``: revisitop mAP from that summary (equal to the whole ranking's: tests/test_index.py).
 
 Per stage: wall time, the driver's peak RSS and the largest Ray worker's peak RSS (both VmHWM, reset before the
 stage through /proc/<pid>/clear_refs), and bytes on disk. Prints each stage's log-log growth exponent of time
@@ -36,7 +38,7 @@ import pyarrow as pa
 
 from rrt_dist.config import RayConfig
 from rrt_dist.datasets.base import Benchmark, RevisitopProtocol, make_manifest
-from rrt_dist.index.exact import streaming_searcher
+from rrt_dist.eval.runner import metric_rankings
 from rrt_dist.index.sharded import ShardedIndex, build_index
 from rrt_dist.pipelines.rerank import RerankPool
 from rrt_dist.runtime import init_ray
@@ -175,7 +177,8 @@ def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> di
             index.close()
 
     measure(stages, "search_top100", search_top100)
-    scores, ranked = measure(stages, "full_ranking", lambda: streaming_searcher([gstore])(queries, None))
+    ranked, scores, positions = measure(stages, "metric_ranking", lambda: metric_rankings(
+        bench, q_ids, queries, {"gallery": gstore}, None, False, depth=100))
     head = slice(0, rerank_queries)
     for method, options in (("gv", {}), ("rrt", {"checkpoint": rrt_checkpoint})):
         # the pool's start (actors opening the tables: the gallery's ids are read once) is timed apart from
@@ -193,7 +196,7 @@ def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> di
             np.isin(reranked[q, :10], bench.gallery.column("id").to_numpy()[bench.protocol.gnd[q]["easy"]
                                                                                + bench.protocol.gnd[q]["hard"]]).sum()
             for q in range(rerank_queries)))
-    metrics = measure(stages, "metrics", lambda: bench.evaluate(ranked))
+    metrics = measure(stages, "metrics", lambda: bench.evaluate(ranked, positions))
     return {"gallery": n, "stages": stages, "global_medium_map": round(100 * metrics["medium"]["mAP"], 2)}
 
 

@@ -486,3 +486,79 @@ def test_a_searcher_answers_from_one_version_until_it_refreshes(local_ray, data,
     assert np.isin(got[:, :2], ids[1000:1100]).all() and (scores[:, 0] > 0.999).all()
     assert not index.refresh()
     index.close()
+
+
+def test_summarised_ranking_holds_the_top_and_every_relevant_id_where_it_ranks():
+    """rank_relevant_blocks against the whole ranking (rank_blocks) on a gallery full of exact score ties: the
+    same first entries, and each relevant id (ties included, absent ids dropped) at its place in it."""
+    from rrt_dist.index.exact import PAST_END, rank_blocks, rank_relevant_blocks
+
+    rng = np.random.default_rng(0)
+    n, nq, top = 3000, 6, 25
+    gallery = np.round(rng.standard_normal((n, 16)) * 2) / 2          # coarse values: many equal scores
+    gallery[100:160] = gallery[10]
+    gallery = gallery.astype(np.float32)
+    ids = rng.permutation(10**6)[:n].astype(np.int64)
+    queries = np.round(rng.standard_normal((nq, 16))).astype(np.float32)
+
+    def blocks():
+        return ((ids[s:s + 700], gallery[s:s + 700]) for s in range(0, n, 700))
+
+    whole_ids, whole_scores = rank_blocks(blocks(), queries)
+    relevant = [rng.choice(ids, 40, replace=False) for _ in range(nq)]
+    relevant[0] = np.r_[relevant[0], ids[100:160], 10**7]               # tied with each other; one not in the gallery
+    got_ids, got_scores, got_positions = rank_relevant_blocks(blocks, queries, relevant, top)
+    for q in range(nq):
+        valid = got_positions[q] != PAST_END
+        assert np.array_equal(got_ids[q, :top], whole_ids[q, :top])
+        assert np.array_equal(got_positions[q, :top], np.arange(top)) and np.all(np.diff(got_positions[q][valid]) > 0)
+        place = {int(i): p for p, i in enumerate(whole_ids[q])}
+        assert [place[int(i)] for i in got_ids[q][valid]] == got_positions[q][valid].tolist()
+        assert np.array_equal(whole_scores[q, got_positions[q][valid]], got_scores[q][valid])
+        assert set(got_ids[q][valid].tolist()) == set(whole_ids[q, :top].tolist()) | (set(relevant[q].tolist())
+                                                                                          & set(ids.tolist()))
+        assert np.all(got_ids[q][~valid] == -1)
+
+
+@pytest.mark.ray
+def test_metrics_from_summarised_rankings_equal_the_whole_ranking(local_ray, tmp_path):
+    """Revisitop with distractors, from the summary (top + positives and junk with their places) and from the
+    whole ranking: equal metrics for global-only, αQE and a reranked top-k with each protocol's junk removed first
+    (ties, positives and junk deep in the ranking, a query without a descriptor)."""
+    from rrt_dist.datasets.base import Benchmark, RevisitopProtocol, make_manifest
+    from rrt_dist.eval.runner import global_rankings, metric_rankings, rerank_and_evaluate
+
+    rng = np.random.default_rng(4)
+    n_gallery, n_distractors, nq, d = 400, 2600, 8, 24
+    vectors = np.round(clustered(n_gallery + n_distractors, d, 5, centres=6) * 4) / 4   # ties
+    g_ids = np.arange(n_gallery + n_distractors, dtype=np.int64) + 1000
+    stores = {"gallery": make_store(str(tmp_path / "g.lance"), g_ids[:n_gallery], vectors[:n_gallery]),
+              "distractor": make_store(str(tmp_path / "d.lance"), g_ids[n_gallery:], vectors[n_gallery:])}
+    queries = clustered(nq, d, 6, centres=6)
+    gnd = [{key: rng.choice(n_gallery, size, replace=False).tolist() for key, size in
+            (("easy", 12), ("hard", 20), ("junk", 30))} for _ in range(nq)]
+    for g in gnd:                                               # the three lists are disjoint
+        g["hard"] = [i for i in g["hard"] if i not in g["easy"]]
+        g["junk"] = [i for i in g["junk"] if i not in g["easy"] + g["hard"]]
+    splits = ["gallery"] * n_gallery + ["distractor"] * n_distractors
+    bench = Benchmark("toy", make_manifest(np.arange(nq), [f"q{i}" for i in range(nq)], "query"),
+                      make_manifest(g_ids, [f"g{i}" for i in g_ids], splits), RevisitopProtocol(gnd))
+    q_ids = np.arange(1, nq)                                    # query 0 has no descriptor
+
+    def rerank(query_ids, ranked, scores, k):                   # a fixed reordering of each top-k
+        out = ranked.copy()
+        order = np.argsort((ranked[:, :k] * 7919) % 1009, axis=1, kind="stable")
+        out[:, :k] = np.take_along_axis(ranked[:, :k], order, 1)
+        return out
+
+    for alpha_qe in (None, (2, 0.3)):
+        whole_ids, whole_scores = global_rankings(bench, q_ids, queries[1:], stores, None, True, alpha_qe)
+        ids, scores, positions = metric_rankings(bench, q_ids, queries[1:], stores, None, True, alpha_qe, depth=10)
+        assert ids.shape[1] < whole_ids.shape[1] // 10
+        assert bench.evaluate(ids, positions) == bench.evaluate(whole_ids)
+        for junk_removal in (True, False):
+            reranked = rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), ids, scores, rerank, 10,
+                                           junk_removal, positions=positions)
+            assert reranked == rerank_and_evaluate(bench, bench.queries.column("id").to_numpy(), whole_ids,
+                                                   whole_scores, rerank, 10, junk_removal)
+            assert reranked != bench.evaluate(whole_ids)        # the reranking changed something

@@ -91,8 +91,14 @@ class RevisitopProtocol:
     kappas: tuple[int, ...] = (1, 5, 10)
     name: str = "revisitop"
 
-    def evaluate(self, ranks: np.ndarray) -> dict:
-        return metrics.revisitop(ranks, self.gnd, self.kappas)
+    def evaluate(self, ranks: np.ndarray, positions: np.ndarray | None = None) -> dict:
+        return metrics.revisitop(ranks, self.gnd, self.kappas, positions)
+
+    def relevant(self) -> list[np.ndarray]:
+        """Per query, the gallery indices its metric looks for (easy, hard, junk): with their positions and the
+        ranking's top, the whole ranking is not needed (``Benchmark.relevant_ids``)."""
+        return [np.unique(np.concatenate([np.asarray(g.get(key, []), np.int64) for key in ("easy", "hard", "junk")]))
+                for g in self.gnd]
 
 
 @dataclass
@@ -208,11 +214,25 @@ class Benchmark:
             out_flat[s:s + chunk] = np.where(found, pos if self._offset is not None else self._order[pos], -1)
         return out
 
-    def evaluate(self, ranked_ids: np.ndarray) -> dict:
-        """Score ``ranked_ids`` (``[n_queries, n_ranked]`` gallery ids, best first; -1 pads short rows)."""
+    def relevant_ids(self) -> list[np.ndarray] | None:
+        """Per query, the gallery ids its protocol's metric depends on beyond the ranking's top (revisitop: positives
+        and junk), or None when the protocol needs the whole ranking (or leaves each query out of its own)."""
+        if self.exclude_self or not hasattr(self.protocol, "relevant"):
+            return None
+        gallery_ids = self.gallery.column("id").to_numpy()
+        return [gallery_ids[indices] for indices in self.protocol.relevant()]
+
+    def evaluate(self, ranked_ids: np.ndarray, positions: np.ndarray | None = None) -> dict:
+        """Score ``ranked_ids`` (``[n_queries, n_ranked]`` gallery ids, best first; -1 pads short rows). With
+        ``positions`` (each entry's place in the whole ranking), ``ranked_ids`` summarises the ranking: its top and
+        every id of :meth:`relevant_ids`."""
         ranked_ids = np.asarray(ranked_ids)
         if ranked_ids.ndim != 2 or ranked_ids.shape[0] != self.queries.num_rows:
             raise ValueError(f"expected rankings for {self.queries.num_rows} queries, got shape {ranked_ids.shape}")
+        if positions is not None:
+            if self.relevant_ids() is None:
+                raise ValueError(f"the {self.protocol.name} protocol scores whole rankings, not summaries")
+            return self.protocol.evaluate(self.gallery_indices(ranked_ids), positions)
         if self.exclude_self:
             query_ids = self.queries.column("id").to_numpy()
             keep = ranked_ids != query_ids[:, None]

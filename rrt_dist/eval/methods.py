@@ -8,7 +8,7 @@ from rrt_dist.datasets.base import NO_ID
 
 from rrt_dist.rerank.methods import parse_method
 
-from .runner import global_rankings, rerank_and_evaluate, searched_tables, settings_of
+from .runner import metric_rankings, rerank_and_evaluate, searched_tables, settings_of
 
 def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
     """Refuse unknown reranker methods (and a figure row that is not a reranked one of them) at start-up, before
@@ -71,20 +71,21 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
         try:
             for setting, with_d in settings_of(bench).items():
                 search = searchers.get(setting)
-                base = global_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search)
+                base = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search,
+                                       depth=cfg.k)
                 aqe = None
                 if any(m.expand for m in group):
-                    aqe = global_rankings(bench, query_ids, queries, galleries, k_search, with_d,
-                                          alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search)
+                    aqe = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d,
+                                          alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search, depth=cfg.k)
                 for method in group:
-                    ranked, scores = aqe if method.expand else base
+                    ranked, scores, positions = aqe if method.expand else base
                     kept: dict = {}
                     if pool is None:
-                        metrics = bench.evaluate(ranked)
+                        metrics = bench.evaluate(ranked, positions)
                         kept["all"] = ranked[:, :depth]
                     else:
                         metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
-                                                      cfg.protocol_junk_removal, keep=kept)
+                                                      cfg.protocol_junk_removal, keep=kept, positions=positions)
                     rows[labels[method.name]][setting] = metrics
                     if not with_d:
                         kept_examples[labels[method.name]] = kept.get("medium", kept.get("all"))

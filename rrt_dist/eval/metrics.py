@@ -36,11 +36,21 @@ REVISITOP_PROTOCOLS = {
 }
 
 
-def positive_positions(ranked: np.ndarray, positives: Iterable[int], junk: Iterable[int] = ()) -> np.ndarray:
-    """0-based positions of ``positives`` in ``ranked`` once every ``junk`` entry is removed."""
+def positive_positions(ranked: np.ndarray, positives: Iterable[int], junk: Iterable[int] = (),
+                       at: np.ndarray | None = None) -> np.ndarray:
+    """0-based positions of ``positives`` in ``ranked`` once every ``junk`` entry is removed.
+
+    ``at``: where each entry of ``ranked`` stands in the whole ranking (ascending), for a summary of it that keeps
+    only some entries (its top and every positive and junk entry, :func:`rrt_dist.index.exact.rank_relevant_blocks`);
+    default: ``ranked`` is the ranking itself."""
     ranked = np.asarray(ranked)
-    keep = ~np.isin(ranked, np.fromiter(junk, dtype=np.int64))
-    return np.flatnonzero(np.isin(ranked[keep], np.fromiter(positives, dtype=np.int64)))
+    junk = np.fromiter(junk, dtype=np.int64)
+    positives = np.fromiter(positives, dtype=np.int64)
+    if at is None:
+        return np.flatnonzero(np.isin(ranked[~np.isin(ranked, junk)], positives))
+    at = np.asarray(at)
+    hits = at[np.isin(ranked, positives)]
+    return hits - np.searchsorted(at[np.isin(ranked, junk)], hits)
 
 
 def average_precision(positions: np.ndarray, n_positives: int) -> float:
@@ -58,12 +68,15 @@ def average_precision(positions: np.ndarray, n_positives: int) -> float:
     return float(np.sum((before + at) / 2.0) / n_positives)
 
 
-def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kappas: Sequence[int] = (1, 5, 10)) -> dict:
+def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kappas: Sequence[int] = (1, 5, 10),
+              positions: np.ndarray | None = None) -> dict:
     """Revisited Oxford/Paris evaluation.
 
     ``ranks``: int array ``[n_queries, n_ranked]`` of gallery indices, best first; it may be
     truncated, and indices not named in ``gnd`` (e.g. R1M distractors appended after the
     gallery) are plain negatives. ``gnd[q]`` holds ``easy``, ``hard`` and ``junk`` index lists.
+    ``positions`` (same shape): each entry's place in the whole ranking, when ``ranks`` summarises it
+    (its top and every relevant entry): the same values as on the whole ranking (see :func:`positive_positions`).
 
     Returns ``{"easy"|"medium"|"hard": {"mAP": float, "mP@k": {k: float}}}``. Queries without
     positives under a protocol are left out of its averages (NaN when none is left).
@@ -75,12 +88,12 @@ def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kap
     out = {}
     for protocol, (pos_keys, junk_keys) in REVISITOP_PROTOCOLS.items():
         aps, precisions = [], []
-        for ranked, g in zip(ranks, gnd):
+        for q, (ranked, g) in enumerate(zip(ranks, gnd)):
             positives = np.unique(np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in pos_keys]))
             if len(positives) == 0:
                 continue
             junk = np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in junk_keys])
-            pos = positive_positions(ranked, positives, junk)
+            pos = positive_positions(ranked, positives, junk, None if positions is None else positions[q])
             aps.append(average_precision(pos, len(positives)))
             precisions.append(_revisitop_precisions(pos, kappas))
         out[protocol] = {

@@ -1,10 +1,14 @@
 """Exact inner-product search (FAISS ``IndexFlatIP``): the reference every approximate index is checked against."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import faiss
 import numpy as np
 
 from rrt_dist.datasets.base import NO_ID
+
+PAST_END = np.iinfo(np.int64).max        # position of the padding after a summarised ranking's entries
 
 
 def exact_search(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, k: int | None = None):
@@ -64,10 +68,7 @@ def rank_blocks(blocks, queries: np.ndarray, n_rows: int | None = None) -> tuple
     for ids, vectors in blocks:
         if len(ids) == 0:
             continue
-        # IndexFlatIP's own scores (faiss.knn over the block), put back in gallery order
-        found, rows = faiss.knn(queries, _block_vectors(vectors, queries), len(ids), metric=faiss.METRIC_INNER_PRODUCT)
-        in_order = scores[:, filled:filled + len(ids)] if scores is not None else np.empty_like(found)
-        np.put_along_axis(in_order, rows, found, axis=1)
+        in_order = block_scores(queries, vectors, scores[:, filled:filled + len(ids)] if scores is not None else None)
         if scores is None:
             parts.append(in_order)
         block_ids.append(np.asarray(ids, np.int64))
@@ -89,6 +90,96 @@ def rank_blocks(blocks, queries: np.ndarray, n_rows: int | None = None) -> tuple
     return ranked, scores
 
 
+def block_scores(queries: np.ndarray, vectors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """IndexFlatIP's scores of ``queries`` against one block of gallery vectors, in the block's order
+    (``[n_queries, len(block)]``; written into ``out`` when given). Every exact ranking scores through this, so
+    two rankings of the same blocks agree to the bit."""
+    found, rows = faiss.knn(queries, _block_vectors(vectors, queries), len(vectors), metric=faiss.METRIC_INNER_PRODUCT)
+    out = np.empty_like(found) if out is None else out
+    np.put_along_axis(out, rows, found, axis=1)
+    return out
+
+
+def rank_relevant_blocks(blocks: Callable[[], Iterable], queries: np.ndarray, relevant: Sequence[np.ndarray],
+                         top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a ranking metric needs of the whole ranking, without holding it: per query its first ``top`` entries
+    and each of its ``relevant`` ids (e.g. revisitop's positives and junk) wherever it ranks, with their 0-based
+    positions in the whole ranking (best first, ties in gallery order: exactly :func:`rank_blocks`'s order).
+
+    ``blocks()`` yields the gallery's ``(ids, vectors)`` blocks, the same ones each call; it is read twice: once
+    for the top entries and the relevant ids' scores, once to count what ranks above each relevant id. The driver
+    holds one block's ``[n_queries, block]`` scores and ``top`` entries per query: O(1) in the gallery size.
+    Returns ``ids``, ``scores`` and ``positions`` ``[n_queries, width]``, each row sorted by position, padded with
+    -1 / -inf / :data:`PAST_END`.
+    """
+    queries = np.ascontiguousarray(queries, np.float32)
+    nq = len(queries)
+    wanted = np.unique(np.concatenate([np.asarray(r, np.int64) for r in relevant] or [np.zeros(0, np.int64)]))
+    top_scores = np.full((nq, 0), -np.inf, np.float32)
+    top_order = np.zeros((nq, 0), np.int64)
+    top_ids = np.zeros((nq, 0), np.int64)
+    found_ids, found_order, found_scores = [], [], []       # relevant ids present in the gallery
+    offset = 0
+    for ids, vectors in blocks():
+        if len(ids) == 0:
+            continue
+        ids = np.asarray(ids, np.int64)
+        scores = block_scores(queries, vectors)
+        order = offset + np.arange(len(ids))
+        merged_scores = np.concatenate([top_scores, scores], axis=1)
+        merged_order = np.concatenate([top_order, np.broadcast_to(order, scores.shape)], axis=1)
+        merged_ids = np.concatenate([top_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+        keep = np.lexsort((merged_order, -merged_scores), axis=1)[:, :top]
+        top_scores = np.take_along_axis(merged_scores, keep, 1)
+        top_order = np.take_along_axis(merged_order, keep, 1)
+        top_ids = np.take_along_axis(merged_ids, keep, 1)
+        hit = np.flatnonzero(np.isin(ids, wanted))
+        found_ids.append(ids[hit])
+        found_order.append(order[hit])
+        found_scores.append(scores[:, hit])
+        offset += len(ids)
+    found_ids = np.concatenate(found_ids) if found_ids else np.zeros(0, np.int64)
+    found_order = np.concatenate(found_order) if found_order else np.zeros(0, np.int64)
+    found_scores = np.concatenate(found_scores, axis=1) if found_scores else np.zeros((nq, 0), np.float32)
+    column = {int(i): c for c, i in enumerate(found_ids)}
+    # per query: the relevant ids it has in the gallery, their score and gallery order
+    cols = [np.asarray([column[int(i)] for i in np.unique(np.asarray(r, np.int64)) if int(i) in column], np.int64)
+            for r in relevant]
+    rel_scores = [found_scores[q, c] for q, c in enumerate(cols)]
+    above = [np.zeros(len(c), np.int64) for c in cols]
+    offset = 0
+    for ids, vectors in blocks():
+        if len(ids) == 0:
+            continue
+        scores = block_scores(queries, vectors)
+        for q, c in enumerate(cols):
+            if not len(c):
+                continue
+            s, o = rel_scores[q], found_order[c]
+            ranked = np.sort(scores[q])                      # ascending
+            greater = len(ranked) - np.searchsorted(ranked, s, side="right")
+            ties = np.searchsorted(ranked, s, side="right") - np.searchsorted(ranked, s, side="left")
+            for j in np.flatnonzero(ties):                   # equal scores rank in gallery order
+                ties[j] = np.count_nonzero((scores[q] == s[j]) & (offset + np.arange(len(ids)) < o[j]))
+            above[q] += greater + ties
+        offset += len(ids)
+    rows = []
+    for q, c in enumerate(cols):
+        beyond = above[q] >= top_ids.shape[1]
+        ids_q = np.concatenate([top_ids[q], found_ids[c][beyond]])
+        scores_q = np.concatenate([top_scores[q], rel_scores[q][beyond]])
+        positions_q = np.concatenate([np.arange(top_ids.shape[1]), above[q][beyond]])
+        order = np.argsort(positions_q, kind="stable")
+        rows.append((ids_q[order], scores_q[order], positions_q[order]))
+    width = max((len(r[0]) for r in rows), default=0)
+    out_ids = np.full((nq, width), NO_ID, np.int64)
+    out_scores = np.full((nq, width), -np.inf, np.float32)
+    out_positions = np.full((nq, width), PAST_END, np.int64)
+    for q, (i, s, p) in enumerate(rows):
+        out_ids[q, :len(i)], out_scores[q, :len(i)], out_positions[q, :len(i)] = i, s, p
+    return out_ids, out_scores, out_positions
+
+
 def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):
     """``search(queries, k) -> (scores, ids)`` over ``gallery``: the searcher interface of αQE / DBA / evaluation."""
     def search(queries: np.ndarray, k: int | None):
@@ -102,8 +193,13 @@ def streaming_searcher(stores, block_rows: int = 8192):
     """``search(queries, k) -> (scores, ids)`` by exact search over feature tables read block by block (the
     driver holds one block, not the gallery: 8192 × 2048-d is 32 MB as read, 64 MB as float32)."""
     def search(queries: np.ndarray, k: int | None):
-        blocks = (block for store in stores for block in store.global_blocks(block_rows))
-        ids, scores = exact_search_blocks(blocks, queries, k, n_rows=sum(len(store) for store in stores))
+        ids, scores = exact_search_blocks(table_blocks(stores, block_rows), queries, k,
+                                          n_rows=sum(len(store) for store in stores))
         return scores, ids
 
     return search
+
+
+def table_blocks(stores, block_rows: int = 8192):
+    """The ``(ids, globals)`` blocks of feature tables, one after the other (the exact rankings' gallery order)."""
+    return (block for store in stores for block in store.global_blocks(block_rows))

@@ -23,16 +23,21 @@ def expand(vectors: np.ndarray, neighbour_vectors: np.ndarray, neighbour_scores:
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray, k: int | None, n: int = 2,
-                    alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Search, expand each query with its top-``n`` results, search again.
+def expanded_queries(search: Callable, vectors_of: Callable, queries: np.ndarray, n: int = 2,
+                     alpha: float = 0.3) -> np.ndarray:
+    """αQE's queries: each expanded with its top-``n`` results.
 
-    ``search(queries, k) -> (scores, ids)`` (``k=None``: the whole ranking); ``vectors_of(ids [N, n]) -> [N, n, d]``.
+    ``search(queries, k) -> (scores, ids)``; ``vectors_of(ids [N, n]) -> [N, n, d]``.
     """
     scores, ids = search(queries, n)
     valid = ids != NO_ID
-    expanded = expand(queries, vectors_of(np.where(valid, ids, ids[:, :1])), np.where(valid, scores, 0.0), alpha)
-    return search(expanded, k)
+    return expand(queries, vectors_of(np.where(valid, ids, ids[:, :1])), np.where(valid, scores, 0.0), alpha)
+
+
+def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray, k: int | None, n: int = 2,
+                    alpha: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Search, expand each query with its top-``n`` results, search again (``k=None``: the whole ranking)."""
+    return search(expanded_queries(search, vectors_of, queries, n, alpha), k)
 
 
 def database_augmentation(search: Callable, vectors: np.ndarray, ids: np.ndarray, n: int = 2,
