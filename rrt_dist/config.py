@@ -338,7 +338,7 @@ class Config:
     features_dir: str = "${storage_root}/features"   # Lance feature tables: <features_dir>/<benchmark>/<fingerprint>/
     output_dir: str = "${hydra:runtime.output_dir}"  # this run's report, figures, exported weights (a local folder)
     # where the output folder is copied when the job ends (ended by an error too): <outputs_root>/<job>/<run>;
-    # null: it stays in output_dir only (ray=cluster: ${storage_root}/outputs)
+    # null: <storage_root>/outputs for a job started by `ray job submit`, no copy for a local run
     outputs_root: Optional[str] = None
 
 

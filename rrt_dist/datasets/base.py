@@ -214,10 +214,15 @@ class Benchmark:
             out_flat[s:s + chunk] = np.where(found, pos if self._offset is not None else self._order[pos], -1)
         return out
 
+    @property
+    def summarisable(self) -> bool:
+        """Whether the protocol scores a ranking from its top and its relevant ids' places (see ``relevant_ids``)."""
+        return not self.exclude_self and hasattr(self.protocol, "relevant")
+
     def relevant_ids(self) -> list[np.ndarray] | None:
         """Per query, the gallery ids its protocol's metric depends on beyond the ranking's top (revisitop: positives
         and junk), or None when the protocol needs the whole ranking (or leaves each query out of its own)."""
-        if self.exclude_self or not hasattr(self.protocol, "relevant"):
+        if not self.summarisable:
             return None
         gallery_ids = self.gallery.column("id").to_numpy()
         return [gallery_ids[indices] for indices in self.protocol.relevant()]
@@ -230,7 +235,7 @@ class Benchmark:
         if ranked_ids.ndim != 2 or ranked_ids.shape[0] != self.queries.num_rows:
             raise ValueError(f"expected rankings for {self.queries.num_rows} queries, got shape {ranked_ids.shape}")
         if positions is not None:
-            if self.relevant_ids() is None:
+            if not self.summarisable:
                 raise ValueError(f"the {self.protocol.name} protocol scores whole rankings, not summaries")
             return self.protocol.evaluate(self.gallery_indices(ranked_ids), positions)
         if self.exclude_self:

@@ -152,16 +152,17 @@ def rank_relevant_blocks(blocks: Callable[[], Iterable], queries: np.ndarray, re
         if len(ids) == 0:
             continue
         scores = block_scores(queries, vectors)
+        ascending = np.sort(scores, axis=1)
+        order = offset + np.arange(len(ids))
         for q, c in enumerate(cols):
             if not len(c):
                 continue
             s, o = rel_scores[q], found_order[c]
-            ranked = np.sort(scores[q])                      # ascending
-            greater = len(ranked) - np.searchsorted(ranked, s, side="right")
-            ties = np.searchsorted(ranked, s, side="right") - np.searchsorted(ranked, s, side="left")
+            after = np.searchsorted(ascending[q], s, side="right")
+            ties = after - np.searchsorted(ascending[q], s, side="left")
             for j in np.flatnonzero(ties):                   # equal scores rank in gallery order
-                ties[j] = np.count_nonzero((scores[q] == s[j]) & (offset + np.arange(len(ids)) < o[j]))
-            above[q] += greater + ties
+                ties[j] = np.count_nonzero((scores[q] == s[j]) & (order < o[j]))
+            above[q] += len(ids) - after + ties
         offset += len(ids)
     rows = []
     for q, c in enumerate(cols):

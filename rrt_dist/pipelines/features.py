@@ -109,8 +109,6 @@ def unreadable_counts(bench: Benchmark, stores: dict[str, FeatureStore]) -> dict
 def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
     """What every job starts with: the benchmark loaded (before Ray starts, so a layout error starts
     nothing), Ray up, its feature tables complete."""
-    from omegaconf import OmegaConf
-
     from rrt_dist.datasets import load_benchmark
     from rrt_dist.runtime import init_ray
 
