@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 ## The test suite.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 ## Regenerate constraints.txt from the current environment (after changing dependencies).
 lock: $(STAMP)

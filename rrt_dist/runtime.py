@@ -137,6 +137,27 @@ def publish_outputs(output_dir: str, destination: str) -> None:
     fs.put(f"{os.path.normpath(output_dir)}/", path, recursive=True)
 
 
+def run_publishing_outputs(main, cfg, destination: Optional[str]):
+    """``main(cfg)``, its output folder then copied to ``destination`` (None: no copy) however it ends. When the
+    job failed, a copy that fails too is reported on stderr and the job's own error raised, not the copy's."""
+    def copy() -> None:
+        publish_outputs(cfg.output_dir, destination)
+        print(f"rrt-dist: outputs copied to {destination}", file=sys.stderr)
+
+    try:
+        result = main(cfg)
+    except BaseException:
+        if destination:
+            try:
+                copy()
+            except Exception as err:
+                print(f"rrt-dist: outputs not copied to {destination}: {err!r}", file=sys.stderr)
+        raise
+    if destination:
+        copy()
+    return result
+
+
 def _announce_storage(cfg, destination: Optional[str]) -> None:
     from rrt_dist.features.images import is_uri
 
@@ -166,12 +187,7 @@ def job(main):
             validate_config(cfg)
             destination = outputs_destination(cfg, HydraConfig.get().job.name)
             _announce_storage(cfg, destination)
-            try:
-                return main(cfg)
-            finally:
-                if destination:
-                    publish_outputs(cfg.output_dir, destination)
-                    print(f"rrt-dist: outputs copied to {destination}", file=sys.stderr)
+            return run_publishing_outputs(main, cfg, destination)
         except errors as err:
             print(f"rrt-dist: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 import rrt_dist.config  # noqa: F401
@@ -132,3 +133,32 @@ def test_storage_root_places_everything_jobs_store(monkeypatch, tmp_path):
     assert sorted(fs.find("/shared/out")) == ["/shared/out/evaluate/run/figures/curve.png",
                                               "/shared/out/evaluate/run/report.json"]
     publish_outputs(str(out), str(out))                                   # already there: nothing to copy
+
+
+def test_a_failed_job_copies_its_outputs_and_reports_its_own_error(tmp_path, capsys):
+    """However the job ends its outputs are copied; when the copy fails too, the job's error is the one raised
+    (the copy's goes to stderr), and a job that succeeded fails when its outputs cannot be kept."""
+    from rrt_dist.runtime import run_publishing_outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    cfg = OmegaConf.create({"output_dir": str(out)})
+    (tmp_path / "a-file").write_text("")
+    unwritable = str(tmp_path / "a-file" / "outputs")                    # under a file: cannot be made
+
+    def broken(_):
+        (out / "partial.log").write_text("epoch 3")
+        raise RuntimeError("the job broke")
+
+    with pytest.raises(RuntimeError, match="the job broke"):
+        run_publishing_outputs(broken, cfg, str(tmp_path / "kept"))
+    assert (tmp_path / "kept" / "partial.log").read_text() == "epoch 3"
+    with pytest.raises(RuntimeError, match="the job broke"):
+        run_publishing_outputs(broken, cfg, unwritable)
+    assert f"outputs not copied to {unwritable}" in capsys.readouterr().err
+    with pytest.raises(OSError):
+        run_publishing_outputs(lambda _: "done", cfg, unwritable)
+    assert run_publishing_outputs(lambda _: "done", cfg, None) == "done"
+    assert run_publishing_outputs(lambda _: "done", cfg, str(tmp_path / "kept2")) == "done"
+    assert (tmp_path / "kept2" / "report.json").exists()

@@ -122,6 +122,30 @@ def test_folder_without_a_committed_version_is_no_table(local_ray, small_synthet
     assert again.extracted == 0 and len(list((uri / "data").iterdir())) == files - 1
 
 
+def test_uncommitted_fragments_are_removed_from_a_uri_too(tmp_path):
+    """On a URI (file:// here, as s3:// goes through the same fsspec and Lance calls): a table with fragments a
+    run wrote but never committed loses those files and keeps its rows; a folder never committed goes."""
+    from rrt_dist.store import commit_fragments, remove_uncommitted
+
+    schema = features_schema(4, 0, 0, "test", {}, "fp-test")
+
+    def rows(ids):
+        return features_to_table(schema, np.asarray(ids), np.eye(4, dtype=np.float32)[np.asarray(ids) % 4],
+                                 np.zeros((len(ids), 0, 0)), None, None, np.zeros(len(ids)))
+
+    uri = f"file://{tmp_path / 't.lance'}"
+    commit_fragments(uri, schema, write_fragment(uri, rows([0, 1, 2])))
+    assert remove_uncommitted(uri) is None                                  # nothing stray
+    write_fragment(uri, rows([3, 4]))                                       # written, never committed
+    assert len(list((tmp_path / "t.lance" / "data").iterdir())) == 2
+    assert "removed 1 uncommitted fragment file(s)" in remove_uncommitted(uri)
+    assert len(list((tmp_path / "t.lance" / "data").iterdir())) == 1 and sorted(committed_ids(uri)) == [0, 1, 2]
+    never = f"file://{tmp_path / 'never.lance'}"
+    write_fragment(never, rows([5]))
+    assert "no committed version" in remove_uncommitted(never) and not (tmp_path / "never.lance").exists()
+    assert remove_uncommitted(never) is None
+
+
 # --------------------------------------------------------------------------------------- 3. decompression bombs
 
 def bomb_png(path: Path, side: int = 100_000) -> Path:

@@ -11,6 +11,7 @@ from skimage import data
 
 from rrt_dist.datasets import make_manifest
 from rrt_dist.datasets.selfsup import ViewSpec, render_views, selfsup_manifest, write_views
+from rrt_dist.store import FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,9 +122,11 @@ def test_a_folder_gallery_trains_self_supervised_by_default():
 
 
 @pytest.mark.ray
-def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path):
+def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkeypatch):
     """Training on the benchmark's train photos (no labels): training rows are those photos and their views only
-    (never a query or a query's view), validation holds out whole photos, and the run trains and resumes."""
+    (never a query or a query's view), validation holds out whole photos, and the run trains and resumes. The
+    driver streams the training table's globals through search (only the held-out rows' are loaded whole), and
+    the neighbours equal exact search over the training rows."""
     from hydra import compose, initialize_config_dir
 
     import rrt_dist.config  # noqa: F401
@@ -139,7 +142,30 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path):
                  "train.epochs=2", "train.name=selfsup", "ray.num_cpus=2"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=overrides + [f"output_dir={tmp_path / 'out'}"])
+    whole_table = FeatureStore.globals
+
+    def restricted_views_only(table, *args, **kwargs):
+        assert table.restricted, f"the driver loaded every global descriptor of {table.uri}"
+        return whole_table(table, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "globals", restricted_views_only)
     store, rows, val = prepare_training(cfg)
+    monkeypatch.undo()
+    vectors = store.take_globals(rows["ids"])
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    k = cfg.train.k
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    expected[:, len(rows["ids"]) - 1:] = -1                  # fewer training rows than k: padding
+    expected = np.pad(expected, ((0, 0), (0, k - expected.shape[1])), constant_values=-1)
+    np.testing.assert_array_equal(rows["neighbours"], expected)
+    # through a sharded index of the training rows (not the held-out ones, which would take places): the same
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        sharded = compose("config", overrides=overrides + [f"output_dir={tmp_path / 'out'}", "index.mode=sharded",
+                                                           f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"])
+    monkeypatch.setattr(FeatureStore, "globals", restricted_views_only)
+    np.testing.assert_array_equal(prepare_training(sharded)[1]["neighbours"], expected)
+    monkeypatch.undo()
     sources = {str((tmp_path / "photos" / "train" / f"{n}.png").resolve()) for n in meta["train"]}
     assert set(rows["uris"]) - sources and all(u in sources or "/views/" in u for u in rows["uris"])
     assert not any("query_" in u or "_view" in Path(u).name for u in rows["uris"])

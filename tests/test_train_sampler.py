@@ -63,17 +63,30 @@ def test_anchor_shards_are_disjoint_equal_and_change_per_epoch():
     assert not np.array_equal(shards[0], anchor_shard(anchors, 5, seed=7, rank=0, world_size=3))
 
 
+def blocks_of(ids: np.ndarray, vectors: np.ndarray, size: int, order: np.ndarray):
+    return [(ids[order[s:s + size]], vectors[order[s:s + size]]) for s in range(0, len(ids), size)]
+
+
 def test_training_neighbours_exclude_self_and_map_ids_to_rows():
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(30, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = rng.permutation(10_000)[:30].astype(np.int64) - 5_000      # negative ids too
-    nn = training_neighbours(exact_searcher(vectors, ids), vectors, ids, k=5)
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
-    np.testing.assert_array_equal(nn, np.argsort(-sims, axis=1, kind="stable")[:, :5])
-    padded = training_neighbours(exact_searcher(vectors[:4], ids[:4]), vectors[:4], ids[:4], k=5)
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    search = exact_searcher(vectors, ids)
+    in_order = training_neighbours(search, blocks_of(ids, vectors, 30, np.arange(30)), ids, k=5)
+    np.testing.assert_array_equal(in_order, expected)
+    assert in_order.dtype == np.int32
+    # the rows' globals streamed in blocks of 7, in any order: the same table
+    scrambled = training_neighbours(search, blocks_of(ids, vectors, 7, rng.permutation(30)), ids, k=5)
+    np.testing.assert_array_equal(scrambled, expected)
+    padded = training_neighbours(exact_searcher(vectors[:4], ids[:4]), blocks_of(ids[:4], vectors[:4], 3, np.arange(4)),
+                                 ids[:4], k=5)
     assert (padded[:, 3:] == -1).all() and not (padded[:, :3] == np.arange(4)[:, None]).any()
+    with pytest.raises(ValueError, match="not training rows"):
+        training_neighbours(search, blocks_of(ids, vectors, 30, np.arange(30)), ids[:20], k=5)
 
 
 def test_unknown_positive_scope_is_rejected():

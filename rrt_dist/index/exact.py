@@ -193,9 +193,14 @@ def exact_searcher(gallery: np.ndarray, gallery_ids: np.ndarray):
 def streaming_searcher(stores, block_rows: int = 8192):
     """``search(queries, k) -> (scores, ids)`` by exact search over feature tables read block by block (the
     driver holds one block, not the gallery: 8192 × 2048-d is 32 MB as read, 64 MB as float32)."""
+    return block_searcher(lambda: table_blocks(stores, block_rows), sum(len(store) for store in stores))
+
+
+def block_searcher(blocks: Callable[[], Iterable], n_rows: int | None = None):
+    """``search(queries, k) -> (scores, ids)`` by exact search over the gallery that ``blocks()`` yields as
+    ``(ids, vectors)`` blocks, read anew for each search (``n_rows``: their total, see :func:`rank_blocks`)."""
     def search(queries: np.ndarray, k: int | None):
-        ids, scores = exact_search_blocks(table_blocks(stores, block_rows), queries, k,
-                                          n_rows=sum(len(store) for store in stores))
+        ids, scores = exact_search_blocks(blocks(), queries, k, n_rows=n_rows)
         return scores, ids
 
     return search

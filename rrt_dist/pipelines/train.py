@@ -24,7 +24,7 @@ from rrt_dist.datasets import Benchmark, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
 from rrt_dist.datasets.selfsup import WARPS
 from rrt_dist.features import config_fingerprint
-from rrt_dist.index.exact import exact_searcher
+from rrt_dist.index.exact import block_searcher
 from rrt_dist.store import FeatureStore
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
@@ -73,15 +73,20 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
 
 def row_values(manifest: pa.Table, ids: np.ndarray, column: str = "label") -> np.ndarray:
     """The manifest's ``column`` (label, uri, ...) of each of ``ids``."""
-    value_of = dict(zip(manifest.column("id").to_pylist(), manifest.column(column).to_pylist()))
-    return np.asarray([value_of[i] for i in ids.tolist()])
+    manifest_ids = manifest.column("id").to_numpy()
+    order = np.argsort(manifest_ids, kind="stable")
+    pos = order[np.clip(np.searchsorted(manifest_ids, ids, sorter=order), 0, len(order) - 1)]
+    if not np.array_equal(manifest_ids[pos], ids):
+        raise KeyError(f"ids not in the manifest: {ids[manifest_ids[pos] != ids][:5].tolist()}")
+    return manifest.column(column).take(pa.array(pos)).to_numpy(zero_copy_only=False)
 
 
-def training_rows(manifest: pa.Table, ids: np.ndarray, vectors: np.ndarray, search, k: int,
-                  min_positives: int) -> dict:
-    """Labels, URIs, neighbours and anchors of the training table rows (``ids`` / ``vectors`` in row order)."""
+def training_rows(manifest: pa.Table, store, ids: np.ndarray, search, k: int, min_positives: int,
+                  block_rows: int = 8192) -> dict:
+    """Labels, URIs, neighbours and anchors of the training rows ``ids`` of ``store`` (row order = ``ids``'s),
+    their globals streamed through ``search`` ``block_rows`` at a time."""
     labels = row_values(manifest, ids).astype(np.int64)
-    neighbours = training_neighbours(search, vectors, ids, k)
+    neighbours = training_neighbours(search, store.take_global_blocks(ids, block_rows), ids, k)
     anchors = eligible_anchors(neighbours, labels, min_positives)
     return {"ids": ids, "labels": labels, "uris": row_values(manifest, ids, "uri"), "neighbours": neighbours,
             "anchors": anchors}
@@ -128,28 +133,30 @@ def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray) -> tuple[dic
     return _ranking_set(bench, held_table, held_table), held
 
 
-def neighbour_search(cfg, store, ids: np.ndarray, vectors: np.ndarray):
-    """Search over the training table: exact, or the sharded index in ``index.mode=sharded`` (large tables)."""
+def neighbour_search(cfg, store, ids: np.ndarray, block_rows: int = 8192):
+    """Search over the training rows ``ids`` of ``store``: exact (their globals streamed block by block, in id
+    order), or the sharded index in ``index.mode=sharded`` (large tables)."""
     if cfg.index.mode == "exact":
-        return exact_searcher(vectors, ids), None
+        return block_searcher(lambda: store.take_global_blocks(ids, block_rows), len(ids)), None
     from .index import ensure_index
 
-    index = ensure_index(cfg.index, f"{cfg.dataset.name}-train", [store], OmegaConf.to_object(cfg.ray.search))
+    # indexed: the training rows only; held-out rows or other selections' would take neighbour places
+    rows = FeatureStore(store.uri, store.version, only=ids)
+    index = ensure_index(cfg.index, f"{cfg.dataset.name}-train", [rows], OmegaConf.to_object(cfg.ray.search))
     return index.search, index
 
 
 def prepare_training(cfg) -> tuple:
     """(training table, rows, validation set): everything the workers need, computed once on the driver."""
     manifest, store = training_features(cfg)
-    ids, vectors = store.globals()
-    listed = np.isin(ids, manifest.column("id").to_numpy())     # the table may hold rows of other selections
     # Rows in id order, not table order (which follows extraction): the same images give the same
     # anchors and triplets whichever way the table was filled, so seeded runs and resumes reproduce.
-    order = np.argsort(ids[listed], kind="stable")
-    ids, vectors = ids[listed][order], vectors[listed][order]
+    # Only the table's ids are loaded; its globals stream through search (GLDv2's would be 12 GB).
+    listed = np.isin(store.ids, manifest.column("id").to_numpy())     # the table may hold rows of other selections
+    ids = np.sort(store.ids[listed])
     val, held = validation_set(cfg, manifest, store, ids)
-    search, index = neighbour_search(cfg, store, ids[~held], vectors[~held])
-    rows = training_rows(manifest, ids[~held], vectors[~held], search, cfg.train.k, min_positives(cfg))
+    search, index = neighbour_search(cfg, store, ids[~held])
+    rows = training_rows(manifest, store, ids[~held], search, cfg.train.k, min_positives(cfg))
     if index is not None:
         index.close()
     log.info("training rows: %d images, %d labels, %d anchors; validation on %s", len(rows["ids"]),

@@ -270,20 +270,19 @@ def delete_ids(uri: str | Path, ids: Sequence[int], chunk: int = 10_000) -> None
 
 def remove_uncommitted(uri: str | Path) -> str | None:
     """Clean up what an interrupted writer left: a folder with no committed version is removed; data
-    files no version references (fragments written but never committed) are deleted. Only the one
-    process that writes the table may call this. Returns what was done, or None."""
-    import shutil
-
-    path = Path(uri)
-    if not path.exists():
+    files no version references (fragments written but never committed) are deleted. A local path or a
+    URI (through fsspec, e.g. ``s3://``). Only the one process that writes the table may call this.
+    Returns what was done, or None."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    if not fs.exists(path):
         return None
     ds = open_table(uri)
     if ds is None:
-        shutil.rmtree(path)
-        return f"removed {path}: no committed version (a run stopped before its first commit)"
-    data = path / "data"
+        fs.rm(path, recursive=True)
+        return f"removed {uri}: no committed version (a run stopped before its first commit)"
+    data = f"{path.rstrip('/')}/data"
     referenced = {Path(f.path).name for fragment in ds.get_fragments() for f in fragment.data_files()}
-    on_disk = {p.name for p in data.iterdir()} if data.is_dir() else set()
+    on_disk = {Path(p).name for p in fs.ls(data, detail=False)} if fs.isdir(data) else set()
     if on_disk <= referenced:
         return None
     # Every version stays (readers may pin one); only files no version references are removed.
@@ -291,7 +290,7 @@ def remove_uncommitted(uri: str | Path) -> str | None:
     stats = ds.cleanup_old_versions(older_than=timedelta(days=36500), delete_unverified=True)
     if not stats.data_files_removed:
         return None
-    return f"removed {stats.data_files_removed} uncommitted fragment file(s) from {path}"
+    return f"removed {stats.data_files_removed} uncommitted fragment file(s) from {uri}"
 
 
 class FeatureStore:
@@ -388,6 +387,13 @@ class FeatureStore:
         table = self.dataset.take(self.rows_of(unique), columns=["global"])
         vectors = table.column("global").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return vectors.reshape(-1, self.global_dim).astype(dtype)[inverse]
+
+    def take_global_blocks(self, ids: Sequence[int], rows: int = 8192, dtype=np.float32):
+        """``(ids, global)`` of ``ids`` in that order, ``rows`` at a time (e.g. a training table's rows in id
+        order, streamed through search)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        for start in range(0, len(ids), rows):
+            yield ids[start:start + rows], self.take_globals(ids[start:start + rows], dtype)
 
     def take_locals(self, ids: Sequence[int], dtype=np.float32) -> dict:
         """Descriptors of ``ids`` (in that order): ``global [n, d_g]``, ``local [n, L, d_l]``, ``positions [n, L, 2]``,

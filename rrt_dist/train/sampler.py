@@ -17,21 +17,34 @@ import numpy as np
 POSITIVE_SCOPES = ("topk", "label")
 
 
-def training_neighbours(search, vectors: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Each training image's top-``k`` rows by global similarity, itself excluded (``[N, k]``, -1 padding).
+def training_neighbours(search, query_blocks, ids: np.ndarray, k: int) -> np.ndarray:
+    """Each training image's top-``k`` rows by global similarity, itself excluded (``[N, k]`` int32, -1 padding).
 
-    ``search(queries, k) -> (scores, ids)`` searches the training table (exact or a sharded index).
+    ``search(queries, k) -> (scores, ids)`` searches the training table (exact or a sharded index);
+    ``query_blocks`` yields ``(ids, vectors)`` blocks of the training rows, in any order: the table streamed
+    through search, never held (GLDv2's 1.5M × 2048-d globals are 12 GB as float32). Rows are int32, half
+    of int64's [N, k] (1.5M × 100: 600 MB).
     """
     ids = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
-    _, found = search(vectors, min(k + 1, len(ids)))
-    pos = np.clip(np.searchsorted(ids[order], found), 0, len(ids) - 1)
-    rows = np.where(ids[order][pos] == found, order[pos], -1)
-    rows[rows == np.arange(len(ids))[:, None]] = -1          # self
-    out = np.full((len(ids), k), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        kept = row[row != -1][:k]
-        out[i, :len(kept)] = kept
+    sorted_ids = ids[order]
+
+    def rows_of(found: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(sorted_ids, found), 0, len(ids) - 1)
+        return np.where(sorted_ids[pos] == found, order[pos], -1)
+
+    out = np.full((len(ids), k), -1, dtype=np.int32)
+    for block_ids, vectors in query_blocks:
+        _, found = search(vectors, min(k + 1, len(ids)))
+        rows = rows_of(np.asarray(found, np.int64))
+        own = rows_of(np.asarray(block_ids, np.int64))
+        if (own == -1).any():
+            raise ValueError("the query blocks hold ids that are not training rows")
+        rows[rows == own[:, None]] = -1                      # self
+        kept = rows != -1
+        place = np.cumsum(kept, axis=1) - 1                  # each kept row's place among its query's kept rows
+        r, c = np.nonzero(kept & (place < k))
+        out[own[r], place[r, c]] = rows[r, c]
     return out
 
 
