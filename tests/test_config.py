@@ -162,3 +162,16 @@ def test_a_failed_job_copies_its_outputs_and_reports_its_own_error(tmp_path, cap
     assert run_publishing_outputs(lambda _: "done", cfg, None) == "done"
     assert run_publishing_outputs(lambda _: "done", cfg, str(tmp_path / "kept2")) == "done"
     assert (tmp_path / "kept2" / "report.json").exists()
+
+
+def test_evaluation_refuses_index_options_it_would_ignore():
+    """DBA in exact mode and the search job's αQE would be silently absent from the evaluation's numbers."""
+    from rrt_dist.config import ConfigError
+    from rrt_dist.pipelines.evaluate import check_index_options
+
+    check_index_options(make(["index=auto", "index.dba_n=2"]).index)         # sharded: DBA is built
+    check_index_options(make().index)
+    with pytest.raises(ConfigError, match="index.mode=sharded"):
+        check_index_options(make(["index.dba_n=2"]).index)
+    with pytest.raises(ConfigError, match="reranker.methods"):
+        check_index_options(make(["index.qe_n=2"]).index)

@@ -179,7 +179,7 @@ def test_alpha_qe_matches_hand_computation():
     assert got.tolist() == [[10, 11, 12]]
     np.testing.assert_allclose(scores[0], expected @ g.T[:, [0, 1, 2]], rtol=1e-5)
     # DBA: 12's neighbours (excluding itself) are 11 (0.0) and 10 (-0.6 -> weight 0): unchanged
-    dba = database_augmentation(search, g, ids, n=2, alpha=0.5)
+    dba = database_augmentation(search, vectors_of, g, ids, n=2, alpha=0.5)
     np.testing.assert_allclose(dba[2], g[2], atol=1e-6)
     expected10 = g[0] + 0.8 ** 0.5 * g[1]                  # 10's best other neighbour: 11 at 0.8
     np.testing.assert_allclose(dba[0], expected10 / np.linalg.norm(expected10), rtol=1e-5)
@@ -317,6 +317,47 @@ def test_index_build_and_add_stream_from_lance_not_through_the_driver(local_ray,
     want_scores, want_ids = search_numpy_exact(stored, stored_ids, queries, 30)
     assert np.allclose(scores, want_scores, atol=1e-5)
     assert (got == want_ids).mean() > 0.99                      # the rest: float ties
+
+
+@pytest.mark.ray
+def test_database_augmentation_streams_through_the_index_without_it(local_ray, tmp_path, monkeypatch):
+    """αDBA is computed where each shard is filled (neighbours from the same tables' index without DBA, their
+    vectors read by id): the driver never loads the gallery, and the indexed vectors are αDBA over the whole
+    gallery in memory. Changing alpha builds another index, not a stale one."""
+    import faiss
+    from omegaconf import OmegaConf
+
+    from rrt_dist.config import IndexConfig
+    from rrt_dist.index.core import read_index
+    from rrt_dist.index.exact import exact_searcher
+    from rrt_dist.pipelines.index import ensure_index
+
+    vectors = clustered(1500, 32, seed=9)
+    ids = np.random.default_rng(9).permutation(10**6)[:1500].astype(np.int64)
+    store = make_store(str(tmp_path / "g.lance"), ids, vectors)
+    stored_ids, stored = store.globals()                            # fp16 as stored: what the index reads
+    by_id = dict(zip(stored_ids.tolist(), stored))
+    forbid_gallery_globals(monkeypatch)
+    directories = []
+    for alpha in (0.5, 3.0):
+        cfg = OmegaConf.merge(OmegaConf.structured(IndexConfig), {"mode": "sharded", "n_shards": 3, "dba_n": 2,
+                                                                   "dba_alpha": alpha, "dir": str(tmp_path / "idx")})
+        index = ensure_index(cfg, "dba", [store])
+        directories.append(index.directory)
+        indexed = {}
+        for shard in index.manifest.shards:
+            shard_index = read_index(f"{index.directory}/{shard.file}")                        # IndexIDMap2
+            shard_ids = faiss.vector_to_array(faiss.downcast_index(shard_index).id_map)
+            indexed.update((int(i), shard_index.reconstruct(int(i))) for i in shard_ids)
+        index.close()
+        expected = database_augmentation(exact_searcher(stored, stored_ids),
+                                         lambda nn: np.stack([[by_id[int(i)] for i in row] for row in nn]),
+                                         stored, stored_ids, 2, alpha)
+        assert sorted(indexed) == sorted(stored_ids.tolist())
+        np.testing.assert_allclose(np.stack([indexed[int(i)] for i in stored_ids]), expected, atol=1e-5)
+        assert not np.allclose(expected, stored, atol=1e-3)             # augmentation changed the vectors
+    monkeypatch.undo()
+    assert directories[0] != directories[1] and all("-dba2-a" in d for d in directories)
 
 
 @pytest.mark.ray

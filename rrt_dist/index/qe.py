@@ -40,14 +40,15 @@ def alpha_qe_search(search: Callable, vectors_of: Callable, queries: np.ndarray,
     return search(expanded_queries(search, vectors_of, queries, n, alpha), k)
 
 
-def database_augmentation(search: Callable, vectors: np.ndarray, ids: np.ndarray, n: int = 2,
+def database_augmentation(search: Callable, vectors_of: Callable, vectors: np.ndarray, ids: np.ndarray, n: int = 2,
                           alpha: float = 0.3) -> np.ndarray:
-    """αDBA: each gallery vector expanded with its top-``n`` gallery neighbours (itself excluded)."""
+    """αDBA of gallery ``vectors`` (any block of the gallery, ``ids`` theirs): each expanded with its top-``n``
+    gallery neighbours, itself excluded. ``search`` searches the whole gallery; ``vectors_of(ids [N, n])``
+    reads neighbours' vectors, so a block needs only its neighbours, never the gallery."""
     scores, nn = search(vectors, n + 1)
     keep = nn != ids[:, None]                         # drop the vector itself wherever it ranks
     order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
     nn, scores = np.take_along_axis(nn, order, 1), np.take_along_axis(scores, order, 1)
-    position = {int(i): r for r, i in enumerate(ids)}
-    neighbour_vectors = vectors[np.vectorize(lambda i: position.get(int(i), 0))(nn)]
-    scores = np.where(nn != NO_ID, scores, 0.0)
-    return expand(vectors, neighbour_vectors, scores, alpha)
+    valid = nn != NO_ID
+    # padding (a gallery of <= n vectors) reads the vector itself, with weight 0
+    return expand(vectors, vectors_of(np.where(valid, nn, ids[:, None])), np.where(valid, scores, 0.0), alpha)

@@ -41,7 +41,7 @@ from rrt_dist.store import FeatureStore, take_globals_from
 
 from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, collect_garbage, merge_results, new_index,
                    read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
-from .qe import alpha_qe_search
+from .qe import alpha_qe_search, database_augmentation
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,14 @@ def _open_tables(tables: list[tuple]) -> list[FeatureStore]:
     return [FeatureStore(u, v, only=only) for u, v, only in tables]
 
 
-def _read_globals(tables: list[tuple], ids: np.ndarray) -> np.ndarray:
-    return take_globals_from(_open_tables(tables), ids)
+def table_refs(stores) -> list[tuple]:
+    """``(uri, version, ids in view or None)`` of each table: what tasks and actors open them by."""
+    return [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
+
+
+def _read_globals(tables: list[tuple], ids: np.ndarray, transform=None) -> np.ndarray:
+    vectors = take_globals_from(_open_tables(tables), ids)
+    return vectors if transform is None else transform(ids, vectors)
 
 
 def write_rows(uri: str, ids: np.ndarray, sources: np.ndarray) -> None:
@@ -117,11 +123,33 @@ def fill_shard(template: np.ndarray, blocks, id_min: int, id_max: int, uri: str)
 
 
 def _fill_shard_from_tables(template: np.ndarray, tables: list[tuple], id_min: int, id_max: int, uri: str,
-                            block_rows: int) -> int:
+                            block_rows: int, transform=None) -> int:
     """:func:`fill_shard` over feature tables given as ``(uri, version, ids in view or None)``, reading only the
-    shard's id range, block by block, where the shard is built (a Ray task: the driver never holds the gallery)."""
+    shard's id range, block by block, where the shard is built (a Ray task: the driver never holds the gallery);
+    ``transform(ids, vectors)`` changes each block first."""
     blocks = (block for s in _open_tables(tables) for block in s.global_blocks(block_rows, id_range=(id_min, id_max)))
+    if transform is not None:
+        blocks = ((ids, transform(ids, vectors)) for ids, vectors in blocks)
     return fill_shard(template, blocks, id_min, id_max, uri)
+
+
+class AugmentedBlocks:
+    """αDBA (:func:`rrt_dist.index.qe.database_augmentation`) as :func:`build_index`'s ``transform``, computed
+    where each block is read: neighbours from ``actors`` (the shard actors of an index of the same tables without
+    DBA), their vectors read from ``stores`` by id. No process holds the gallery."""
+
+    def __init__(self, actors: list, stores, n: int, alpha: float):
+        self.actors, self.tables, self.n, self.alpha = list(actors), table_refs(stores), n, alpha
+        self._stores = None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_stores": None}        # tables are reopened where the blocks are read
+
+    def __call__(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        if self._stores is None:
+            self._stores = _open_tables(self.tables)
+        return database_augmentation(partial(search_shards, self.actors),
+                                     partial(take_globals_from, self._stores), vectors, ids, self.n, self.alpha)
 
 
 def _trained_template(factory: str, d: int, read_sample) -> np.ndarray:
@@ -157,15 +185,15 @@ def _results(pending: list, desc: str, rows: list[int]) -> list:
 
 
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
-                memory_budget: float = 8 * 2**30, seed: int = 0, vectors: np.ndarray | None = None,
+                memory_budget: float = 8 * 2**30, seed: int = 0, transform=None,
                 block_rows: int = 16384, previous: IndexManifest | None = None, reason: str = "") -> IndexManifest:
     """Build and commit a sharded index of every global descriptor in ``stores`` (one or several tables): version 1,
     or the version after ``previous`` (a rebuild, recorded with ``reason`` in its history).
 
     The driver holds the ids (8 bytes an image); a Ray task reads the training sample and trains, and each shard
-    is filled by a Ray task (in process without Ray) that reads its own id range block by block. ``vectors``
-    replaces the tables' descriptors (same order as their concatenated ids), e.g. after database-side
-    augmentation, which needs them all anyway: then shards are filled from it in process.
+    is filled by a Ray task (in process without Ray) that reads its own id range block by block.
+    ``transform(ids, vectors) -> vectors`` changes every descriptor read before it is trained on and indexed
+    (e.g. :class:`AugmentedBlocks`, database-side augmentation).
     """
     stores = _sources(stores)
     requested = {"factory": factory, "n_shards": n_shards, "train_size": train_size, "memory_budget": memory_budget,
@@ -183,26 +211,20 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     start = time.perf_counter()
     version = previous.version + 1 if previous else 1
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
-    tables = [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
-    if vectors is not None:
-        serialized = _trained_template(factory, d, lambda: vectors[sample])
-    elif ray.is_initialized():
-        serialized = ray.get(ray.remote(_trained_template).remote(factory, d, partial(_read_globals, tables,
-                                                                                      ids[sample])))
+    tables = table_refs(stores)
+    read_sample = partial(_read_globals, tables, ids[sample], transform)
+    if ray.is_initialized():
+        serialized = ray.get(ray.remote(_trained_template).remote(factory, d, read_sample))
     else:
-        serialized = _trained_template(factory, d, partial(_read_globals, tables, ids[sample]))
+        serialized = _trained_template(factory, d, read_sample)
     template_file = f"trained-v{version:06d}.faiss"
     write_index(faiss.deserialize_index(serialized), f"{directory}/{template_file}")
     bounds = shard_bounds(ids, n_shards)
     files = [_shard_file(i, version) for i in range(len(bounds))]
-    if vectors is not None:
-        blocks = [(ids[s:s + block_rows], vectors[s:s + block_rows]) for s in range(0, n, block_rows)]
-        counts = [fill_shard(serialized, blocks, lo, hi, f"{directory}/{f}") for (lo, hi), f in zip(bounds, files)]
-    else:
-        tables_ref = ray.put(tables) if ray.is_initialized() else tables
-        counts = _results([_run(_fill_shard_from_tables, serialized, tables_ref, lo, hi, f"{directory}/{f}", block_rows)
-                           for (lo, hi), f in zip(bounds, files)], f"index build ({len(bounds)} shards)",
-                          [int(((ids >= lo) & (ids <= hi)).sum()) for lo, hi in bounds])
+    tables_ref = ray.put(tables) if ray.is_initialized() else tables
+    counts = _results([_run(_fill_shard_from_tables, serialized, tables_ref, lo, hi, f"{directory}/{f}", block_rows,
+                            transform) for (lo, hi), f in zip(bounds, files)], f"index build ({len(bounds)} shards)",
+                      [int(((ids >= lo) & (ids <= hi)).sum()) for lo, hi in bounds])
     shards = []
     for (lo, hi), f, count in zip(bounds, files, counts):
         mine = (ids >= lo) & (ids <= hi)
@@ -285,7 +307,7 @@ def update_index(stores, directory: str, rebuild_fraction: float = 0.2) -> tuple
     if why:
         return _rebuild(stores, directory, manifest, why), {**summary, "action": "rebuild", "reason": why}
     version = manifest.version + 1
-    tables = [(s.uri, s.version, s.ids if s.restricted else None) for s in stores]
+    tables = table_refs(stores)
     shards = [ShardInfo(**vars(s)) for s in manifest.shards]
     empty = np.zeros(0, np.int64)
     jobs = {int(i): [shards[i].file, empty, remove[remove_shard == i]] for i in np.unique(remove_shard)}
@@ -354,6 +376,12 @@ class ShardActor:
         return os.getpid()
 
 
+def search_shards(actors: list, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)`` of ``queries`` over shard actors (:class:`ShardActor`): each searched, top-k merged."""
+    ref = ray.put(np.ascontiguousarray(queries, np.float32))
+    return merge_results(ray.get([a.search.remote(ref, k) for a in actors]), k)
+
+
 class ShardedIndex:
     """Fans query batches out to the shard actors of one committed version and merges their top-k (highest inner
     product first). :meth:`refresh` moves it to the newest version: actors for the changed shards start and load
@@ -416,9 +444,7 @@ class ShardedIndex:
             raise IndexMismatch(f"queries of shape {queries.shape} for an index of dimension {self.dimension}")
         with self._lock:
             actors = self._actors
-        ref = ray.put(queries)
-        parts = ray.get([a.search.remote(ref, k) for a in actors])
-        return merge_results(parts, k)
+        return search_shards(actors, queries, k)
 
     def search_alpha_qe(self, queries: np.ndarray, k: int, vectors_of, n: int = 2, alpha: float = 0.3):
         return alpha_qe_search(self.search, vectors_of, queries, k, n, alpha)

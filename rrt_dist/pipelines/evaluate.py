@@ -67,9 +67,22 @@ def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_q
     return pairs
 
 
+def check_index_options(index_cfg) -> None:
+    """Refuse index options evaluation would ignore, before any work: the numbers would silently lack them."""
+    from rrt_dist.config import ConfigError
+
+    if index_cfg.dba_n and index_cfg.mode == "exact":
+        raise ConfigError("index.dba_n: database-side augmentation changes the indexed vectors; index.mode=exact "
+                          "ranks the stored ones. Add index.mode=sharded (index.factory=Flat keeps it exact)")
+    if index_cfg.qe_n:
+        raise ConfigError("index.qe_n is the search job's alpha-QE; evaluation reports alpha-QE as its own rows: "
+                          "reranker.methods=[global,aqe,...] (reranker.aqe_n, reranker.aqe_alpha)")
+
+
 def evaluate(cfg, training: dict | None = None) -> dict:
     """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload.
     ``training``: how the evaluated extractor was trained (``train_metric``), for the report."""
+    check_index_options(cfg.index)
     timings, start = {}, time.perf_counter()
     bench, stores = benchmark_features(cfg)
     patch_stores = patch_features(cfg, bench, stores)

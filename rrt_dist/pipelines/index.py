@@ -1,6 +1,6 @@
 """Sharded index for a benchmark's feature tables: build once, add new rows incrementally, search (± αQE).
 
-Indexes live in ``<index.dir>/<benchmark>/<extractor fingerprint>/<tables>/<factory>-<shards>s[-dba<n>][-d]/``
+Indexes live in ``<index.dir>/<benchmark>/<extractor fingerprint>/<tables>/<factory>-<shards>s[-dba<n>-a<alpha>][-d]/``
 (``<tables>``: which feature tables; ``-d`` when the distractors are indexed with the gallery).
 """
 from __future__ import annotations
@@ -10,23 +10,22 @@ import logging
 import re
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from rrt_dist.features.images import join_location
 from rrt_dist.index.core import read_manifest, rows_digest
-from rrt_dist.index.exact import exact_searcher
-from rrt_dist.index.qe import database_augmentation
-from rrt_dist.index.sharded import ShardedIndex, build_index, table_identities, update_index
+from rrt_dist.index.sharded import AugmentedBlocks, ShardedIndex, build_index, table_identities, update_index
 from rrt_dist.runtime import StageResources
-from rrt_dist.store import FeatureStore, concat_globals
+from rrt_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 
 def index_directory(cfg, benchmark: str, stores: list[FeatureStore]) -> str:
-    """``<index.dir>/<benchmark>/<fingerprint>/<tables>/<factory>-<shards>s[-dba<n>][-d]``: ``<tables>`` names the
+    """``<index.dir>/<benchmark>/<fingerprint>/<tables>/<factory>-<shards>s[-dba<n>-a<alpha>][-d]``: ``<tables>`` names the
     feature tables indexed (so two datasets of one benchmark type never share an index)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.factory) + f"-{cfg.n_shards}s"
-    name += f"-dba{cfg.dba_n}" if cfg.dba_n else ""
+    name += f"-dba{cfg.dba_n}-a{cfg.dba_alpha:g}" if cfg.dba_n else ""
     name += "-d" if len(stores) > 1 else ""
     tables = hashlib.sha1("|".join(sorted(s.uri for s in stores)).encode()).hexdigest()[:10]
     return join_location(cfg.dir, benchmark, stores[0].fingerprint, tables, name)
@@ -48,12 +47,12 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: Sta
     except FileNotFoundError:
         manifest = None
     if manifest is None:
-        _build(cfg, stores, directory)
+        _build(cfg, benchmark, stores, directory, resources)
     elif cfg.dba_n:
         if manifest.rows_digest != rows_digest(*table_identities(stores)):
             # DBA vectors depend on every neighbourhood: any change means a rebuild.
-            _build(cfg, stores, directory, manifest, "the feature tables changed and DBA vectors depend on every "
-                                                     "neighbourhood")
+            _build(cfg, benchmark, stores, directory, resources, manifest,
+                   "the feature tables changed and DBA vectors depend on every neighbourhood")
     else:
         _, summary = update_index(stores, directory, cfg.rebuild_fraction)
         if summary["action"] != "none":
@@ -61,13 +60,20 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: Sta
     return ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
 
 
-def _build(cfg, stores: list[FeatureStore], directory: str, previous=None, reason: str = "") -> None:
-    vectors = None
+def _build(cfg, benchmark: str, stores: list[FeatureStore], directory: str, resources: StageResources | None,
+           previous=None, reason: str = "") -> None:
+    plain, transform = None, None
     if cfg.dba_n:
-        ids, vectors = concat_globals(stores)
-        vectors = database_augmentation(exact_searcher(vectors, ids), vectors, ids, cfg.dba_n, cfg.dba_alpha)
-    build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
-                vectors=vectors, previous=previous, reason=reason)
+        # αDBA's neighbours: searched in the same tables' index without DBA (built, or updated, as any index),
+        # block by block where each shard is filled
+        plain = ensure_index(OmegaConf.merge(cfg, {"dba_n": 0}), benchmark, stores, resources)
+        transform = AugmentedBlocks(plain.actors, stores, cfg.dba_n, cfg.dba_alpha)
+    try:
+        build_index(stores, directory, cfg.factory, cfg.n_shards, cfg.train_size, cfg.memory_budget_gb * 2**30,
+                    transform=transform, previous=previous, reason=reason)
+    finally:
+        if plain is not None:
+            plain.close()
 
 
 def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
