@@ -191,6 +191,31 @@ def final_state(run: str) -> dict:
 
 
 @pytest.mark.ray
+def test_images_that_do_not_decode_are_left_out_of_metric_training(local_ray, metric_cfg, tmp_path, caplog):
+    """A truncated training image and one that is no image at all (one in a held-out class) are found before
+    training and left out with a warning; every other image stays, held-out classes included."""
+    from rrt_dist.datasets import load_training_set
+    from rrt_dist.pipelines.train import metric_training_set
+
+    cfg = metric_cfg("bad-images", f"dataset.root={tmp_path / 'syn'}")
+    _, manifest = load_training_set(cfg.dataset)
+    rows, val = metric_training_set(cfg)
+    held_id = int(val["bench"].gallery.column("id")[0].as_py())
+    uri_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("uri").to_pylist()))
+    truncated, garbage = int(rows["ids"][5]), held_id
+    data = Path(uri_of[truncated]).read_bytes()
+    Path(uri_of[truncated]).write_bytes(data[:len(data) // 3])
+    Path(uri_of[garbage]).write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        rows_after, val_after = metric_training_set(cfg)
+    assert "2 of 64 images do not decode" in caplog.text and uri_of[truncated] in caplog.text
+    assert set(rows["ids"].tolist()) - set(rows_after["ids"].tolist()) == {truncated}
+    held_after = val_after["bench"].gallery.column("id").to_pylist()
+    assert garbage not in held_after and len(held_after) == val["bench"].gallery.num_rows - 1
+    assert val_after["images"].shape[0] == len(held_after)
+
+
+@pytest.mark.ray
 def test_metric_training_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(local_ray, metric_cfg):
     """Ray Data streams class-balanced batches to 2 workers; validation is on held-out training classes only;
     a worker killed at epoch 2 resumes from epoch 1's checkpoint and ends where an uninterrupted run ends;

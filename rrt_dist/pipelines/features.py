@@ -100,6 +100,35 @@ def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, 
     return stores
 
 
+def _undecodable(batch: dict) -> dict:
+    """``map_batches`` function: the ids of the batch's images that do not decode, and why."""
+    from rrt_dist.features.images import ImageError, load_image
+
+    bad, reasons = [], []
+    for image_id, uri in zip(batch["id"], batch["uri"]):
+        try:
+            load_image(uri)
+        except ImageError as err:
+            bad.append(int(image_id))
+            reasons.append(str(err))
+    return {"id": np.asarray(bad, np.int64), "reason": np.asarray(reasons, dtype=object)}
+
+
+def decodable_rows(manifest: pa.Table, what: str) -> pa.Table:
+    """``manifest`` without the rows whose image does not decode, each image decoded once by Ray Data tasks; the
+    dropped ones are logged. For stages that read images straight from the manifest (training from images):
+    one bad file would otherwise stop them when a batch first reaches it, possibly hours in."""
+    import ray
+
+    found = ray.data.from_arrow(manifest.select(["id", "uri"])).map_batches(_undecodable, batch_size=64).take_all()
+    if not found:
+        return manifest
+    log.warning("%s: %d of %d images do not decode and are left out, e.g. %s", what, len(found), manifest.num_rows,
+                "; ".join(row["reason"] for row in found[:3]))
+    bad = np.asarray([row["id"] for row in found], np.int64)
+    return manifest.filter(pa.array(~np.isin(manifest.column("id").to_numpy(), bad)))
+
+
 def unreadable_counts(bench: Benchmark, stores: dict[str, FeatureStore]) -> dict[str, int]:
     """Images of each split that have no descriptors (recorded as unreadable): they score as misses."""
     return {name: int(manifest.num_rows - np.isin(manifest.column("id").to_numpy(), stores[name].ids).sum())

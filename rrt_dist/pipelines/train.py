@@ -29,7 +29,7 @@ from rrt_dist.store import FeatureStore
 from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
-from .features import require_labels, backbone_features, training_features, training_pairs
+from .features import backbone_features, decodable_rows, require_labels, training_features, training_pairs
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +269,12 @@ def metric_training_set(cfg) -> tuple[dict, dict]:
     from rrt_dist.datasets import load_training_set
     from rrt_dist.features import create_preparer
     from rrt_dist.features.core import decode_and_prepare
+    from rrt_dist.runtime import init_ray
 
     _, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
-    manifest = require_labels(manifest, "labels").sort_by("id")     # id order: seeded batches do not depend on listing
+    init_ray(cfg.ray)
+    manifest = decodable_rows(require_labels(manifest, "labels"), "metric training set")
+    manifest = manifest.sort_by("id")                               # id order: seeded batches do not depend on listing
     labels = manifest.column("label").to_numpy()
     held = holdout_split(labels, cfg.train.val_holdout_labels, cfg.train.seed)
     train = manifest.filter(pa.array(~held))
@@ -297,7 +300,6 @@ def train_metric(cfg, out_dir: str | Path) -> dict:
 
     from rrt_dist.eval.figures import training_curve
     from rrt_dist.features import create_extractor
-    from rrt_dist.runtime import init_ray
     from rrt_dist.train.distributed import fit
     from rrt_dist.train.metric import TRAINABLE_EXTRACTORS, MetricEmbedder, export_extractor
 
@@ -309,7 +311,6 @@ def train_metric(cfg, out_dir: str | Path) -> dict:
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     structural = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
     rows, val = metric_training_set(cfg)
-    init_ray(cfg.ray)
     name = run_name(cfg, "ml", {"structural": structural})
     result = fit(cfg.train, None, rows, val, name, train_settings(cfg), task="metric",
                  task_config={"metric": OmegaConf.to_container(cfg.train.metric, resolve=True),
