@@ -8,8 +8,9 @@ on the synthetic benchmark's labels, on real photographs and on the synthetic be
    2 views each, the same number of optimizer steps: 16 epochs of ~43 steps vs 40 of 17); Medium / Hard mAP.
 2. Real photographs (``rrt_dist.datasets.photos``: 10 query photos, 3 hard views of each among 70 gallery
    images): global only, GV, the labels-trained demo RRT of seed 0, the self-supervised RRT trained on the
-   10 other photos (16 views each; none of the query photos or their views), per seed, and one trained on
-   the evaluated gallery's own 70 images (4 views each), as a user would; mAP and R@1.
+   10 other photos (16 views each; none of the query photos or their views), per seed, and ones trained on
+   the evaluated gallery's own 70 images (4 views each), as a user would, with 32 locals per image (the demo's
+   recipe) and with each of ``--gallery-locals``; mAP and R@1.
 
 Each run is the evaluate job in-process; finished trainings are reused on a rerun. The last line is JSON.
 """
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", default=str(REPO / "data" / "bench-selfsup"))
     parser.add_argument("--quick", action="store_true", help="2 epochs each (a smoke run, numbers meaningless)")
+    parser.add_argument("--gallery-locals", type=int, nargs="*", default=[200],
+                        help="also train on the evaluated gallery with this many locals per image (train.max_local)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     quick = ["train.epochs=2", "train.milestones=[]"] if args.quick else []
@@ -122,6 +125,11 @@ def main() -> None:
     # What a user does: train on the gallery itself (its 70 images; the query photos stay out).
     gallery = run_evaluate(work, "photos-selfsup-gallery", folder + ["reranker=trained", *quick])
     result["photos"]["self-supervised RRT on the evaluated gallery"] = metrics(gallery, ranked)
+    result["photos"]["mutual-NN match count, mAP"].update(matching_ceiling(gallery, tuple(args.gallery_locals)))
+    for n in args.gallery_locals:
+        more = run_evaluate(work, f"photos-selfsup-gallery-{n}", folder + ["reranker=trained", f"train.max_local={n}",
+                                                                           *quick])
+        result["photos"][f"self-supervised RRT on the evaluated gallery, {n} locals"] = metrics(more, ranked)
     print(json.dumps({"photos": result["photos"]}), flush=True)
 
     for seed in args.seeds:
