@@ -55,3 +55,22 @@ def test_rerank_top_k_orders_by_inliers_then_global_and_keeps_the_tail():
     global_scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     out = rerank_top_k(ids, global_scores, np.array([3, 7, 7, 0]), k=4)
     assert out.tolist() == [11, 12, 10, 13, 14]            # ties in inliers keep global order; 14 untouched
+
+
+def test_gv_max_local_matches_only_each_images_best_locals():
+    """``reranker.gv.max_local`` (the RRT paper's Table 8): GV on the first m locals of each image, as if only
+    those were stored; here the planted matches come after 40 geometric outliers."""
+    from rrt_dist.rerank.scorers import GVScorer
+
+    desc, pos, tgt_desc, tgt_pos, _, _ = planted_pair(0)
+    order = np.r_[60:100, 0:60]                                              # outliers first
+    query = {"local": desc[order], "positions": pos[order], "n_local": np.int64(100)}
+    cands = {"local": tgt_desc[order][None], "positions": tgt_pos[order][None], "n_local": np.array([100])}
+    cfg = {"ransac_threshold": 8.0}
+    assert GVScorer(**cfg)(query, cands)[0] >= 55
+    for m in (40, 70, 300):
+        n = min(m, 100)
+        expected = gv_scores(desc[order][:n], pos[order][:n], tgt_desc[order][None, :n], tgt_pos[order][None, :n],
+                             np.array([n]), GVConfig(**cfg))
+        assert GVScorer(**cfg, max_local=m)(query, cands).tolist() == expected.tolist()
+    assert GVScorer(**cfg, max_local=40)(query, cands)[0] < 5                # only the outliers left

@@ -156,3 +156,32 @@ def test_sop_checkpoint_loads_and_the_scorer_feeds_it_positions(tmp_path):
                          src_positions=torch.as_tensor(query["positions"]).expand(k, -1, -1),
                          tgt_positions=torch.as_tensor(cands["positions"]))
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_scorer_feeds_the_model_max_local_locals_when_asked():
+    """``reranker.rrt.max_local``: each image's first m locals, as if only those were stored (padding masked)."""
+    from rrt_dist.rerank.scorers import RRTScorer
+
+    torch.manual_seed(0)
+    model = RerankingTransformer().eval()
+    rng = np.random.default_rng(2)
+    k, n, m = 3, 6, 4
+
+    def images(count, n_local):
+        local = rng.normal(size=(count, n, 128)).astype(np.float32)
+        mask = np.arange(n)[None, :] >= n_local[:, None]
+        local[mask] = 0
+        return {"global": rng.normal(size=(count, 2048)).astype(np.float32), "local": local,
+                "positions": np.zeros((count, n, 2), np.float32), "scales": rng.integers(0, 7, (count, n)),
+                "mask": mask, "n_local": n_local}
+    query = {key: v[0] for key, v in images(1, np.array([n])).items()}
+    cands = images(k, np.array([n, 5, 2]))
+    scores = RRTScorer(model=model, device="cpu", max_local=m)(query, cands)
+
+    def as_stored(features):                 # what a table holding only the first m locals returns
+        out = {key: v[..., :m] if key in ("mask", "scales") else v[..., :m, :] if key in ("local", "positions")
+               else v for key, v in features.items()}
+        return {**out, "n_local": np.minimum(features["n_local"], m)}
+    expected = RRTScorer(model=model, device="cpu")(as_stored(query), as_stored(cands))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(scores, RRTScorer(model=model, device="cpu")(query, cands), atol=1e-4)

@@ -47,14 +47,15 @@ class RerankPool:
 
 
 def scorer_options(cfg, name: str) -> dict:
-    """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: its checkpoint)."""
+    """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: and its checkpoint)."""
     from omegaconf import OmegaConf
 
+    options = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
     if name == "rrt":
         if not cfg.checkpoint:
             raise ValueError("RRT rows need reranker.checkpoint=PATH (released or trained weights)")
-        return {"checkpoint": cfg.checkpoint}
-    return OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
+        options["checkpoint"] = cfg.checkpoint
+    return options
 
 
 def open_pool(cfg, name: str, stores: dict, patch_stores: dict | None = None,

@@ -9,6 +9,7 @@ are reranked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ class GVConfig:
     confidence: float = bounded(0.99, gt=0, lt=1)
     min_inliers: int = bounded(0, ge=0)             # below this a pair scores 0 (unverified)
     seed: int = 0
+    max_local: Optional[int] = bounded(None, ge=1)  # locals per image matched, best first (None: all stored)
 
 
 def mutual_matches(a: np.ndarray, b: np.ndarray, max_distance: float) -> np.ndarray:

@@ -77,11 +77,11 @@ def parse_method(method: str) -> Method:
 
 def _register_defaults() -> None:
     from .gv import GVConfig
-    from .scorers import GVScorer, RRTScorer, StructuralScorer
+    from .scorers import GVScorer, RRTOptions, RRTScorer, StructuralScorer
     from .structural import StructuralConfig
 
     register_reranker(Reranker("gv", "GV", GVScorer, GVConfig, ("locals", "positions")))
-    register_reranker(Reranker("rrt", "RRT", RRTScorer, None, ("locals", "checkpoint")))
+    register_reranker(Reranker("rrt", "RRT", RRTScorer, RRTOptions, ("locals", "checkpoint")))
     register_reranker(Reranker("structural", "Structural", StructuralScorer, StructuralConfig, ("patches",),
                                add_global=True))
 

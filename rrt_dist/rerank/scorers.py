@@ -7,9 +7,13 @@ and ``global [d_g]``; ``candidates`` the same for K images, batched (``mask`` Tr
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
+
+from rrt_dist.schema import bounded
 
 from .gv import GVConfig, gv_scores
 
@@ -21,9 +25,19 @@ class GVScorer:
         self.cfg = GVConfig(**cfg)
 
     def __call__(self, query: dict, cands: dict) -> np.ndarray:
+        if self.cfg.max_local:
+            query, cands = truncate_locals(query, self.cfg.max_local), truncate_locals(cands, self.cfg.max_local)
         n = int(query["n_local"])
         return gv_scores(query["local"][:n], query["positions"][:n], cands["local"], cands["positions"],
                          cands["n_local"], self.cfg).astype(np.float64)
+
+
+@dataclass
+class RRTOptions:
+    """``reranker.rrt`` (the weights are ``reranker.checkpoint``)."""
+    # Locals per image fed to the model, best first; None: as many as it was trained with (the RRT paper's
+    # Table 8 varies this; fewer locals also cut the [K, 2L, 2L] attention on large top-K).
+    max_local: Optional[int] = bounded(None, ge=1)
 
 
 class RRTScorer:
@@ -77,7 +91,8 @@ class RRTScorer:
 def truncate_locals(features: dict, max_local: int) -> dict:
     """Keep the first ``max_local`` locals (the extractors store them best first) of one or more images."""
     return {k: v[..., :max_local] if k in ("mask", "scales") else
-            v[..., :max_local, :] if k in ("local", "positions") else v for k, v in features.items()}
+            v[..., :max_local, :] if k in ("local", "positions") else
+            np.minimum(v, max_local) if k == "n_local" else v for k, v in features.items()}
 
 
 class StructuralScorer:
