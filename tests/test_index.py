@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import ray
 
-from rrt_dist.index.core import choose_factory, merge_results, read_manifest, search_numpy_exact, shard_bounds
+from rrt_dist.index.core import (IndexMismatch, choose_factory, merge_results, read_manifest, search_numpy_exact,
+                                 shard_bounds)
 from rrt_dist.index.qe import alpha_qe_search, database_augmentation, expand
-from rrt_dist.index.sharded import ShardedIndex, build_index, write_neighbours
+from rrt_dist.index.sharded import ShardedIndex, build_index, update_index, write_neighbours
 from rrt_dist.store import FeatureStore, commit_fragments, features_schema, features_to_table, write_fragment
 
 
@@ -139,8 +140,6 @@ def test_incremental_add_equals_full_rebuild(local_ray, data, tmp_path):
 
 @pytest.mark.ray
 def test_fingerprint_and_dimension_are_checked(local_ray, data, tmp_path):
-    from rrt_dist.index.core import IndexMismatch
-
     _, ids, vectors, _ = data
     store = make_store(str(tmp_path / "g.lance"), ids[:100], vectors[:100])
     build_index(store, str(tmp_path / "idx"), factory="Flat")
@@ -358,6 +357,11 @@ def test_database_augmentation_streams_through_the_index_without_it(local_ray, t
         assert not np.allclose(expected, stored, atol=1e-3)             # augmentation changed the vectors
     monkeypatch.undo()
     assert directories[0] != directories[1] and all("-dba2-a" in d for d in directories)
+    # an in-place update would add stored, unaugmented vectors: refused (ensure_index rebuilds instead)
+    assert read_manifest(directories[1]).transform == "alpha-DBA n=2 alpha=3"
+    grown = make_store(str(tmp_path / "g2.lance"), ids[:10] + 10**6, vectors[:10])
+    with pytest.raises(IndexMismatch, match="alpha-DBA n=2 alpha=3"):
+        update_index([store, grown], directories[1])
 
 
 @pytest.mark.ray
@@ -422,7 +426,7 @@ def test_versions_delta_shards_removals_and_rebuilds(local_ray, data, tmp_path):
     changed ones re-added, a large addition retrains and rebuilds; every version searches like exact search
     over the table's rows of that moment, and the manifest's history says what happened and why."""
     from rrt_dist.index.core import collect_garbage
-    from rrt_dist.index.sharded import read_rows, update_index
+    from rrt_dist.index.sharded import read_rows
     from rrt_dist.store import delete_ids
 
     _, ids, vectors, queries = data

@@ -141,6 +141,17 @@ def test_input_errors_name_the_file(tmp_path):
     assert rel.column("id").to_pylist() == rows.column("id").to_pylist()[:1]      # same image, same stable id
 
 
+def test_ingest_refuses_database_augmentation_before_touching_the_gallery(tmp_path):
+    """A gallery's index is updated in place; alpha-DBA vectors would go stale with each batch."""
+    from rrt_dist.config import ConfigError
+
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(ConfigError, match="index.dba_n"):
+        ingest(GalleryConfig(name="shop", root=str(tmp_path / "g"), images=str(tmp_path / "imgs")), "tiny-image", {},
+               ExtractSettings(), IndexConfig(dba_n=1))
+    assert not (tmp_path / "g").exists()
+
+
 def test_ingest_and_galleries_commands(small_synthetic, tmp_path):
     _, root = small_synthetic
     images = tmp_path / "photos"

@@ -23,7 +23,7 @@ MANIFEST = "manifest.json"
 
 
 class IndexMismatch(ValueError):
-    """A query or an update that does not fit the index (dimension, extractor)."""
+    """A query or an update that does not fit the index (dimension, extractor, transformed vectors)."""
 
 
 @dataclass
@@ -52,6 +52,7 @@ class IndexManifest:
     built_rows: int = 0                   # rows the last build trained and indexed
     requested: dict = field(default_factory=dict)   # what the build was asked (factory, shards, ...): rebuilds redo it
     history: list[dict] = field(default_factory=list)  # per version: action, rows added / removed, why
+    transform: str = ""                   # what changed the vectors before indexing (e.g. αDBA); "" = as stored
 
     @property
     def ntotal(self) -> int:

@@ -142,6 +142,9 @@ class AugmentedBlocks:
         self.actors, self.tables, self.n, self.alpha = list(actors), table_refs(stores), n, alpha
         self._stores = None
 
+    def __str__(self) -> str:
+        return f"alpha-DBA n={self.n} alpha={self.alpha:g}"
+
     def __getstate__(self) -> dict:
         return {**vars(self), "_stores": None}        # tables are reopened where the blocks are read
 
@@ -193,7 +196,7 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     The driver holds the ids (8 bytes an image); a Ray task reads the training sample and trains, and each shard
     is filled by a Ray task (in process without Ray) that reads its own id range block by block.
     ``transform(ids, vectors) -> vectors`` changes every descriptor read before it is trained on and indexed
-    (e.g. :class:`AugmentedBlocks`, database-side augmentation).
+    (e.g. :class:`AugmentedBlocks`, database-side augmentation); the manifest records it as ``str(transform)``.
     """
     stores = _sources(stores)
     requested = {"factory": factory, "n_shards": n_shards, "train_size": train_size, "memory_budget": memory_budget,
@@ -236,7 +239,8 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     manifest = IndexManifest(dimension=d, factory=factory, fingerprint=stores[0].fingerprint, choice=choice,
                              sources=[{"uri": s.uri, "version": s.version} for s in stores],
                              rows_digest=rows_digest(ids, sources), shards=shards, version=version,
-                             template=template_file, built_rows=n, requested=requested, history=history)
+                             template=template_file, built_rows=n, requested=requested, history=history,
+                             transform="" if transform is None else str(transform))
     write_manifest(directory, manifest)
     collect_garbage(directory)
     log.info("index %s v%d: %d vectors in %d shard(s), %s, built in %.1fs", directory, version, n, len(bounds),
@@ -280,6 +284,11 @@ def update_index(stores, directory: str, rebuild_fraction: float = 0.2) -> tuple
     if stores[0].fingerprint != manifest.fingerprint:
         raise IndexMismatch(f"{stores[0].uri} holds another extractor's descriptors ({stores[0].fingerprint}) "
                             f"than {directory} ({manifest.fingerprint})")
+    if manifest.transform:
+        # added or rebuilt rows would be the stored vectors, not transformed ones (αDBA's depend on every
+        # neighbourhood besides): a silently mixed index
+        raise IndexMismatch(f"{directory} indexes transformed vectors ({manifest.transform}); it cannot be updated "
+                            f"in place: build it again (rrt_dist.pipelines.index.ensure_index does)")
     if any(not s.rows for s in manifest.shards):
         why = "the index predates versioned shards (no rows files): rebuilt"
         return _rebuild(stores, directory, manifest, why), {"added": 0, "removed": 0, "action": "rebuild",

@@ -147,6 +147,11 @@ def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings
            resources: PoolResources | None = None) -> dict:
     """Ingest a batch of new images into gallery ``gallery_cfg.name`` under its lock (:func:`gallery_lock`); see
     :func:`ingest_batch`."""
+    if index_cfg.dba_n:
+        from rrt_dist.config import ConfigError
+
+        raise ConfigError("index.dba_n: a gallery's index is updated in place batch by batch, and alpha-DBA vectors "
+                          "depend on every neighbourhood; build a DBA index of the gallery's table with the index job")
     with gallery_lock(gallery_dir(gallery_cfg.root, gallery_cfg.name)):
         return ingest_batch(gallery_cfg, extractor, options, settings, index_cfg, resources)
 
