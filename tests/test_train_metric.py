@@ -193,18 +193,21 @@ def final_state(run: str) -> dict:
 @pytest.mark.ray
 def test_images_that_do_not_decode_are_left_out_of_metric_training(local_ray, metric_cfg, tmp_path, caplog):
     """A truncated training image and one that is no image at all (one in a held-out class) are found before
-    training and left out with a warning; every other image stays, held-out classes included."""
+    training and left out with a warning; every other image stays, held-out classes included. Once repaired they
+    are back, under another run name than the first run's (their files changed): no resume onto other pixels."""
     from rrt_dist.datasets import load_training_set
-    from rrt_dist.pipelines.train import metric_training_set
+    from rrt_dist.pipelines.train import metric_run_name, metric_training_set
 
     cfg = metric_cfg("bad-images", f"dataset.root={tmp_path / 'syn'}")
     _, manifest = load_training_set(cfg.dataset)
     rows, val = metric_training_set(cfg)
+    name = metric_run_name(cfg, rows, val)
+    assert metric_run_name(cfg, rows, val) == name                       # nothing changed: the same run resumes
     held_id = int(val["bench"].gallery.column("id")[0].as_py())
     uri_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("uri").to_pylist()))
     truncated, garbage = int(rows["ids"][5]), held_id
-    data = Path(uri_of[truncated]).read_bytes()
-    Path(uri_of[truncated]).write_bytes(data[:len(data) // 3])
+    originals = {i: Path(uri_of[i]).read_bytes() for i in (truncated, garbage)}
+    Path(uri_of[truncated]).write_bytes(originals[truncated][:len(originals[truncated]) // 3])
     Path(uri_of[garbage]).write_bytes(b"not an image")
     with caplog.at_level("WARNING"):
         rows_after, val_after = metric_training_set(cfg)
@@ -213,6 +216,11 @@ def test_images_that_do_not_decode_are_left_out_of_metric_training(local_ray, me
     held_after = val_after["bench"].gallery.column("id").to_pylist()
     assert garbage not in held_after and len(held_after) == val["bench"].gallery.num_rows - 1
     assert val_after["images"].shape[0] == len(held_after)
+    for i, data in originals.items():
+        Path(uri_of[i]).write_bytes(data)
+    rows_fixed, val_fixed = metric_training_set(cfg)
+    assert np.array_equal(rows_fixed["ids"], rows["ids"]) and val_fixed["bench"].gallery.equals(val["bench"].gallery)
+    assert metric_run_name(cfg, rows_fixed, val_fixed) not in (name, metric_run_name(cfg, rows_after, val_after))
 
 
 @pytest.mark.ray

@@ -292,6 +292,21 @@ def metric_training_set(cfg) -> tuple[dict, dict]:
     return rows, {"bench": bench, "images": images}
 
 
+def metric_run_name(cfg, rows: dict, val: dict) -> str:
+    """:func:`run_name` of a metric-learning run: its settings, the structural transport, and which image files it
+    trains and validates on (id and file identity), so a changed, added or repaired image starts another run
+    instead of resuming one trained on other pixels."""
+    from rrt_dist.index.core import rows_digest
+
+    from .extract import file_identities
+
+    held = val["bench"].gallery
+    ids = np.concatenate([rows["ids"], held.column("id").to_numpy()])
+    uris = [*rows["uris"].tolist(), *held.column("uri").to_pylist()]
+    return run_name(cfg, "ml", {"structural": OmegaConf.to_container(cfg.reranker.structural, resolve=True),
+                                "images": rows_digest(ids, file_identities(uris))})
+
+
 def train_metric(cfg, out_dir: str | Path) -> dict:
     """Train the extractor with ``train.metric``'s loss (resuming a run of the same name) and export the best
     epoch (validation MAP@R) as the extractor's options. Returns ``backbone`` (the options to extract with),
@@ -311,7 +326,7 @@ def train_metric(cfg, out_dir: str | Path) -> dict:
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     structural = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
     rows, val = metric_training_set(cfg)
-    name = run_name(cfg, "ml", {"structural": structural})
+    name = metric_run_name(cfg, rows, val)
     result = fit(cfg.train, None, rows, val, name, train_settings(cfg), task="metric",
                  task_config={"metric": OmegaConf.to_container(cfg.train.metric, resolve=True),
                               "backbone": {"name": cfg.backbone.name, "options": options}, "structural": structural,
