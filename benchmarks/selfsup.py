@@ -10,7 +10,7 @@ on the synthetic benchmark's labels, on real photographs and on the synthetic be
    images): global only, GV, the labels-trained demo RRT of seed 0, the self-supervised RRT trained on the
    10 other photos (16 views each; none of the query photos or their views), per seed, and ones trained on
    the evaluated gallery's own 70 images (4 views each), as a user would, with 32 locals per image (the demo's
-   recipe) and with each of ``--gallery-locals``; mAP and R@1.
+   recipe) and with each of ``--gallery-locals`` (then fed each of ``--test-locals`` at test); mAP and R@1.
 
 Each run is the evaluate job in-process; finished trainings are reused on a rerun. The last line is JSON.
 """
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 epochs each (a smoke run, numbers meaningless)")
     parser.add_argument("--gallery-locals", type=int, nargs="*", default=[200],
                         help="also train on the evaluated gallery with this many locals per image (train.max_local)")
+    parser.add_argument("--test-locals", type=int, nargs="*", default=[],
+                        help="and rerank with that model fed this many locals (reranker.rrt.max_local, gv too)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     quick = ["train.epochs=2", "train.milestones=[]"] if args.quick else []
@@ -130,6 +132,11 @@ def main() -> None:
         more = run_evaluate(work, f"photos-selfsup-gallery-{n}", folder + ["reranker=trained", f"train.max_local={n}",
                                                                            *quick])
         result["photos"][f"self-supervised RRT on the evaluated gallery, {n} locals"] = metrics(more, ranked)
+        for m in args.test_locals:
+            fed = run_evaluate(work, f"photos-selfsup-gallery-{n}-test{m}", folder + [
+                "reranker=trained", f"train.max_local={n}", f"reranker.rrt.max_local={m}", f"reranker.gv.max_local={m}",
+                *quick])
+            result["photos"][f"the same fed {m} locals at test (GV too)"] = metrics(fed, ranked)
     print(json.dumps({"photos": result["photos"]}), flush=True)
 
     for seed in args.seeds:
