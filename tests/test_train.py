@@ -71,7 +71,9 @@ def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray,
     for name, p in model.named_parameters():
         for r in ranks:
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-5, atol=1e-5)  # Adam amplifies float noise
+            # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves a weight by a
+            # fraction of lr (1.9e-5 seen once in CI); the gradients above are the exact check
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-5, atol=1e-4)
     # the comparison can tell: one worker's half alone gives other gradients than the union
     grads = {}
     for name, batch in (("half", half_batch(0, 2)), ("union", union)):
