@@ -122,6 +122,20 @@ def test_a_folder_gallery_trains_self_supervised_by_default():
 
 
 @pytest.mark.ray
+def assert_exact_ranking(found: np.ndarray, expected: np.ndarray, sims: np.ndarray, atol: float = 1e-5) -> None:
+    """``found`` is the exact ranking ``expected`` (rows of ``sims``' columns, -1 padding) up to the order of
+    neighbours whose similarities differ by float noise: the search and numpy's matmul round differently, and
+    views of one photo make near-ties (two such neighbours were seen swapped)."""
+    np.testing.assert_array_equal(found == -1, expected == -1)
+    valid = expected != -1
+    assert all(len(set(row[ok])) == ok.sum() for row, ok in zip(found, valid))      # no neighbour twice
+
+    def similarities(neighbours):
+        return np.take_along_axis(sims, np.where(valid, neighbours, 0), axis=1)[valid]
+    np.testing.assert_allclose(similarities(found), similarities(expected), rtol=0, atol=atol)
+    assert (found == expected).mean() > 0.99
+
+
 def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkeypatch):
     """Training on the benchmark's train photos (no labels): training rows are those photos and their views only
     (never a query or a query's view), validation holds out whole photos, and the run trains and resumes. The
@@ -158,13 +172,13 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkey
     expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     expected[:, len(rows["ids"]) - 1:] = -1                  # fewer training rows than k: padding
     expected = np.pad(expected, ((0, 0), (0, k - expected.shape[1])), constant_values=-1)
-    np.testing.assert_array_equal(rows["neighbours"], expected)
+    assert_exact_ranking(rows["neighbours"], expected, sims)
     # through a sharded index of the training rows (not the held-out ones, which would take places): the same
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         sharded = compose("config", overrides=overrides + [f"output_dir={tmp_path / 'out'}", "index.mode=sharded",
                                                            f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"])
     monkeypatch.setattr(FeatureStore, "globals", restricted_views_only)
-    np.testing.assert_array_equal(prepare_training(sharded)[1]["neighbours"], expected)
+    assert_exact_ranking(prepare_training(sharded)[1]["neighbours"], expected, sims)
     monkeypatch.undo()
     sources = {str((tmp_path / "photos" / "train" / f"{n}.png").resolve()) for n in meta["train"]}
     assert set(rows["uris"]) - sources and all(u in sources or "/views/" in u for u in rows["uris"])
