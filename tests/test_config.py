@@ -175,3 +175,14 @@ def test_evaluation_refuses_index_options_it_would_ignore():
         check_index_options(make(["index.dba_n=2"]).index)
     with pytest.raises(ConfigError, match="reranker.methods"):
         check_index_options(make(["index.qe_n=2"]).index)
+
+
+def test_run_names_survive_a_setting_added_at_its_old_behaviour():
+    """train.warmup_steps came after runs were named: at 0 (training as before) the demo's run keeps the name its
+    finished runs were stored under (rrt-synthetic-2afea7c6a3, the demo's seed-0 run before warmup existed);
+    any warmup is another run."""
+    from rrt_dist.pipelines.train import run_name
+
+    assert run_name(make(["experiment=demo"])) == "rrt-synthetic-2afea7c6a3"
+    assert run_name(make(["experiment=demo", "train.warmup_steps=0"])) == "rrt-synthetic-2afea7c6a3"
+    assert run_name(make(["experiment=demo", "train.warmup_steps=100"])) != "rrt-synthetic-2afea7c6a3"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rrt_dist.models.rrt import count_parameters, load_released_checkpoint
-from rrt_dist.train.core import TrainSettings, build_model, pair_batch, train_step
+from rrt_dist.train.core import TrainSettings, build_model, lr_schedulers, pair_batch, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,8 @@ def train_cfg(tmp_path_factory):
     overrides = ["experiment=synthetic_small", f"dataset.root={root / 'syn'}", f"features_dir={root / 'features'}",
                  "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
                  "backbone.options.max_local=16", "train.batch_size=4", "train.min_positives=2", "train.max_local=16",
-                 "train.val_k=10", f"train.storage_path={root / 'runs'}", "ray.num_cpus=2"]
+                 "train.val_k=10", f"train.storage_path={root / 'runs'}", "ray.num_cpus=2",
+                 "train.warmup_steps=12"]    # 8 steps an epoch: a resume after epoch 1 is mid-warmup
 
     def make(out: str, *extra: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
@@ -209,3 +210,33 @@ def test_match_init_starts_attention_as_descriptor_similarity():
     q, k, _ = torch.nn.functional.linear(x, matched.encoder.layers[0].self_attn.in_proj_weight).chunk(3, dim=-1)
     cross = (q[0, :8] @ k[0, 8:].T)
     assert torch.equal(cross.argmax(dim=1), torch.arange(7, -1, -1))
+
+
+def test_warmup_ramps_the_lr_per_step_and_milestones_cut_it_per_epoch_across_a_resume():
+    """warmup_steps=4, milestone at epoch 2, 3 steps an epoch: lr x 1/4, 2/4, 3/4, then 1, then 0.1 from epoch 3;
+    schedulers rebuilt from their state dicts mid-warmup (a resume) go on with the same sequence."""
+    settings = TrainSettings(lr=1e-3, warmup_steps=4, milestones=[2], gamma=0.1)
+
+    def run(epochs, state=None):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+        schedulers = lr_schedulers(optimizer, settings)
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+            for name, s in schedulers.items():
+                s.load_state_dict(state["schedulers"][name])
+        lrs = []
+        for _ in epochs:
+            for _ in range(3):
+                lrs.append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                schedulers["step"].step()
+            schedulers["epoch"].step()
+        return lrs, {"optimizer": optimizer.state_dict(), "schedulers": {n: s.state_dict() for n, s in schedulers.items()}}
+
+    lrs, _ = run(range(4))
+    np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+                               rtol=1e-6)
+    first, state = run(range(1))
+    rest, _ = run(range(3), state)
+    np.testing.assert_allclose(first + rest, lrs, rtol=1e-6)
+    assert set(lr_schedulers(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), TrainSettings())) == {"epoch"}

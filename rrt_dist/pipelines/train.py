@@ -48,6 +48,11 @@ def min_positives(cfg) -> int:
     return cfg.train.min_positives if training_pairs(cfg) == "labels" else 0
 
 
+# Settings added after runs were named, at the value that trains as before: left out of the name, so that
+# finished runs keep their names (and are reused) across the upgrade.
+LATER_DEFAULTS = {"warmup_steps": 0}
+
+
 def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> str:
     """``train.name``, or one derived from everything that decides the trained weights (``decisive_extra``:
     what else does, for the caller's kind of run)."""
@@ -65,7 +70,8 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
                 **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
                 "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
-                                       "data_cpus")},  # where it runs does not change the weights
+                                       "data_cpus")    # where it runs does not change the weights
+                          and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
                 **(decisive_extra or {})}
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
     return f"{prefix}-{cfg.dataset.name}-{digest}"

@@ -36,6 +36,7 @@ class TrainSettings:
     grad_clip: Optional[float] = bounded(0.1, gt=0)
     milestones: list[int] = bounded(ge=1, factory=list)   # MultiStepLR: epochs where lr *= gamma
     gamma: float = bounded(0.1, gt=0)
+    warmup_steps: int = bounded(0, ge=0)    # lr rises linearly from lr / warmup_steps over the first steps (0: none)
     seed: int = 0
     max_local: Optional[int] = bounded(None, ge=1)   # locals per image fed to RRT, best first (None: all)
     positive_scope: str = choice("topk", "topk", "label")   # topk (GLDv2: from the top-k) | label (SOP: any same label)
@@ -150,6 +151,17 @@ def build_model(settings: TrainSettings, global_dim: int, local_dim: int) -> Rer
             for layer in model.encoder.layers:
                 layer.self_attn.in_proj_weight[:2 * dim] = settings.match_init * torch.eye(dim).repeat(2, 1)
     return model
+
+
+def lr_schedulers(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> dict:
+    """The learning-rate schedule as torch schedulers whose factors multiply: ``epoch`` (MultiStepLR at
+    ``milestones``, stepped after each epoch) and, with ``warmup_steps`` > 1, ``step`` (LinearLR: step k of the
+    first ``warmup_steps`` runs at lr * (k + 1) / warmup_steps; stepped after each optimizer step)."""
+    schedulers = {"epoch": torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.gamma)}
+    if settings.warmup_steps > 1:
+        schedulers["step"] = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / settings.warmup_steps, 1.0,
+                                                               settings.warmup_steps - 1)
+    return schedulers
 
 
 def model_checkpoint(model: torch.nn.Module, settings: TrainSettings, epoch: int, metrics: dict) -> dict:

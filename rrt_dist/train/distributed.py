@@ -10,7 +10,7 @@ validates, writes TensorBoard scalars and the checkpoint. One loop, two tasks:
 
     <storage_path>/<name>/epoch_NNN/model.pt     the RRT, loadable by rrt_dist.models.load_released_checkpoint
     <storage_path>/<name>/epoch_NNN/joint.pt     (joint) the whole backbone + projection + RRT state
-    <storage_path>/<name>/epoch_NNN/trainer.pt   optimizer, scheduler, history (for resuming)
+    <storage_path>/<name>/epoch_NNN/trainer.pt   optimizer, lr schedulers, history (for resuming)
     <storage_path>/<name>/tensorboard/
 
 Rerunning the same name resumes from the latest checkpoint (a finished run is simply returned).
@@ -31,8 +31,8 @@ import torch
 from rrt_dist.runtime import StageResources
 from rrt_dist.store import FeatureStore
 
-from .core import (TrainSettings, TripletBatches, build_model, epoch_triplets, load_trainer_state, model_checkpoint,
-                   train_step, validate)
+from .core import (TrainSettings, TripletBatches, build_model, epoch_triplets, load_trainer_state, lr_schedulers,
+                   model_checkpoint, train_step, validate)
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class MetricTask:
 TASKS = {"features": FeatureTask, "joint": JointTask, "metric": MetricTask}
 
 
-def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
+def _restore(task, model, optimizer, schedulers: dict) -> tuple[int, list]:
     """Load the latest checkpoint if this run has one: (first epoch to train, history so far)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -285,7 +285,9 @@ def _restore(task, model, optimizer, scheduler) -> tuple[int, list]:
         state = load_trainer_state(folder)
         task.load(getattr(model, "module", model), Path(folder))
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    saved = state.get("schedulers") or {"epoch": state["scheduler"]}     # checkpoints before warmup: one scheduler
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(saved[name])
     return state["epoch"] + 1, state["history"]
 
 
@@ -326,8 +328,8 @@ def train_worker(config: dict) -> None:
     task.set_mode(core_model)
     model = ray.train.torch.prepare_model(core_model, **task.prepare_kwargs())
     optimizer = task.optimizer(model)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.gamma)
-    start, history = _restore(task, model, optimizer, scheduler)
+    schedulers = lr_schedulers(optimizer, settings)
+    start, history = _restore(task, model, optimizer, schedulers)
     if start and rank == 0:
         log.info(f"resuming at epoch {start + 1}/{settings.epochs} from the latest checkpoint" if start < settings.epochs
               else f"all {settings.epochs} epochs were trained: nothing to do")
@@ -342,6 +344,8 @@ def train_worker(config: dict) -> None:
         for step, (batch, waited) in enumerate(batches):
             t = time.perf_counter()
             out = task.step(model, optimizer, {k: v.to(device) for k, v in batch.items()})
+            if "step" in schedulers:
+                schedulers["step"].step()
             step_s += time.perf_counter() - t
             data_s += waited
             losses.append(out["loss"])
@@ -350,14 +354,14 @@ def train_worker(config: dict) -> None:
                 elapsed = time.perf_counter() - t_epoch
                 log.info(f"  epoch {epoch + 1} step {step + 1}/{n_steps}: loss {np.mean(losses[-50:]):.4f}, "
                       f"ETA {elapsed * (n_steps - step - 1) / (step + 1):.0f} s")
-        scheduler.step()
+        schedulers["epoch"].step()
         train_s = time.perf_counter() - t_epoch
         steps = len(losses)
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
                    "steps": steps, **task.throughput(steps, train_s),
                    "data_s_per_step": data_s / max(steps, 1), "compute_s_per_step": step_s / max(steps, 1),
-                   "lr": scheduler.get_last_lr()[0], "resumed_after": start}   # epochs done when this attempt began
+                   "lr": optimizer.param_groups[0]["lr"], "resumed_after": start}   # epochs done when this attempt began
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -378,7 +382,8 @@ def train_worker(config: dict) -> None:
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
         with tempfile.TemporaryDirectory() as folder:
             task.save(core_model, epoch + 1, metrics, Path(folder))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+            torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
                         "history": history}, Path(folder) / "trainer.pt")
             ray.train.report({k: v for k, v in metrics.items() if k != "val_metrics"},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
