@@ -121,7 +121,6 @@ def test_a_folder_gallery_trains_self_supervised_by_default():
     assert training_pairs(synthetic) == "labels" and training_pairs(selfsup) == "selfsup"
 
 
-@pytest.mark.ray
 def assert_exact_ranking(found: np.ndarray, expected: np.ndarray, sims: np.ndarray, atol: float = 1e-5) -> None:
     """``found`` is the exact ranking ``expected`` (rows of ``sims``' columns, -1 padding) up to the order of
     neighbours whose similarities differ by float noise: the search and numpy's matmul round differently, and
@@ -136,6 +135,7 @@ def assert_exact_ranking(found: np.ndarray, expected: np.ndarray, sims: np.ndarr
     assert (found == expected).mean() > 0.99
 
 
+@pytest.mark.ray
 def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkeypatch):
     """Training on the benchmark's train photos (no labels): training rows are those photos and their views only
     (never a query or a query's view), validation holds out whole photos, and the run trains and resumes. The
