@@ -57,6 +57,16 @@ def test_rerank_top_k_orders_by_inliers_then_global_and_keeps_the_tail():
     assert out.tolist() == [11, 12, 10, 13, 14]            # ties in inliers keep global order; 14 untouched
 
 
+def test_rerank_top_k_with_a_global_weight_orders_by_score_plus_weighted_global():
+    ids = np.array([10, 11, 12, 13])
+    global_scores = np.array([0.9, 0.5, 0.4, 0.1])
+    logits = np.array([1.0, 2.0, 2.2, 2.2])
+    # by hand, weight 2: 2.8, 3.0, 3.0, 2.4 (11 and 12 tie: global breaks it); weight 10: 10, 7, 6.2, 3.2
+    assert rerank_top_k(ids, global_scores, logits, 4, global_weight=2.0).tolist() == [11, 12, 10, 13]
+    assert rerank_top_k(ids, global_scores, logits, 4, global_weight=10.0).tolist() == [10, 11, 12, 13]
+    assert rerank_top_k(ids, global_scores, logits, 4).tolist() == [12, 13, 11, 10]
+
+
 def test_gv_max_local_matches_only_each_images_best_locals():
     """``reranker.gv.max_local`` (the RRT paper's Table 8): GV on the first m locals of each image, as if only
     those were stored; here the planted matches come after 40 geometric outliers."""

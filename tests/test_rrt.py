@@ -158,6 +158,18 @@ def test_sop_checkpoint_loads_and_the_scorer_feeds_it_positions(tmp_path):
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_the_scorer_takes_its_global_weight_from_the_checkpoint_unless_told(tmp_path):
+    from rrt_dist.rerank.scorers import RRTOptions, RRTScorer
+
+    model = RerankingTransformer(global_dim=8)
+    torch.save({"state": model.state_dict(), "max_local": 5, "global_weight": 4.0}, tmp_path / "fused.pt")
+    torch.save({"state": model.state_dict(), "max_local": 5}, tmp_path / "older.pt")
+    assert RRTOptions().global_weight == 0.0                                  # the paper's RRT by default
+    assert RRTScorer(tmp_path / "fused.pt", device="cpu").global_weight == 4.0    # None: the run's choice
+    assert RRTScorer(tmp_path / "fused.pt", device="cpu", global_weight=0.0).global_weight == 0.0
+    assert RRTScorer(tmp_path / "older.pt", device="cpu").global_weight == 0.0    # chose none
+
+
 def test_the_scorer_feeds_the_model_max_local_locals_when_asked():
     """``reranker.rrt.max_local``: each image's first m locals, as if only those were stored (padding masked)."""
     from rrt_dist.rerank.scorers import RRTScorer

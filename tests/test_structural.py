@@ -96,7 +96,7 @@ def test_final_order_is_structural_plus_global():
     ids = np.array([10, 11, 12, 13])
     glob = np.array([0.9, 0.8, 0.7, 0.1])
     structural = np.array([0.1, 0.3, 0.25, 0.9])
-    assert rerank_top_k(ids, glob, structural, 3, add_global=True).tolist() == [11, 10, 12, 13]
+    assert rerank_top_k(ids, glob, structural, 3, global_weight=1.0).tolist() == [11, 10, 12, 13]
 
 
 def test_registry_parses_compositions_and_names_the_known_methods():
@@ -149,7 +149,7 @@ def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_pat
     cands = local.galleries[0].take_locals(ranked[0, :20])
     direct = structural_similarity(first["local"][0], first["global"][0], cands["local"], cands["global"],
                                    center="mean")
-    assert pooled[0, :20].tolist() == rerank_top_k(ranked[0, :20], scores[0, :20], direct, 20, add_global=True).tolist()
+    assert pooled[0, :20].tolist() == rerank_top_k(ranked[0, :20], scores[0, :20], direct, 20, global_weight=1.0).tolist()
     assert not np.array_equal(pooled[:, :20], ranked[:, :20])
 
 
@@ -216,7 +216,7 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
         cands = patches["gallery"].take_locals(ranked[row, :20])
         structural = structural_similarity(query["local"][0], query["global"][0], cands["local"], cands["global"],
                                            center="mean")
-        expected[row] = rerank_top_k(ranked[row], scores[row], structural, 20, add_global=True)
+        expected[row] = rerank_top_k(ranked[row], scores[row], structural, 20, global_weight=1.0)
     reference = bench.evaluate(expected)
     (setting,) = payload["settings"]
     for protocol in ("medium", "hard"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rrt_dist.models.rrt import count_parameters, load_released_checkpoint
-from rrt_dist.train.core import TrainSettings, build_model, lr_schedulers, pair_batch, train_step
+from rrt_dist.train.core import FUSION_WEIGHTS, TrainSettings, build_model, lr_schedulers, pair_batch, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,6 +130,13 @@ def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
     assert Path(out["curve"]).stat().st_size > 5_000
     assert list((Path(out["run"]) / "tensorboard").glob("events.out.tfevents.*"))
     assert all(0.0 <= h["val_score"] <= 1.0 for h in out["history"])
+    # Validation also chose the weight of the global cosine added to the logit: 0 is a candidate, so the fused
+    # order never scores below the RRT's; the exported best epoch carries its choice to the scorer.
+    for h in out["history"]:
+        assert h["val_fusion"]["global_weight"] in (0.0, *FUSION_WEIGHTS)
+        assert h["val_fusion"]["score"] >= h["val_score"]
+    best = next(h for h in out["history"] if h["epoch"] == out["best_epoch"])
+    assert model.global_weight == best["val_fusion"]["global_weight"]
 
 
 @pytest.mark.ray
@@ -147,7 +154,7 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     # The same recipe interrupted after epoch 1 (a dead worker) and after epoch 2 (a rerun) ends on the same
     # weights and losses, bit for bit: a resumed run is the run that was not interrupted, and two runs of one
     # seed on one machine agree exactly (no unseeded randomness, no order-dependent reduction).
-    learned = ("epoch", "steps", "loss", "accuracy", "lr", "val_score", "val_metrics")      # timings left out
+    learned = ("epoch", "steps", "loss", "accuracy", "lr", "val_score", "val_metrics", "val_fusion")      # timings left out
     assert [{k: h[k] for k in learned} for h in faulty_run["history"]] == \
            [{k: h[k] for k in learned} for h in longer["history"]]
     faulty, resumed = final_weights(faulty_run), final_weights(longer)

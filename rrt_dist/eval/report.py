@@ -76,6 +76,9 @@ def run_section(run: dict) -> str:
              *([f"- patch grids of the structural rows: {described(run['patch_backbone'])}; their score is added "
                 "to the backbone's global cosine"] if "patch_backbone" in run else []),
              f"- global search: {run['search']}",
+             *([f"- RRT rows: `{run['rrt']['checkpoint']}`, ordered by " +
+                (f"logit + {run['rrt']['global_weight']:g} × global cosine" if run["rrt"]["global_weight"] else
+                 "logit (global cosine breaks ties)")] if "rrt" in run else []),
              *([f"- RP and MAP@R with R = {run['metric_learning_r']}"] if "metric_learning_r" in run else []),
              f"- qualitative figure: {run['qualitative_row'] or 'none (no reranked row)'} against the first row",
              f"- timings: {timings}"]
@@ -87,16 +90,21 @@ def training_section(training: dict) -> str:
     and loss / accuracy / validation score / throughput per epoch."""
     rrt = "anchors" in training
     rate = "pairs_per_s" if rrt else "images_per_s"
+    # RRT runs that chose a fusion weight: the validation score of logit + weight × global cosine
+    fused = ((" Validation, + weight × global (%) |", "---|")
+             if all("val_fusion" in h for h in training["history"]) and training["history"] else ("", ""))
     lines = [f"## {'RRT' if rrt else 'Extractor'} training ({training['run']})", "",
              f"{training['training_images']} training images" + (f", {training['anchors']} anchors" if rrt else "") +
              f"; best epoch {training['best_epoch']} by validation score "
              f"({'held-out split' if rrt else 'MAP@R on held-out training classes'}, never the test set).", "",
              f"![training curve]({Path(training['curve']).name})", "",
              f"| Epoch | Loss | {'Pair accuracy' if rrt else 'Batch P@1'} | Validation (%) | "
-             f"{'Pairs' if rrt else 'Images'}/s |", "|---|---|---|---|---|"]
+             f"{'Pairs' if rrt else 'Images'}/s |{fused[0]}", f"|---|---|---|---|---|{fused[1]}"]
     for h in training["history"]:
+        fusion = h.get("val_fusion")
         lines.append(f"| {h['epoch']} | {h['loss']:.4f} | {h['accuracy']:.3f} | {_pct(h.get('val_score'))} | "
-                     f"{h[rate]:.1f} |")
+                     f"{h[rate]:.1f} |" + (f" {_pct(fusion['score'])} (weight {fusion['global_weight']:g}; global "
+                                           f"only {_pct(fusion['global_score'])}) |" if fused[0] else ""))
     return "\n".join(lines) + "\n"
 
 

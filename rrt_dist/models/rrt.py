@@ -148,7 +148,8 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     """Load a checkpoint published with the RRT paper (or saved by this project) in eval mode.
 
     Checkpoints saved by ``rrt_dist.train`` also record ``max_local``, the locals per image the model
-    was trained with; it is kept as ``model.max_local`` for the scorer (None for released weights).
+    was trained with, and ``global_weight``, the fusion weight its validation chose; they are kept as
+    ``model.max_local`` (None for released weights) and ``model.global_weight`` (0: the paper's RRT) for the scorer.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = clean_state_dict(checkpoint)
@@ -164,8 +165,16 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     overrides.setdefault("num_layers", len(layers))
     model = RerankingTransformer(**overrides)
     model.load_state_dict(state, strict=True)
-    model.max_local = checkpoint.get("max_local") if isinstance(checkpoint, dict) else None
+    saved = checkpoint if isinstance(checkpoint, dict) else {}
+    model.max_local = saved.get("max_local")
+    model.global_weight = saved.get("global_weight") or 0.0
     return model.eval()
+
+
+def recorded_global_weight(path) -> float:
+    """The fusion weight a checkpoint's training run chose on its validation images (0 if it chose none)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return float((checkpoint.get("global_weight") if isinstance(checkpoint, dict) else None) or 0.0)
 
 
 def count_parameters(model: nn.Module) -> int:

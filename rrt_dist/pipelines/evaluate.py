@@ -18,7 +18,7 @@ from rrt_dist.rerank.methods import parse_method
 
 from .features import benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
-from .rerank import open_pool
+from .rerank import open_pool, scorer_options
 from .train import trained_reranker
 
 
@@ -107,6 +107,7 @@ def evaluate(cfg, training: dict | None = None) -> dict:
         index.close()
     timings["search_rerank_s"] = time.perf_counter() - t
     settings = list(settings_of(bench))
+    rerankers = {method.reranker.name for method in map(parse_method, cfg.reranker.methods) if method.reranker}
     unreadable = unreadable_counts(bench, stores)
     shown = qualitative_row(rows, examples, settings[0], cfg.reranker.qualitative_row)
     run = {"dataset": bench.name, "root": str(Path(bench.info["root"]).resolve()),
@@ -119,6 +120,9 @@ def evaluate(cfg, training: dict | None = None) -> dict:
                                   "options": OmegaConf.to_container(cfg.reranker.patch_backbone.options, resolve=True)}}
               if patch_stores is not stores else {}),
            "search": "exact (whole gallery)" if not indexes else f"{cfg.index.factory}, top-{cfg.index.k}",
+           **({"rrt": {"checkpoint": cfg.reranker.checkpoint,
+                       "global_weight": scorer_options(cfg.reranker, "rrt")["global_weight"]}}
+              if "rrt" in rerankers else {}),
            "qualitative_row": shown, "timings": timings}
     if bench.protocol.name == "metric_learning":
         run["metric_learning_r"] = ("the query counted in R (the ViT-reranking reference)" if

@@ -47,7 +47,10 @@ class RerankPool:
 
 
 def scorer_options(cfg, name: str) -> dict:
-    """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: and its checkpoint)."""
+    """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: and its checkpoint,
+    and ``global_weight=null`` resolved to the one the checkpoint records, so that the report can say it)."""
+    from rrt_dist.models.rrt import recorded_global_weight
+
     from omegaconf import OmegaConf
 
     options = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
@@ -55,6 +58,8 @@ def scorer_options(cfg, name: str) -> dict:
         if not cfg.checkpoint:
             raise ValueError("RRT rows need reranker.checkpoint=PATH (released or trained weights)")
         options["checkpoint"] = cfg.checkpoint
+        if "global_weight" in options and options["global_weight"] is None:     # the training run's choice
+            options["global_weight"] = recorded_global_weight(cfg.checkpoint)
     return options
 
 

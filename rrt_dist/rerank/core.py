@@ -11,13 +11,13 @@ from rrt_dist.store import FeatureStore, take_locals_from
 
 
 def rerank_top_k(ids: np.ndarray, global_scores: np.ndarray, rerank_scores: np.ndarray, k: int,
-                 add_global: bool = False) -> np.ndarray:
-    """Reorder the first ``k`` of a ranked list by (rerank score, global score), or by rerank + global score
-    when ``add_global`` (then global score breaks ties); the rest keeps its order."""
+                 global_weight: float = 0.0) -> np.ndarray:
+    """Reorder the first ``k`` of a ranked list by rerank score + ``global_weight`` × global score, global score
+    breaking ties; the rest keeps its order."""
     k = min(k, len(ids), len(rerank_scores))
     primary = np.asarray(rerank_scores[:k], np.float64)
-    if add_global:
-        primary = primary + np.asarray(global_scores[:k], np.float64)
+    if global_weight:
+        primary = primary + global_weight * np.asarray(global_scores[:k], np.float64)
     order = np.lexsort((-global_scores[:k], -primary))
     return np.concatenate([ids[:k][order], ids[k:]])
 
@@ -43,6 +43,8 @@ class RerankCore:
             torch.set_num_threads(threads)
         self.method = get_reranker(scorer)
         self.scorer = self.method.create(**scorer_cfg)
+        # How much of the global score the final order adds to the scorer's (0: it only breaks ties).
+        self.global_weight = float(getattr(self.scorer, "global_weight", 0.0))
         self.queries = _open(query_table)
         self.galleries = [_open(t) for t in gallery_tables]
         self.cache: dict[tuple[int, int], float] = {}
@@ -68,7 +70,7 @@ class RerankCore:
                 self.cache.update(zip(((qid, c) for c in missing.tolist()), new_scores.tolist()))
             head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
             out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head),
-                                                self.method.add_global)
+                                                self.global_weight)
         return out
 
     def pid(self) -> int:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 class Reranker:
     name: str
     label: str                        # report row label
-    scorer: Callable                  # scorer(**options)(query, candidates) -> scores [K], higher is better
+    # scorer(**options)(query, candidates) -> scores [K], higher is better; the final order is by score +
+    # scorer.global_weight × global cosine (absent or 0: the global score only breaks ties)
+    scorer: Callable
     options: type | None = None       # dataclass of its options: the schema of reranker.<name> (None: none)
     inputs: tuple[str, ...] = ("locals",)   # locals | positions | patches | checkpoint
-    add_global: bool = False          # final order by score + global cosine, else by (score, global)
 
     def create(self, **options):
         return self.scorer(**options)
@@ -82,8 +83,7 @@ def _register_defaults() -> None:
 
     register_reranker(Reranker("gv", "GV", GVScorer, GVConfig, ("locals", "positions")))
     register_reranker(Reranker("rrt", "RRT", RRTScorer, RRTOptions, ("locals", "checkpoint")))
-    register_reranker(Reranker("structural", "Structural", StructuralScorer, StructuralConfig, ("patches",),
-                               add_global=True))
+    register_reranker(Reranker("structural", "Structural", StructuralScorer, StructuralConfig, ("patches",)))
 
 
 _register_defaults()

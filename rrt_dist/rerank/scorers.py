@@ -38,6 +38,9 @@ class RRTOptions:
     # Locals per image fed to the model, best first; None: as many as it was trained with (the RRT paper's
     # Table 8 varies this; fewer locals also cut the [K, 2L, 2L] attention on large top-K).
     max_local: Optional[int] = bounded(None, ge=1)
+    # Final order by RRT logit + global_weight × global cosine; 0: the paper's RRT (the global score only breaks
+    # ties). None: the weight the training run chose on its held-out validation images (0 if it chose none).
+    global_weight: Optional[float] = bounded(0.0, ge=0)
 
 
 class RRTScorer:
@@ -45,7 +48,8 @@ class RRTScorer:
     name = "rrt"
 
     def __init__(self, checkpoint: str | None = None, chunk: int | None = None, device: str = "auto",
-                 model: torch.nn.Module | None = None, max_local: int | None = None):
+                 model: torch.nn.Module | None = None, max_local: int | None = None,
+                 global_weight: float | None = None):
         from rrt_dist.models.rrt import load_released_checkpoint
 
         if (checkpoint is None) == (model is None):
@@ -55,6 +59,7 @@ class RRTScorer:
         self.model = (load_released_checkpoint(checkpoint) if model is None else model).to(self.device)
         # Locals per image kept (the highest scoring first): what the model was trained with, if it says.
         self.max_local = max_local or getattr(self.model, "max_local", None)
+        self.global_weight = global_weight if global_weight is not None else getattr(self.model, "global_weight", 0.0)
         # Pairs per forward pass: large on GPU; small on CPU, where [B, h, N, N] attention maps of
         # ~1000-token pairs fall out of cache (batch 20 measured slower than 10 batches of 2).
         self.chunk = chunk or (100 if self.device.type == "cuda" else 4)
@@ -99,6 +104,7 @@ class StructuralScorer:
     """Structural similarity (correlation-weighted optimal transport) of the query's patch grid against each
     candidate's, all candidates of a query in one batched call (as the reference scores them)."""
     name = "structural"
+    global_weight = 1.0     # the paper's final order: structural + global cosine, equal weights
 
     def __init__(self, **cfg):
         from .structural import StructuralConfig

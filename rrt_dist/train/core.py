@@ -168,7 +168,7 @@ def model_checkpoint(model: torch.nn.Module, settings: TrainSettings, epoch: int
     """What ``model.pt`` holds: the state dict under ``state`` (the released checkpoints' layout, so
     ``load_released_checkpoint`` reads it) plus the locals per image and the epoch's metrics."""
     return {"state": model.state_dict(), "max_local": settings.max_local, "epoch": epoch, "metrics": metrics,
-            "config": dict(vars(model.cfg))}
+            "config": dict(vars(model.cfg)), "global_weight": metrics.get("val_fusion", {}).get("global_weight")}
 
 
 def load_trainer_state(folder) -> dict:
@@ -186,9 +186,17 @@ def validation_score(metrics: dict) -> float:
     return metrics["mAP"] if "mAP" in metrics else metrics["MAP@R"]
 
 
+# Weights of the global cosine added to the RRT logit that validation tries. Logits span a few units (more as
+# training sharpens them), the cosines of a query's top-K differ by hundredths: from a nudge to (at 1024) the
+# global order with the RRT deciding only among near-ties.
+FUSION_WEIGHTS = tuple(2.0 ** e for e in range(-1, 11))
+
+
 def validate(model: torch.nn.Module, val: dict, k: int, max_local: int | None = None) -> dict:
     """Rerank the global top-``k`` of the validation benchmark with ``model`` (fed ``max_local`` locals per
-    image, as in training); its metrics plus ``score``.
+    image, as in training); its metrics and ``score``, and under ``fusion`` the ``global_weight`` (0 or one of
+    ``FUSION_WEIGHTS``) whose logit + weight × global cosine order scores best, with that ``score`` and the
+    global order's (``global_score``).
 
     ``val`` (see ``rrt_dist.train.validation_set``): ``bench``, ``query_ids`` (row order), ``ranked``,
     ``scores`` and the ``query`` / ``gallery`` tables as (uri, version).
@@ -197,9 +205,23 @@ def validate(model: torch.nn.Module, val: dict, k: int, max_local: int | None = 
     from rrt_dist.rerank.core import RerankCore
 
     device = str(next(model.parameters()).device)
-    core = RerankCore("rrt", {"model": model, "device": device, "max_local": max_local}, val["query"], val["gallery"])
+    core = RerankCore("rrt", {"model": model, "device": device, "max_local": max_local, "global_weight": 0.0},
+                      val["query"], val["gallery"])
     was_training = model.training
     model.eval()
-    metrics = rerank_and_evaluate(val["bench"], val["query_ids"], val["ranked"], val["scores"], core.rerank, k)
+
+    def evaluate(rerank=core.rerank) -> dict:
+        return rerank_and_evaluate(val["bench"], val["query_ids"], val["ranked"], val["scores"], rerank, k)
+
+    metrics = evaluate()
     model.train(was_training)
-    return {"metrics": metrics, "score": validation_score(metrics)}
+    # The fusion weight (reranker.rrt.global_weight=null uses it): each weight reorders the logits the first
+    # pass cached, so this costs no forward pass; the smallest of equally good weights wins.
+    fused = {0.0: validation_score(metrics)}
+    for weight in FUSION_WEIGHTS:
+        core.global_weight = weight
+        fused[weight] = validation_score(evaluate())
+    weight = max(fused, key=lambda w: (fused[w], -w))
+    global_only = validation_score(evaluate(lambda query_ids, ranked, scores, k: ranked))
+    return {"metrics": metrics, "score": validation_score(metrics),
+            "fusion": {"global_weight": weight, "score": fused[weight], "global_score": global_only}}

@@ -369,6 +369,8 @@ def train_worker(config: dict) -> None:
         result = task.validate(core_model)
         if result is not None:
             metrics.update(val_score=result["score"], val_metrics=result["metrics"], val_s=time.perf_counter() - t)
+            if "fusion" in result:
+                metrics["val_fusion"] = result["fusion"]
         history.append(metrics)
         for key in ("loss", "accuracy", "pairs_per_s", "images_per_s", "val_score"):
             if key in metrics:
@@ -379,6 +381,8 @@ def train_worker(config: dict) -> None:
         log.info(f"epoch {epoch + 1}/{settings.epochs}: loss {metrics['loss']:.4f}, "
               f"accuracy {metrics['accuracy']:.3f}, {rate}" +
               (f", validation {100 * metrics['val_score']:.2f}" if "val_score" in metrics else "") +
+              (f" (+ {metrics['val_fusion']['global_weight']:g} × global: {100 * metrics['val_fusion']['score']:.2f}; "
+               f"global only: {100 * metrics['val_fusion']['global_score']:.2f})" if "val_fusion" in metrics else "") +
               f", ETA {epoch_s * (settings.epochs - epoch - 1):.0f} s")
         with tempfile.TemporaryDirectory() as folder:
             task.save(core_model, epoch + 1, metrics, Path(folder))
