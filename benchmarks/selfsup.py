@@ -10,7 +10,8 @@ on the synthetic benchmark's labels, on real photographs and on the synthetic be
    images): global only, GV, the labels-trained demo RRT of seed 0, the self-supervised RRT trained on the
    10 other photos (16 views each; none of the query photos or their views), per seed, and ones trained on
    the evaluated gallery's own 70 images (4 views each), as a user would, with 32 locals per image (the demo's
-   recipe) and with each of ``--gallery-locals`` (then fed each of ``--test-locals`` at test); mAP and R@1.
+   recipe) and with each of ``--gallery-locals`` (then fed each of ``--test-locals`` at test), each ordered by its
+   logits alone and by logit + the fusion weight its validation chose × global cosine; mAP and R@1.
 
 Each run is the evaluate job in-process; finished trainings are reused on a rerun. The last line is JSON.
 """
@@ -49,10 +50,13 @@ def metrics(payload: dict, keys: dict[str, tuple[str, ...]]) -> dict:
             for row, settings in payload["results"].items()}
 
 
-def matching_ceiling(report: dict, n_locals: tuple[int, ...] = (32, 100, 500)) -> dict:
+def matching_ceiling(report: dict, n_locals: tuple[int, ...] = (32, 100, 500),
+                     global_weights: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0, 16.0)) -> dict:
     """mAP (%) of ranking a folder benchmark's whole gallery by the count of mutual nearest-neighbour locals
     (cosine > 0.5) among each image's best ``n`` locals, ties broken by the global score: how much
-    evidence ``n`` locals hold, whatever a reranker does with them."""
+    evidence ``n`` locals hold, whatever a reranker does with them. Also by that count / ``n`` + each
+    of ``global_weights`` × global cosine: what the evidence adds to the global order (weights seen on
+    the test set, a diagnostic, not a result)."""
     import numpy as np
 
     from rrt_dist.datasets import read_folder
@@ -68,16 +72,21 @@ def matching_ceiling(report: dict, n_locals: tuple[int, ...] = (32, 100, 500)) -
     out = {}
     for n in n_locals:
         q, g = truncate_locals(queries, n), truncate_locals(gallery, n)
-        aps = []
+        aps: dict[float, list] = {}
         for i, positives in enumerate(bench.protocol.positives):
             a = q["local"][i][~q["mask"][i]]
             counts = np.empty(len(gallery_ids))
             for j in range(len(gallery_ids)):
                 sim = a @ g["local"][j][~g["mask"][j]].T
                 counts[j] = ((sim.argmax(0)[sim.argmax(1)] == np.arange(len(a))) & (sim.max(1) > 0.5)).sum()
-            order = np.argsort(-(counts + 1e-3 * (g["global"] @ q["global"][i])), kind="stable")
-            aps.append(average_precision(positive_positions(order, positives), len(positives)))
-        out[f"{n} locals"] = round(100 * float(np.mean(aps)), 2)
+            cosine = g["global"] @ q["global"][i]
+            for weight in global_weights:
+                # weight 0: the global cosine (< 1) scaled below one match only breaks ties
+                order = np.argsort(-(counts / n + (weight or 1e-3 / n) * cosine), kind="stable")
+                aps.setdefault(weight, []).append(average_precision(positive_positions(order, positives),
+                                                                    len(positives)))
+        for weight, values in aps.items():
+            out[f"{n} locals" + (f" + {weight:g} × global" if weight else "")] = round(100 * float(np.mean(values)), 2)
     return out
 
 
@@ -124,14 +133,25 @@ def main() -> None:
             f"train.seed={seed}", *quick])
         result["photos"][f"self-supervised RRT on the 10 training photos, seed {seed}"] = metrics(selfsup, ranked)
         print(json.dumps({"photos": result["photos"]}), flush=True)
+
+    def on_gallery(row: str, out: str, overrides: list[str]) -> dict:
+        """The RRT rows of one training run: its logits alone (the paper's RRT), then logit + the fusion weight its
+        validation chose × global cosine (``reranker.rrt.global_weight=null``; the training is reused)."""
+        payload = run_evaluate(work, out, folder + ["reranker=trained", *overrides, *quick])
+        result["photos"][row] = metrics(payload, ranked)
+        fused = run_evaluate(work, f"{out}-fused", folder + ["reranker=trained", "reranker.rrt.global_weight=null",
+                                                             *overrides, *quick])
+        weight = fused["run"]["rrt"]["global_weight"]
+        result["photos"][f"{row}, + {weight:g} × global (the weight its validation chose)"] = metrics(fused, ranked)
+        print(json.dumps({"photos": result["photos"]}), flush=True)
+        return payload
+
     # What a user does: train on the gallery itself (its 70 images; the query photos stay out).
-    gallery = run_evaluate(work, "photos-selfsup-gallery", folder + ["reranker=trained", *quick])
-    result["photos"]["self-supervised RRT on the evaluated gallery"] = metrics(gallery, ranked)
+    gallery = on_gallery("self-supervised RRT on the evaluated gallery", "photos-selfsup-gallery", [])
     result["photos"]["mutual-NN match count, mAP"].update(matching_ceiling(gallery, tuple(args.gallery_locals)))
     for n in args.gallery_locals:
-        more = run_evaluate(work, f"photos-selfsup-gallery-{n}", folder + ["reranker=trained", f"train.max_local={n}",
-                                                                           *quick])
-        result["photos"][f"self-supervised RRT on the evaluated gallery, {n} locals"] = metrics(more, ranked)
+        on_gallery(f"self-supervised RRT on the evaluated gallery, {n} locals", f"photos-selfsup-gallery-{n}",
+                   [f"train.max_local={n}"])
         for m in args.test_locals:
             fed = run_evaluate(work, f"photos-selfsup-gallery-{n}-test{m}", folder + [
                 "reranker=trained", f"train.max_local={n}", f"reranker.rrt.max_local={m}", f"reranker.gv.max_local={m}",
