@@ -70,10 +70,19 @@ def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray,
     assert clipped == pytest.approx(0.1, rel=1e-4)          # the clip was active: it is part of what is compared
     for name, p in model.named_parameters():
         for r in ranks:
-            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-7)
-            # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float noise in g moves a weight by a
-            # fraction of lr (1.9e-5 seen once in CI); the gradients above are the exact check
-            torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-5, atol=1e-4)
+            # within 1e-4 of the clipped gradient's norm: the workers' threads sum in another order than this
+            # process (up to 1.2e-6 seen in CI); half a batch alone is far off (checked below)
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-4 * settings.grad_clip)
+    # Each worker stepped its optimizer on those (synchronised, clipped) gradients. Adam's first step is
+    # lr * g / (|g| + eps): where |g| is near eps, float noise in g moves a weight by up to lr (2.2e-4 seen in CI),
+    # so the weights are checked against one step on the worker's own gradients, not the union's.
+    for r in ranks:
+        stepped = build_model(settings, 40, 128)
+        for name, p in stepped.named_parameters():
+            p.grad = r["grads"][name].clone()
+        torch.optim.AdamW(stepped.parameters(), lr=settings.lr, weight_decay=settings.weight_decay).step()
+        for name, p in stepped.named_parameters():
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-6, atol=1e-8)
     # the comparison can tell: one worker's half alone gives other gradients than the union
     grads = {}
     for name, batch in (("half", half_batch(0, 2)), ("union", union)):
