@@ -71,7 +71,7 @@ def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray,
     for name, p in model.named_parameters():
         for r in ranks:
             # within 1e-4 of the clipped gradient's norm: the workers' threads sum in another order than this
-            # process (up to 1.2e-6 seen in CI); half a batch alone is far off (checked below)
+            # process (up to 1.2e-6 seen on the dev VM); half a batch alone is far off (checked below)
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-4 * settings.grad_clip)
     # Each worker stepped its optimizer on those (synchronised, clipped) gradients. Adam's first step is
     # lr * g / (|g| + eps): where |g| is near eps, float noise in g moves a weight by up to lr (2.2e-4 seen in CI),
