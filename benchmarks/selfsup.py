@@ -8,10 +8,12 @@ on the synthetic benchmark's labels, on real photographs and on the synthetic be
    2 views each, the same number of optimizer steps: 16 epochs of ~43 steps vs 40 of 17); Medium / Hard mAP.
 2. Real photographs (``rrt_dist.datasets.photos``: 10 query photos, 3 hard views of each among 70 gallery
    images): global only, GV, the labels-trained demo RRT of seed 0, the self-supervised RRT trained on the
-   10 other photos (16 views each; none of the query photos or their views), per seed, and ones trained on
-   the evaluated gallery's own 70 images (4 views each), as a user would, with 32 locals per image (the demo's
-   recipe) and with each of ``--gallery-locals`` (then fed each of ``--test-locals`` at test), each ordered by its
-   logits alone and by logit + the fusion weight its validation chose × global cosine; mAP and R@1.
+   10 other photos (16 views each; none of the query photos or their views) with the demo's 32 locals and
+   ordered by its logits, per seed, and ones trained on the evaluated gallery's own 70 images (4 views each),
+   as a user would (the folder recipe, ``train=rrt_selfsup``), per seed, with each of ``--gallery-locals`` per
+   image (200: the recipe's; 32: the demo's; then fed each of ``--test-locals`` at test), each ordered by
+   logit + the fusion weight its validation chose × global cosine (the recipe's order) and by its logits alone;
+   mAP and R@1.
 
 Each run is the evaluate job in-process; finished trainings are reused on a rerun. The last line is JSON.
 """
@@ -95,8 +97,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", default=str(REPO / "data" / "bench-selfsup"))
     parser.add_argument("--quick", action="store_true", help="2 epochs each (a smoke run, numbers meaningless)")
-    parser.add_argument("--gallery-locals", type=int, nargs="*", default=[200],
-                        help="also train on the evaluated gallery with this many locals per image (train.max_local)")
+    parser.add_argument("--gallery-locals", type=int, nargs="+", default=[200, 32],
+                        help="train on the evaluated gallery with this many locals per image (train.max_local)")
     parser.add_argument("--test-locals", type=int, nargs="*", default=[],
                         help="and rerank with that model fed this many locals (reranker.rrt.max_local, gv too)")
     args = parser.parse_args()
@@ -130,33 +132,34 @@ def main() -> None:
     for seed in args.seeds:
         selfsup = run_evaluate(work, f"photos-selfsup-{seed}", folder + [
             "reranker=trained", f"train.selfsup.images={photos / 'train'}", "train.selfsup.views=16",
-            f"train.seed={seed}", *quick])
+            "train.max_local=32", "reranker.rrt.global_weight=0", f"train.seed={seed}", *quick])
         result["photos"][f"self-supervised RRT on the 10 training photos, seed {seed}"] = metrics(selfsup, ranked)
         print(json.dumps({"photos": result["photos"]}), flush=True)
 
     def on_gallery(row: str, out: str, overrides: list[str]) -> dict:
-        """The RRT rows of one training run: its logits alone (the paper's RRT), then logit + the fusion weight its
-        validation chose × global cosine (``reranker.rrt.global_weight=null``; the training is reused)."""
-        payload = run_evaluate(work, out, folder + ["reranker=trained", *overrides, *quick])
-        result["photos"][row] = metrics(payload, ranked)
-        fused = run_evaluate(work, f"{out}-fused", folder + ["reranker=trained", "reranker.rrt.global_weight=null",
-                                                             *overrides, *quick])
+        """The RRT rows of one training run on the gallery: logit + the fusion weight its validation chose × global
+        cosine (the folder recipe's order), then its logits alone (the paper's RRT; the training is reused)."""
+        fused = run_evaluate(work, out, folder + ["reranker=trained", *overrides, *quick])
         weight = fused["run"]["rrt"]["global_weight"]
         result["photos"][f"{row}, + {weight:g} × global (the weight its validation chose)"] = metrics(fused, ranked)
+        logits = run_evaluate(work, f"{out}-logits", folder + ["reranker=trained", "reranker.rrt.global_weight=0",
+                                                                *overrides, *quick])
+        result["photos"][f"{row}, logits alone"] = metrics(logits, ranked)
         print(json.dumps({"photos": result["photos"]}), flush=True)
-        return payload
+        return fused
 
     # What a user does: train on the gallery itself (its 70 images; the query photos stay out).
-    gallery = on_gallery("self-supervised RRT on the evaluated gallery", "photos-selfsup-gallery", [])
-    result["photos"]["mutual-NN match count, mAP"].update(matching_ceiling(gallery, tuple(args.gallery_locals)))
     for n in args.gallery_locals:
-        on_gallery(f"self-supervised RRT on the evaluated gallery, {n} locals", f"photos-selfsup-gallery-{n}",
-                   [f"train.max_local={n}"])
+        for seed in args.seeds:
+            gallery = on_gallery(f"self-supervised RRT on the evaluated gallery, {n} locals, seed {seed}",
+                                 f"photos-selfsup-gallery-{n}-{seed}", [f"train.max_local={n}", f"train.seed={seed}"])
         for m in args.test_locals:
             fed = run_evaluate(work, f"photos-selfsup-gallery-{n}-test{m}", folder + [
-                "reranker=trained", f"train.max_local={n}", f"reranker.rrt.max_local={m}", f"reranker.gv.max_local={m}",
-                *quick])
-            result["photos"][f"the same fed {m} locals at test (GV too)"] = metrics(fed, ranked)
+                "reranker=trained", f"train.max_local={n}", f"train.seed={args.seeds[-1]}", f"reranker.rrt.max_local={m}",
+                f"reranker.gv.max_local={m}", *quick])
+            result["photos"][f"the {n}-local RRT of the last seed fed {m} locals at test (GV too)"] = \
+                metrics(fed, ranked)
+    result["photos"]["mutual-NN match count, mAP"].update(matching_ceiling(gallery, tuple(args.gallery_locals)))
     print(json.dumps({"photos": result["photos"]}), flush=True)
 
     for seed in args.seeds:

@@ -178,11 +178,12 @@ def test_evaluation_refuses_index_options_it_would_ignore():
 
 
 def test_run_names_survive_a_setting_added_at_its_old_behaviour():
-    """train.warmup_steps came after runs were named: at 0 (training as before) the demo's run keeps the name its
-    finished runs were stored under (rrt-synthetic-2afea7c6a3, the demo's seed-0 run before warmup existed);
-    any warmup is another run."""
+    """train.warmup_steps and train.global_fusion came after runs were named: at 0 / false (training and exporting
+    as before) the demo's run keeps the name its finished runs were stored under (rrt-synthetic-2afea7c6a3, the
+    demo's seed-0 run before warmup existed); any warmup, or a checkpoint recording its fusion weight, is another run."""
     from rrt_dist.pipelines.train import run_name
 
     assert run_name(make(["experiment=demo"])) == "rrt-synthetic-2afea7c6a3"
     assert run_name(make(["experiment=demo", "train.warmup_steps=0"])) == "rrt-synthetic-2afea7c6a3"
     assert run_name(make(["experiment=demo", "train.warmup_steps=100"])) != "rrt-synthetic-2afea7c6a3"
+    assert run_name(make(["experiment=demo", "train.global_fusion=true"])) != "rrt-synthetic-2afea7c6a3"

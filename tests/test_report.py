@@ -18,7 +18,9 @@ def test_training_section_warns_when_validation_falls_below_the_global_order():
 
     fusion_only = training_section(trained(0.7159, 0.9819, 0.9765, 128.0))
     assert "Warning" not in fusion_only
-    assert "logit + 128 × global (98.19 %) beats it: `reranker.rrt.global_weight=null`" in fusion_only
+    assert "logit + 128 × global (98.19 %) beats it: `reranker.rrt.global_weight=128`" in fusion_only
+    fused_rows = training_section(trained(0.7159, 0.9819, 0.9765, 128.0), rrt_global_weight=128.0)
+    assert "beats it; the RRT rows here are logit + 128 × global." in fused_rows and "global_weight=" not in fused_rows
 
     beats = training_section(trained(0.99, 0.995, 0.9765, 0.0))
-    assert "Warning" not in beats and "global_weight=null" not in beats
+    assert "Warning" not in beats and "global_weight=" not in beats

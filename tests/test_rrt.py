@@ -164,7 +164,7 @@ def test_the_scorer_takes_its_global_weight_from_the_checkpoint_unless_told(tmp_
     model = RerankingTransformer(global_dim=8)
     torch.save({"state": model.state_dict(), "max_local": 5, "global_weight": 4.0}, tmp_path / "fused.pt")
     torch.save({"state": model.state_dict(), "max_local": 5}, tmp_path / "older.pt")
-    assert RRTOptions().global_weight == 0.0                                  # the paper's RRT by default
+    assert RRTOptions().global_weight is None                                 # the checkpoint's by default
     assert RRTScorer(tmp_path / "fused.pt", device="cpu").global_weight == 4.0    # None: the run's choice
     assert RRTScorer(tmp_path / "fused.pt", device="cpu", global_weight=0.0).global_weight == 0.0
     assert RRTScorer(tmp_path / "older.pt", device="cpu").global_weight == 0.0    # chose none

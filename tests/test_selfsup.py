@@ -116,7 +116,8 @@ def test_a_folder_gallery_trains_self_supervised_by_default():
         labelled = compose("config", overrides=["dataset=folder", "dataset.root=x", "train=rrt_gld"])
         synthetic = compose("config", overrides=[])
         selfsup = compose("config", overrides=["train.pairs=selfsup"])
-    assert training_pairs(folder) == "selfsup" and folder.train.max_local == 32     # train=rrt_selfsup
+    assert training_pairs(folder) == "selfsup" and folder.train.max_local == 200    # train=rrt_selfsup
+    assert folder.train.global_fusion and not synthetic.train.global_fusion
     assert training_pairs(labelled) == "selfsup"          # any recipe: a folder has no training split
     assert training_pairs(synthetic) == "labels" and training_pairs(selfsup) == "selfsup"
 

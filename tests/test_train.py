@@ -113,10 +113,10 @@ def train_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def faulty_run(local_ray, train_cfg) -> dict:
-    """3 epochs in which a worker dies when epoch 2 starts."""
+    """3 epochs in which a worker dies when epoch 2 starts; the model exported for global fusion."""
     from rrt_dist.pipelines.train import train_rrt
 
-    cfg = train_cfg("faulty", "train.name=faulty", "train.epochs=3", "train.fail_at_epoch=1")
+    cfg = train_cfg("faulty", "train.name=faulty", "train.epochs=3", "train.fail_at_epoch=1", "train.global_fusion=true")
     out = train_rrt(cfg, cfg.output_dir)
     assert (Path(cfg.train.storage_path) / "faulty" / "injected-failure").exists()   # a worker did die
     return out
@@ -140,7 +140,8 @@ def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
     assert list((Path(out["run"]) / "tensorboard").glob("events.out.tfevents.*"))
     assert all(0.0 <= h["val_score"] <= 1.0 for h in out["history"])
     # Validation also chose the weight of the global cosine added to the logit: 0 is a candidate, so the fused
-    # order never scores below the RRT's; the exported best epoch carries its choice to the scorer.
+    # order never scores below the RRT's; the exported best epoch (train.global_fusion) carries its choice to the
+    # scorer.
     for h in out["history"]:
         assert h["val_fusion"]["global_weight"] in (0.0, *FUSION_WEIGHTS)
         assert h["val_fusion"]["score"] >= h["val_score"]
@@ -170,6 +171,7 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     assert all(torch.equal(faulty[name], resumed[name]) for name in faulty)
     best = max(longer["history"], key=lambda h: (h["val_score"], h["epoch"]))
     assert again["best_epoch"] == best["epoch"]
+    assert load_released_checkpoint(again["checkpoint"]).global_weight == 0.0   # no global_fusion: the paper's RRT
 
 
 @pytest.mark.ray

@@ -85,9 +85,10 @@ def run_section(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_section(training: dict) -> str:
+def training_section(training: dict, rrt_global_weight: float = 0.0) -> str:
     """How the report's model was trained (RRT, or an extractor by metric learning: ``train_metric``): the curve,
-    and loss / accuracy / validation score / throughput per epoch."""
+    and loss / accuracy / validation score / throughput per epoch; ``rrt_global_weight``: the weight of the global
+    cosine the report's RRT rows added to the logit."""
     rrt = "anchors" in training
     rate = "pairs_per_s" if rrt else "images_per_s"
     # RRT runs that chose a fusion weight: the validation score of logit + weight × global cosine
@@ -105,13 +106,14 @@ def training_section(training: dict) -> str:
         lines.append(f"| {h['epoch']} | {h['loss']:.4f} | {h['accuracy']:.3f} | {_pct(h.get('val_score'))} | "
                      f"{h[rate]:.1f} |" + (f" {_pct(fusion['score'])} (weight {fusion['global_weight']:g}; global "
                                            f"only {_pct(fusion['global_score'])}) |" if fused[0] else ""))
-    verdict = validation_verdict(training["history"], training["best_epoch"]) if fused[0] else ""
+    verdict = validation_verdict(training["history"], training["best_epoch"], rrt_global_weight) if fused[0] else ""
     return "\n".join(lines) + "\n" + (f"\n{verdict}\n" if verdict else "")
 
 
-def validation_verdict(history: list[dict], best_epoch: int) -> str:
-    """What the exported epoch's validation says about reranking with it, where it falls below the global order
-    it reranks (a reranker trained off its domain does; say so rather than let the rows surprise)."""
+def validation_verdict(history: list[dict], best_epoch: int, used_weight: float = 0.0) -> str:
+    """What the exported epoch's validation says about reranking with it (by its logits, or by logit +
+    ``used_weight`` × global as the report's rows did), where it falls below the global order it reranks (a
+    reranker trained off its domain does; say so rather than let the rows surprise)."""
     best = next(h for h in history if h["epoch"] == best_epoch)
     fusion, logits = best["val_fusion"], best["val_score"]
     global_only, fused, weight = fusion["global_score"], fusion["score"], fusion["global_weight"]
@@ -119,11 +121,14 @@ def validation_verdict(history: list[dict], best_epoch: int) -> str:
         return (f"**Warning:** on its held-out validation images neither this RRT's logits ({_pct(logits)} %) nor "
                 f"logit + {weight:g} × global ({_pct(fused)} %) beat the global order ({_pct(global_only)} %): expect "
                 "its rows below Global. More locals per image (`train.max_local`) or more training images may help.")
-    if logits <= global_only:
-        return (f"On its held-out validation images this RRT's logits alone ({_pct(logits)} %) fall below the global "
-                f"order ({_pct(global_only)} %), logit + {weight:g} × global ({_pct(fused)} %) beats it: "
-                "`reranker.rrt.global_weight=null` orders by the latter.")
-    return ""
+    if logits > global_only:
+        return ""
+    below = (f"On its held-out validation images this RRT's logits alone ({_pct(logits)} %) fall below the global "
+             f"order ({_pct(global_only)} %), logit + {weight:g} × global ({_pct(fused)} %) beats it")
+    if used_weight:
+        return f"{below}; the RRT rows here are logit + {used_weight:g} × global."
+    return (f"{below}: `reranker.rrt.global_weight={weight:g}` orders by the latter (training with "
+            "`train.global_fusion=true` makes it the model's default).")
 
 
 def write_report(out_dir: str | Path, payload: dict, markdown: str) -> tuple[Path, Path]:

@@ -148,7 +148,7 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     """Load a checkpoint published with the RRT paper (or saved by this project) in eval mode.
 
     Checkpoints saved by ``rrt_dist.train`` also record ``max_local``, the locals per image the model
-    was trained with, and ``global_weight``, the fusion weight its validation chose; they are kept as
+    was trained with, and ``global_weight``, the fusion weight it is meant to be used with; they are kept as
     ``model.max_local`` (None for released weights) and ``model.global_weight`` (0: the paper's RRT) for the scorer.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -172,7 +172,7 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
 
 
 def recorded_global_weight(path) -> float:
-    """The fusion weight a checkpoint's training run chose on its validation images (0 if it chose none)."""
+    """The fusion weight a checkpoint records (its validation's choice with ``train.global_fusion``; else 0)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return float((checkpoint.get("global_weight") if isinstance(checkpoint, dict) else None) or 0.0)
 

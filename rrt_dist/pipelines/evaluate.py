@@ -137,7 +137,7 @@ def evaluate(cfg, training: dict | None = None) -> dict:
                "config": OmegaConf.to_container(cfg, resolve=True)}
     if training:
         payload["training"] = training
-        markdown += "\n" + training_section(training)
+        markdown += "\n" + training_section(training, run.get("rrt", {}).get("global_weight") or 0.0)
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
     structural = [label for label in examples if label.startswith(("Structural", "αQE + Structural"))]
     if structural:

@@ -48,9 +48,10 @@ def min_positives(cfg) -> int:
     return cfg.train.min_positives if training_pairs(cfg) == "labels" else 0
 
 
-# Settings added after runs were named, at the value that trains as before: left out of the name, so that
-# finished runs keep their names (and are reused) across the upgrade.
-LATER_DEFAULTS = {"warmup_steps": 0}
+# Settings added after runs were named, at the value that trains (and exports) as before: left out of the name,
+# so that finished runs keep their names (and are reused) across the upgrade. global_fusion changes no weight but
+# what the checkpoints record.
+LATER_DEFAULTS = {"warmup_steps": 0, "global_fusion": False}
 
 
 def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> str:

@@ -39,8 +39,9 @@ class RRTOptions:
     # Table 8 varies this; fewer locals also cut the [K, 2L, 2L] attention on large top-K).
     max_local: Optional[int] = bounded(None, ge=1)
     # Final order by RRT logit + global_weight × global cosine; 0: the paper's RRT (the global score only breaks
-    # ties). None: the weight the training run chose on its held-out validation images (0 if it chose none).
-    global_weight: Optional[float] = bounded(0.0, ge=0)
+    # ties). None: the weight the checkpoint records: its validation's choice if trained with train.global_fusion
+    # (a folder gallery's self-supervised recipe is), else 0 (released weights, labelled recipes).
+    global_weight: Optional[float] = bounded(None, ge=0)
 
 
 class RRTScorer:

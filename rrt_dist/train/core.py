@@ -43,6 +43,9 @@ class TrainSettings:
     model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (global_dim comes from the table)
     embedding_init_std: float = bounded(0.02, gt=0)  # initial segment / scale embeddings (N(0,1) stalls training)
     match_init: float = bounded(0.0, ge=0)   # query / key projections start as match_init x identity (0: random)
+    # The exported model orders candidates by logit + w × global cosine, w the fusion weight its validation chose
+    # (recorded in the checkpoint as global_weight); False: w = 0, the paper's RRT (validation still reports w).
+    global_fusion: bool = False
 
 
 def pair_batch(features: dict, rows: np.ndarray, triplets: np.ndarray) -> dict[str, torch.Tensor]:
@@ -166,9 +169,11 @@ def lr_schedulers(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> 
 
 def model_checkpoint(model: torch.nn.Module, settings: TrainSettings, epoch: int, metrics: dict) -> dict:
     """What ``model.pt`` holds: the state dict under ``state`` (the released checkpoints' layout, so
-    ``load_released_checkpoint`` reads it) plus the locals per image and the epoch's metrics."""
+    ``load_released_checkpoint`` reads it) plus the locals per image, the epoch's metrics and the weight of the
+    global cosine its scorer adds to the logit (``global_fusion``: the one its validation chose; else 0)."""
+    fusion_weight = metrics.get("val_fusion", {}).get("global_weight") if settings.global_fusion else None
     return {"state": model.state_dict(), "max_local": settings.max_local, "epoch": epoch, "metrics": metrics,
-            "config": dict(vars(model.cfg)), "global_weight": metrics.get("val_fusion", {}).get("global_weight")}
+            "config": dict(vars(model.cfg)), "global_weight": fusion_weight or 0.0}
 
 
 def load_trainer_state(folder) -> dict:
@@ -215,7 +220,7 @@ def validate(model: torch.nn.Module, val: dict, k: int, max_local: int | None = 
 
     metrics = evaluate()
     model.train(was_training)
-    # The fusion weight (reranker.rrt.global_weight=null uses it): each weight reorders the logits the first
+    # The fusion weight (exported with train.global_fusion): each weight reorders the logits the first
     # pass cached, so this costs no forward pass; the smallest of equally good weights wins.
     fused = {0.0: validation_score(metrics)}
     for weight in FUSION_WEIGHTS:
