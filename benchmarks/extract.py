@@ -27,13 +27,15 @@ import torch
 import yaml
 
 from rrt_dist.config import RayConfig
-from rrt_dist.datasets import read_revisitop, read_r1m
+from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
 from rrt_dist.datasets.synthetic import SyntheticSpec
 from rrt_dist.features import create_extractor, create_preparer
 from rrt_dist.features.core import extract_rows
-from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
-from rrt_dist.runtime import PoolResources, available_cpus, init_ray
+from rrt_dist.pipelines.extract import extract_to_lance
+from rrt_dist.config import available_cpus
+from rrt_dist.runtime import init_ray
+from rrt_dist.schema import ExtractSettings, PoolResources
 
 REPO = Path(__file__).resolve().parent.parent
 

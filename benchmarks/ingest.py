@@ -28,11 +28,14 @@ import yaml
 from rrt_dist.config import GalleryConfig, IndexConfig, RayConfig
 from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
+from rrt_dist.datasets.image_list import new_images
 from rrt_dist.datasets.synthetic import SyntheticSpec
 from rrt_dist.index.sharded import build_index, update_index
-from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
-from rrt_dist.pipelines.ingest import ingest, new_images
-from rrt_dist.runtime import PoolResources, available_cpus, init_ray
+from rrt_dist.pipelines.extract import extract_to_lance
+from rrt_dist.pipelines.ingest import ingest
+from rrt_dist.config import available_cpus
+from rrt_dist.runtime import init_ray
+from rrt_dist.schema import ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, commit_fragments, features_schema, features_to_table, write_fragment
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 from rerank import random_table
 
 from rrt_dist.config import RayConfig, TrainConfig
-from rrt_dist.runtime import StageResources, init_ray
-from rrt_dist.train.core import TrainSettings, TripletBatches, build_model, epoch_triplets, train_step
+from rrt_dist.runtime import init_ray
+from rrt_dist.schema import StageResources, TrainSettings
+from rrt_dist.train.core import TripletBatches, build_model, epoch_triplets, train_step
 from rrt_dist.train.distributed import fit
 
 

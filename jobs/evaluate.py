@@ -11,13 +11,15 @@ import hydra
 from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.pipelines.evaluate import evaluate
 from rrt_dist.runtime import job
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
+    # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from rrt_dist.pipelines.evaluate import evaluate
+
     return evaluate(cfg)
 
 

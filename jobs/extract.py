@@ -13,12 +13,14 @@ from omegaconf import DictConfig
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.runtime import job
-from rrt_dist.pipelines.features import benchmark_features
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
+    # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from rrt_dist.pipelines.features import benchmark_features
+
     _, stores = benchmark_features(cfg)
     tables = {name: {"uri": s.uri, "version": s.version, "rows": len(s), "fingerprint": s.fingerprint}
               for name, s in stores.items()}

@@ -15,15 +15,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.pipelines.features import extract_settings
-from rrt_dist.pipelines.ingest import ingest
 from rrt_dist.runtime import init_ray, job
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
-    from rrt_dist.pipelines.ingest import new_images
+    # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from rrt_dist.datasets.image_list import new_images
+    from rrt_dist.pipelines.features import extract_settings
+    from rrt_dist.pipelines.ingest import ingest
 
     new_images(cfg.gallery.images, cfg.gallery.manifest)         # a bad input ends the job before Ray starts
     init_ray(cfg.ray)

@@ -16,15 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
 from rrt_dist.runtime import job
-from rrt_dist.index.sharded import write_neighbours
-from rrt_dist.pipelines.features import benchmark_features, global_matrix
-from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
-from rrt_dist.store import take_globals_from
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
+    # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from rrt_dist.index.sharded import write_neighbours
+    from rrt_dist.pipelines.features import benchmark_features, global_matrix
+    from rrt_dist.pipelines.index import ensure_index, indexed_tables, search
+    from rrt_dist.store import take_globals_from
+
     bench, stores = benchmark_features(cfg)
     tables = [stores[n] for n in indexed_tables(cfg.index, stores)]
     index = ensure_index(cfg.index, bench.name, tables, OmegaConf.to_object(cfg.ray.search))

@@ -18,14 +18,16 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.pipelines.evaluate import evaluate
-from rrt_dist.pipelines.train import train_metric
 from rrt_dist.runtime import job
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 @job
 def main(cfg: DictConfig) -> dict:
+    # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from rrt_dist.pipelines.evaluate import evaluate
+    from rrt_dist.pipelines.train import train_metric
+
     training = train_metric(cfg, cfg.output_dir)
     with open_dict(cfg):
         cfg.backbone.options.update(training["backbone"])

@@ -1,6 +1,22 @@
-"""rrt-dist: Ray-distributed large-scale image retrieval with reranking (see README.md and DESIGN.md)."""
+"""rrt-dist: Ray-distributed large-scale image retrieval with reranking (see README.md)."""
 import os as _os
 
 # Lance warns "No existing dataset ..., it will be created" for every fragment written before a table's first
 # commit, which is how the pipelines write: set before any submodule imports lance; errors still show.
 _os.environ.setdefault("LANCE_LOG", "error")
+
+# The layers, bottom up: a module imports only from its own layer or below (tests/test_layers.py checks every
+# import, deferred ones included, and that the import graph has no cycle). A package's entry covers its modules;
+# a module named on its own sits where it is listed. eval.metrics is the protocols' pure definitions (numpy
+# only), which the benchmark readers carry with their ground truth.
+LAYERS = (
+    ("schema",),                                   # errors, ids, settings dataclasses
+    ("store", "models", "eval.metrics"),           # pure cores with no other rrt_dist dependency
+    ("features", "index", "datasets"),
+    ("rerank", "eval"),
+    ("train",),
+    ("config",),                                   # the Hydra schema, assembled from the registries
+    ("runtime",),                                  # starts Ray; the job wrapper
+    ("pipelines",),                                # Ray layers composing the stages
+    ("jobs", "cli"),                               # entry points
+)

@@ -1,15 +1,19 @@
-"""``rrt-dist <job> [hydra overrides...]``: runs ``jobs/<job>.py`` (the same file ``ray job submit`` runs)."""
+"""``rrt-dist <job> [hydra overrides...]``: runs the job module ``rrt_dist.jobs.<job>`` (``jobs/<job>.py`` in the
+checkout: the same file ``ray job submit`` runs)."""
 from __future__ import annotations
 
 import runpy
 import sys
+from importlib.resources import files
 from pathlib import Path
 
-JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
+
+def jobs_dir() -> Path:
+    return Path(str(files("rrt_dist.jobs")))
 
 
 def available_jobs() -> list[str]:
-    return sorted(p.stem for p in JOBS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in jobs_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     if job not in jobs:
         print(f"rrt-dist: unknown job {job!r}; available: {', '.join(jobs)}", file=sys.stderr)
         raise SystemExit(2)
-    sys.argv = [str(JOBS_DIR / f"{job}.py"), *overrides]
+    sys.argv = [str(jobs_dir() / f"{job}.py"), *overrides]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 

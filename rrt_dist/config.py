@@ -10,18 +10,20 @@ refuses a bad value with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
+from importlib.resources import files
+from pathlib import Path
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from rrt_dist.pipelines.extract import ExtractSettings
-from rrt_dist.runtime import PoolResources, StageResources
-from rrt_dist.train.core import TrainSettings
-from rrt_dist.train.metric import MetricSettings
-from rrt_dist.schema import ConfigError, bounded, choice  # noqa: F401  (ConfigError: re-exported)
+# ConfigError is re-exported for callers of config
+from rrt_dist.schema import (ConfigError, ExtractSettings, MetricSettings, PoolResources, RRTConfig,  # noqa: F401
+                             StageResources, TrainSettings, bounded, choice)
 
+CONFIG_DIR = Path(str(files("rrt_dist.configs")))   # the Hydra config groups (configs/ in the checkout)
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
@@ -68,9 +70,13 @@ def validate_config(cfg) -> None:
         backbone = OmegaConf.select(cfg, key)
         if backbone:
             check_extractor_options(backbone.name, OmegaConf.to_container(backbone.options, resolve=True), key)
-    from rrt_dist.eval.methods import check_methods
+    from rrt_dist.features import extractor_provides
+    from rrt_dist.rerank.methods import check_inputs, check_methods
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
+    check_inputs(list(cfg.reranker.methods), {key: extractor_provides(OmegaConf.select(cfg, key).name)
+                                              for key in ("backbone", "reranker.patch_backbone")
+                                              if OmegaConf.select(cfg, key)})
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)
@@ -282,6 +288,22 @@ class SelfSupConfig:
     root: str = "${storage_root}/selfsup"   # rendered views: <root>/<images source>/<view settings>/
 
 
+def _rrt_overrides() -> type:
+    """``train.model``: every :class:`RRTConfig` field, optional (null: the paper's value; global_dim and local_dim
+    come from the table), so a misspelt one fails at start-up instead of inside a Ray Train worker."""
+    hints = get_type_hints(RRTConfig)
+    return make_dataclass("RRTOverrides", [(f.name, Optional[hints[f.name]], field(default=None, metadata=f.metadata))
+                                           for f in fields(RRTConfig)])
+
+
+RRTOverrides = _rrt_overrides()
+
+
+def rrt_overrides(model) -> dict:
+    """The ``train.model`` fields that are set: what the model is built with beyond the paper's defaults."""
+    return {k: v for k, v in OmegaConf.to_container(model, resolve=True).items() if v is not None}
+
+
 @dataclass
 class TrainConfig(TrainSettings):
     """RRT training with Ray Train (defaults: the paper's DELG / GLDv2 setting): the loop's own settings
@@ -293,6 +315,7 @@ class TrainConfig(TrainSettings):
     # where training pairs come from: labels (the dataset's labelled training split), selfsup (warps of the
     # gallery's own images, no labels), mixed (both); auto: selfsup for a folder gallery, else labels
     pairs: str = choice("auto", "auto", "labels", "selfsup", "mixed")
+    model: RRTOverrides = field(default_factory=RRTOverrides)     # RRTConfig fields that differ from the paper's
     selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
     k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
@@ -348,6 +371,14 @@ DATASET_SCHEMAS = {
 }
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity / container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
@@ -362,8 +393,6 @@ def register() -> None:
         cs.store(group=group, name="schema", node=schema)
     cs.store(group="dataset/distractors", name="schema", node=DistractorsConfig)
     # ${rrt.cpus:}: the CPUs this process may use (configs/ray/local.yaml)
-    from rrt_dist.runtime import available_cpus
-
     OmegaConf.register_new_resolver("rrt.cpus", available_cpus, replace=True)
 
 

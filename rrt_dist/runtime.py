@@ -10,69 +10,18 @@ import functools
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Optional
 
-import ray
-
-from rrt_dist.schema import bounded
+from rrt_dist.config import available_cpus, validate_config
+from rrt_dist.schema import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StageResources:
-    """What each Ray actor (or Ray Train worker) of one stage asks for (``ray.<stage>``): Ray places it by
-    these, and the autoscaler adds the nodes they need. Intra-op threads inside follow ``num_cpus``.
-
-    ``num_gpus: null`` asks for one GPU per actor when the Ray the job runs on has one for each actor of the
-    stage (an embedded Ray on a GPU machine) and none otherwise; a cluster that starts with no GPU node
-    reports none, so presets for autoscaled clusters (``ray=cluster``) set it.
-    """
-    num_cpus: float = bounded(1.0, ge=0)            # 0: reserves none (runs beside the others), 1 thread
-    num_gpus: Optional[float] = bounded(None, ge=0)
-    resources: dict[str, float] = field(default_factory=dict)   # custom resources, e.g. {"large_memory": 1}
-    intra_op_threads: Optional[int] = bounded(None, ge=1)   # default: num_cpus (at least 1)
-
-    def gpus(self, actors: int = 1) -> float:
-        if self.num_gpus is not None:
-            return float(self.num_gpus)
-        return 1.0 if ray.cluster_resources().get("GPU", 0) >= actors else 0.0
-
-    def actor_options(self, actors: int = 1) -> dict:
-        """``ray.remote(...).options(**)`` / ``map_batches(**)`` keywords for one of ``actors`` actors."""
-        options = {"num_cpus": self.num_cpus, "num_gpus": self.gpus(actors)}
-        if self.resources:
-            options["resources"] = dict(self.resources)
-        return options
-
-    @property
-    def threads(self) -> int:
-        return self.intra_op_threads or max(1, int(self.num_cpus))
-
-
-@dataclass
-class PoolResources(StageResources):
-    """An autoscaling actor pool (Ray Data's ``ActorPoolStrategy(min_size, max_size)``): it starts with
-    ``min_actors`` and grows to ``max_actors`` as the autoscaler adds nodes (null: a fixed pool)."""
-    min_actors: int = bounded(1, ge=1)
-    max_actors: Optional[int] = bounded(None, ge=1)
-
-    def strategy(self):
-        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=max(self.min_actors,
-                                                                                 self.max_actors or 0))
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (respects affinity / container limits)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def init_ray(cfg) -> dict:
     """Start or join Ray per ``cfg`` (a RayConfig); returns the cluster's resources."""
+    import ray
+
     if ray.is_initialized():
         return ray.cluster_resources()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -91,19 +40,6 @@ def init_ray(cfg) -> dict:
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources
-
-
-def user_errors() -> tuple[type, ...]:
-    """Exceptions that mean "the input or the configuration is wrong", not "the program is": reported
-    in one line naming the file or key, without a traceback."""
-    from rrt_dist.config import ConfigError
-    from rrt_dist.datasets import DatasetLayoutError
-    from rrt_dist.datasets.generate import SyntheticRootMismatch
-    from rrt_dist.features.weights import WeightsUnavailable
-    from rrt_dist.index.core import IndexMismatch
-    from rrt_dist.store import FeatureTableMismatch
-
-    return ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, IndexMismatch, FeatureTableMismatch
 
 
 # Ray's job supervisor sets this in the environment of a driver started by ``ray job submit``, whose working
@@ -180,15 +116,12 @@ def job(main):
     def run(cfg):
         from hydra.core.hydra_config import HydraConfig
 
-        from rrt_dist.config import validate_config
-
-        errors = user_errors()
         try:
             validate_config(cfg)
             destination = outputs_destination(cfg, HydraConfig.get().job.name)
             _announce_storage(cfg, destination)
             return run_publishing_outputs(main, cfg, destination)
-        except errors as err:
+        except USER_ERRORS as err:
             print(f"rrt-dist: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -1,4 +1,5 @@
 """Hydra structured configs: the defaults compose, overrides validate, and mistakes fail clearly."""
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 import rrt_dist.config  # noqa: F401
-from rrt_dist.cli import available_jobs, main as cli_main
+from rrt_dist.cli import available_jobs
+from rrt_dist.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,9 +99,10 @@ def test_r1m_presets_are_the_papers_delg_setting_with_an_exact_metric(preset, da
 def test_storage_root_places_everything_jobs_store(monkeypatch, tmp_path):
     """One key moves tables, indexes, galleries, training runs and views (a URI too); a submitted job's report
     is copied under it, a local run's only where outputs_root says."""
-    from rrt_dist.config import ConfigError, validate_config
+    from rrt_dist.config import validate_config
     from rrt_dist.features.images import join_location
     from rrt_dist.runtime import SUBMITTED_JOB_ENV, outputs_destination, publish_outputs
+    from rrt_dist.schema import ConfigError
 
     default = make()
     assert (default.features_dir, default.index.dir, default.train.storage_path, default.gallery.root,
@@ -166,8 +169,8 @@ def test_a_failed_job_copies_its_outputs_and_reports_its_own_error(tmp_path, cap
 
 def test_evaluation_refuses_index_options_it_would_ignore():
     """DBA in exact mode and the search job's αQE would be silently absent from the evaluation's numbers."""
-    from rrt_dist.config import ConfigError
     from rrt_dist.pipelines.evaluate import check_index_options
+    from rrt_dist.schema import ConfigError
 
     check_index_options(make(["index=auto", "index.dba_n=2"]).index)         # sharded: DBA is built
     check_index_options(make().index)
@@ -187,3 +190,19 @@ def test_run_names_survive_a_setting_added_at_its_old_behaviour():
     assert run_name(make(["experiment=demo", "train.warmup_steps=0"])) == "rrt-synthetic-2afea7c6a3"
     assert run_name(make(["experiment=demo", "train.warmup_steps=100"])) != "rrt-synthetic-2afea7c6a3"
     assert run_name(make(["experiment=demo", "train.global_fusion=true"])) != "rrt-synthetic-2afea7c6a3"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["reranker.methods=[global,structural]"], "structural reads patches, which the tables of backbone"),
+    (["backbone=tiny_image", "reranker.methods=[global,gv]"], "gv reads locals, positions"),
+    (["backbone=tiny_image", "reranker.methods=[global,aqe+rrt]", "reranker.checkpoint=train"], "aqe+rrt reads locals"),
+])
+def test_a_reranker_reading_what_the_extractor_does_not_store_is_refused_at_start_up(overrides, message):
+    from rrt_dist.config import validate_config
+    from rrt_dist.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(make(overrides))
+    # structural reads the grids of reranker.patch_backbone when it is set (reranker=all), or of a grid backbone
+    validate_config(make(["reranker=all"]))
+    validate_config(make(["backbone=lite0_grid", "reranker=structural"]))

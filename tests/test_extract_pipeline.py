@@ -5,8 +5,9 @@ import pytest
 from rrt_dist.datasets import concat_manifests, make_manifest, read_r1m, read_revisitop
 from rrt_dist.features import create_extractor, create_preparer
 from rrt_dist.features.core import extract_rows
-from rrt_dist.pipelines.extract import ExtractSettings, InjectedFailure, extract_to_lance
-from rrt_dist.store import FeatureStore, FeatureTableMismatch, committed_ids
+from rrt_dist.pipelines.extract import InjectedFailure, extract_to_lance
+from rrt_dist.schema import ExtractSettings, FeatureTableMismatch
+from rrt_dist.store import FeatureStore, committed_ids
 
 pytestmark = pytest.mark.ray
 

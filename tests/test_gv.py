@@ -2,7 +2,8 @@
 import numpy as np
 
 from rrt_dist.rerank.core import rerank_top_k
-from rrt_dist.rerank.gv import GVConfig, gv_scores, inlier_count, mutual_matches
+from rrt_dist.rerank.gv import gv_scores, inlier_count, mutual_matches
+from rrt_dist.rerank.options import GVConfig
 
 
 def unit(x):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import ray
 
-from rrt_dist.index.core import (IndexMismatch, choose_factory, merge_results, read_manifest, search_numpy_exact,
-                                 shard_bounds)
+from rrt_dist.index.core import choose_factory, merge_results, read_manifest, search_numpy_exact, shard_bounds
 from rrt_dist.index.qe import alpha_qe_search, database_augmentation, expand
 from rrt_dist.index.sharded import ShardedIndex, build_index, update_index, write_neighbours
+from rrt_dist.schema import IndexMismatch
 from rrt_dist.store import FeatureStore, commit_fragments, features_schema, features_to_table, write_fragment
 
 

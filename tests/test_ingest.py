@@ -11,10 +11,11 @@ import pytest
 from rrt_dist.config import GalleryConfig, IndexConfig
 from rrt_dist.datasets import read_revisitop
 from rrt_dist.datasets.base import stable_id
+from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest, search_numpy_exact
 from rrt_dist.index.sharded import ShardedIndex, build_index, read_rows
-from rrt_dist.pipelines.extract import ExtractSettings
-from rrt_dist.pipelines.ingest import ingest, list_galleries, new_images, read_record
+from rrt_dist.pipelines.ingest import ingest, list_galleries, read_record
+from rrt_dist.schema import ExtractSettings
 from rrt_dist.store import FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray,
 
 
 def test_input_errors_name_the_file(tmp_path):
-    from rrt_dist.datasets import DatasetLayoutError
+    from rrt_dist.schema import DatasetLayoutError
 
     with pytest.raises(DatasetLayoutError, match="exactly one of"):
         new_images()
@@ -143,7 +144,7 @@ def test_input_errors_name_the_file(tmp_path):
 
 def test_ingest_refuses_database_augmentation_before_touching_the_gallery(tmp_path):
     """A gallery's index is updated in place; alpha-DBA vectors would go stale with each batch."""
-    from rrt_dist.config import ConfigError
+    from rrt_dist.schema import ConfigError
 
     (tmp_path / "imgs").mkdir()
     with pytest.raises(ConfigError, match="index.dba_n"):
@@ -172,7 +173,7 @@ def test_ingest_and_galleries_commands(small_synthetic, tmp_path):
 
 @pytest.mark.ray
 def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches, tmp_path):
-    from rrt_dist.datasets import DatasetLayoutError
+    from rrt_dist.schema import DatasetLayoutError
 
     folder, parts = batches
     (tmp_path / "broken.csv").write_text("uri\nmissing-1.jpg\nmissing-2.jpg\n")

@@ -69,6 +69,7 @@ def test_main_command_on_small_preset(tmp_path):
     rerun = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, f"hydra.run.dir={tmp_path / 'out2'}"],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert rerun.returncode == 0 and "nothing to extract" in rerun.stderr + rerun.stdout
+    assert "finished (epoch 2 of 2), reused" in rerun.stderr + rerun.stdout     # no trainer started
     again = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert again["results"] == report["results"] and again["training"]["history"] == training["history"]
 

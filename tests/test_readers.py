@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rrt_dist.datasets import (DatasetLayoutError, make_manifest, read_cars196, read_cub200, read_folder, read_gldv2_retrieval,
+from rrt_dist.datasets import (make_manifest, read_cars196, read_cub200, read_folder, read_gldv2_retrieval,
                                read_gldv2_train, read_msls, read_r1m, read_revisitop, read_sop, stable_id)
 from rrt_dist.datasets.gldv2 import gldv2_id
+from rrt_dist.schema import DatasetLayoutError
 
 FIX = Path(__file__).parent / "fixtures"
 

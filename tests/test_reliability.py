@@ -16,9 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import rrt_dist.config  # noqa: F401
-from rrt_dist.config import ConfigError, validate_config
+from rrt_dist.config import validate_config
 from rrt_dist.datasets import make_manifest, read_revisitop
-from rrt_dist.pipelines.extract import ExtractSettings, InjectedFailure, extract_to_lance
+from rrt_dist.pipelines.extract import InjectedFailure, extract_to_lance
+from rrt_dist.schema import ConfigError, ExtractSettings
 from rrt_dist.store import FeatureStore, committed_ids, write_fragment
 from rrt_dist.store.features import features_schema, features_to_table
 

@@ -6,8 +6,9 @@ import ray
 from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
 from rrt_dist.eval.runner import first_kept, global_rankings, rerank_and_evaluate
-from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+from rrt_dist.pipelines.extract import extract_to_lance
 from rrt_dist.pipelines.rerank import RerankPool
+from rrt_dist.schema import ExtractSettings
 from rrt_dist.store import FeatureStore
 
 OPTIONS = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.7071, 1.0],

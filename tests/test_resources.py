@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import rrt_dist.config  # noqa: F401
-from rrt_dist.runtime import PoolResources, StageResources
+from rrt_dist.schema import PoolResources, StageResources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_cluster_preset_asks_for_gpus_whatever_the_cluster_has_now(local_ray):
 
 
 def test_local_defaults_ask_for_no_gpu_on_a_machine_without_one(local_ray):
-    from rrt_dist.runtime import available_cpus
+    from rrt_dist.config import available_cpus
 
     ray = ray_config()
     for stage in ("extract", "rerank", "train"):
@@ -58,7 +58,8 @@ def test_auto_gpus_need_one_per_actor_and_custom_resources_pass_through(local_ra
                                            ("ray.extract.min_actors=0", "ray.extract.min_actors"),
                                            ("ray.rerank.num_cpus=-2", "ray.rerank.num_cpus")])
 def test_bad_resources_are_refused_naming_the_key(override, key):
-    from rrt_dist.config import ConfigError, validate_config
+    from rrt_dist.config import validate_config
+    from rrt_dist.schema import ConfigError
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[override])

@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -159,7 +158,8 @@ def test_sop_checkpoint_loads_and_the_scorer_feeds_it_positions(tmp_path):
 
 
 def test_the_scorer_takes_its_global_weight_from_the_checkpoint_unless_told(tmp_path):
-    from rrt_dist.rerank.scorers import RRTOptions, RRTScorer
+    from rrt_dist.rerank.options import RRTOptions
+    from rrt_dist.rerank.scorers import RRTScorer
 
     model = RerankingTransformer(global_dim=8)
     torch.save({"state": model.state_dict(), "max_local": 5, "global_weight": 4.0}, tmp_path / "fused.pt")

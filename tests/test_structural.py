@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rrt_dist.config import ConfigError
 from rrt_dist.rerank.core import rerank_top_k
 from rrt_dist.rerank.methods import known_methods, parse_method
 from rrt_dist.rerank.structural import structural_similarity
+from rrt_dist.schema import ConfigError
 
 
 def reference(query_patches, query_center, cand_patches, cand_centers, weighting, center, temperature=0.1,
@@ -123,9 +123,10 @@ def test_misspelt_method_fails_before_any_extraction(tmp_path):
 def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_path):
     from rrt_dist.datasets import read_revisitop
     from rrt_dist.eval.runner import global_rankings
-    from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+    from rrt_dist.pipelines.extract import extract_to_lance
     from rrt_dist.pipelines.rerank import RerankPool
     from rrt_dist.rerank.core import RerankCore
+    from rrt_dist.schema import ExtractSettings
     from rrt_dist.store import FeatureStore
 
     _, root = small_synthetic

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from rrt_dist.datasets import load_distractors, read_folder, read_r1m, read_revisitop
-from rrt_dist.datasets.generate import SyntheticRootMismatch, generate_synthetic
+from rrt_dist.datasets.generate import generate_synthetic
 from rrt_dist.datasets.synthetic import SyntheticSpec, plan, render_item
+from rrt_dist.schema import SyntheticRootMismatch
 
 
 def test_rendering_is_deterministic():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rrt_dist.models.rrt import count_parameters, load_released_checkpoint
-from rrt_dist.train.core import FUSION_WEIGHTS, TrainSettings, build_model, lr_schedulers, pair_batch, train_step
+from rrt_dist.schema import TrainSettings
+from rrt_dist.train.core import FUSION_WEIGHTS, build_model, lr_schedulers, pair_batch, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,7 +151,9 @@ def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
 
 
 @pytest.mark.ray
-def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, train_cfg, faulty_run):
+def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, train_cfg, faulty_run, monkeypatch):
+    import ray.train.torch
+
     from rrt_dist.pipelines.train import train_rrt
 
     first = train_rrt(cfg := train_cfg("rerun1", "train.name=rerun", "train.epochs=2"), cfg.output_dir)
@@ -159,6 +162,7 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
     assert [h["resumed_after"] for h in longer["history"]] == [0, 0, 2]     # only epoch 3 was trained
     assert longer["history"][:2] == first["history"]
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", None)      # a finished run is read back, no trainer started
     again = train_rrt(cfg := train_cfg("rerun3", "train.name=rerun", "train.epochs=3"), cfg.output_dir)
     assert again["history"] == longer["history"]                            # finished: nothing retrained
     # The same recipe interrupted after epoch 1 (a dead worker) and after epoch 2 (a rerun) ends on the same

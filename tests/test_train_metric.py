@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 from rrt_dist.features.base import Prepared
 from rrt_dist.features.grid import DenseGrid
-from rrt_dist.rerank.structural import StructuralConfig, structural_similarity, transport_plans
-from rrt_dist.train.metric import (LOSSES, MetricEmbedder, MetricSettings, Objective, class_balanced_batches,
-                                   embed_features, embeddings, metric_step, optimizer_for, pack, set_train_mode,
-                                   structural_matrix, structural_pairs, worker_share)
+from rrt_dist.rerank.options import StructuralConfig
+from rrt_dist.rerank.structural import structural_similarity, transport_plans
+from rrt_dist.schema import LOSSES, MetricSettings
+from rrt_dist.train.metric import (MetricEmbedder, Objective, class_balanced_batches, embed_features, embeddings,
+                                   metric_step, optimizer_for, pack, set_train_mode, structural_matrix,
+                                   structural_pairs, worker_share)
 
 REPO = Path(__file__).resolve().parent.parent
 STRUCTURAL = asdict(StructuralConfig())

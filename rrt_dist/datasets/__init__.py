@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (MANIFEST_SCHEMA, Benchmark, DatasetLayoutError, concat_manifests, make_manifest,
-                   stable_id)
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import MANIFEST_SCHEMA, Benchmark, concat_manifests, make_manifest, stable_id
 from .folder import read_folder
 from .gldv2 import read_gldv2_retrieval, read_gldv2_train
 from .metric_learning import read_cars196, read_cub200, read_sop
@@ -42,23 +43,18 @@ def load_distractors(cfg):
     raise ValueError(f"unknown dataset.distractors.name {d.name!r}; expected none, r1m or synthetic")
 
 
-def _generate(cfg, ray_cfg) -> None:
-    """Render the synthetic benchmark if it is not on disk yet (in Ray tasks when ``ray_cfg`` is given)."""
+def _generate(cfg, start_ray) -> None:
+    """Render the synthetic benchmark if it is not on disk yet (in Ray tasks, after ``start_ray()``, when given)."""
     from .generate import generate_synthetic
-
-    def start_ray():
-        if ray_cfg is not None:
-            from rrt_dist.runtime import init_ray
-
-            init_ray(ray_cfg)
 
     generate_synthetic(synthetic_spec(cfg), cfg.root, start_ray=start_ray)
 
 
-def load_benchmark(cfg, ray_cfg=None) -> Benchmark:
-    """The benchmark a ``dataset`` config names; the synthetic one is generated on first use (Ray is started
-    with ``ray_cfg`` only when there is something to render). A split that lists no image is a layout error."""
-    bench = _read_benchmark(cfg, ray_cfg)
+def load_benchmark(cfg, start_ray=None) -> Benchmark:
+    """The benchmark a ``dataset`` config names; the synthetic one is generated on first use (``start_ray()``, when
+    given, is called only when there is something to render, which then runs in Ray tasks). A split that lists no
+    image is a layout error."""
+    bench = _read_benchmark(cfg, start_ray)
     if cfg.get("r_includes_query"):
         bench.protocol.r_includes_query = True
     for split, table in (("gallery", bench.gallery), ("query", bench.queries)):
@@ -68,10 +64,10 @@ def load_benchmark(cfg, ray_cfg=None) -> Benchmark:
     return bench
 
 
-def _read_benchmark(cfg, ray_cfg) -> Benchmark:
+def _read_benchmark(cfg, start_ray) -> Benchmark:
     name = cfg.name
     if name == "synthetic":
-        _generate(cfg, ray_cfg)
+        _generate(cfg, start_ray)
         if cfg.split not in ("test", "val", "test_classes"):
             raise ValueError(f"dataset.split must be test, val or test_classes, got {cfg.split!r}")
         split = "val" if cfg.split == "val" else "test"
@@ -98,7 +94,7 @@ def _read_benchmark(cfg, ray_cfg) -> Benchmark:
     return readers[name]()
 
 
-def load_training_set(cfg, ray_cfg=None):
+def load_training_set(cfg, start_ray=None):
     """``(name, manifest)``: the labelled training images of a dataset config (labels = landmark / class).
 
     synthetic: its train split; gldv2: the RRT paper's ``train_clean`` subset; sop / cub200 / cars196:
@@ -106,7 +102,7 @@ def load_training_set(cfg, ray_cfg=None):
     """
     name = cfg.name
     if name == "synthetic":
-        _generate(cfg, ray_cfg)
+        _generate(cfg, start_ray)
         return "synthetic-train", read_folder(Path(cfg.root) / "train").gallery
     readers = {
         "gldv2": lambda: read_gldv2_train(cfg.root, cfg.train_landmarks, cfg.train_min_images, cfg.train_max_images,

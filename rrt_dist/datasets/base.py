@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from rrt_dist.eval import metrics
+from rrt_dist.schema import NO_ID, DatasetLayoutError
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -28,17 +29,6 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("utm", pa.list_(pa.float64(), 2)),        # easting, northing (metres)
     pa.field("split", pa.string(), nullable=False),    # query | gallery | distractor | train | ...
 ])
-
-
-NO_ID = -1   # "no result": pads rankings (as FAISS does); never an image id
-
-
-class DatasetLayoutError(FileNotFoundError, ValueError):
-    """A benchmark file is missing or malformed; the message names it and the expected layout."""
-
-    def __init__(self, path: Path | str, problem: str, expected: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {problem}. Expected layout: {expected}")
 
 
 def stable_id(key: str) -> int:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Benchmark, DatasetLayoutError, PositivesProtocol, make_manifest, read_csv, stable_id
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import Benchmark, PositivesProtocol, make_manifest, read_csv, stable_id
 
 GALLERY_LAYOUT = "gallery.csv with columns path[,label]"
 QUERIES_LAYOUT = "queries.csv with columns path and either label or positives (';'-separated gallery paths)"

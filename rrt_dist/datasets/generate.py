@@ -10,13 +10,11 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from rrt_dist.schema import SyntheticRootMismatch
+
 from .synthetic import SyntheticSpec, plan, render_and_write, write_ground_truth
 
 log = logging.getLogger(__name__)
-
-
-class SyntheticRootMismatch(RuntimeError):
-    pass
 
 
 def _chunks(items, size):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Benchmark, DatasetLayoutError, GLDv2Protocol, make_manifest, read_csv
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import Benchmark, GLDv2Protocol, make_manifest, read_csv
 
 SOLUTION_LAYOUT = "retrieval_solution_v2.1.csv with columns id,images,Usage (images space-separated or None)"
 INDEX_LAYOUT = "index.csv with column id (16 hex digits), images at index/a/b/c/<id>.jpg"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Benchmark, DatasetLayoutError, MetricLearningProtocol, make_manifest, read_csv, require_file, stable_id
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import Benchmark, MetricLearningProtocol, make_manifest, read_csv, require_file, stable_id
 
 SOP_LAYOUT = "Ebay_<split>.txt with header 'image_id class_id super_class_id path'"
 CUB_LAYOUT = "images.txt '<id> <relative path>' and image_class_labels.txt '<id> <class 1-200>', images under images/"

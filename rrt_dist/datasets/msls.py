@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .base import Benchmark, DatasetLayoutError, PlaceRecognitionProtocol, concat_manifests, make_manifest, read_csv, stable_id
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import Benchmark, PlaceRecognitionProtocol, concat_manifests, make_manifest, read_csv, stable_id
 
 VAL_CITIES = ("cph", "sf")
 RAW_LAYOUT = "train_val/<city>/<query|database>/raw.csv with columns key,lon,lat,pano"

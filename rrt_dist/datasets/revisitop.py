@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .base import (Benchmark, DatasetLayoutError, RevisitopProtocol, concat_manifests, load_ground_truth_pickle,
-                   make_manifest, require_file, stable_id)
+from rrt_dist.schema import DatasetLayoutError
+
+from .base import (Benchmark, RevisitopProtocol, concat_manifests, load_ground_truth_pickle, make_manifest,
+                   require_file, stable_id)
 
 GND_LAYOUT = ("gnd_<name>.pkl with keys imlist, qimlist, gnd (list of {bbx, easy, hard, junk}) "
               "and images in jpg/<imlist entry>.jpg")

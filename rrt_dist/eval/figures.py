@@ -2,6 +2,7 @@
 after reranking, green borders for positives, red for negatives, grey for junk) and training curves."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -176,3 +177,38 @@ def structural_figure(pairs: list[dict], path: str | Path, temperature: float = 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_queries: int = 3) -> list[dict]:
+    """Each of the first ``n_queries`` queries with its top-1 after structural reranking: images, patch grids and
+    the transport plan, for :func:`structural_figure`."""
+    from rrt_dist.rerank.options import StructuralConfig
+    from rrt_dist.rerank.structural import transport_plans
+    from rrt_dist.store import take_locals_from
+
+    cfg = StructuralConfig(**options)
+    ranked = _without_self(bench, ranked)
+    query_ids = bench.queries.column("id").to_numpy()
+    q_uris, g_uris = bench.queries.column("uri").to_pylist(), bench.gallery.column("uri").to_pylist()
+    q_boxes = bench.queries.column("bbox").to_pylist()
+    galleries = [stores[name] for name in ("gallery", "distractor") if name in stores]
+    pairs = []
+    for q in range(len(query_ids)):
+        if len(pairs) == n_queries:
+            break
+        if ranked[q, 0] < 0 or not stores["query"].contains([query_ids[q]])[0]:
+            continue
+        query = stores["query"].take_locals([query_ids[q]])
+        cand = take_locals_from(galleries, ranked[q, :1])
+        parts = transport_plans(query["local"][0], query["global"][0], cand["local"], cand["global"], **asdict(cfg))
+        qp, cp = query["local"][0], cand["local"][0]
+        gallery_index = int(bench.gallery_indices(ranked[q, :1])[0])
+        box = q_boxes[q]                       # queries are described (and drawn) cropped to their box
+        offset = np.zeros(2, np.float32) if box is None else np.floor(np.maximum(box[:2], 0)).astype(np.float32)
+        pairs.append({"query_image": load_image(q_uris[q], box), "cand_image": load_image(g_uris[gallery_index]),
+                      "query_patches": qp, "cand_patches": cp,
+                      "query_center": qp.mean(axis=0) if cfg.center == "mean" else query["global"][0],
+                      "query_positions": query["positions"][0] - offset, "cand_positions": cand["positions"][0],
+                      "plan": parts["plan"][0].cpu().numpy(), "status": _status(bench, q, gallery_index),
+                      "title": f"query {q}"})
+    return pairs

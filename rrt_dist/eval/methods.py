@@ -4,23 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from rrt_dist.datasets import Benchmark
-from rrt_dist.datasets.base import NO_ID
-
 from rrt_dist.rerank.methods import parse_method
+from rrt_dist.schema import NO_ID
 
 from .runner import metric_rankings, rerank_and_evaluate, searched_tables, settings_of
-
-def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
-    """Refuse unknown reranker methods (and a figure row that is not a reranked one of them) at start-up, before
-    any extraction or training; the names come from the reranker registry (``rrt_dist.rerank.methods``)."""
-    from rrt_dist.config import ConfigError
-
-    if not methods:
-        raise ConfigError("reranker.methods is empty: name at least one row (e.g. [global])")
-    parsed = [parse_method(m) for m in methods]
-    if qualitative_row and qualitative_row not in [m.name for m in parsed if m.reranker]:
-        raise ConfigError(f"reranker.qualitative_row={qualitative_row!r} is not a reranked method of reranker.methods "
-                          f"{methods}")
 
 
 def reranked_depth(bench: Benchmark, galleries: dict, k: int, k_search: int | None) -> int:

@@ -1,51 +1,72 @@
-"""Descriptor extractors behind one registry, in the style of timm's ``create_model``."""
+"""Descriptor extractors behind one registry, in the style of timm's ``create_model``.
+
+An entry names its options dataclass (``rrt_dist.features.options``) and where its class lives; the class, and
+with it torch and the model code, is imported only when an extractor or its preparer is made, so the config
+schema and its checks read the registry without them.
+"""
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .grid import DenseGrid, ViTTokens
-from .multiscale import MultiscaleCNN
-from .tiny_image import TinyImageExtractor
+from rrt_dist.schema import ConfigError
 
-_REGISTRY: dict[str, Callable] = {}
+from .options import DenseGridConfig, MultiscaleConfig, TinyImageConfig, ViTConfig, parse_options
 
 
-def register_extractor(name: str, factory: Callable) -> None:
+@dataclass(frozen=True)
+class ExtractorEntry:
+    name: str
+    config_class: type      # the dataclass of its options (backbone.options)
+    target: str             # "module:Class" of the extractor, imported on first use
+    provides: tuple[str, ...] = ("global",)   # what its tables hold for rerankers: global | locals | positions | patches
+
+    def load(self) -> type:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[str, ExtractorEntry] = {}
+
+
+def register_extractor(name: str, config_class: type, target: str, provides: tuple[str, ...] = ("global",)) -> None:
     if name in _REGISTRY:
         raise ValueError(f"extractor {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = ExtractorEntry(name, config_class, target, provides)
+
+
+def extractor_provides(name: str) -> tuple[str, ...]:
+    """What extractor ``name``'s tables hold for rerankers (``rrt_dist.rerank.methods.Reranker.inputs``)."""
+    return _entry(name).provides
 
 
 def list_extractors() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_extractor(name: str, **cfg):
-    """Instantiate a registered extractor; unknown names list the known ones."""
+def _entry(name: str) -> ExtractorEntry:
     if name not in _REGISTRY:
         raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
-    return _REGISTRY[name](**cfg)
+    return _REGISTRY[name]
+
+
+def create_extractor(name: str, **cfg):
+    """Instantiate a registered extractor; unknown names list the known ones."""
+    return _entry(name).load()(**cfg)
 
 
 def extractor_config_class(name: str) -> type:
     """The dataclass of extractor ``name``'s options."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
-    return _REGISTRY[name].config_class
+    return _entry(name).config_class
 
 
 def check_extractor_options(name: str, options: dict, key: str = "backbone") -> None:
     """Refuse an unknown extractor or option with a ConfigError naming the key (``<key>.name``,
     ``<key>.options.<option>``; no model is loaded)."""
-    from dataclasses import fields
-
-    from rrt_dist.config import ConfigError
-
     if name not in _REGISTRY:
         raise ConfigError(f"{key}.name={name!r} is not an extractor; known: {', '.join(list_extractors())}")
     known = [f.name for f in fields(_REGISTRY[name].config_class)]
@@ -64,9 +85,7 @@ FILE_OPTIONS = ("checkpoint", "whitening", "local_projection", "global_projectio
 
 def create_preparer(name: str, **cfg):
     """The CPU-side resize of extractor ``name`` (no model is loaded): ``rgb -> Prepared``."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
-    return _REGISTRY[name].preparer(**cfg)
+    return _entry(name).load().preparer(**cfg)
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,14 +130,15 @@ def fingerprint(extractor) -> str:
 
 def config_fingerprint(name: str, **cfg) -> str:
     """The fingerprint ``create_extractor(name, **cfg)`` will have, without loading any model."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
-    config = asdict(_REGISTRY[name].parse_config(**cfg))
+    config = asdict(parse_options(_entry(name).config_class, **cfg))
     config.pop("device", None)
     return _digest(name, config)
 
 
-register_extractor("tiny-image", TinyImageExtractor)
-register_extractor("multiscale-cnn", MultiscaleCNN)
-register_extractor("dense-grid", DenseGrid)
-register_extractor("vit", ViTTokens)
+# patches: a fixed grid of cells beside a global descriptor, what the structural reranker transports between
+GRID = ("global", "locals", "positions", "patches")
+register_extractor("tiny-image", TinyImageConfig, "rrt_dist.features.tiny_image:TinyImageExtractor")
+register_extractor("multiscale-cnn", MultiscaleConfig, "rrt_dist.features.multiscale:MultiscaleCNN",
+                   ("global", "locals", "positions"))
+register_extractor("dense-grid", DenseGridConfig, "rrt_dist.features.grid:DenseGrid", GRID)
+register_extractor("vit", ViTConfig, "rrt_dist.features.grid:ViTTokens", GRID)

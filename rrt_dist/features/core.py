@@ -1,4 +1,6 @@
-"""Pure extraction core shared by the Ray pipeline and the in-process reference loop."""
+"""Pure extraction core: decode and prepare one image (CPU), extract a batch (the model). The Ray pipeline runs the
+two in its decode tasks and extractor actors; :func:`extract_rows` runs them in one process (tests' oracle, the
+benchmark's single-process baseline)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -6,11 +8,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from rrt_dist.schema import DEFAULT_MAX_PIXELS
 from rrt_dist.store import features_schema, features_to_table
 from rrt_dist.store.features import local_shape
 
 from .base import ImageFeatures, Prepared, to_original
-from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .images import ImageError, load_image
 
 
 def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callable,
@@ -19,6 +22,13 @@ def decode_and_prepare(uri: str, bbox: Sequence[float] | None, preparer: Callabl
     rgb = load_image(uri, bbox, max_pixels)
     offset = (0.0, 0.0) if bbox is None else (float(max(0, int(np.floor(bbox[0])))), float(max(0, int(np.floor(bbox[1])))))
     return preparer(rgb), offset
+
+
+def extract_batch(extractor, prepared: Sequence[Prepared], offsets: Sequence[tuple]) -> list[ImageFeatures]:
+    """The extractor on a batch of prepared images; positions mapped back to the original images' pixels."""
+    if not prepared:
+        return []
+    return [to_original(f, p, offset) for p, offset, f in zip(prepared, offsets, extractor.extract(list(prepared)))]
 
 
 def schema_for(extractor, fingerprint: str, local_encoding: str = "fp16", codebook=None) -> pa.Schema:
@@ -57,9 +67,8 @@ def extract_rows(extractor, preparer: Callable, rows: Sequence[dict], batch_size
     pending: list[tuple[int, Prepared, tuple]] = []
 
     def flush():
-        for (image_id, prepared, offset), f in zip(pending, extractor.extract([p for _, p, _ in pending])):
-            ids.append(image_id)
-            feats.append(to_original(f, prepared, offset))
+        ids.extend(image_id for image_id, _, _ in pending)
+        feats.extend(extract_batch(extractor, [p for _, p, _ in pending], [o for _, _, o in pending]))
         pending.clear()
 
     for row in rows:

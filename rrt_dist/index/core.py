@@ -15,15 +15,11 @@ import faiss
 import fsspec
 import numpy as np
 
-from rrt_dist.datasets.base import NO_ID
+from rrt_dist.schema import NO_ID
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-class IndexMismatch(ValueError):
-    """A query or an update that does not fit the index (dimension, extractor, transformed vectors)."""
 
 
 @dataclass
@@ -102,7 +98,7 @@ def choose_factory(n: int, d: int, memory_budget: float) -> tuple[str, str]:
 
 def check_factory(factory: str) -> None:
     """Refuse a FAISS factory string that parses for no common descriptor dimension (before any work)."""
-    from rrt_dist.config import ConfigError
+    from rrt_dist.schema import ConfigError
 
     if factory == "auto":
         return

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 import faiss
 import numpy as np
 
-from rrt_dist.datasets.base import NO_ID
+from rrt_dist.schema import NO_ID
 
 PAST_END = np.iinfo(np.int64).max        # position of the padding after a summarised ranking's entries
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rrt_dist.datasets.base import NO_ID
+from rrt_dist.schema import NO_ID
 
 
 def expand(vectors: np.ndarray, neighbour_vectors: np.ndarray, neighbour_scores: np.ndarray,

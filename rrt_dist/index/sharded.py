@@ -35,12 +35,11 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from rrt_dist.datasets.base import NO_ID
-from rrt_dist.runtime import StageResources
+from rrt_dist.schema import NO_ID, IndexMismatch, StageResources
 from rrt_dist.store import FeatureStore, take_globals_from
 
-from .core import (IndexManifest, IndexMismatch, ShardInfo, choose_factory, collect_garbage, merge_results, new_index,
-                   read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
+from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, merge_results, new_index, read_index,
+                   read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
 from .qe import alpha_qe_search, database_augmentation
 
 log = logging.getLogger(__name__)

@@ -21,27 +21,14 @@ the locals' (x, y) positions (pass ``src_positions`` / ``tgt_positions``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rrt_dist.schema import RRTConfig
+
 SRC_LOCAL, TGT_LOCAL, CLS, SEP, SRC_GLOBAL, TGT_GLOBAL = range(6)
-
-
-@dataclass(frozen=True)
-class RRTConfig:
-    global_dim: int = 2048
-    local_dim: int = 128
-    model_dim: int = 128
-    num_heads: int = 4
-    num_layers: int = 6
-    mlp_dim: int = 1024
-    num_scales: int = 7
-    dropout: float = 0.0
-    use_global: bool = True
-    position_encoding: str = "scale"      # scale | sine2d
 
 
 class EncoderLayer(nn.Module):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from omegaconf import OmegaConf
 
-from rrt_dist.eval.figures import qualitative_figure, structural_figure
+from rrt_dist.eval.figures import qualitative_figure, structural_figure, structural_pairs
 from rrt_dist.eval.methods import evaluate_methods, headline
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
 from rrt_dist.eval.runner import settings_of
@@ -31,45 +29,9 @@ def qualitative_row(rows: dict, examples: dict, setting: str, wanted: str | None
     return max(scored)[1] if scored else None
 
 
-def structural_pairs(bench, stores: dict, ranked: np.ndarray, options: dict, n_queries: int = 3) -> list[dict]:
-    """Each of the first ``n_queries`` queries with its top-1 after structural reranking: images, patch grids and
-    the transport plan, for :func:`rrt_dist.eval.figures.structural_figure`."""
-    from rrt_dist.eval.figures import _status, _without_self
-    from rrt_dist.features.images import load_image
-    from rrt_dist.rerank.structural import StructuralConfig, transport_plans
-    from rrt_dist.store import take_locals_from
-
-    cfg = StructuralConfig(**options)
-    ranked = _without_self(bench, ranked)
-    query_ids = bench.queries.column("id").to_numpy()
-    q_uris, g_uris = bench.queries.column("uri").to_pylist(), bench.gallery.column("uri").to_pylist()
-    q_boxes = bench.queries.column("bbox").to_pylist()
-    galleries = [stores[name] for name in ("gallery", "distractor") if name in stores]
-    pairs = []
-    for q in range(len(query_ids)):
-        if len(pairs) == n_queries:
-            break
-        if ranked[q, 0] < 0 or not stores["query"].contains([query_ids[q]])[0]:
-            continue
-        query = stores["query"].take_locals([query_ids[q]])
-        cand = take_locals_from(galleries, ranked[q, :1])
-        parts = transport_plans(query["local"][0], query["global"][0], cand["local"], cand["global"], **asdict(cfg))
-        qp, cp = query["local"][0], cand["local"][0]
-        gallery_index = int(bench.gallery_indices(ranked[q, :1])[0])
-        box = q_boxes[q]                       # queries are described (and drawn) cropped to their box
-        offset = np.zeros(2, np.float32) if box is None else np.floor(np.maximum(box[:2], 0)).astype(np.float32)
-        pairs.append({"query_image": load_image(q_uris[q], box), "cand_image": load_image(g_uris[gallery_index]),
-                      "query_patches": qp, "cand_patches": cp,
-                      "query_center": qp.mean(axis=0) if cfg.center == "mean" else query["global"][0],
-                      "query_positions": query["positions"][0] - offset, "cand_positions": cand["positions"][0],
-                      "plan": parts["plan"][0].cpu().numpy(), "status": _status(bench, q, gallery_index),
-                      "title": f"query {q}"})
-    return pairs
-
-
 def check_index_options(index_cfg) -> None:
     """Refuse index options evaluation would ignore, before any work: the numbers would silently lack them."""
-    from rrt_dist.config import ConfigError
+    from rrt_dist.schema import ConfigError
 
     if index_cfg.dba_n and index_cfg.mode == "exact":
         raise ConfigError("index.dba_n: database-side augmentation changes the indexed vectors; index.mode=exact "

@@ -24,7 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import lance
 import numpy as np
@@ -33,34 +32,18 @@ import ray
 from tqdm import tqdm
 
 from rrt_dist.features import config_fingerprint, create_extractor, create_preparer, fingerprint
-from rrt_dist.features.base import Prepared, to_original
-from rrt_dist.features.core import decode_and_prepare, features_table, schema_for
-from rrt_dist.features.images import DEFAULT_MAX_PIXELS, ImageError, file_identity
-from rrt_dist.runtime import PoolResources
-from rrt_dist.schema import bounded, choice
-from rrt_dist.store import (LOCAL_ENCODINGS, FeatureStore, FeatureTableMismatch, check_schema, commit_fragments,
-                            committed_sources, delete_ids, open_table, remove_uncommitted, write_fragment)
+from rrt_dist.features.base import Prepared
+from rrt_dist.features.core import decode_and_prepare, extract_batch, features_table, schema_for
+from rrt_dist.features.images import ImageError, file_identity
+from rrt_dist.schema import DEFAULT_MAX_PIXELS, ExtractSettings, FeatureTableMismatch, PoolResources
+from rrt_dist.store import (FeatureStore, check_schema, commit_fragments, committed_sources, delete_ids, open_table,
+                            remove_uncommitted, write_fragment)
 from rrt_dist.store.features import (META_FINGERPRINT, local_encoding, local_shape, read_codebook, train_pq,
                                      write_codebook)
 
 log = logging.getLogger(__name__)
 
 ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string()), ("source", pa.string())])
-
-
-@dataclass
-class ExtractSettings:
-    """How the pipeline runs: the fields of the ``backbone`` config group that are not the extractor's own
-    (``rrt_dist.config.BackboneConfig`` extends this class)."""
-    batch_size: int = bounded(16, ge=1)              # images per actor call (and per written fragment)
-    commit_every: int = bounded(256, ge=1)           # images per Lance commit
-    retry_errors: bool = False                       # extract images recorded as unreadable again
-    max_image_pixels: int = bounded(DEFAULT_MAX_PIXELS, ge=1)   # larger images are recorded as errors (decompression bombs)
-    local_storage: str = choice("fp16", *LOCAL_ENCODINGS)   # locals on disk: fp16 | int8 (+ a scale each) | pq
-    local_pq_m: int = bounded(16, ge=1)              # pq: codes (bytes) per local descriptor
-    local_pq_sample: int = bounded(200, ge=1)        # pq: images whose locals train the codebook (seeded sample)
-    stop_after_commits: Optional[int] = bounded(None, ge=0)  # fault injection (tests): stop at the next commit after N
-    stop_by_kill: bool = False                       # ... by SIGKILL of this process instead of raising InjectedFailure
 
 
 @dataclass
@@ -136,8 +119,7 @@ class ExtractAndWrite:
         fragments = b""
         if ok:
             prepared = [Prepared(batch["image"][i], tuple(batch["geometry"][i][:2]), (0.0, 0.0)) for i in ok]
-            feats = [to_original(f, p, tuple(batch["geometry"][i][2:]))
-                     for i, p, f in zip(ok, prepared, self.extractor.extract(prepared))]
+            feats = extract_batch(self.extractor, prepared, [tuple(batch["geometry"][i][2:]) for i in ok])
             table = features_table(self.schema, [int(batch["id"][i]) for i in ok], feats,
                                    [str(batch["source"][i]) for i in ok], self.codebook)
             fragments = pickle.dumps(write_fragment(self.uri, table))

@@ -12,18 +12,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from rrt_dist.datasets import Benchmark, DatasetLayoutError
+from rrt_dist.datasets import Benchmark
 from rrt_dist.features import config_fingerprint
 from rrt_dist.features.images import join_location
-from rrt_dist.runtime import PoolResources
+from rrt_dist.runtime import init_ray
+from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, concat_globals
 
-from .extract import ExtractSettings, extract_to_lance
+from .extract import extract_to_lance
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +141,8 @@ def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
     """What every job starts with: the benchmark loaded (before Ray starts, so a layout error starts
     nothing), Ray up, its feature tables complete."""
     from rrt_dist.datasets import load_benchmark
-    from rrt_dist.runtime import init_ray
 
-    bench = load_benchmark(cfg.dataset, ray_cfg=cfg.ray)
+    bench = load_benchmark(cfg.dataset, start_ray=partial(init_ray, cfg.ray))
     log.info("%s: %d queries, %d gallery images (%d distractors)", bench.name, bench.queries.num_rows,
              bench.gallery.num_rows, bench.n_distractors)
     init_ray(cfg.ray)
@@ -188,17 +189,16 @@ def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
 
     from rrt_dist.datasets import load_benchmark
     from rrt_dist.datasets.selfsup import ViewSpec, selfsup_manifest, write_views
-    from rrt_dist.runtime import init_ray
 
     conf = cfg.train.selfsup
     if conf.images:
-        from .ingest import new_images
+        from rrt_dist.datasets.image_list import new_images
 
         location = conf.images
         sources = new_images(**({"images": conf.images} if Path(conf.images).is_dir() else {"manifest": conf.images}))
     else:
         location = cfg.dataset.root
-        sources = benchmark_manifests(load_benchmark(cfg.dataset, ray_cfg=cfg.ray))["gallery"]
+        sources = benchmark_manifests(load_benchmark(cfg.dataset, start_ray=partial(init_ray, cfg.ray)))["gallery"]
     if conf.max_images and sources.num_rows > conf.max_images:
         keep = np.random.default_rng(cfg.train.seed).choice(sources.num_rows, conf.max_images, replace=False)
         sources = sources.take(np.sort(keep))
@@ -227,11 +227,10 @@ def training_features(cfg) -> tuple[pa.Table, FeatureStore]:
     from omegaconf import OmegaConf
 
     from rrt_dist.datasets import concat_manifests, load_training_set
-    from rrt_dist.runtime import init_ray
 
     pairs = training_pairs(cfg)
     if pairs in ("labels", "mixed"):
-        name, labelled = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+        name, labelled = load_training_set(cfg.dataset, start_ray=partial(init_ray, cfg.ray))
         manifest, location = require_labels(labelled, pairs), cfg.dataset.root
     if pairs != "labels":
         selfsup, selfsup_location = selfsup_training_set(cfg)

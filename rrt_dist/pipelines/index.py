@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rrt_dist.features.images import join_location
 from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.sharded import AugmentedBlocks, ShardedIndex, build_index, table_identities, update_index
-from rrt_dist.runtime import StageResources
+from rrt_dist.schema import StageResources
 from rrt_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)

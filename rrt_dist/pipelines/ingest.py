@@ -21,64 +21,23 @@ import re
 import socket
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
-import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 
-from rrt_dist.datasets.base import DatasetLayoutError, make_manifest, stable_id
-from rrt_dist.features.images import is_uri
+from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest
 from rrt_dist.index.sharded import build_index, update_index
-from rrt_dist.runtime import PoolResources
+from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, committed_sources
 
-from .extract import ExtractSettings, extract_to_lance
+from .extract import extract_to_lance
 from .features import table_folder
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-MANIFEST_LAYOUT = "a CSV or Parquet file with a uri (or path) column, optional id and label columns"
 RECORD = "gallery.json"
-
-
-def new_images(images: str | None = None, manifest: str | None = None):
-    """The manifest of a batch of new images: a folder (every image file under it, sorted) or a CSV / Parquet
-    file (``uri`` or ``path``; relative paths are relative to its folder). Either may be a local path or any
-    fsspec URI (``s3://bucket/new/``), and so may the manifest's entries. Ids are given, or the stable id of the
-    image's absolute path / URI, so the same image ingested twice is one row."""
-    if (images is None) == (manifest is None):
-        raise DatasetLayoutError(images or manifest or "gallery", "set exactly one of gallery.images (a folder) and "
-                                 "gallery.manifest (a CSV or Parquet file)", MANIFEST_LAYOUT)
-    labels = ids = None
-    if images is not None:
-        fs, root = fsspec.core.url_to_fs(images)
-        if not fs.isdir(root):
-            raise DatasetLayoutError(images, "is not a folder", "a folder of images")
-        found = (p for p in fs.find(root) if os.path.splitext(p)[1].lower() in IMAGE_SUFFIXES)
-        uris = sorted(fs.unstrip_protocol(p) if is_uri(images) else str(Path(p).resolve()) for p in found)
-    else:
-        fs, path = fsspec.core.url_to_fs(manifest)
-        if not fs.isfile(path):
-            raise DatasetLayoutError(manifest, "file not found", MANIFEST_LAYOUT)
-        with fs.open(path, "rb") as f:
-            frame = pd.read_parquet(f) if path.endswith(".parquet") else pd.read_csv(f, keep_default_na=False)
-        column = "uri" if "uri" in frame else "path" if "path" in frame else None
-        if column is None:
-            raise DatasetLayoutError(manifest, f"has no uri or path column (columns: {list(frame.columns)})",
-                                     MANIFEST_LAYOUT)
-        parent = manifest.rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
-        uris = [u if is_uri(u) or os.path.isabs(u) else
-                f"{parent}/{u}" if is_uri(manifest) else str((Path(parent) / u).resolve())
-                for u in frame[column].astype(str).str.strip()]
-        ids = frame["id"].astype(np.int64).tolist() if "id" in frame else None
-        labels = frame["label"].astype(np.int64).tolist() if "label" in frame else None
-    if not uris:
-        raise DatasetLayoutError(images or manifest, "lists no image", MANIFEST_LAYOUT)
-    return make_manifest(ids if ids is not None else [stable_id(u) for u in uris], uris, "gallery", labels=labels)
 
 
 def gallery_dir(root: str, name: str) -> str:
@@ -148,7 +107,7 @@ def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings
     """Ingest a batch of new images into gallery ``gallery_cfg.name`` under its lock (:func:`gallery_lock`); see
     :func:`ingest_batch`."""
     if index_cfg.dba_n:
-        from rrt_dist.config import ConfigError
+        from rrt_dist.schema import ConfigError
 
         raise ConfigError("index.dba_n: a gallery's index is updated in place batch by batch, and alpha-DBA vectors "
                           "depend on every neighbourhood; build a DBA index of the gallery's table with the index job")

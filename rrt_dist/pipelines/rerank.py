@@ -12,7 +12,7 @@ import ray
 
 from rrt_dist.rerank.core import RerankCore
 from rrt_dist.rerank.methods import get_reranker
-from rrt_dist.runtime import StageResources
+from rrt_dist.schema import StageResources
 from rrt_dist.store import FeatureStore
 
 
@@ -49,9 +49,9 @@ class RerankPool:
 def scorer_options(cfg, name: str) -> dict:
     """The options of reranker ``name`` from a ``reranker`` config: ``reranker.<name>`` (RRT: and its checkpoint,
     and ``global_weight=null`` resolved to the one the checkpoint records, so that the report can say it)."""
-    from rrt_dist.models.rrt import recorded_global_weight
-
     from omegaconf import OmegaConf
+
+    from rrt_dist.models.rrt import recorded_global_weight
 
     options = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
     if name == "rrt":

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ from rrt_dist.datasets.base import MetricLearningProtocol
 from rrt_dist.datasets.selfsup import WARPS
 from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import block_searcher
+from rrt_dist.config import rrt_overrides
+from rrt_dist.runtime import init_ray
+from rrt_dist.schema import TrainSettings
 from rrt_dist.store import FeatureStore
-from rrt_dist.train.core import TrainSettings
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
 from .features import backbone_features, decodable_rows, require_labels, training_features, training_pairs
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 def train_settings(cfg) -> TrainSettings:
     """The loop's settings; with self-supervised pairs a positive is any other view of the anchor's image
     (``positive_scope=label``): a view is a positive by construction, whether or not it is in the top-k."""
-    train = OmegaConf.to_container(cfg.train, resolve=True)
+    train = {**OmegaConf.to_container(cfg.train, resolve=True), "model": rrt_overrides(cfg.train.model)}
     settings = TrainSettings(**{f.name: train[f.name] for f in fields(TrainSettings)})
     return settings if training_pairs(cfg) == "labels" else replace(settings, positive_scope="label")
 
@@ -69,7 +72,8 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
                    if cfg.backbone.local_storage != "fp16" else {}),
                 # self-supervised views: how they are rendered, beyond the settings (cfg.train.selfsup)
                 **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
-                "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+                "train": {k: v for k, v in {**OmegaConf.to_container(cfg.train, resolve=True),
+                                            "model": rrt_overrides(cfg.train.model)}.items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
                                        "data_cpus")    # where it runs does not change the weights
                           and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
@@ -110,8 +114,8 @@ def holdout_split(labels: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
 
 
 def _ranking_set(bench: Benchmark, query_table, gallery_table) -> dict:
-    from rrt_dist.datasets.base import NO_ID
     from rrt_dist.eval.runner import global_rankings
+    from rrt_dist.schema import NO_ID
 
     query_ids, queries = query_table.globals()
     ranked, scores = global_rankings(bench, query_ids, queries, {"gallery": gallery_table}, None, False)
@@ -194,6 +198,7 @@ def train_joint(cfg, store, rows: dict, val: dict, name: str, out_dir: Path) -> 
     from the previous stage's best weights; the final backbone and projection exported to ``out_dir``.
     Returns (last run's result, its best checkpoint and metrics, history over all stages, exported files)."""
     import torch
+
     from rrt_dist.features.grid import DenseGrid
     from rrt_dist.train.distributed import fit
     from rrt_dist.train.joint import JointReranker, export_backbone
@@ -276,9 +281,8 @@ def metric_training_set(cfg) -> tuple[dict, dict]:
     from rrt_dist.datasets import load_training_set
     from rrt_dist.features import create_preparer
     from rrt_dist.features.core import decode_and_prepare
-    from rrt_dist.runtime import init_ray
 
-    _, manifest = load_training_set(cfg.dataset, ray_cfg=cfg.ray)
+    _, manifest = load_training_set(cfg.dataset, start_ray=partial(init_ray, cfg.ray))
     init_ray(cfg.ray)
     manifest = decodable_rows(require_labels(manifest, "labels"), "metric training set")
     manifest = manifest.sort_by("id")                               # id order: seeded batches do not depend on listing

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from rrt_dist.datasets.base import NO_ID
+from rrt_dist.schema import NO_ID
 from rrt_dist.store import FeatureStore, take_locals_from
 
 

@@ -8,24 +8,10 @@ are reranked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import cv2
 import numpy as np
 
-from rrt_dist.schema import bounded
-
-
-@dataclass
-class GVConfig:
-    max_distance: float = bounded(0.9, gt=0)        # descriptor L2 distance for a putative match (unit vectors)
-    ransac_threshold: float = bounded(20.0, gt=0)   # reprojection error in pixels (DELG's residual threshold)
-    max_trials: int = bounded(1000, ge=1)
-    confidence: float = bounded(0.99, gt=0, lt=1)
-    min_inliers: int = bounded(0, ge=0)             # below this a pair scores 0 (unverified)
-    seed: int = 0
-    max_local: Optional[int] = bounded(None, ge=1)  # locals per image matched, best first (None: all stored)
+from rrt_dist.rerank.options import GVConfig
 
 
 def mutual_matches(a: np.ndarray, b: np.ndarray, max_distance: float) -> np.ndarray:

@@ -9,22 +9,29 @@ one file with its scorer plus one :func:`register_reranker` call below.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
+
+from rrt_dist.schema import ConfigError
+
+from .options import GVConfig, RRTOptions, StructuralConfig
 
 
 @dataclass(frozen=True)
 class Reranker:
     name: str
     label: str                        # report row label
-    # scorer(**options)(query, candidates) -> scores [K], higher is better; the final order is by score +
-    # scorer.global_weight × global cosine (absent or 0: the global score only breaks ties)
-    scorer: Callable
+    # "module:Class" of its scorer, imported on first use: scorer(**options)(query, candidates) -> scores [K],
+    # higher is better; the final order is by score + scorer.global_weight × global cosine (absent or 0: the
+    # global score only breaks ties)
+    scorer: str
     options: type | None = None       # dataclass of its options: the schema of reranker.<name> (None: none)
-    inputs: tuple[str, ...] = ("locals",)   # locals | positions | patches | checkpoint
+    # what it reads: locals | positions | patches (from the extractor's tables) | checkpoint (reranker.checkpoint)
+    inputs: tuple[str, ...] = ("locals",)
 
     def create(self, **options):
-        return self.scorer(**options)
+        module, _, attr = self.scorer.partition(":")
+        return getattr(importlib.import_module(module), attr)(**options)
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,6 @@ def known_methods() -> list[str]:
 
 def parse_method(method: str) -> Method:
     """``global`` | ``aqe`` | ``<scorer>`` | ``aqe+<scorer>``; anything else raises ConfigError naming the known ones."""
-    from rrt_dist.config import ConfigError
-
     head, _, tail = method.partition("+")
     if method in ("global", "aqe"):
         return Method(method, method == "aqe", None)
@@ -76,14 +81,36 @@ def parse_method(method: str) -> Method:
     return Method(method, expand, _REGISTRY[name])
 
 
-def _register_defaults() -> None:
-    from .gv import GVConfig
-    from .scorers import GVScorer, RRTOptions, RRTScorer, StructuralScorer
-    from .structural import StructuralConfig
+def check_methods(methods: list[str], qualitative_row: str | None = None) -> None:
+    """Refuse unknown reranker methods (and a figure row that is not a reranked one of them) at start-up, before
+    any extraction or training; the names come from the reranker registry (``rrt_dist.rerank.methods``)."""
+    if not methods:
+        raise ConfigError("reranker.methods is empty: name at least one row (e.g. [global])")
+    parsed = [parse_method(m) for m in methods]
+    if qualitative_row and qualitative_row not in [m.name for m in parsed if m.reranker]:
+        raise ConfigError(f"reranker.qualitative_row={qualitative_row!r} is not a reranked method of reranker.methods "
+                          f"{methods}")
 
-    register_reranker(Reranker("gv", "GV", GVScorer, GVConfig, ("locals", "positions")))
-    register_reranker(Reranker("rrt", "RRT", RRTScorer, RRTOptions, ("locals", "checkpoint")))
-    register_reranker(Reranker("structural", "Structural", StructuralScorer, StructuralConfig, ("patches",)))
+
+def check_inputs(methods: list[str], provided: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a reranked row whose reranker reads what its extractor's tables do not hold (structural on an
+    extractor with no patch grid, GV on one with no locals) at start-up, not after extraction. ``provided``: what
+    the tables each reranker would read hold, by the key that names their extractor (``backbone``, or
+    ``reranker.patch_backbone`` for patch readers when it is set)."""
+    for method in map(parse_method, methods):
+        if method.reranker is None:
+            continue
+        wanted = [i for i in method.reranker.inputs if i != "checkpoint"]
+        key = "reranker.patch_backbone" if "patches" in wanted and "reranker.patch_backbone" in provided else "backbone"
+        missing = [i for i in wanted if i not in provided[key]]
+        if missing:
+            raise ConfigError(f"reranker.methods: {method.name} reads {', '.join(missing)}, which the tables of "
+                              f"{key} do not hold (its extractor provides {', '.join(provided[key])})"
+                              + ("; use a grid extractor (dense-grid, vit) or set reranker.patch_backbone"
+                                 if "patches" in missing else ""))
 
 
-_register_defaults()
+register_reranker(Reranker("gv", "GV", "rrt_dist.rerank.scorers:GVScorer", GVConfig, ("locals", "positions")))
+register_reranker(Reranker("rrt", "RRT", "rrt_dist.rerank.scorers:RRTScorer", RRTOptions, ("locals", "checkpoint")))
+register_reranker(Reranker("structural", "Structural", "rrt_dist.rerank.scorers:StructuralScorer", StructuralConfig,
+                           ("patches",)))

@@ -7,15 +7,12 @@ and ``global [d_g]``; ``candidates`` the same for K images, batched (``mask`` Tr
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
-from rrt_dist.schema import bounded
-
-from .gv import GVConfig, gv_scores
+from .gv import gv_scores
+from .options import GVConfig
 
 
 class GVScorer:
@@ -30,18 +27,6 @@ class GVScorer:
         n = int(query["n_local"])
         return gv_scores(query["local"][:n], query["positions"][:n], cands["local"], cands["positions"],
                          cands["n_local"], self.cfg).astype(np.float64)
-
-
-@dataclass
-class RRTOptions:
-    """``reranker.rrt`` (the weights are ``reranker.checkpoint``)."""
-    # Locals per image fed to the model, best first; None: as many as it was trained with (the RRT paper's
-    # Table 8 varies this; fewer locals also cut the [K, 2L, 2L] attention on large top-K).
-    max_local: Optional[int] = bounded(None, ge=1)
-    # Final order by RRT logit + global_weight × global cosine; 0: the paper's RRT (the global score only breaks
-    # ties). None: the weight the checkpoint records: its validation's choice if trained with train.global_fusion
-    # (a folder gallery's self-supervised recipe is), else 0 (released weights, labelled recipes).
-    global_weight: Optional[float] = bounded(None, ge=0)
 
 
 class RRTScorer:
@@ -108,7 +93,7 @@ class StructuralScorer:
     global_weight = 1.0     # the paper's final order: structural + global cosine, equal weights
 
     def __init__(self, **cfg):
-        from .structural import StructuralConfig
+        from .options import StructuralConfig
 
         self.cfg = StructuralConfig(**cfg)
 

@@ -22,29 +22,11 @@ The final ranking reorders the global top-K by structural + global cosine (:func
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rrt_dist.schema import bounded, choice
-
-WEIGHTINGS = ("correlation", "inverse", "minus", "uniform")
-CENTERS = ("cls", "mean")
-
-
-@dataclass
-class StructuralConfig:
-    """Options of the structural reranker (``reranker.structural``); defaults as DIML / the reference code."""
-    # correlation (CNNs) | inverse (transformers with a CLS token) | minus | uniform
-    weighting: str = choice("correlation", *WEIGHTINGS)
-    temperature: float = bounded(0.1, gt=0)       # of the inverse weighting
-    ot_temp: float = bounded(0.05, gt=0)          # of the transport kernel
-    center: str = choice("cls", "cls", "mean")    # cls: the stored global descriptor | mean: the patches' normalised mean
-    max_iter: int = bounded(100, ge=1)
-    stop_tol: float = bounded(0.1, ge=0)
-    ot_part: float = bounded(1.0, gt=0, le=1)     # < 1: partial transport
+from rrt_dist.rerank.options import CENTERS, WEIGHTINGS
 
 
 def _marginal(x: torch.Tensor, weighting: str, temperature: float) -> torch.Tensor:

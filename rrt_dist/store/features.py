@@ -33,15 +33,12 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from rrt_dist.schema import LOCAL_ENCODINGS, FeatureTableMismatch
+
 META_EXTRACTOR, META_CONFIG, META_FINGERPRINT = b"rrt_dist.extractor", b"rrt_dist.config", b"rrt_dist.fingerprint"
 META_LOCAL_DIM, META_PQ_CODEBOOK = b"rrt_dist.local_dim", b"rrt_dist.pq_codebook_sha1"   # pq tables only
 
 
-class FeatureTableMismatch(ValueError):
-    """A feature table written by another extractor (or with other dimensions)."""
-
-
-LOCAL_ENCODINGS = ("fp16", "int8", "pq")
 
 
 def features_schema(global_dim: int, local_dim: int, max_local: int, extractor: str, config: dict,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -17,35 +15,12 @@ import torch.nn.functional as F
 
 from rrt_dist.models.rrt import RerankingTransformer
 from rrt_dist.rerank.scorers import truncate_locals
-from rrt_dist.schema import bounded, choice
+from rrt_dist.schema import TrainSettings
 from rrt_dist.store import FeatureStore
 
 from .sampler import anchor_shard, sample_triplets
 
 PAIR_FIELDS = ("global", "local", "mask", "scales", "positions")
-
-
-@dataclass
-class TrainSettings:
-    """What the training loop itself reads (``rrt_dist.config.TrainConfig`` extends this class with how the
-    driver prepares data, validates and places workers)."""
-    epochs: int = bounded(15, ge=1)
-    lr: float = bounded(1e-4, gt=0)
-    weight_decay: float = bounded(5e-4, ge=0)        # 4e-4 in the SOP setting
-    batch_size: int = bounded(12, ge=1)      # triplets per step per worker (the global batch scales with workers)
-    grad_clip: Optional[float] = bounded(0.1, gt=0)
-    milestones: list[int] = bounded(ge=1, factory=list)   # MultiStepLR: epochs where lr *= gamma
-    gamma: float = bounded(0.1, gt=0)
-    warmup_steps: int = bounded(0, ge=0)    # lr rises linearly from lr / warmup_steps over the first steps (0: none)
-    seed: int = 0
-    max_local: Optional[int] = bounded(None, ge=1)   # locals per image fed to RRT, best first (None: all)
-    positive_scope: str = choice("topk", "topk", "label")   # topk (GLDv2: from the top-k) | label (SOP: any same label)
-    model: dict[str, Any] = field(default_factory=dict)   # RRTConfig overrides (global_dim comes from the table)
-    embedding_init_std: float = bounded(0.02, gt=0)  # initial segment / scale embeddings (N(0,1) stalls training)
-    match_init: float = bounded(0.0, ge=0)   # query / key projections start as match_init x identity (0: random)
-    # The exported model orders candidates by logit + w × global cosine, w the fusion weight its validation chose
-    # (recorded in the checkpoint as global_weight); False: w = 0, the paper's RRT (validation still reports w).
-    global_fusion: bool = False
 
 
 def pair_batch(features: dict, rows: np.ndarray, triplets: np.ndarray) -> dict[str, torch.Tensor]:

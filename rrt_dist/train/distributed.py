@@ -28,11 +28,11 @@ import numpy as np
 import ray
 import torch
 
-from rrt_dist.runtime import StageResources
+from rrt_dist.schema import StageResources, TrainSettings
 from rrt_dist.store import FeatureStore
 
-from .core import (TrainSettings, TripletBatches, build_model, epoch_triplets, load_trainer_state, lr_schedulers,
-                   model_checkpoint, train_step, validate)
+from .core import (TripletBatches, build_model, epoch_triplets, load_trainer_state, lr_schedulers, model_checkpoint,
+                   train_step, validate)
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ class MetricTask:
 
     def __init__(self, config: dict, settings: TrainSettings, rank: int, world_size: int):
         from rrt_dist.features import extractor_config_class
-
-        from .metric import MetricSettings
+        from rrt_dist.schema import MetricSettings
 
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.metric = MetricSettings(**config["metric"])
@@ -428,6 +427,23 @@ def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
     return sorted(removed)
 
 
+def finished_run(run_dir: str, epochs: int):
+    """The Ray Train Result of the run at ``run_dir`` when its latest recorded checkpoint is of its last epoch, read
+    from storage (None otherwise): a finished run is returned without starting a trainer, its placement group and
+    its workers."""
+    import fsspec
+    from ray.train import Result
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(f"{path}/checkpoint_manager_snapshot.json"):
+        return None
+    result = Result.from_path(run_dir)
+    if not result.metrics or result.metrics.get("epoch") != epochs:
+        return None
+    log.info("%s: finished (epoch %d of %d), reused", run_dir, result.metrics["epoch"], epochs)
+    return result
+
+
 def fit(cfg, table: FeatureStore | None, rows: dict, val: dict | None, name: str, settings: TrainSettings,
         task: str = "features", task_config: dict | None = None, resources: StageResources | None = None):
     """Train (or resume, or return a finished run) under ``cfg.storage_path / name``; the Ray Train Result.
@@ -447,6 +463,9 @@ def fit(cfg, table: FeatureStore | None, rows: dict, val: dict | None, name: str
     gpus = resources.gpus(cfg.num_workers)
     run_dir = f"{storage}/{name}"
     remove_unrecorded_checkpoints(run_dir)
+    finished = finished_run(run_dir, settings.epochs)
+    if finished is not None:
+        return finished
     config = {"settings": asdict(settings), "table": None if table is None else (table.uri, table.version),
               "rows": ray.put(rows),
               "val": None if val is None else ray.put(val), "val_k": cfg.val_k,

@@ -26,12 +26,12 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torchvision.transforms import RandomResizedCrop
 
-from rrt_dist.datasets.base import NO_ID
 from rrt_dist.features.base import normalised
 from rrt_dist.features.core import decode_and_prepare
 from rrt_dist.features.grid import DenseGrid, grid_positions
 from rrt_dist.features.images import load_image
 from rrt_dist.models.rrt import RerankingTransformer
+from rrt_dist.schema import NO_ID
 from rrt_dist.store import MemoryFeatures, take_locals_from
 
 STAGES = ("frozen", "finetune")

@@ -30,7 +30,6 @@ undone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,29 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rrt_dist.features.base import normalised
-from rrt_dist.schema import bounded, choice
-
-LOSSES = ("margin", "triplet", "multisimilarity")
-
-
-@dataclass
-class MetricSettings:
-    """``train.metric``: the loss and what it sees (defaults: DIML / the ViT-reranking reference code)."""
-    loss: str = choice("margin", *LOSSES)
-    structural: bool = True                 # G+S in the loss (Table 2's ✓ training); False: global only
-    per_class: int = bounded(2, ge=2)       # images per class in a batch (train.batch_size is the whole batch)
-    freeze_batchnorm: bool = True           # DIML's ResNet-50 (BatchNorm in eval mode, statistics kept)
-    beta_lr: float = bounded(5e-4, gt=0)    # margin: learning rate of the per-class beta
-    margin: float = bounded(0.2, ge=0)      # margin and triplet losses
-    beta: float = bounded(1.2, gt=0)        # margin: initial beta (the reference code's; not 0.6)
-    cutoff: float = bounded(0.5, ge=0)      # distance-weighted miner
-    nonzero_loss_cutoff: float = bounded(1.4, gt=0)
-    ms_alpha: float = bounded(2.0, gt=0)    # multi-similarity loss
-    ms_beta: float = bounded(40.0, gt=0)
-    ms_base: float = 0.5
-    ms_epsilon: float = bounded(0.1, ge=0)  # multi-similarity miner
-    val_batch: int = bounded(32, ge=1)      # images per forward pass when validating
-
+from rrt_dist.schema import MetricSettings
 
 TRAINABLE_EXTRACTORS = ("dense-grid", "vit")
 

@@ -1,0 +1,1 @@
+"""The Hydra config groups (dataset, backbone, index, reranker, train, ray, experiment), shipped as package data."""
