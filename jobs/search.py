@@ -1,7 +1,7 @@
 """Search a benchmark's queries in its sharded index and write the neighbours table.
 
     rrt-dist search                                         # synthetic benchmark, top-100
-    rrt-dist search index.qe_n=2 index.qe_alpha=0.3         # with alpha-QE, as the RRT paper's baseline
+    rrt-dist search index.expand_queries=true               # with alpha-QE (reranker.aqe: n=2, alpha=0.3)
 
 Output: ``<output_dir>/neighbours.parquet`` (query_id, neighbour_ids, scores; best first).
 """
@@ -31,9 +31,10 @@ def main(cfg: DictConfig) -> dict:
     tables = [stores[n] for n in indexed_tables(cfg.index, stores)]
     index = ensure_index(cfg.index, bench.name, tables, OmegaConf.to_object(cfg.ray.search))
     query_ids, queries = global_matrix(stores, ["query"])
-    k = cfg.index.k
+    k = cfg.index.neighbours
     start = time.perf_counter()
-    scores, ids = search(index, cfg.index, queries, k, lambda ids: take_globals_from(tables, ids))
+    scores, ids = search(index, queries, k, lambda ids: take_globals_from(tables, ids),
+                         cfg.reranker.aqe if cfg.index.expand_queries else None)
     seconds = time.perf_counter() - start
     index.close()
     path = Path(cfg.output_dir) / "neighbours.parquet"

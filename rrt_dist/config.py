@@ -20,8 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 # ConfigError is re-exported for callers of config
-from rrt_dist.schema import (ConfigError, ExtractSettings, MetricSettings, PoolResources, RRTConfig,  # noqa: F401
-                             StageResources, TrainSettings, bounded, choice)
+from rrt_dist.schema import (AQEConfig, ConfigError, ExtractSettings, MetricSettings, PoolResources,  # noqa: F401
+                             RRTConfig, StageResources, TrainSettings, bounded, choice, renamed)
 
 CONFIG_DIR = Path(str(files("rrt_dist.configs")))   # the Hydra config groups (configs/ in the checkout)
 
@@ -33,6 +33,8 @@ _BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda
 def _check_field(key: str, value, meta) -> None:
     if value is None:
         return
+    if "renamed" in meta:
+        raise ConfigError(f"{key} is no longer an option: use {meta['renamed']}")
     values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     for v in values:
         for name, bound in meta.get("bounds", {}).items():
@@ -232,7 +234,8 @@ class IndexConfig:
     """
     mode: str = choice("exact", "exact", "sharded")
     factory: str = "Flat"                    # FAISS index_factory string, or "auto" (from the memory budget)
-    k: int = bounded(100, ge=1)              # neighbours kept per query from the sharded index
+    neighbours: int = bounded(100, ge=1)     # kept per query from the sharded index (sharded mode, search job)
+    k: Any = renamed("index.neighbours")
     n_shards: int = bounded(1, ge=1)         # capped at the number of vectors
     params: Optional[str] = None             # search-time parameters, e.g. "nprobe=32" or "efSearch=256"
     memory_budget_gb: float = bounded(8.0, gt=0)     # for factory=auto
@@ -241,8 +244,9 @@ class IndexConfig:
     # the index; then it is retrained and rebuilt (faiss#2109, #2876)
     rebuild_fraction: float = bounded(0.2, ge=0, le=1)
     with_distractors: bool = True            # index the benchmark's distractors with its gallery
-    qe_n: int = bounded(0, ge=0)             # alpha-QE neighbours (0 = off; the RRT paper tunes n=2)
-    qe_alpha: float = bounded(0.3, ge=0)
+    expand_queries: bool = False             # the search job: alpha-QE (reranker.aqe) before searching
+    qe_n: Any = renamed("index.expand_queries=true (the search job's alpha-QE; its n is reranker.aqe.n)")
+    qe_alpha: Any = renamed("reranker.aqe.alpha")
     dba_n: int = bounded(0, ge=0)            # database-side augmentation neighbours (0 = off)
     dba_alpha: float = bounded(0.3, ge=0)
     dir: str = "${storage_root}/indexes"
@@ -252,10 +256,12 @@ class IndexConfig:
 class RerankerRows:
     """Which rows the evaluation reports (the RRT paper's Tables 1-3) and how the top-K is reranked."""
     methods: list[str] = field(default_factory=lambda: ["global"])   # global | aqe | <reranker> | aqe+<reranker>
-    k: int = bounded(100, ge=1)              # top-K reranked (the paper: 100, 200, 400)
+    depth: int = bounded(100, ge=1)          # the top-K reranked (the paper: 100, 200, 400)
+    k: Any = renamed("reranker.depth")
     checkpoint: Optional[str] = None         # RRT weights for rrt rows: a path, or "train" (train_rrt first)
-    aqe_n: int = bounded(2, ge=1)            # alpha-QE as tuned in the paper
-    aqe_alpha: float = bounded(0.3, ge=0)
+    aqe: AQEConfig = field(default_factory=AQEConfig)   # the aqe rows' (and the search job's) alpha-QE
+    aqe_n: Any = renamed("reranker.aqe.n")
+    aqe_alpha: Any = renamed("reranker.aqe.alpha")
     num_actors: int = bounded(1, ge=0)       # reranker actors (0: in-process)
     protocol_junk_removal: bool = True       # revisitop: rerank each protocol with its junk removed first
     patch_backbone: Any = None               # backbone whose patch grids structural rows read (None: the run's own)
@@ -317,13 +323,15 @@ class TrainConfig(TrainSettings):
     pairs: str = choice("auto", "auto", "labels", "selfsup", "mixed")
     model: RRTOverrides = field(default_factory=RRTOverrides)     # RRTConfig fields that differ from the paper's
     selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
-    k: int = bounded(100, ge=1)              # global neighbours per training image (pair sampling)
+    neighbours: int = bounded(100, ge=1)     # global neighbours per training image (pairs are mined there)
+    k: Any = renamed("train.neighbours")
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
     joint_stages: list[str] = field(default_factory=list, metadata={"choices": ("frozen", "finetune")})
     crop_scale: list[float] = bounded(gt=0, le=1, factory=lambda: [0.25, 1.0])  # images: random crop's share of the area
     data_cpus: float = bounded(0.5, gt=0)    # images: CPUs per Ray Data decode task (beside the workers' CPUs)
     metric: MetricSettings = field(default_factory=MetricSettings)   # train_metric: loss and what it sees
-    val_k: int = bounded(100, ge=1)          # top-K reranked when validating each epoch
+    val_depth: int = bounded(100, ge=1)      # the top-K reranked when validating each epoch
+    val_k: Any = renamed("train.val_depth")
     val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
     num_workers: int = bounded(2, ge=1)      # resources of each: ray.train
     name: Optional[str] = None

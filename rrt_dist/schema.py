@@ -70,6 +70,11 @@ def choice(default, *options):
     return field(default=default, metadata={"choices": options})
 
 
+def renamed(to: str):
+    """A key that is gone: setting it (override or YAML) is refused at start-up with a message naming ``to``."""
+    return field(default=None, metadata={"renamed": to})
+
+
 # ------------------------------------------------------------------------------------------------
 # Settings of the stages
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +154,15 @@ class RRTConfig:
     dropout: float = 0.0
     use_global: bool = True
     position_encoding: str = choice("scale", "scale", "sine2d")
+
+
+@dataclass
+class AQEConfig:
+    """alpha-QE (``reranker.aqe``): each query is expanded with its top-``n`` neighbours weighted by similarity to
+    the power ``alpha`` (Radenović et al.), as the RRT paper tunes it. Used by the ``aqe`` rows of an evaluation
+    and by the search job's ``reranker.methods=[aqe]``."""
+    n: int = bounded(2, ge=1)
+    alpha: float = bounded(0.3, ge=0)
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_r1m_presets_are_the_papers_delg_setting_with_an_exact_metric(preset, da
     validate_config(cfg)
     assert cfg.dataset.name == dataset and cfg.dataset.distractors.name == "r1m"
     assert cfg.backbone.options.model == "resnet50" and cfg.index.factory == "auto" and cfg.index.mode == "exact"
-    assert cfg.reranker.k == 100 and {"rrt", "gv", "global"} <= set(cfg.reranker.methods)
+    assert cfg.reranker.depth == 100 and {"rrt", "gv", "global"} <= set(cfg.reranker.methods)
 
 
 def test_storage_root_places_everything_jobs_store(monkeypatch, tmp_path):
@@ -172,12 +172,30 @@ def test_evaluation_refuses_index_options_it_would_ignore():
     from rrt_dist.pipelines.evaluate import check_index_options
     from rrt_dist.schema import ConfigError
 
-    check_index_options(make(["index=auto", "index.dba_n=2"]).index)         # sharded: DBA is built
-    check_index_options(make().index)
+    check_index_options(make(["index=auto", "index.dba_n=2"]))         # sharded: DBA is built
+    check_index_options(make())
     with pytest.raises(ConfigError, match="index.mode=sharded"):
-        check_index_options(make(["index.dba_n=2"]).index)
+        check_index_options(make(["index.dba_n=2"]))
     with pytest.raises(ConfigError, match="reranker.methods"):
-        check_index_options(make(["index.qe_n=2"]).index)
+        check_index_options(make(["index.expand_queries=true"]))
+    # in sharded mode the index keeps index.neighbours candidates: a deeper reranking is refused, not cut
+    with pytest.raises(ConfigError, match="reranker.depth=100 > index.neighbours=20"):
+        check_index_options(make(["index.mode=sharded", "index.neighbours=20"]))
+    check_index_options(make(["index.mode=sharded", "index.neighbours=20", "reranker.depth=20"]))
+    check_index_options(make(["index.mode=sharded", "index.neighbours=20", "reranker=none"]))
+
+
+@pytest.mark.parametrize("old, new", [("index.qe_n=2", "index.expand_queries=true"),
+                                      ("index.qe_alpha=0.5", "reranker.aqe.alpha"),
+                                      ("reranker.aqe_n=3", "reranker.aqe.n"), ("reranker.aqe_alpha=0.5", "reranker.aqe.alpha")])
+def test_a_removed_key_is_refused_naming_its_replacement(old, new):
+    """alpha-QE is configured once (reranker.aqe: the evaluation's aqe rows and the search job's expansion)."""
+    from rrt_dist.config import validate_config
+    from rrt_dist.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"{old.split('=')[0]} is no longer an option: use {new}")):
+        validate_config(make([old]))
+    assert make().reranker.aqe.n == 2 and make().reranker.aqe.alpha == 0.3      # the paper's tuning
 
 
 def test_run_names_survive_a_setting_added_at_its_old_behaviour():

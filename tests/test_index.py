@@ -393,7 +393,7 @@ def test_evaluation_never_loads_the_gallery_into_the_driver(local_ray, small_syn
         return evaluate(cfg)
 
     exact = run("exact")
-    sharded = run("sharded", "index.mode=sharded", "index.n_shards=2", "index.k=300")
+    sharded = run("sharded", "index.mode=sharded", "index.n_shards=2", "index.neighbours=300")
     monkeypatch.undo()
     setting = exact["settings"][0]
     assert set(exact["results"]) == {"Global only", "αQE"} and exact["results"].keys() == sharded["results"].keys()

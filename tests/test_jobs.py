@@ -35,7 +35,7 @@ def free_port() -> int:
 # The README's main command is the demo experiment (RRT trained first); here with the small preset's data
 # and a 2-epoch training run so that it takes a minute.
 SMALL_TRAINED = ["experiment=synthetic_small", "reranker=trained", "train.epochs=2", "train.max_local=16",
-                 "train.min_positives=2", "train.batch_size=4", "train.val_k=10"]
+                 "train.min_positives=2", "train.batch_size=4", "train.val_depth=10"]
 
 
 def test_main_command_on_small_preset(tmp_path):
@@ -149,7 +149,7 @@ def test_index_and_search_jobs(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     assert "172 vectors" in built.stdout                       # 72 gallery + 100 distractors
     out = tmp_path / "o2"
-    searched = subprocess.run([str(BIN / "rrt-dist"), "search", *common, "index.k=20", f"hydra.run.dir={out}"],
+    searched = subprocess.run([str(BIN / "rrt-dist"), "search", *common, "index.neighbours=20", f"hydra.run.dir={out}"],
                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert searched.returncode == 0, searched.stderr[-3000:]
     table = pq.read_table(out / "neighbours.parquet")
@@ -166,7 +166,7 @@ def test_index_and_search_jobs(tmp_path):
     index_dir = next((tmp_path / "indexes").rglob("manifest.json")).parent
     assert len(read_manifest(str(index_dir)).shards) == 2
     # the evaluation through the sharded indexes (one per setting) in index.mode=sharded
-    evaluated = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, "index.mode=sharded", "index.k=20", "reranker=none",
+    evaluated = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, "index.mode=sharded", "index.neighbours=20", "reranker=none",
                                 f"hydra.run.dir={tmp_path / 'o3'}"], capture_output=True, text=True, timeout=600,
                                cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

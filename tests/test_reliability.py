@@ -82,8 +82,8 @@ def test_same_file_names_other_pixels_never_reuse_descriptors(local_ray, two_fol
     assert second["results"] == alone["results"] and first["results"] != second["results"]
     assert second["run"]["queries"] == 5 and second["run"]["gallery"] == 20
     # with an index too (index.mode=sharded): two datasets of one benchmark type never share one
-    indexed = run_evaluation(b, shared, tmp_path / "o4", ["index.mode=sharded", "index.k=10"])
-    fresh = run_evaluation(b, tmp_path / "alone2", tmp_path / "o5", ["index.mode=sharded", "index.k=10"])
+    indexed = run_evaluation(b, shared, tmp_path / "o4", ["index.mode=sharded", "index.neighbours=10", "reranker.depth=10"])
+    fresh = run_evaluation(b, tmp_path / "alone2", tmp_path / "o5", ["index.mode=sharded", "index.neighbours=10", "reranker.depth=10"])
     assert indexed["results"] == fresh["results"]
 
 
@@ -93,11 +93,11 @@ def test_images_replaced_in_place_are_extracted_again(local_ray, two_folders, tm
     root = tmp_path / "data"
     shutil.copytree(b, root)
     features = tmp_path / "features"
-    run_evaluation(root, features, tmp_path / "o1", ["index.mode=sharded", "index.k=10"])
+    run_evaluation(root, features, tmp_path / "o1", ["index.mode=sharded", "index.neighbours=10", "reranker.depth=10"])
     for f in a.iterdir():                                 # same names, a's pixels and labels, new mtimes
         shutil.copyfile(f, root / f.name)
-    replaced = run_evaluation(root, features, tmp_path / "o2", ["index.mode=sharded", "index.k=10"])
-    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3", ["index.mode=sharded", "index.k=10"])
+    replaced = run_evaluation(root, features, tmp_path / "o2", ["index.mode=sharded", "index.neighbours=10", "reranker.depth=10"])
+    reference = run_evaluation(a, tmp_path / "fresh", tmp_path / "o3", ["index.mode=sharded", "index.neighbours=10", "reranker.depth=10"])
     assert replaced["results"] == reference["results"]
     gallery = FeatureStore(replaced["feature_tables"]["gallery"]["uri"])
     assert len(gallery) == 20 and len(np.unique(gallery.ids)) == 20
@@ -212,7 +212,8 @@ def test_trainer_state_with_a_planted_payload_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ 5. bad values
 
 @pytest.mark.parametrize("override, key", [
-    ("index.k=0", "index.k"), ("index.k=-5", "index.k"), ("index.mode=approximate", "index.mode"), ("reranker.k=0", "reranker.k"), ("reranker.k=-1", "reranker.k"),
+    ("index.neighbours=0", "index.neighbours"), ("index.neighbours=-5", "index.neighbours"),
+    ("index.mode=approximate", "index.mode"), ("reranker.depth=0", "reranker.depth"), ("reranker.k=-1", "reranker.k"),
     ("index.n_shards=0", "index.n_shards"), ("train.lr=0", "train.lr"), ("train.milestones=[0]", "train.milestones"),
     ("backbone.batch_size=0", "backbone.batch_size"), ("dataset.n_landmarks=0", "dataset.n_landmarks"),
     ("train.positive_scope=any", "train.positive_scope"), ("reranker.methods=[global,gvv]", "reranker.methods"),
@@ -265,7 +266,7 @@ def run_job(*args, cwd):
 @pytest.mark.parametrize("setup, expected", [
     ("missing", "gallery.csv: file not found"),
     ("empty", "the gallery split of folder lists no image"),
-    ("bad_value", "index.k=0 is out of range"),
+    ("bad_value", "index.neighbours=0 is out of range"),
 ])
 def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
     root = tmp_path / "data"
@@ -275,7 +276,7 @@ def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
         root.mkdir()
         (root / "gallery.csv").write_text("path,label\n")
     if setup == "bad_value":
-        args.append("index.k=0")
+        args.append("index.neighbours=0")
     proc = run_job(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rrt-dist: error:")]

@@ -151,7 +151,7 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkey
     meta = write_photo_benchmark(tmp_path / "photos", n_test=8, views=2)
     overrides = ["dataset=folder", f"dataset.root={tmp_path / 'photos'}", f"features_dir={tmp_path / 'features'}",
                  "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
-                 "backbone.options.max_local=16", "train.max_local=16", "train.batch_size=4", "train.val_k=10",
+                 "backbone.options.max_local=16", "train.max_local=16", "train.batch_size=4", "train.val_depth=10",
                  f"train.selfsup.images={tmp_path / 'photos' / 'train'}", "train.selfsup.views=3",
                  f"train.selfsup.root={tmp_path / 'views'}", f"train.storage_path={tmp_path / 'runs'}",
                  "train.epochs=2", "train.name=selfsup", "ray.num_cpus=2"]
@@ -169,7 +169,7 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkey
     vectors = store.take_globals(rows["ids"])
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
-    k = cfg.train.k
+    k = cfg.train.neighbours
     expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     expected[:, len(rows["ids"]) - 1:] = -1                  # fewer training rows than k: padding
     expected = np.pad(expected, ((0, 0), (0, k - expected.shape[1])), constant_values=-1)

@@ -192,7 +192,7 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
             f"dataset.root={root}", *generated, "dataset.distractors.name=none", "backbone.options.max_size=128",
             "backbone.options.max_local=60", "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
             "+backbone@reranker.patch_backbone=lite0_grid", "reranker.patch_backbone.options.image_size=96",
-            "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural]", "reranker.k=20",
+            "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural]", "reranker.depth=20",
             # two pools of two 1-CPU actors each on a 2-CPU Ray: they must run one after the other
             "reranker.protocol_junk_removal=false", "reranker.structural.center=mean", "reranker.num_actors=2",
             f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
@@ -244,7 +244,7 @@ def test_msls_rows_global_and_structural_recall(local_ray, small_synthetic, tmp_
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "dataset=msls", f"dataset.root={tmp_path / 'msls'}", "dataset.cities=[cph]", "backbone=lite0_grid",
-            "backbone.options.image_size=96", "backbone.options.dim=64", "reranker=structural", "reranker.k=20",
+            "backbone.options.image_size=96", "backbone.options.dim=64", "reranker=structural", "reranker.depth=20",
             "reranker.num_actors=0", f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
     validate_config(cfg)
     payload = evaluate(cfg)

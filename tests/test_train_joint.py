@@ -95,7 +95,7 @@ def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(l
     overrides = ["experiment=synthetic_small", f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'f'}",
                  "backbone=dense_grid_r50", "backbone.options.model=resnet18", "backbone.options.pretrained=false",
                  "backbone.options.image_size=64", "train=rrt_sop_joint", "train.epochs=1", "train.milestones=[]",
-                 "train.batch_size=4", "train.min_positives=2", "train.val_k=10", "ray.train.num_cpus=0.5",
+                 "train.batch_size=4", "train.min_positives=2", "train.val_depth=10", "ray.train.num_cpus=0.5",
                  f"train.storage_path={tmp_path / 'runs'}", "train.name=joint", "ray.num_cpus=2"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=overrides + [f"output_dir={tmp_path / 'out'}"])

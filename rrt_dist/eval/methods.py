@@ -46,7 +46,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
-    depth = reranked_depth(bench, galleries, cfg.k, k_search)
+    depth = reranked_depth(bench, galleries, cfg.depth, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
     labels = {m.name: m.label + (f" (top-{depth})" if m.reranker else "") for m in methods}
@@ -59,11 +59,11 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
             for setting, with_d in settings_of(bench).items():
                 search = searchers.get(setting)
                 base = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search,
-                                       depth=cfg.k)
+                                       depth=cfg.depth)
                 aqe = None
                 if any(m.expand for m in group):
                     aqe = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d,
-                                          alpha_qe=(cfg.aqe_n, cfg.aqe_alpha), search=search, depth=cfg.k)
+                                          alpha_qe=(cfg.aqe.n, cfg.aqe.alpha), search=search, depth=cfg.depth)
                 for method in group:
                     ranked, scores, positions = aqe if method.expand else base
                     kept: dict = {}
@@ -71,7 +71,7 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
                         metrics = bench.evaluate(ranked, positions)
                         kept["all"] = ranked[:, :depth]
                     else:
-                        metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.k,
+                        metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.depth,
                                                       cfg.protocol_junk_removal, keep=kept, positions=positions)
                     rows[labels[method.name]][setting] = metrics
                     if not with_d:

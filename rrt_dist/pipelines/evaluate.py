@@ -29,22 +29,30 @@ def qualitative_row(rows: dict, examples: dict, setting: str, wanted: str | None
     return max(scored)[1] if scored else None
 
 
-def check_index_options(index_cfg) -> None:
-    """Refuse index options evaluation would ignore, before any work: the numbers would silently lack them."""
+def check_index_options(cfg) -> None:
+    """Refuse index options an evaluation would ignore or silently cut, before any work: the numbers would lack
+    them."""
+    from rrt_dist.rerank.methods import parse_method
     from rrt_dist.schema import ConfigError
 
-    if index_cfg.dba_n and index_cfg.mode == "exact":
+    index = cfg.index
+    if index.dba_n and index.mode == "exact":
         raise ConfigError("index.dba_n: database-side augmentation changes the indexed vectors; index.mode=exact "
                           "ranks the stored ones. Add index.mode=sharded (index.factory=Flat keeps it exact)")
-    if index_cfg.qe_n:
-        raise ConfigError("index.qe_n is the search job's alpha-QE; evaluation reports alpha-QE as its own rows: "
-                          "reranker.methods=[global,aqe,...] (reranker.aqe_n, reranker.aqe_alpha)")
+    if index.expand_queries:
+        raise ConfigError("index.expand_queries is the search job's alpha-QE; evaluation reports alpha-QE as its own "
+                          "rows: reranker.methods=[global,aqe,...] (both read reranker.aqe)")
+    reranked = any(parse_method(m).reranker for m in cfg.reranker.methods)
+    if index.mode == "sharded" and reranked and cfg.reranker.depth > index.neighbours:
+        raise ConfigError(f"reranker.depth={cfg.reranker.depth} > index.neighbours={index.neighbours}: the sharded "
+                          f"search keeps {index.neighbours} candidates per query; raise index.neighbours or lower "
+                          f"reranker.depth")
 
 
 def evaluate(cfg, training: dict | None = None) -> dict:
     """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload.
     ``training``: how the evaluated extractor was trained (``train_metric``), for the report."""
-    check_index_options(cfg.index)
+    check_index_options(cfg)
     timings, start = {}, time.perf_counter()
     bench, stores = benchmark_features(cfg)
     patch_stores = patch_features(cfg, bench, stores)
@@ -60,7 +68,7 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     # none in index.mode=exact: the exact ranking of the whole gallery
     indexes = setting_indexes(cfg.index, bench, stores, OmegaConf.to_object(cfg.ray.search))
     rerank_resources = OmegaConf.to_object(cfg.ray.rerank)
-    k_search = cfg.index.k if indexes else None
+    k_search = cfg.index.neighbours if indexes else None
     examples: dict = {}
     rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
                             lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
@@ -81,7 +89,7 @@ def evaluate(cfg, training: dict | None = None) -> dict:
                                   "fingerprint": patch_stores["gallery"].fingerprint,
                                   "options": OmegaConf.to_container(cfg.reranker.patch_backbone.options, resolve=True)}}
               if patch_stores is not stores else {}),
-           "search": "exact (whole gallery)" if not indexes else f"{cfg.index.factory}, top-{cfg.index.k}",
+           "search": "exact (whole gallery)" if not indexes else f"{cfg.index.factory}, top-{cfg.index.neighbours}",
            **({"rrt": {"checkpoint": cfg.reranker.checkpoint,
                        "global_weight": scorer_options(cfg.reranker, "rrt")["global_weight"]}}
               if "rrt" in rerankers else {}),

@@ -76,10 +76,10 @@ def _build(cfg, benchmark: str, stores: list[FeatureStore], directory: str, reso
             plain.close()
 
 
-def search(index: ShardedIndex, cfg, queries: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k per query, with αQE when ``cfg.qe_n`` > 0."""
-    if cfg.qe_n:
-        return index.search_alpha_qe(queries, k, vectors_of, cfg.qe_n, cfg.qe_alpha)
+def search(index: ShardedIndex, queries: np.ndarray, k: int, vectors_of, aqe=None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per query; expanded by αQE first when ``aqe`` (``reranker.aqe``) is given."""
+    if aqe is not None:
+        return index.search_alpha_qe(queries, k, vectors_of, aqe.n, aqe.alpha)
     return index.search(queries, k)
 
 

@@ -26,7 +26,7 @@ from rrt_dist.datasets.base import MetricLearningProtocol
 from rrt_dist.datasets.selfsup import WARPS
 from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import block_searcher
-from rrt_dist.config import rrt_overrides
+from rrt_dist.config import TrainConfig, rrt_overrides
 from rrt_dist.runtime import init_ray
 from rrt_dist.schema import TrainSettings
 from rrt_dist.store import FeatureStore
@@ -55,6 +55,9 @@ def min_positives(cfg) -> int:
 # so that finished runs keep their names (and are reused) across the upgrade. global_fusion changes no weight but
 # what the checkpoints record.
 LATER_DEFAULTS = {"warmup_steps": 0, "global_fusion": False}
+# Keys renamed after runs were named keep their old names in the digest, so finished runs are still found.
+NAMES_BEFORE_RENAME = {"neighbours": "k", "val_depth": "val_k"}
+REMOVED_KEYS = {f.name for f in fields(TrainConfig) if "renamed" in f.metadata}
 
 
 def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> str:
@@ -72,11 +75,12 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
                    if cfg.backbone.local_storage != "fp16" else {}),
                 # self-supervised views: how they are rendered, beyond the settings (cfg.train.selfsup)
                 **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
-                "train": {k: v for k, v in {**OmegaConf.to_container(cfg.train, resolve=True),
-                                            "model": rrt_overrides(cfg.train.model)}.items()
+                "train": {NAMES_BEFORE_RENAME.get(k, k): v
+                          for k, v in {**OmegaConf.to_container(cfg.train, resolve=True),
+                                       "model": rrt_overrides(cfg.train.model)}.items()
                           if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
                                        "data_cpus")    # where it runs does not change the weights
-                          and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
+                          and k not in REMOVED_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
                 **(decisive_extra or {})}
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
     return f"{prefix}-{cfg.dataset.name}-{digest}"
@@ -167,14 +171,14 @@ def prepare_training(cfg) -> tuple:
     ids = np.sort(store.ids[listed])
     val, held = validation_set(cfg, manifest, store, ids)
     search, index = neighbour_search(cfg, store, ids[~held])
-    rows = training_rows(manifest, store, ids[~held], search, cfg.train.k, min_positives(cfg))
+    rows = training_rows(manifest, store, ids[~held], search, cfg.train.neighbours, min_positives(cfg))
     if index is not None:
         index.close()
     log.info("training rows: %d images, %d labels, %d anchors; validation on %s", len(rows["ids"]),
              len(np.unique(rows["labels"])), len(rows["anchors"]), val["bench"].name)
     if len(rows["anchors"]) < cfg.train.num_workers * cfg.train.batch_size:
         raise ValueError(f"only {len(rows['anchors'])} training images have >= {min_positives(cfg)} same-label "
-                         f"images among their top-{cfg.train.k}: too few for {cfg.train.num_workers} workers x "
+                         f"images among their top-{cfg.train.neighbours}: too few for {cfg.train.num_workers} workers x "
                          f"{cfg.train.batch_size} triplets")
     return store, rows, val
 

@@ -468,7 +468,7 @@ def fit(cfg, table: FeatureStore | None, rows: dict, val: dict | None, name: str
         return finished
     config = {"settings": asdict(settings), "table": None if table is None else (table.uri, table.version),
               "rows": ray.put(rows),
-              "val": None if val is None else ray.put(val), "val_k": cfg.val_k,
+              "val": None if val is None else ray.put(val), "val_k": cfg.val_depth,
               "tensorboard_dir": f"{run_dir}/tensorboard", "fail_at_epoch": cfg.fail_at_epoch,
               "fail_marker": f"{run_dir}/injected-failure", "task": task, **(task_config or {})}
     trainer = TorchTrainer(
