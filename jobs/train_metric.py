@@ -25,10 +25,10 @@ from rrt_dist.runtime import job
 @job
 def main(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
-    from rrt_dist.pipelines.evaluate import check_index_options, evaluate
+    from rrt_dist.pipelines.evaluate import check_evaluation, evaluate
     from rrt_dist.pipelines.train import train_metric
 
-    check_index_options(cfg)              # before training, not after it
+    check_evaluation(cfg)                 # before training, not after it
     training = train_metric(cfg, cfg.output_dir)
     with open_dict(cfg):
         cfg.backbone.options.update(training["backbone"])

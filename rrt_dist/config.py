@@ -72,13 +72,9 @@ def validate_config(cfg) -> None:
         backbone = OmegaConf.select(cfg, key)
         if backbone:
             check_extractor_options(backbone.name, OmegaConf.to_container(backbone.options, resolve=True), key)
-    from rrt_dist.features import extractor_provides
-    from rrt_dist.rerank.methods import check_inputs, check_methods
+    from rrt_dist.rerank.methods import check_methods
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
-    check_inputs(list(cfg.reranker.methods), {key: extractor_provides(OmegaConf.select(cfg, key).name)
-                                              for key in ("backbone", "reranker.patch_backbone")
-                                              if OmegaConf.select(cfg, key)})
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)

@@ -169,20 +169,20 @@ def test_a_failed_job_copies_its_outputs_and_reports_its_own_error(tmp_path, cap
 
 def test_evaluation_refuses_index_options_it_would_ignore():
     """DBA in exact mode and the search job's αQE would be silently absent from the evaluation's numbers."""
-    from rrt_dist.pipelines.evaluate import check_index_options
+    from rrt_dist.pipelines.evaluate import check_evaluation
     from rrt_dist.schema import ConfigError
 
-    check_index_options(make(["index=auto", "index.dba_n=2"]))         # sharded: DBA is built
-    check_index_options(make())
+    check_evaluation(make(["index=auto", "index.dba_n=2"]))         # sharded: DBA is built
+    check_evaluation(make())
     with pytest.raises(ConfigError, match="index.mode=sharded"):
-        check_index_options(make(["index.dba_n=2"]))
+        check_evaluation(make(["index.dba_n=2"]))
     with pytest.raises(ConfigError, match="reranker.methods"):
-        check_index_options(make(["index.expand_queries=true"]))
+        check_evaluation(make(["index.expand_queries=true"]))
     # in sharded mode the index keeps index.neighbours candidates: a deeper reranking is refused, not cut
     with pytest.raises(ConfigError, match="reranker.depth=100 > index.neighbours=20"):
-        check_index_options(make(["index.mode=sharded", "index.neighbours=20"]))
-    check_index_options(make(["index.mode=sharded", "index.neighbours=20", "reranker.depth=20"]))
-    check_index_options(make(["index.mode=sharded", "index.neighbours=20", "reranker=none"]))
+        check_evaluation(make(["index.mode=sharded", "index.neighbours=20"]))
+    check_evaluation(make(["index.mode=sharded", "index.neighbours=20", "reranker.depth=20"]))
+    check_evaluation(make(["index.mode=sharded", "index.neighbours=20", "reranker=none"]))
 
 
 @pytest.mark.parametrize("old, new", [("index.qe_n=2", "index.expand_queries=true"),
@@ -217,10 +217,12 @@ def test_run_names_survive_a_setting_added_at_its_old_behaviour():
 ])
 def test_a_reranker_reading_what_the_extractor_does_not_store_is_refused_at_start_up(overrides, message):
     from rrt_dist.config import validate_config
+    from rrt_dist.pipelines.evaluate import check_evaluation
     from rrt_dist.schema import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_config(make(overrides))
+        check_evaluation(make(overrides))
+    validate_config(make(overrides))     # jobs that rerank nothing (ingest, extract, index, search) take it
     # structural reads the grids of reranker.patch_backbone when it is set (reranker=all), or of a grid backbone
-    validate_config(make(["reranker=all"]))
-    validate_config(make(["backbone=lite0_grid", "reranker=structural"]))
+    check_evaluation(make(["reranker=all"]))
+    check_evaluation(make(["backbone=lite0_grid", "reranker=structural"]))

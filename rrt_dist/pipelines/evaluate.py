@@ -29,11 +29,17 @@ def qualitative_row(rows: dict, examples: dict, setting: str, wanted: str | None
     return max(scored)[1] if scored else None
 
 
-def check_index_options(cfg) -> None:
-    """Refuse index options an evaluation would ignore or silently cut, before any work: the numbers would lack
-    them."""
-    from rrt_dist.rerank.methods import parse_method
+def check_evaluation(cfg) -> None:
+    """Refuse, before any work, what an evaluation could not compute or would silently leave out: a reranker that
+    reads what its extractor's tables do not hold, index options it would ignore, a reranking deeper than the
+    sharded search keeps."""
+    from rrt_dist.features import extractor_provides
+    from rrt_dist.rerank.methods import check_inputs, parse_method
     from rrt_dist.schema import ConfigError
+
+    check_inputs(list(cfg.reranker.methods), {key: extractor_provides(OmegaConf.select(cfg, key).name)
+                                              for key in ("backbone", "reranker.patch_backbone")
+                                              if OmegaConf.select(cfg, key)})
 
     index = cfg.index
     if index.dba_n and index.mode == "exact":
@@ -52,7 +58,7 @@ def check_index_options(cfg) -> None:
 def evaluate(cfg, training: dict | None = None) -> dict:
     """Run the evaluation ``cfg`` describes and write its report to ``cfg.output_dir``; returns the payload.
     ``training``: how the evaluated extractor was trained (``train_metric``), for the report."""
-    check_index_options(cfg)
+    check_evaluation(cfg)
     timings, start = {}, time.perf_counter()
     bench, stores = benchmark_features(cfg)
     patch_stores = patch_features(cfg, bench, stores)
