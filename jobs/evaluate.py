@@ -7,21 +7,19 @@
 """
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.evaluate import evaluate
 
     return evaluate(cfg)
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

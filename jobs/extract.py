@@ -8,16 +8,12 @@ Rerunning the same command after an interruption extracts only what is missing.
 """
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.features import benchmark_features
 
@@ -28,6 +24,8 @@ def main(cfg: DictConfig) -> dict:
         print(f"{name:<10} {t['rows']:>9} rows  version {t['version']:<4} {t['uri']}")
     return tables
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

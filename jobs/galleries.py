@@ -7,16 +7,12 @@ from __future__ import annotations
 import datetime
 import json
 
-import hydra
 from omegaconf import DictConfig
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> list:
+def run(cfg: DictConfig) -> list:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.ingest import list_galleries
 
@@ -31,6 +27,8 @@ def main(cfg: DictConfig) -> list:
     print(json.dumps(galleries))
     return galleries
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

@@ -9,16 +9,12 @@ index.rebuild_fraction; the manifest records the Lance versions indexed and, per
 """
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.features import benchmark_features
     from rrt_dist.pipelines.index import ensure_index, indexed_tables
@@ -33,6 +29,8 @@ def main(cfg: DictConfig) -> dict:
     index.close()
     return {"directory": index.directory, "ntotal": m.ntotal, "factory": m.factory, "version": m.version}
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

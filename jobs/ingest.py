@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import init_ray, job
+from rrt_dist.runtime import init_ray, entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.datasets.image_list import new_images
     from rrt_dist.pipelines.features import extract_settings
@@ -39,6 +35,8 @@ def main(cfg: DictConfig) -> dict:
     print(json.dumps({k: v for k, v in summary.items() if k != "error_samples"}))
     return summary
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

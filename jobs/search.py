@@ -10,17 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.index.sharded import write_neighbours
     from rrt_dist.pipelines.features import benchmark_features, global_matrix
@@ -45,6 +41,8 @@ def main(cfg: DictConfig) -> dict:
     return {"neighbours": str(path), "queries": int(len(query_ids)), "k": int(k),
             "mean_top1": float(np.mean(scores[:, 0])) if len(scores) else None}
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

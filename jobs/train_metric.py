@@ -14,16 +14,12 @@ to the job's output folder; TensorBoard logs under the run's folder.
 """
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, open_dict
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.evaluate import check_evaluation, evaluate
     from rrt_dist.pipelines.train import train_metric
@@ -34,6 +30,8 @@ def main(cfg: DictConfig) -> dict:
         cfg.backbone.options.update(training["backbone"])
     return {"training": training, "evaluation": evaluate(cfg, training)}
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

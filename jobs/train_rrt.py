@@ -14,21 +14,19 @@ training also writes the finetuned extractor (``backbone.pt``, ``local_projectio
 """
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-import rrt_dist.config  # noqa: F401  (registers the structured configs)
-from rrt_dist.runtime import job
+from rrt_dist.runtime import entry_point
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@job
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
     from rrt_dist.pipelines.train import train_rrt
 
     return train_rrt(cfg, cfg.output_dir)
 
+
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

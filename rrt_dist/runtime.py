@@ -126,3 +126,14 @@ def job(main):
             raise SystemExit(2) from None
 
     return run
+
+
+def entry_point(run):
+    """A job module's ``main``: Hydra composes the config from the packaged config groups (``rrt_dist.configs``),
+    then :func:`job` validates it and runs ``run(cfg)``. Tests call ``run`` itself with a composed config, in
+    process on their own Ray."""
+    import hydra
+
+    from rrt_dist.config import CONFIG_DIR
+
+    return hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(job(run))

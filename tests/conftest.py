@@ -32,3 +32,22 @@ def small_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(spec, root)
     return spec, root
+
+
+@pytest.fixture
+def run_job(local_ray):
+    """``run_job(job, overrides, output_dir)``: the job's ``run`` in this process, on the session's Ray, with its
+    config composed and validated as ``rrt-dist <job>`` would (tests that are not about the command line)."""
+    from importlib import import_module
+
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import CONFIG_DIR, validate_config
+
+    def run(job: str, overrides: list[str], output_dir):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"output_dir={output_dir}"])
+        validate_config(cfg)
+        return import_module(f"rrt_dist.jobs.{job}").run(cfg)
+
+    return run

@@ -153,22 +153,20 @@ def test_ingest_refuses_database_augmentation_before_touching_the_gallery(tmp_pa
     assert not (tmp_path / "g").exists()
 
 
-def test_ingest_and_galleries_commands(small_synthetic, tmp_path):
+@pytest.mark.ray
+def test_ingest_and_galleries_jobs(run_job, small_synthetic, tmp_path, capsys):
     _, root = small_synthetic
     images = tmp_path / "photos"
     images.mkdir()
     for uri in read_revisitop(root, "synthetic").gallery.column("uri").to_pylist()[:6]:
         os.symlink(uri, images / Path(uri).name)
-    common = [f"gallery.root={tmp_path / 'g'}", "gallery.name=photos", "backbone=tiny_image",
-              f"hydra.run.dir={tmp_path / 'out'}"]
-    ingested = subprocess.run([str(BIN / "rrt-dist"), "ingest", f"gallery.images={images}", *common],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert ingested.returncode == 0, ingested.stderr[-2000:]
-    assert "gallery photos: 6 images in this batch: 6 new" in ingested.stdout and "index version 1" in ingested.stdout
-    listed = subprocess.run([str(BIN / "rrt-dist"), "galleries", *common], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    assert "photos: 6 rows, index v1 (6 rows, Flat, 1 shards)" in listed.stdout
+    common = [f"gallery.root={tmp_path / 'g'}", "gallery.name=photos", "backbone=tiny_image"]
+    summary = run_job("ingest", [f"gallery.images={images}", *common], tmp_path / "out")
+    assert (summary["new"], summary["index_version"]) == (6, 1)
+    printed = capsys.readouterr().out
+    assert "gallery photos: 6 images in this batch: 6 new" in printed and "index version 1" in printed
+    run_job("galleries", common, tmp_path / "out2")
+    assert "photos: 6 rows, index v1 (6 rows, Flat, 1 shards)" in capsys.readouterr().out
 
 
 @pytest.mark.ray

@@ -134,7 +134,8 @@ def test_job_submission_to_local_head(tmp_path):
         stop_head(head, temp_dir)
 
 
-def test_index_and_search_jobs(tmp_path):
+@pytest.mark.ray
+def test_index_and_search_jobs(run_job, tmp_path, capsys):
     """`rrt-dist index` then `rrt-dist search` (2 shards): the neighbours table equals exact search."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -144,14 +145,11 @@ def test_index_and_search_jobs(tmp_path):
 
     common = ["experiment=synthetic_small", "backbone=tiny_image", f"dataset.root={tmp_path / 'syn'}",
               f"features_dir={tmp_path / 'features'}", f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"]
-    built = subprocess.run([str(BIN / "rrt-dist"), "index", *common, f"hydra.run.dir={tmp_path / 'o1'}"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert built.returncode == 0, built.stderr[-3000:]
-    assert "172 vectors" in built.stdout                       # 72 gallery + 100 distractors
+    built = run_job("index", common, tmp_path / "o1")
+    assert built["ntotal"] == 172 and "172 vectors" in capsys.readouterr().out      # 72 gallery + 100 distractors
     out = tmp_path / "o2"
-    searched = subprocess.run([str(BIN / "rrt-dist"), "search", *common, "index.neighbours=20", f"hydra.run.dir={out}"],
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert searched.returncode == 0, searched.stderr[-3000:]
+    searched = run_job("search", [*common, "index.neighbours=20"], out)
+    assert searched["queries"] == 12 and searched["neighbours"] == str(out / "neighbours.parquet")
     table = pq.read_table(out / "neighbours.parquet")
     assert table.num_rows == 12
     tables = [p for p in (tmp_path / "features").rglob("*.lance") if (p / "_versions").is_dir()]
@@ -166,10 +164,7 @@ def test_index_and_search_jobs(tmp_path):
     index_dir = next((tmp_path / "indexes").rglob("manifest.json")).parent
     assert len(read_manifest(str(index_dir)).shards) == 2
     # the evaluation through the sharded indexes (one per setting) in index.mode=sharded
-    evaluated = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, "index.mode=sharded", "index.neighbours=20", "reranker=none",
-                                f"hydra.run.dir={tmp_path / 'o3'}"], capture_output=True, text=True, timeout=600,
-                               cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    run_job("evaluate", [*common, "index.mode=sharded", "index.neighbours=20", "reranker=none"], tmp_path / "o3")
     manifests = sorted(p.parent.name for p in (tmp_path / "indexes").rglob("manifest.json"))
     assert manifests == ["Flat-2s", "Flat-2s-d"]
     report = json.loads((tmp_path / "o3" / "report.json").read_text())
