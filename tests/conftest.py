@@ -8,6 +8,14 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at test time: hub lookups fail fast
 
 
+def pytest_collection_modifyitems(items):
+    """``ray`` marks every test that runs on the session's Ray (through ``local_ray``, directly or by another
+    fixture); tests that start a Ray of their own (a head, a cluster, a job's subprocess) carry the mark themselves."""
+    for item in items:
+        if "local_ray" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded Ray for the whole session (starting Ray costs seconds on 2 cores)."""

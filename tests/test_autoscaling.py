@@ -66,6 +66,7 @@ def stop_processes_of(temp_dir: Path) -> None:
                 pass
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_gpu_nodes_are_added_for_the_ingest_job_and_removed_when_idle(small_synthetic, tmp_path):
     gcs_port, dash_port = free_port(), free_port()

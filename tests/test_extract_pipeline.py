@@ -9,8 +9,6 @@ from rrt_dist.pipelines.extract import InjectedFailure, extract_to_lance
 from rrt_dist.schema import ExtractSettings, FeatureTableMismatch
 from rrt_dist.store import FeatureStore, committed_ids
 
-pytestmark = pytest.mark.ray
-
 OPTIONS = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.7071, 1.0],
                global_scales=[1.0], max_size=192, max_local=40)
 
@@ -106,7 +104,6 @@ def test_int8_locals_round_trip_within_half_a_step():
     assert np.abs(codes).max() == 127                              # each descriptor uses the whole range
 
 
-@pytest.mark.ray
 def test_compact_local_storage_shrinks_the_table_and_decodes_on_read(local_ray, manifest, tmp_path):
     """backbone.local_storage: the same extraction, locals as int8 + one scale each (about half the bytes on
     disk) or as PQ codes (16 bytes a descriptor, codebook trained on a sample and kept in the table), read back

@@ -65,7 +65,6 @@ def test_auto_factory_follows_memory_budget():
         choose_factory(10**9, 2048, 2**30)
 
 
-@pytest.mark.ray
 def test_sharded_flat_equals_exact_search_and_survives_a_killed_actor(local_ray, data, tmp_path):
     root, ids, vectors, queries = data
     store = make_store(str(tmp_path / "g.lance"), ids, vectors)
@@ -96,7 +95,6 @@ def test_sharded_flat_equals_exact_search_and_survives_a_killed_actor(local_ray,
     index.close()
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize("factory, params", [("IVF64,Flat", "nprobe=16"), ("HNSW32", "efSearch=256")])
 def test_approximate_recall_at_100(local_ray, data, tmp_path, factory, params):
     _, ids, vectors, queries = data
@@ -110,7 +108,6 @@ def test_approximate_recall_at_100(local_ray, data, tmp_path, factory, params):
     index.close()
 
 
-@pytest.mark.ray
 def test_incremental_add_equals_full_rebuild(local_ray, data, tmp_path):
     _, ids, vectors, queries = data
     uri = str(tmp_path / "g.lance")
@@ -138,7 +135,6 @@ def test_incremental_add_equals_full_rebuild(local_ray, data, tmp_path):
     np.testing.assert_allclose(inc_scores, exact_scores, atol=1e-5)
 
 
-@pytest.mark.ray
 def test_fingerprint_and_dimension_are_checked(local_ray, data, tmp_path):
     _, ids, vectors, _ = data
     store = make_store(str(tmp_path / "g.lance"), ids[:100], vectors[:100])
@@ -292,7 +288,6 @@ def forbid_gallery_globals(monkeypatch, allowed=()):
     monkeypatch.setattr(FeatureStore, "globals", globals_of_allowed_only)
 
 
-@pytest.mark.ray
 def test_index_build_and_add_stream_from_lance_not_through_the_driver(local_ray, tmp_path, monkeypatch):
     """Shards are filled by tasks that read the tables block by block, and added rows by the shard actors:
     the driver never loads the gallery's descriptors, and the index still equals exact search."""
@@ -318,7 +313,6 @@ def test_index_build_and_add_stream_from_lance_not_through_the_driver(local_ray,
     assert (got == want_ids).mean() > 0.99                      # the rest: float ties
 
 
-@pytest.mark.ray
 def test_database_augmentation_streams_through_the_index_without_it(local_ray, tmp_path, monkeypatch):
     """αDBA is computed where each shard is filled (neighbours from the same tables' index without DBA, their
     vectors read by id): the driver never loads the gallery, and the indexed vectors are αDBA over the whole
@@ -364,7 +358,6 @@ def test_database_augmentation_streams_through_the_index_without_it(local_ray, t
         update_index([store, grown], directories[1])
 
 
-@pytest.mark.ray
 def test_evaluation_never_loads_the_gallery_into_the_driver(local_ray, small_synthetic, tmp_path, monkeypatch):
     """Exact mode (whole ranking streamed, αQE by id) and sharded mode evaluate with only the queries'
     globals loaded in the driver, and give the same exact-mode numbers as before streaming: the oracle is
@@ -419,7 +412,6 @@ def append_rows(uri, ids, vectors, sources=None):
     commit_fragments(uri, schema, write_fragment(uri, table))
 
 
-@pytest.mark.ray
 def test_versions_delta_shards_removals_and_rebuilds(local_ray, data, tmp_path):
     """Each update is one new version: small additions go to delta shards (new ones once the open one reaches a
     build shard's size), rows whose image changed or that left the table are removed from their shards and the
@@ -484,7 +476,6 @@ def test_versions_delta_shards_removals_and_rebuilds(local_ray, data, tmp_path):
     assert collect_garbage(directory) == []
 
 
-@pytest.mark.ray
 def test_ivf_keeps_its_quantizer_and_graph_indexes_rebuild_to_remove(local_ray, data, tmp_path):
     from rrt_dist.index.sharded import update_index
     from rrt_dist.store import delete_ids
@@ -508,7 +499,6 @@ def test_ivf_keeps_its_quantizer_and_graph_indexes_rebuild_to_remove(local_ray, 
     assert summary["action"] == "rebuild" and "cannot remove rows" in summary["reason"] and manifest.ntotal == 2095
 
 
-@pytest.mark.ray
 def test_a_searcher_answers_from_one_version_until_it_refreshes(local_ray, data, tmp_path):
     """A search service keeps answering while a writer commits a new version, from the version it serves
     (whose files stay); after refresh() it answers from the new one, only the changed shards reloaded."""
@@ -565,7 +555,6 @@ def test_summarised_ranking_holds_the_top_and_every_relevant_id_where_it_ranks()
         assert np.all(got_ids[q][~valid] == -1)
 
 
-@pytest.mark.ray
 def test_metrics_from_summarised_rankings_equal_the_whole_ranking(local_ray, tmp_path):
     """Revisitop with distractors, from the summary (top + positives and junk with their places) and from the
     whole ranking: equal metrics for global-only, αQE and a reranked top-k with each protocol's junk removed first

@@ -71,7 +71,6 @@ def check_equals_a_build_from_scratch(gallery: Path, tmp_path: Path, expected_ur
     return record, manifest
 
 
-@pytest.mark.ray
 def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray, batches, tmp_path):
     folder, parts = batches
     address = local_ray.get_runtime_context().gcs_address
@@ -153,7 +152,6 @@ def test_ingest_refuses_database_augmentation_before_touching_the_gallery(tmp_pa
     assert not (tmp_path / "g").exists()
 
 
-@pytest.mark.ray
 def test_ingest_and_galleries_jobs(run_job, small_synthetic, tmp_path, capsys):
     _, root = small_synthetic
     images = tmp_path / "photos"
@@ -169,7 +167,6 @@ def test_ingest_and_galleries_jobs(run_job, small_synthetic, tmp_path, capsys):
     assert "photos: 6 rows, index v1 (6 rows, Flat, 1 shards)" in capsys.readouterr().out
 
 
-@pytest.mark.ray
 def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches, tmp_path):
     from rrt_dist.schema import DatasetLayoutError
 

@@ -134,7 +134,6 @@ def test_job_submission_to_local_head(tmp_path):
         stop_head(head, temp_dir)
 
 
-@pytest.mark.ray
 def test_index_and_search_jobs(run_job, tmp_path, capsys):
     """`rrt-dist index` then `rrt-dist search` (2 shards): the neighbours table equals exact search."""
     import numpy as np

@@ -72,7 +72,6 @@ def run_evaluation(root: Path, features: Path, out: Path, extra=()):
 
 # ------------------------------------------------------------------------------------------------ 1. stale tables
 
-@pytest.mark.ray
 def test_same_file_names_other_pixels_never_reuse_descriptors(local_ray, two_folders, tmp_path):
     a, b = two_folders
     shared = tmp_path / "shared"
@@ -87,7 +86,6 @@ def test_same_file_names_other_pixels_never_reuse_descriptors(local_ray, two_fol
     assert indexed["results"] == fresh["results"]
 
 
-@pytest.mark.ray
 def test_images_replaced_in_place_are_extracted_again(local_ray, two_folders, tmp_path):
     a, b = two_folders
     root = tmp_path / "data"
@@ -286,7 +284,6 @@ def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
 
 # ----------------------------------------------------------- 7. retrying fixed images, unreadable counts, summaries
 
-@pytest.mark.ray
 def test_fixed_images_are_retried_and_unreadable_images_are_counted(local_ray, two_folders, tmp_path):
     a, _ = two_folders
     root = tmp_path / "data"
@@ -340,7 +337,6 @@ def sorted_rows(uri):
     return table.sort_by("id").to_pylist()
 
 
-@pytest.mark.ray
 def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synthetic, tmp_path):
     _, root = small_synthetic
     address = local_ray.get_runtime_context().gcs_address
@@ -371,7 +367,6 @@ def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synt
 
 # ----------------------------------------------------------------------------- leave-one-out, reports, checkpoints
 
-@pytest.mark.ray
 def test_leave_one_out_extracts_once_and_reports_what_it_ran(local_ray, two_folders, tmp_path):
     a, _ = two_folders
     root = tmp_path / "loo"

@@ -43,7 +43,6 @@ def test_first_kept_keeps_order_pads_and_says_where_it_stopped():
     assert out.tolist() == [[5, 7], [1, 2]] and cut.tolist() == [3, 2]
 
 
-@pytest.mark.ray
 def test_actor_pool_equals_in_process_and_survives_a_kill(tables):
     bench, stores, ranked, scores = tables
     galleries = [stores["gallery"], stores["distractor"]]
@@ -64,7 +63,6 @@ def test_actor_pool_equals_in_process_and_survives_a_kill(tables):
     pool.close()
 
 
-@pytest.mark.ray
 def test_protocol_junk_is_removed_before_the_top_k(tables):
     bench, stores, ranked, scores = tables
     seen = []
@@ -106,7 +104,6 @@ def test_protocol_junk_is_removed_before_the_top_k(tables):
     assert got != bench.evaluate(ranked)                  # the reversal changed something
 
 
-@pytest.mark.ray
 def test_rrt_pool_with_a_checkpoint_and_a_kill_mid_call(tables, tmp_path):
     import torch
 

@@ -136,7 +136,6 @@ def assert_exact_ranking(found: np.ndarray, expected: np.ndarray, sims: np.ndarr
     assert (found == expected).mean() > 0.99
 
 
-@pytest.mark.ray
 def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkeypatch):
     """Training on the benchmark's train photos (no labels): training rows are those photos and their views only
     (never a query or a query's view), validation holds out whole photos, and the run trains and resumes. The

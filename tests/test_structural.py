@@ -119,7 +119,6 @@ def test_misspelt_method_fails_before_any_extraction(tmp_path):
     assert not (tmp_path / "syn").exists()                      # nothing rendered, nothing extracted
 
 
-@pytest.mark.ray
 def test_pool_scores_equal_in_process_scores(local_ray, small_synthetic, tmp_path):
     from rrt_dist.datasets import read_revisitop
     from rrt_dist.eval.runner import global_rankings
@@ -171,7 +170,6 @@ def test_structural_figure_draws_maps_and_matches(patches, tmp_path):
     assert path.stat().st_size > 20_000
 
 
-@pytest.mark.ray
 def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_synthetic, tmp_path):
     """One report with GV (the run's multi-scale locals) and structural rows (Lite0 7x7 grids of
     reranker.patch_backbone); the structural row equals an independent rerank: structural similarity of the
@@ -226,7 +224,6 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
     assert rows["Structural (top-20)"][setting] != rows["Global only"][setting]
 
 
-@pytest.mark.ray
 def test_msls_rows_global_and_structural_recall(local_ray, small_synthetic, tmp_path):
     """MSLS's place-recognition protocol (recall@1/5/10/20) with G and G+S rows, on the synthetic test split
     written in MSLS layout; the global row equals recall computed here from the landmarks (not from UTM)."""

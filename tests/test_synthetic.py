@@ -60,7 +60,6 @@ def test_generation_is_idempotent_and_refuses_other_settings(small_synthetic):
         generate_synthetic(SyntheticSpec(seed=99), root)
 
 
-@pytest.mark.ray
 def test_ray_generation_equals_serial_and_resumes(local_ray, tmp_path):
     spec = SyntheticSpec(seed=1, n_landmarks=4, n_val_landmarks=1, n_train_landmarks=2, views_per_landmark=4,
                          train_views_per_landmark=2, n_distractors=10)

@@ -51,7 +51,6 @@ def ddp_step_worker(config):
                 "params": module.state_dict()}, Path(config["out"]) / f"rank{rank}.pt")
 
 
-@pytest.mark.ray
 def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray, tmp_path):
     import ray.cloudpickle
     from ray.train import ScalingConfig
@@ -128,7 +127,6 @@ def final_weights(out: dict) -> dict:
                       weights_only=True)["state"]
 
 
-@pytest.mark.ray
 def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
     out = faulty_run
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
@@ -150,7 +148,6 @@ def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
     assert model.global_weight == best["val_fusion"]["global_weight"]
 
 
-@pytest.mark.ray
 def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, train_cfg, faulty_run, monkeypatch):
     import ray.train.torch
 
@@ -178,7 +175,6 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     assert load_released_checkpoint(again["checkpoint"]).global_weight == 0.0   # no global_fusion: the paper's RRT
 
 
-@pytest.mark.ray
 def test_mixed_pairs_add_views_of_the_gallery_to_the_labelled_split(local_ray, train_cfg, tmp_path):
     """train.pairs=mixed: the labelled training split keeps its labels and its pair rule rows; the gallery's views
     come labelled by their source; validation holds out whole labels of either kind, never test queries."""

@@ -82,7 +82,6 @@ def test_training_crops_are_seeded_and_sized():
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.ray
 def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(local_ray, tmp_path):
     """Ray Data streams augmented triplets to 2 Ray Train workers; the finetune stage starts from the
     frozen stage's best weights; validation re-extracts locals; the export is a working extractor."""

@@ -135,7 +135,6 @@ def ddp_metric_worker(config):
                Path(config["out"]) / f"rank{rank}.pt")
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize("loss", ["margin", "multisimilarity"])
 def test_ddp_step_on_two_workers_equals_one_step_on_the_union_batch(local_ray, tmp_path, loss):
     """G+S loss with its miner over the gathered batch (margin: seeded distance-weighted triplets and the
@@ -192,7 +191,6 @@ def final_state(run: str) -> dict:
     return torch.load(Path(run) / "epoch_002" / "metric.pt", weights_only=True)
 
 
-@pytest.mark.ray
 def test_images_that_do_not_decode_are_left_out_of_metric_training(local_ray, metric_cfg, tmp_path, caplog):
     """A truncated training image and one that is no image at all (one in a held-out class) are found before
     training and left out with a warning; every other image stays, held-out classes included. Once repaired they
@@ -225,7 +223,6 @@ def test_images_that_do_not_decode_are_left_out_of_metric_training(local_ray, me
     assert metric_run_name(cfg, rows_fixed, val_fixed) not in (name, metric_run_name(cfg, rows_after, val_after))
 
 
-@pytest.mark.ray
 def test_metric_training_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(local_ray, metric_cfg):
     """Ray Data streams class-balanced batches to 2 workers; validation is on held-out training classes only;
     a worker killed at epoch 2 resumes from epoch 1's checkpoint and ends where an uninterrupted run ends;
