@@ -29,7 +29,7 @@ import yaml
 from rrt_dist.config import RayConfig
 from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
-from rrt_dist.datasets.synthetic import SyntheticSpec
+from rrt_dist.datasets.options import SyntheticSpec
 from rrt_dist.features import create_extractor, create_preparer
 from rrt_dist.features.core import extract_rows
 from rrt_dist.pipelines.extract import extract_to_lance

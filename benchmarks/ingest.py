@@ -29,7 +29,7 @@ from rrt_dist.config import GalleryConfig, IndexConfig, RayConfig
 from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
 from rrt_dist.datasets.image_list import new_images
-from rrt_dist.datasets.synthetic import SyntheticSpec
+from rrt_dist.datasets.options import SyntheticSpec
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.pipelines.extract import extract_to_lance
 from rrt_dist.pipelines.ingest import ingest

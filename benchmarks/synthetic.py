@@ -17,7 +17,8 @@ import ray
 
 from rrt_dist.config import RayConfig
 from rrt_dist.datasets.generate import generate_synthetic
-from rrt_dist.datasets.synthetic import SyntheticSpec, plan
+from rrt_dist.datasets.options import SyntheticSpec
+from rrt_dist.datasets.synthetic import plan
 from rrt_dist.config import available_cpus
 from rrt_dist.runtime import init_ray
 

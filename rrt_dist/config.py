@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 # ConfigError is re-exported for callers of config
+from rrt_dist.datasets.options import DATASET_SCHEMAS, DistractorsConfig
 from rrt_dist.schema import (AQEConfig, ConfigError, ExtractSettings, MetricSettings, PoolResources,  # noqa: F401
                              RRTConfig, StageResources, TrainSettings, bounded, choice, renamed)
 
@@ -72,7 +73,15 @@ def validate_config(cfg) -> None:
         backbone = OmegaConf.select(cfg, key)
         if backbone:
             check_extractor_options(backbone.name, OmegaConf.to_container(backbone.options, resolve=True), key)
+    from rrt_dist.datasets import get_dataset
+    from rrt_dist.datasets.options import DATASET_SCHEMAS
     from rrt_dist.rerank.methods import check_methods
+
+    if "dataset" in cfg and not OmegaConf.is_missing(cfg.dataset, "name"):
+        schema = DATASET_SCHEMAS[get_dataset(cfg.dataset.name).schema]
+        if not isinstance(OmegaConf.get_type(cfg.dataset), type) or not issubclass(OmegaConf.get_type(cfg.dataset), schema):
+            raise ConfigError(f"dataset.name={cfg.dataset.name!r} needs the {schema.__name__} schema (a dataset preset "
+                              f"of that kind: dataset={cfg.dataset.name})")
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
     from rrt_dist.index.core import check_factory
@@ -99,87 +108,6 @@ class RayConfig:
     search: StageResources = field(default_factory=lambda: StageResources(num_cpus=0))
     rerank: StageResources = field(default_factory=StageResources)     # reranker.num_actors actors
     train: StageResources = field(default_factory=StageResources)      # each of train.num_workers workers
-
-
-@dataclass
-class DistractorsConfig:
-    """Distractors appended after the gallery: ``none``, ``r1m`` (revisitop1m layout) or ``synthetic``."""
-    name: str = "none"
-    root: Optional[str] = None              # r1m: the revisitop1m folder; synthetic: <dataset.root>/distractors
-    limit: Optional[int] = bounded(None, ge=1)      # keep the first N (partial runs)
-
-
-@dataclass
-class DatasetConfig:
-    name: str = MISSING
-    root: str = MISSING
-    distractors: DistractorsConfig = field(default_factory=DistractorsConfig)
-
-
-@dataclass
-class RevisitopConfig(DatasetConfig):
-    """roxford5k / rparis6k: ``root`` holds gnd_<name>.pkl and jpg/."""
-
-
-@dataclass
-class GLDv2Config(DatasetConfig):
-    name: str = "gldv2"
-    train_landmarks: Optional[int] = bounded(12000, ge=1)   # the RRT paper's training subset
-    train_min_images: int = bounded(10, ge=1)
-    train_max_images: Optional[int] = bounded(500, ge=1)
-    train_seed: int = 0
-
-
-@dataclass
-class MSLSConfig(DatasetConfig):
-    name: str = "msls"
-    cities: list[str] = field(default_factory=lambda: ["cph", "sf"])
-    radius_m: float = bounded(25.0, gt=0)
-    subtask: str = "all"
-
-
-@dataclass
-class MetricLearningConfig(DatasetConfig):
-    """sop / cub200 / cars196."""
-    split: str = choice("test", "test", "train")
-    r_includes_query: bool = False      # RP / MAP@R as the ViT-reranking reference computes them (R counts the query)
-
-
-@dataclass
-class FolderConfig(DatasetConfig):
-    name: str = "folder"
-
-
-# Bounds of the generator's parameters (SyntheticSpec stays free of config machinery).
-_SYNTHETIC_BOUNDS = {
-    "n_landmarks": {"ge": 1}, "n_val_landmarks": {"ge": 0}, "n_train_landmarks": {"ge": 0},
-    "views_per_landmark": {"ge": 1}, "train_views_per_landmark": {"ge": 1}, "queries_per_landmark": {"ge": 1},
-    "n_distractors": {"ge": 0}, "family_size": {"ge": 1}, "view_width": {"ge": 32}, "view_height": {"ge": 32},
-    "junk_below": {"ge": 0, "le": 1}, "hard_below": {"ge": 0, "le": 1}, "hard_difficulty": {"ge": 0, "le": 1},
-    "jpeg_quality": {"ge": 1, "le": 100},
-}
-
-
-def _synthetic_config() -> type:
-    """``SyntheticConfig``: DatasetConfig + ``split`` + every generator parameter of ``SyntheticSpec``.
-
-    Built from the spec's fields so the two never drift apart.
-    """
-    from rrt_dist.datasets.synthetic import SyntheticSpec
-
-    hints = get_type_hints(SyntheticSpec)
-    spec_fields = [(f.name, hints[f.name], bounded(f.default, **_SYNTHETIC_BOUNDS.get(f.name, {})))
-                   for f in fields(SyntheticSpec)]
-    return make_dataclass("SyntheticConfig", [
-        ("name", str, field(default="synthetic")),
-        ("root", str, field(default="data/synthetic")),
-        # val is for model selection during training; test_classes: the test split as a metric-learning set
-        ("split", str, choice("test", "test", "val", "test_classes")),
-        *spec_fields,
-    ], bases=(DatasetConfig,))
-
-
-SyntheticConfig = _synthetic_config()
 
 
 @dataclass
@@ -369,12 +297,6 @@ class Config:
     outputs_root: Optional[str] = None
 
 
-DATASET_SCHEMAS = {
-    "revisitop": RevisitopConfig, "gldv2": GLDv2Config, "msls": MSLSConfig,
-    "metric_learning": MetricLearningConfig, "folder": FolderConfig, "synthetic": SyntheticConfig,
-}
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (respects affinity / container limits)."""
     try:
@@ -386,7 +308,7 @@ def available_cpus() -> int:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for name, schema in DATASET_SCHEMAS.items():
+    for name, schema in DATASET_SCHEMAS.items():   # configs/dataset/<name>.yaml: defaults: [schema_<kind>]
         cs.store(group="dataset", name=f"schema_{name}", node=schema)
     from rrt_dist.features import list_extractors
 

@@ -33,7 +33,7 @@ def local_ray():
 def small_synthetic(tmp_path_factory):
     """A small synthetic benchmark, generated once (in-process) for the session."""
     from rrt_dist.datasets.generate import generate_synthetic
-    from rrt_dist.datasets.synthetic import SyntheticSpec
+    from rrt_dist.datasets.options import SyntheticSpec
 
     spec = SyntheticSpec(seed=3, n_landmarks=12, n_val_landmarks=4, n_train_landmarks=6, views_per_landmark=6,
                          train_views_per_landmark=3, n_distractors=40)

@@ -226,3 +226,22 @@ def test_a_reranker_reading_what_the_extractor_does_not_store_is_refused_at_star
     # structural reads the grids of reranker.patch_backbone when it is set (reranker=all), or of a grid backbone
     check_evaluation(make(["reranker=all"]))
     check_evaluation(make(["backbone=lite0_grid", "reranker=structural"]))
+
+
+def test_every_dataset_preset_is_a_registered_dataset_of_its_schema():
+    """One registry maps a dataset name to its schema, readers and capabilities (rrt_dist.datasets)."""
+    from rrt_dist.config import CONFIG_DIR, validate_config
+    from rrt_dist.datasets import get_dataset, list_datasets
+    from rrt_dist.schema import ConfigError
+
+    presets = {p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml")}
+    assert presets == set(list_datasets())
+    for name in presets - {"synthetic"}:
+        validate_config(make([f"dataset={name}", "dataset.root=/data/x"]))
+    assert get_dataset("folder").default_pairs == "selfsup" and get_dataset("synthetic").validation_split
+    assert {n for n in presets if get_dataset(n).distractors} == {"synthetic", "roxford5k", "rparis6k"}
+    assert get_dataset("msls").read_training is None
+    with pytest.raises(ConfigError, match="dataset.name='foo' is not a dataset; known: cars196"):
+        validate_config(make(["dataset.name=foo"]))
+    with pytest.raises(ConfigError, match="needs the RevisitopConfig schema"):
+        validate_config(make(["dataset=sop", "dataset.root=/x", "dataset.name=roxford5k"]))

@@ -7,7 +7,8 @@ import pytest
 
 from rrt_dist.datasets import load_distractors, read_folder, read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
-from rrt_dist.datasets.synthetic import SyntheticSpec, plan, render_item
+from rrt_dist.datasets.options import SyntheticSpec
+from rrt_dist.datasets.synthetic import plan, render_item
 from rrt_dist.schema import SyntheticRootMismatch
 
 

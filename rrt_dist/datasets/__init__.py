@@ -1,9 +1,16 @@
-"""Benchmark readers: one ``Benchmark`` (manifests + ground truth + protocol) per dataset."""
+"""Benchmark readers: one ``Benchmark`` (manifests + ground truth + protocol) per dataset, behind one registry.
+
+A :class:`DatasetEntry` maps a dataset name (``dataset.name``) to its config schema, its readers (the evaluated
+split, the labelled training split) and what it supports; a new dataset is one reader module plus one
+:func:`register_dataset` call below.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from rrt_dist.schema import DatasetLayoutError
+from rrt_dist.schema import ConfigError, DatasetLayoutError
 
 from .base import MANIFEST_SCHEMA, Benchmark, concat_manifests, make_manifest, stable_id
 from .folder import read_folder
@@ -13,8 +20,8 @@ from .msls import read_msls
 from .revisitop import read_r1m, read_revisitop
 from .synthetic import synthetic_as_metric_learning
 
-__all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "load_benchmark", "load_distractors",
-           "load_training_set", "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
+__all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "DatasetEntry", "register_dataset", "get_dataset",
+           "list_datasets", "load_benchmark", "load_distractors", "load_training_set", "synthetic_spec", "make_manifest", "concat_manifests", "stable_id", "read_revisitop", "read_r1m",
            "read_gldv2_retrieval", "read_gldv2_train", "read_msls", "read_sop", "read_cub200", "read_cars196",
            "read_folder"]
 
@@ -22,7 +29,7 @@ __all__ = ["Benchmark", "DatasetLayoutError", "MANIFEST_SCHEMA", "load_benchmark
 def synthetic_spec(cfg):
     from dataclasses import fields
 
-    from .synthetic import SyntheticSpec
+    from .options import SyntheticSpec
 
     return SyntheticSpec(**{f.name: cfg[f.name] for f in fields(SyntheticSpec) if f.name in cfg})
 
@@ -34,13 +41,13 @@ def load_distractors(cfg):
         return None
     if d.name == "r1m":
         if not d.root:
-            raise ValueError("dataset.distractors.root must point at the revisitop1m folder")
+            raise ConfigError("dataset.distractors.root must point at the revisitop1m folder")
         return read_r1m(d.root, d.limit)
     if d.name == "synthetic":
         if cfg.name != "synthetic" and not d.root:
-            raise ValueError("synthetic distractors need dataset.distractors.root (or dataset=synthetic)")
+            raise ConfigError("synthetic distractors need dataset.distractors.root (or dataset=synthetic)")
         return read_r1m(d.root or Path(cfg.root) / "distractors", d.limit)
-    raise ValueError(f"unknown dataset.distractors.name {d.name!r}; expected none, r1m or synthetic")
+    raise ConfigError(f"dataset.distractors.name={d.name!r} is not one of none, r1m, synthetic")
 
 
 def _generate(cfg, start_ray) -> None:
@@ -50,11 +57,49 @@ def _generate(cfg, start_ray) -> None:
     generate_synthetic(synthetic_spec(cfg), cfg.root, start_ray=start_ray)
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    schema: str                          # its config schema: rrt_dist.datasets.options.DATASET_SCHEMAS[schema]
+    read: Callable                       # dataset cfg -> Benchmark (the evaluated split)
+    read_training: Callable | None = None   # dataset cfg -> labelled training manifest (None: no training split)
+    distractors: bool = False            # revisitop layout: dataset/distractors (r1m, synthetic) may be appended
+    default_pairs: str = "labels"        # what train.pairs=auto trains RRT on: labels | selfsup (views of its images)
+    validation_split: bool = False       # RRT validates on its own split (else on labels held out of training)
+    generated: bool = False              # rendered on first use (from the config's generator parameters)
+
+
+_REGISTRY: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> None:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"dataset {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+
+
+def list_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_dataset(name: str) -> DatasetEntry:
+    """The registry entry of ``name``; an unknown one raises ConfigError naming the known ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"dataset.name={name!r} is not a dataset; known: {', '.join(list_datasets())}")
+    return _REGISTRY[name]
+
+
 def load_benchmark(cfg, start_ray=None) -> Benchmark:
     """The benchmark a ``dataset`` config names; the synthetic one is generated on first use (``start_ray()``, when
     given, is called only when there is something to render, which then runs in Ray tasks). A split that lists no
     image is a layout error."""
-    bench = _read_benchmark(cfg, start_ray)
+    entry = get_dataset(cfg.name)
+    if entry.generated:
+        _generate(cfg, start_ray)
+    if not entry.distractors and load_distractors(cfg) is not None:
+        raise ConfigError(f"dataset/distractors: distractors are only defined for revisitop-style benchmarks "
+                          f"({', '.join(n for n in list_datasets() if _REGISTRY[n].distractors)}), not {cfg.name}")
+    bench = entry.read(cfg)
     if cfg.get("r_includes_query"):
         bench.protocol.r_includes_query = True
     for split, table in (("gallery", bench.gallery), ("query", bench.queries)):
@@ -64,54 +109,42 @@ def load_benchmark(cfg, start_ray=None) -> Benchmark:
     return bench
 
 
-def _read_benchmark(cfg, start_ray) -> Benchmark:
-    name = cfg.name
-    if name == "synthetic":
-        _generate(cfg, start_ray)
-        if cfg.split not in ("test", "val", "test_classes"):
-            raise ValueError(f"dataset.split must be test, val or test_classes, got {cfg.split!r}")
-        split = "val" if cfg.split == "val" else "test"
-        if cfg.split == "test_classes" and load_distractors(cfg) is not None:
-            raise ValueError("split=test_classes is a metric-learning set: it takes no distractors")
-        bench = read_revisitop(cfg.root, "synthetic" if split == "test" else "synthetic-val", load_distractors(cfg))
-        bench.name = "synthetic" if split == "test" else "synthetic-val"
-        return synthetic_as_metric_learning(bench, cfg.root) if cfg.split == "test_classes" else bench
-    if name in ("roxford5k", "rparis6k"):
-        return read_revisitop(cfg.root, name, load_distractors(cfg))
-    if load_distractors(cfg) is not None:
-        raise ValueError(f"distractors are only defined for revisitop-style benchmarks, not {name}")
-    readers = {
-        "gldv2": lambda: read_gldv2_retrieval(cfg.root),
-        "msls": lambda: read_msls(cfg.root, list(cfg.cities), cfg.radius_m, cfg.subtask),
-        "sop": lambda: read_sop(cfg.root, cfg.split),
-        "cub200": lambda: read_cub200(cfg.root, cfg.split),
-        "cars196": lambda: read_cars196(cfg.root, cfg.split),
-        "folder": lambda: read_folder(cfg.root),
-    }
-    if name not in readers:
-        raise ValueError(f"unknown dataset {name!r}; expected one of synthetic, roxford5k, rparis6k, "
-                         f"{', '.join(readers)}")
-    return readers[name]()
-
-
 def load_training_set(cfg, start_ray=None):
-    """``(name, manifest)``: the labelled training images of a dataset config (labels = landmark / class).
-
-    synthetic: its train split; gldv2: the RRT paper's ``train_clean`` subset; sop / cub200 / cars196:
-    their train split; folder: every labelled gallery image.
-    """
-    name = cfg.name
-    if name == "synthetic":
+    """``(name, manifest)``: the labelled training images of a dataset config (labels = landmark / class)."""
+    entry = get_dataset(cfg.name)
+    if entry.read_training is None:
+        raise ConfigError(f"dataset {cfg.name!r} has no training split; train on one of "
+                          f"{', '.join(n for n in list_datasets() if _REGISTRY[n].read_training)}")
+    if entry.generated:
         _generate(cfg, start_ray)
-        return "synthetic-train", read_folder(Path(cfg.root) / "train").gallery
-    readers = {
-        "gldv2": lambda: read_gldv2_train(cfg.root, cfg.train_landmarks, cfg.train_min_images, cfg.train_max_images,
-                                          cfg.train_seed),
-        "sop": lambda: read_sop(cfg.root, "train").gallery,
-        "cub200": lambda: read_cub200(cfg.root, "train").gallery,
-        "cars196": lambda: read_cars196(cfg.root, "train").gallery,
-        "folder": lambda: read_folder(cfg.root).gallery,
-    }
-    if name not in readers:
-        raise ValueError(f"dataset {name!r} has no training split; train on one of synthetic, {', '.join(readers)}")
-    return f"{name}-train", readers[name]()
+    return f"{cfg.name}-train", entry.read_training(cfg)
+
+
+def _read_synthetic(cfg) -> Benchmark:
+    split = "val" if cfg.split == "val" else "test"
+    if cfg.split == "test_classes" and load_distractors(cfg) is not None:
+        raise ConfigError("dataset.split=test_classes is a metric-learning set: it takes no distractors")
+    name = "synthetic" if split == "test" else "synthetic-val"
+    bench = read_revisitop(cfg.root, name, load_distractors(cfg))
+    bench.name = name
+    return synthetic_as_metric_learning(bench, cfg.root) if cfg.split == "test_classes" else bench
+
+
+# synthetic: its train split; gldv2: the RRT paper's train_clean subset; sop / cub200 / cars196: their train split;
+# folder: every labelled gallery image (with no labels, self-supervised views).
+register_dataset(DatasetEntry("synthetic", "synthetic", _read_synthetic,
+                              lambda cfg: read_folder(Path(cfg.root) / "train").gallery,
+                              distractors=True, validation_split=True, generated=True))
+for _name in ("roxford5k", "rparis6k"):
+    register_dataset(DatasetEntry(_name, "revisitop", lambda cfg: read_revisitop(cfg.root, cfg.name, load_distractors(cfg)),
+                                  distractors=True))
+register_dataset(DatasetEntry("gldv2", "gldv2", lambda cfg: read_gldv2_retrieval(cfg.root),
+                              lambda cfg: read_gldv2_train(cfg.root, cfg.train_landmarks, cfg.train_min_images,
+                                                           cfg.train_max_images, cfg.train_seed)))
+register_dataset(DatasetEntry("msls", "msls", lambda cfg: read_msls(cfg.root, list(cfg.cities), cfg.radius_m,
+                                                                    cfg.subtask)))
+for _name, _reader in (("sop", read_sop), ("cub200", read_cub200), ("cars196", read_cars196)):
+    register_dataset(DatasetEntry(_name, "metric_learning", lambda cfg, read=_reader: read(cfg.root, cfg.split),
+                                  lambda cfg, read=_reader: read(cfg.root, "train").gallery))
+register_dataset(DatasetEntry("folder", "folder", lambda cfg: read_folder(cfg.root),
+                              lambda cfg: read_folder(cfg.root).gallery, default_pairs="selfsup"))

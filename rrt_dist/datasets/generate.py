@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from rrt_dist.schema import SyntheticRootMismatch
 
-from .synthetic import SyntheticSpec, plan, render_and_write, write_ground_truth
+from .options import SyntheticSpec
+from .synthetic import plan, render_and_write, write_ground_truth
 
 log = logging.getLogger(__name__)
 

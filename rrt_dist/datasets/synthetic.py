@@ -21,44 +21,20 @@ On disk it is written in the official layouts, so the same readers serve it:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .options import SyntheticSpec
+
 SPLIT_CODES = {"test": 1, "val": 2, "train": 3, "distractor": 4}
 _FAMILY, _LANDMARK, _VIEW = 11, 12, 13
 SCENE = 512          # scene canvas side (pixels)
 MASK = 128           # resolution of the visibility masks (scene coordinates / 4)
-FORMAT_VERSION = 1   # bump when rendering changes, so stale data on disk is regenerated
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    seed: int = 0
-    n_landmarks: int = 50            # test landmarks (one query each)
-    n_val_landmarks: int = 20
-    n_train_landmarks: int = 60
-    views_per_landmark: int = 8      # gallery views per test / val landmark
-    train_views_per_landmark: int = 10
-    queries_per_landmark: int = 1
-    n_distractors: int = 500
-    family_size: int = 4             # landmarks sharing one style (global look-alikes)
-    view_width: int = 384
-    view_height: int = 288
-    junk_below: float = 0.2
-    hard_below: float = 0.5
-    hard_difficulty: float = 0.55
-    jpeg_quality: int = 90
-
-    def fingerprint(self) -> str:
-        payload = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:

@@ -176,10 +176,12 @@ def global_matrix(stores: dict[str, FeatureStore], names: list[str]) -> tuple[np
 
 
 def training_pairs(cfg) -> str:
-    """``train.pairs`` resolved: ``auto`` is ``selfsup`` for a folder gallery (no training split), else ``labels``."""
+    """``train.pairs`` resolved: ``auto`` is the dataset's default (``selfsup`` for a folder gallery, else ``labels``)."""
     if cfg.train.pairs != "auto":
         return cfg.train.pairs
-    return "selfsup" if cfg.dataset.name == "folder" else "labels"
+    from rrt_dist.datasets import get_dataset
+
+    return get_dataset(cfg.dataset.name).default_pairs
 
 
 def selfsup_training_set(cfg) -> tuple[pa.Table, str]:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from omegaconf import OmegaConf, open_dict
 
-from rrt_dist.datasets import Benchmark, load_benchmark
+from rrt_dist.datasets import Benchmark, get_dataset, load_benchmark
 from rrt_dist.datasets.base import MetricLearningProtocol
 from rrt_dist.datasets.selfsup import WARPS
 from rrt_dist.features import config_fingerprint
@@ -134,7 +134,7 @@ def validation_set(cfg, manifest: pa.Table, store, ids: np.ndarray) -> tuple[dic
     """The validation set (see ``rrt_dist.train.core.validate``) and the mask of training rows it keeps out: the
     synthetic benchmark's ``val`` split when training on its labels, else labels (self-supervised: source
     images with their views) held out of the training rows and scored leave-one-out."""
-    if cfg.dataset.name == "synthetic" and training_pairs(cfg) == "labels":
+    if get_dataset(cfg.dataset.name).validation_split and training_pairs(cfg) == "labels":
         val_cfg = OmegaConf.merge(cfg.dataset, {"split": "val", "distractors": {"name": "none"}})
         bench = load_benchmark(val_cfg)
         stores = backbone_features(cfg, bench, cfg.backbone)
