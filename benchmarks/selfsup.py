@@ -98,9 +98,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / "data" / "bench-selfsup"))
     parser.add_argument("--quick", action="store_true", help="2 epochs each (a smoke run, numbers meaningless)")
     parser.add_argument("--gallery-locals", type=int, nargs="+", default=[200, 32],
-                        help="train on the evaluated gallery with this many locals per image (train.max_local)")
+                        help="train on the evaluated gallery with this many locals per image (train.top_locals)")
     parser.add_argument("--test-locals", type=int, nargs="*", default=[],
-                        help="and rerank with that model fed this many locals (reranker.rrt.max_local, gv too)")
+                        help="and rerank with that model fed this many locals (reranker.rrt.top_locals, gv too)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     quick = ["train.epochs=2", "train.milestones=[]"] if args.quick else []
@@ -132,7 +132,7 @@ def main() -> None:
     for seed in args.seeds:
         selfsup = run_evaluate(work, f"photos-selfsup-{seed}", folder + [
             "reranker=trained", f"train.selfsup.images={photos / 'train'}", "train.selfsup.views=16",
-            "train.max_local=32", "reranker.rrt.global_weight=0", f"train.seed={seed}", *quick])
+            "train.top_locals=32", "reranker.rrt.global_weight=0", f"train.seed={seed}", *quick])
         result["photos"][f"self-supervised RRT on the 10 training photos, seed {seed}"] = metrics(selfsup, ranked)
         print(json.dumps({"photos": result["photos"]}), flush=True)
 
@@ -152,11 +152,11 @@ def main() -> None:
     for n in args.gallery_locals:
         for seed in args.seeds:
             gallery = on_gallery(f"self-supervised RRT on the evaluated gallery, {n} locals, seed {seed}",
-                                 f"photos-selfsup-gallery-{n}-{seed}", [f"train.max_local={n}", f"train.seed={seed}"])
+                                 f"photos-selfsup-gallery-{n}-{seed}", [f"train.top_locals={n}", f"train.seed={seed}"])
         for m in args.test_locals:
             fed = run_evaluate(work, f"photos-selfsup-gallery-{n}-test{m}", folder + [
-                "reranker=trained", f"train.max_local={n}", f"train.seed={args.seeds[-1]}", f"reranker.rrt.max_local={m}",
-                f"reranker.gv.max_local={m}", *quick])
+                "reranker=trained", f"train.top_locals={n}", f"train.seed={args.seeds[-1]}", f"reranker.rrt.top_locals={m}",
+                f"reranker.gv.top_locals={m}", *quick])
             result["photos"][f"the {n}-local RRT of the last seed fed {m} locals at test (GV too)"] = \
                 metrics(fed, ranked)
     result["photos"]["mutual-NN match count, mAP"].update(matching_ceiling(gallery, tuple(args.gallery_locals)))

@@ -50,7 +50,7 @@ def in_process(store, rows: dict, settings: TrainSettings, steps: int, threads: 
     torch.set_num_threads(threads)
     model = build_model(settings, store.global_dim, store.local_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    batches = TripletBatches(store, rows["ids"], settings.max_local)
+    batches = TripletBatches(store, rows["ids"], settings.top_locals)
     out = {}
     for epoch in range(2):
         triplets = epoch_triplets(rows["anchors"], rows["neighbours"], rows["labels"], settings, epoch, 0, 1)
@@ -93,7 +93,7 @@ def main() -> None:
         rows = random_rows(200, 10, 100, seed=0)
         rows["ids"] = np.arange(len(rows["labels"]), dtype=np.int64) + 1
         store = random_table(str(work / "train.lance"), rows["ids"], seed=1)
-        settings = TrainSettings(epochs=2, max_local=max_local, grad_clip=0.1)
+        settings = TrainSettings(epochs=2, top_locals=max_local, grad_clip=0.1)
         results = {"baseline (in-process)": in_process(store, rows, settings, steps, cpus),
                    "ray 1 worker": on_ray(store, rows, settings, steps, 1, cpus, str(work / "runs")),
                    "ray 2 workers": on_ray(store, rows, settings, steps, 2, cpus, str(work / "runs"))}

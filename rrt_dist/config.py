@@ -197,8 +197,15 @@ def _reranker_config() -> type:
     options, typed by its options dataclass (``rrt_dist.rerank.methods``), so the registry stays the one list."""
     from rrt_dist.rerank.methods import get_reranker, list_rerankers
 
-    entries = [get_reranker(name) for name in list_rerankers() if get_reranker(name).options]
-    return make_dataclass("RerankerConfig", [(e.name, e.options, field(default_factory=e.options)) for e in entries],
+    def schema(entry) -> type:
+        """Its options, plus the keys renamed since (refused naming the new one)."""
+        if not any(f.name == "top_locals" for f in fields(entry.options)):
+            return entry.options
+        return make_dataclass(f"{entry.options.__name__}Schema",
+                              [("max_local", Any, renamed(f"reranker.{entry.name}.top_locals"))], bases=(entry.options,))
+
+    schemas = {name: schema(get_reranker(name)) for name in list_rerankers() if get_reranker(name).options}
+    return make_dataclass("RerankerConfig", [(name, s, field(default_factory=s)) for name, s in schemas.items()],
                           bases=(RerankerRows,))
 
 
@@ -256,6 +263,7 @@ class TrainConfig(TrainSettings):
     metric: MetricSettings = field(default_factory=MetricSettings)   # train_metric: loss and what it sees
     val_depth: int = bounded(100, ge=1)      # the top-K reranked when validating each epoch
     val_k: Any = renamed("train.val_depth")
+    max_local: Any = renamed("train.top_locals")
     val_holdout_labels: int = bounded(50, ge=1)   # datasets without a validation split: labels held out of training
     num_workers: int = bounded(2, ge=1)      # resources of each: ray.train
     name: Optional[str] = None

@@ -178,7 +178,7 @@ class TrainSettings:
     gamma: float = bounded(0.1, gt=0)
     warmup_steps: int = bounded(0, ge=0)    # lr rises linearly from lr / warmup_steps over the first steps (0: none)
     seed: int = 0
-    max_local: Optional[int] = bounded(None, ge=1)   # locals per image fed to RRT, best first (None: all)
+    top_locals: Optional[int] = bounded(None, ge=1)  # an image's best locals fed to RRT in training (None: all stored)
     positive_scope: str = choice("topk", "topk", "label")   # topk (GLDv2: from the top-k) | label (SOP: any same label)
     # RRTConfig fields that differ from the paper's model (global_dim and local_dim come from the table); the
     # config types them (train.model.<field>, a typo fails at start-up)

@@ -68,8 +68,8 @@ def test_rerank_top_k_with_a_global_weight_orders_by_score_plus_weighted_global(
     assert rerank_top_k(ids, global_scores, logits, 4).tolist() == [12, 13, 11, 10]
 
 
-def test_gv_max_local_matches_only_each_images_best_locals():
-    """``reranker.gv.max_local`` (the RRT paper's Table 8): GV on the first m locals of each image, as if only
+def test_gv_top_locals_matches_only_each_images_best_locals():
+    """``reranker.gv.top_locals`` (the RRT paper's Table 8): GV on the first m locals of each image, as if only
     those were stored; here the planted matches come after 40 geometric outliers."""
     from rrt_dist.rerank.scorers import GVScorer
 
@@ -83,5 +83,5 @@ def test_gv_max_local_matches_only_each_images_best_locals():
         n = min(m, 100)
         expected = gv_scores(desc[order][:n], pos[order][:n], tgt_desc[order][None, :n], tgt_pos[order][None, :n],
                              np.array([n]), GVConfig(**cfg))
-        assert GVScorer(**cfg, max_local=m)(query, cands).tolist() == expected.tolist()
-    assert GVScorer(**cfg, max_local=40)(query, cands)[0] < 5                # only the outliers left
+        assert GVScorer(**cfg, top_locals=m)(query, cands).tolist() == expected.tolist()
+    assert GVScorer(**cfg, top_locals=40)(query, cands)[0] < 5                # only the outliers left

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 # The README's main command is the demo experiment (RRT trained first); here with the small preset's data
 # and a 2-epoch training run so that it takes a minute.
-SMALL_TRAINED = ["experiment=synthetic_small", "reranker=trained", "train.epochs=2", "train.max_local=16",
+SMALL_TRAINED = ["experiment=synthetic_small", "reranker=trained", "train.epochs=2", "train.top_locals=16",
                  "train.min_positives=2", "train.batch_size=4", "train.val_depth=10"]
 
 

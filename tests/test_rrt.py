@@ -170,8 +170,8 @@ def test_the_scorer_takes_its_global_weight_from_the_checkpoint_unless_told(tmp_
     assert RRTScorer(tmp_path / "older.pt", device="cpu").global_weight == 0.0    # chose none
 
 
-def test_the_scorer_feeds_the_model_max_local_locals_when_asked():
-    """``reranker.rrt.max_local``: each image's first m locals, as if only those were stored (padding masked)."""
+def test_the_scorer_feeds_the_model_its_top_locals_when_asked():
+    """``reranker.rrt.top_locals``: each image's first m locals, as if only those were stored (padding masked)."""
     from rrt_dist.rerank.scorers import RRTScorer
 
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_the_scorer_feeds_the_model_max_local_locals_when_asked():
                 "mask": mask, "n_local": n_local}
     query = {key: v[0] for key, v in images(1, np.array([n])).items()}
     cands = images(k, np.array([n, 5, 2]))
-    scores = RRTScorer(model=model, device="cpu", max_local=m)(query, cands)
+    scores = RRTScorer(model=model, device="cpu", top_locals=m)(query, cands)
 
     def as_stored(features):                 # what a table holding only the first m locals returns
         out = {key: v[..., :m] if key in ("mask", "scales") else v[..., :m, :] if key in ("local", "positions")

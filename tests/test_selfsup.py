@@ -116,7 +116,7 @@ def test_a_folder_gallery_trains_self_supervised_by_default():
         labelled = compose("config", overrides=["dataset=folder", "dataset.root=x", "train=rrt_gld"])
         synthetic = compose("config", overrides=[])
         selfsup = compose("config", overrides=["train.pairs=selfsup"])
-    assert training_pairs(folder) == "selfsup" and folder.train.max_local == 200    # train=rrt_selfsup
+    assert training_pairs(folder) == "selfsup" and folder.train.top_locals == 200    # train=rrt_selfsup
     assert folder.train.global_fusion and not synthetic.train.global_fusion
     assert training_pairs(labelled) == "selfsup"          # any recipe: a folder has no training split
     assert training_pairs(synthetic) == "labels" and training_pairs(selfsup) == "selfsup"
@@ -150,7 +150,7 @@ def test_self_supervised_training_on_held_out_photos(local_ray, tmp_path, monkey
     meta = write_photo_benchmark(tmp_path / "photos", n_test=8, views=2)
     overrides = ["dataset=folder", f"dataset.root={tmp_path / 'photos'}", f"features_dir={tmp_path / 'features'}",
                  "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
-                 "backbone.options.max_local=16", "train.max_local=16", "train.batch_size=4", "train.val_depth=10",
+                 "backbone.options.max_local=16", "train.top_locals=16", "train.batch_size=4", "train.val_depth=10",
                  f"train.selfsup.images={tmp_path / 'photos' / 'train'}", "train.selfsup.views=3",
                  f"train.selfsup.root={tmp_path / 'views'}", f"train.storage_path={tmp_path / 'runs'}",
                  "train.epochs=2", "train.name=selfsup", "ray.num_cpus=2"]

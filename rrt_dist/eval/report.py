@@ -120,7 +120,7 @@ def validation_verdict(history: list[dict], best_epoch: int, used_weight: float 
     if max(logits, fused) <= global_only:
         return (f"**Warning:** on its held-out validation images neither this RRT's logits ({_pct(logits)} %) nor "
                 f"logit + {weight:g} × global ({_pct(fused)} %) beat the global order ({_pct(global_only)} %): expect "
-                "its rows below Global. More locals per image (`train.max_local`) or more training images may help.")
+                "its rows below Global. More locals per image (`train.top_locals`) or more training images may help.")
     if logits > global_only:
         return ""
     below = (f"On its held-out validation images this RRT's logits alone ({_pct(logits)} %) fall below the global "

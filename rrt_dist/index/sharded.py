@@ -164,17 +164,13 @@ def _trained_template(factory: str, d: int, read_sample) -> np.ndarray:
 
 
 def _run(fn, *args):
-    """``fn(*args)`` as a Ray task reserving no CPU (index work never waits behind other stages), or in process."""
-    if ray.is_initialized():
-        return ray.remote(num_cpus=0)(fn).remote(*args)
-    return fn(*args)
+    """``fn(*args)`` as a Ray task reserving no CPU (index work never waits behind other stages)."""
+    return ray.remote(num_cpus=0)(fn).remote(*args)
 
 
 def _results(pending: list, desc: str, rows: list[int]) -> list:
     """The shard tasks' results in order, with a progress bar over the vectors they index (``rows`` per task:
     vectors/s and ETA, advancing as each shard completes)."""
-    if not ray.is_initialized():
-        return pending
     position = {ref: i for i, ref in enumerate(pending)}
     out, left = [None] * len(pending), list(pending)
     with tqdm(total=int(sum(rows)), desc=desc, unit="vec", unit_scale=True, mininterval=2.0) as bar:
@@ -193,7 +189,7 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     or the version after ``previous`` (a rebuild, recorded with ``reason`` in its history).
 
     The driver holds the ids (8 bytes an image); a Ray task reads the training sample and trains, and each shard
-    is filled by a Ray task (in process without Ray) that reads its own id range block by block.
+    is filled by a Ray task that reads its own id range block by block.
     ``transform(ids, vectors) -> vectors`` changes every descriptor read before it is trained on and indexed
     (e.g. :class:`AugmentedBlocks`, database-side augmentation); the manifest records it as ``str(transform)``.
     """
@@ -215,15 +211,12 @@ def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
     tables = table_refs(stores)
     read_sample = partial(_read_globals, tables, ids[sample], transform)
-    if ray.is_initialized():
-        serialized = ray.get(ray.remote(_trained_template).remote(factory, d, read_sample))
-    else:
-        serialized = _trained_template(factory, d, read_sample)
+    serialized = ray.get(ray.remote(_trained_template).remote(factory, d, read_sample))
     template_file = f"trained-v{version:06d}.faiss"
     write_index(faiss.deserialize_index(serialized), f"{directory}/{template_file}")
     bounds = shard_bounds(ids, n_shards)
     files = [_shard_file(i, version) for i in range(len(bounds))]
-    tables_ref = ray.put(tables) if ray.is_initialized() else tables
+    tables_ref = ray.put(tables)
     counts = _results([_run(_fill_shard_from_tables, serialized, tables_ref, lo, hi, f"{directory}/{f}", block_rows,
                             transform) for (lo, hi), f in zip(bounds, files)], f"index build ({len(bounds)} shards)",
                       [int(((ids >= lo) & (ids <= hi)).sum()) for lo, hi in bounds])

@@ -7,6 +7,8 @@ restarted by Ray if they die and their unfinished calls are retried, so a run co
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import ray
 
@@ -53,7 +55,9 @@ def scorer_options(cfg, name: str) -> dict:
 
     from rrt_dist.models.rrt import recorded_global_weight
 
-    options = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
+    known = {f.name for f in fields(get_reranker(name).options)} if get_reranker(name).options else set()
+    options = {k: v for k, v in (OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}).items()
+               if k in known}                                   # keys the config only refuses (renamed) stay out
     if name == "rrt":
         if not cfg.checkpoint:
             raise ValueError("RRT rows need reranker.checkpoint=PATH (released or trained weights)")

@@ -56,7 +56,7 @@ def min_positives(cfg) -> int:
 # what the checkpoints record.
 LATER_DEFAULTS = {"warmup_steps": 0, "global_fusion": False}
 # Keys renamed after runs were named keep their old names in the digest, so finished runs are still found.
-NAMES_BEFORE_RENAME = {"neighbours": "k", "val_depth": "val_k"}
+NAMES_BEFORE_RENAME = {"neighbours": "k", "val_depth": "val_k", "top_locals": "max_local"}
 REMOVED_KEYS = {f.name for f in fields(TrainConfig) if "renamed" in f.metadata}
 
 

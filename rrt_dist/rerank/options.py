@@ -19,7 +19,7 @@ class GVConfig:
     confidence: float = bounded(0.99, gt=0, lt=1)
     min_inliers: int = bounded(0, ge=0)             # below this a pair scores 0 (unverified)
     seed: int = 0
-    max_local: Optional[int] = bounded(None, ge=1)  # locals per image matched, best first (None: all stored)
+    top_locals: Optional[int] = bounded(None, ge=1)  # an image's best locals matched (None: all stored)
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RRTOptions:
     """``reranker.rrt`` (the weights are ``reranker.checkpoint``)."""
     # Locals per image fed to the model, best first; None: as many as it was trained with (the RRT paper's
     # Table 8 varies this; fewer locals also cut the [K, 2L, 2L] attention on large top-K).
-    max_local: Optional[int] = bounded(None, ge=1)
+    top_locals: Optional[int] = bounded(None, ge=1)
     # Final order by RRT logit + global_weight × global cosine; 0: the paper's RRT (the global score only breaks
     # ties). None: the weight the checkpoint records: its validation's choice if trained with train.global_fusion
     # (a folder gallery's self-supervised recipe is), else 0 (released weights, labelled recipes).

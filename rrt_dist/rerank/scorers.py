@@ -22,8 +22,8 @@ class GVScorer:
         self.cfg = GVConfig(**cfg)
 
     def __call__(self, query: dict, cands: dict) -> np.ndarray:
-        if self.cfg.max_local:
-            query, cands = truncate_locals(query, self.cfg.max_local), truncate_locals(cands, self.cfg.max_local)
+        if self.cfg.top_locals:
+            query, cands = truncate_locals(query, self.cfg.top_locals), truncate_locals(cands, self.cfg.top_locals)
         n = int(query["n_local"])
         return gv_scores(query["local"][:n], query["positions"][:n], cands["local"], cands["positions"],
                          cands["n_local"], self.cfg).astype(np.float64)
@@ -34,7 +34,7 @@ class RRTScorer:
     name = "rrt"
 
     def __init__(self, checkpoint: str | None = None, chunk: int | None = None, device: str = "auto",
-                 model: torch.nn.Module | None = None, max_local: int | None = None,
+                 model: torch.nn.Module | None = None, top_locals: int | None = None,
                  global_weight: float | None = None):
         from rrt_dist.models.rrt import load_released_checkpoint
 
@@ -44,7 +44,7 @@ class RRTScorer:
                                    "cpu" if device == "auto" else device)
         self.model = (load_released_checkpoint(checkpoint) if model is None else model).to(self.device)
         # Locals per image kept (the highest scoring first): what the model was trained with, if it says.
-        self.max_local = max_local or getattr(self.model, "max_local", None)
+        self.top_locals = top_locals or getattr(self.model, "max_local", None)   # as trained
         self.global_weight = global_weight if global_weight is not None else getattr(self.model, "global_weight", 0.0)
         # Pairs per forward pass: large on GPU; small on CPU, where [B, h, N, N] attention maps of
         # ~1000-token pairs fall out of cache (batch 20 measured slower than 10 batches of 2).
@@ -53,8 +53,8 @@ class RRTScorer:
     @torch.inference_mode()
     def __call__(self, query: dict, cands: dict) -> np.ndarray:
         k = len(cands["local"])
-        if self.max_local:
-            query, cands = truncate_locals(query, self.max_local), truncate_locals(cands, self.max_local)
+        if self.top_locals:
+            query, cands = truncate_locals(query, self.top_locals), truncate_locals(cands, self.top_locals)
         out = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         for s in range(0, k, self.chunk):

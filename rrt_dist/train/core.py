@@ -147,7 +147,7 @@ def model_checkpoint(model: torch.nn.Module, settings: TrainSettings, epoch: int
     ``load_released_checkpoint`` reads it) plus the locals per image, the epoch's metrics and the weight of the
     global cosine its scorer adds to the logit (``global_fusion``: the one its validation chose; else 0)."""
     fusion_weight = metrics.get("val_fusion", {}).get("global_weight") if settings.global_fusion else None
-    return {"state": model.state_dict(), "max_local": settings.max_local, "epoch": epoch, "metrics": metrics,
+    return {"state": model.state_dict(), "max_local": settings.top_locals, "epoch": epoch, "metrics": metrics,
             "config": dict(vars(model.cfg)), "global_weight": fusion_weight or 0.0}
 
 
@@ -185,7 +185,7 @@ def validate(model: torch.nn.Module, val: dict, k: int, max_local: int | None = 
     from rrt_dist.rerank.core import RerankCore
 
     device = str(next(model.parameters()).device)
-    core = RerankCore("rrt", {"model": model, "device": device, "max_local": max_local, "global_weight": 0.0},
+    core = RerankCore("rrt", {"model": model, "device": device, "top_locals": max_local, "global_weight": 0.0},
                       val["query"], val["gallery"])
     was_training = model.training
     model.eval()

@@ -44,7 +44,7 @@ class FeatureTask:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.rows = ray.get(config["rows"])
         self.store = FeatureStore(*config["table"])
-        self.batches = TripletBatches(self.store, self.rows["ids"], settings.max_local)
+        self.batches = TripletBatches(self.store, self.rows["ids"], settings.top_locals)
         self.val = ray.get(config["val"]) if rank == 0 and config["val"] is not None else None
         self.val_k = config["val_k"]
 
@@ -76,7 +76,7 @@ class FeatureTask:
         return train_step(model, optimizer, batch, self.settings.grad_clip)
 
     def validate(self, model) -> dict | None:
-        return None if self.val is None else validate(model, self.val, self.val_k, self.settings.max_local)
+        return None if self.val is None else validate(model, self.val, self.val_k, self.settings.top_locals)
 
     def save(self, model, epoch: int, metrics: dict, folder: Path) -> None:
         torch.save(model_checkpoint(model, self.settings, epoch, metrics), folder / "model.pt")
