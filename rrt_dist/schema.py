@@ -50,8 +50,13 @@ class IndexMismatch(ValueError):
     """A query or an update that does not fit the index (dimension, extractor, transformed vectors)."""
 
 
+class UnreadableTable(RuntimeError):
+    """A feature table whose newest version cannot be read (a corrupt or missing manifest, a store error): it is
+    never taken for "no table" and never removed; the message names the table and its last readable version."""
+
+
 USER_ERRORS = (ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
-               IndexMismatch)
+               IndexMismatch, UnreadableTable)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Galleries that grow: ingest batches of new images, survive kill -9, equal a build from scratch."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,31 @@ def test_images_and_manifests_can_be_fsspec_uris():
     fs.pipe("/bucket/new/b.png", fs.cat("/bucket/new/sub/a.png") + b"")       # rewritten in place
     assert file_identity(listed[0]) != before
     assert file_identity("memory:///bucket/new/gone.png") == "missing"
+
+
+def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray, batches, tmp_path, capsys):
+    """A garbage newest manifest is an error naming the table and its last readable version, never "no table":
+    nothing is removed, and `rrt-dist restore-table` sets the table back so the same ingest completes."""
+    from rrt_dist.cli import main as cli_main
+    from rrt_dist.schema import UnreadableTable
+    from rrt_dist.store.features import manifest_versions
+
+    folder, parts = batches
+    args = ("tiny-image", {}, ExtractSettings(batch_size=4, commit_every=8), IndexConfig(factory="Flat"))
+    gallery = lambda batch: GalleryConfig(name="kept", root=str(tmp_path / "g"), manifest=str(folder / f"{batch}.csv"))
+    ingest(gallery("b1"), *args)
+    ingest(gallery("b2"), *args)
+    table = read_record(str(tmp_path / "g" / "kept"))["table"]
+    versions = manifest_versions(table)
+    data_files = sorted((Path(table) / "data").iterdir())
+    assert len(versions) >= 3
+    Path(versions[max(versions)]).write_bytes(b"garbage" * 3)
+    with pytest.raises(UnreadableTable, match=f"{re.escape(table)}: its newest version \\({max(versions)}\\) cannot be "
+                                              f"read .*last readable version is {max(versions) - 1}"):
+        ingest(gallery("b2"), *args)
+    assert sorted((Path(table) / "data").iterdir()) == data_files              # not one file removed
+    cli_main(["restore-table", table])
+    assert f"back at version {max(versions) - 1}" in capsys.readouterr().out
+    summary = ingest(gallery("b2"), *args)                                       # the lost commit is redone
+    assert summary["rows"] == len(parts["b1"]) + len(parts["b2"]) and summary["failed"] == 0
+    assert len(set(FeatureStore(table).ids.tolist())) == summary["rows"]

@@ -399,5 +399,9 @@ def test_checkpoints_ray_train_never_recorded_are_removed(tmp_path):
     assert remove_unrecorded_checkpoints(str(run)) == ["epoch_003"]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_manager_snapshot.json", "epoch_001", "epoch_002",
                                                      "tensorboard"]
-    (run / "checkpoint_manager_snapshot.json").unlink()         # killed before anything was recorded
-    assert remove_unrecorded_checkpoints(str(run)) == ["epoch_001", "epoch_002"]
+    # With no readable record nothing is provably unrecorded: a damaged or missing snapshot deletes nothing
+    (run / "checkpoint_manager_snapshot.json").write_text("{garbage")
+    assert remove_unrecorded_checkpoints(str(run)) == []
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    assert remove_unrecorded_checkpoints(str(run)) == []
+    assert sorted(p.name for p in run.iterdir()) == ["epoch_001", "epoch_002", "tensorboard"]

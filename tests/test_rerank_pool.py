@@ -124,3 +124,17 @@ def test_rrt_pool_with_a_checkpoint_and_a_kill_mid_call(tables, tmp_path):
     ray.kill(actor, no_restart=False)                  # dies with calls in flight: restarted, calls retried
     np.testing.assert_array_equal(np.concatenate(ray.get(refs)), expected)
     pool.close()
+
+
+@pytest.mark.timeout(180)
+def test_an_actor_failing_the_same_way_each_time_ends_with_its_own_error(tables, tmp_path):
+    """A scorer whose constructor always raises (weights that are not there) is restarted a bounded number of
+    times, then the call fails with that error: never retried forever."""
+    from ray.exceptions import RayActorError
+
+    bench, stores, ranked, scores = tables
+    pool = RerankPool("rrt", {"checkpoint": str(tmp_path / "missing.pth")}, stores["query"],
+                      [stores["gallery"]], num_actors=1)
+    with pytest.raises(RayActorError, match="missing.pth"):
+        pool.rerank(bench.queries.column("id").to_numpy()[:4], ranked[:4], scores[:4], 10)
+    pool.close()

@@ -18,6 +18,9 @@ from rrt_dist.schema import StageResources
 from rrt_dist.store import FeatureStore
 
 
+ACTOR_RESTARTS = 2
+
+
 class RerankPool:
     """``num_actors`` actors (0: in-process) sharing the work query-chunk by query-chunk."""
 
@@ -30,7 +33,9 @@ class RerankPool:
             self.local, self.actors = RerankCore(*args), []
         else:
             resources = resources or StageResources()
-            actor = ray.remote(RerankCore).options(max_restarts=-1, max_task_retries=-1,
+            # a lost actor (node gone, out of memory) is restarted and its chunk retried a few times; one that
+            # fails the same way each time (its constructor raising) ends the job with its own error, not forever
+            actor = ray.remote(RerankCore).options(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
                                                    **resources.actor_options(num_actors))
             self.local, self.actors = None, [actor.remote(*args, resources.threads) for _ in range(num_actors)]
 

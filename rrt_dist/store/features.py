@@ -33,7 +33,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from rrt_dist.schema import LOCAL_ENCODINGS, FeatureTableMismatch
+from rrt_dist.schema import LOCAL_ENCODINGS, FeatureTableMismatch, UnreadableTable
 
 META_EXTRACTOR, META_CONFIG, META_FINGERPRINT = b"rrt_dist.extractor", b"rrt_dist.config", b"rrt_dist.fingerprint"
 META_LOCAL_DIM, META_PQ_CODEBOOK = b"rrt_dist.local_dim", b"rrt_dist.pq_codebook_sha1"   # pq tables only
@@ -205,13 +205,68 @@ def write_fragment(uri: str | Path, table: pa.Table) -> list:
     return write_fragments(table, str(uri), schema=table.schema)
 
 
+def manifest_versions(uri: str | Path) -> dict[int, str]:
+    """The versions a table's ``_versions`` folder holds a manifest for: version -> file path (Lance names them
+    ``<n>.manifest``, or ``<2**64 - 1 - n>.manifest`` in its newer scheme)."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    folder = f"{path.rstrip('/')}/_versions"
+    if not fs.isdir(folder):
+        return {}
+    out = {}
+    for name in fs.ls(folder, detail=False):
+        stem = name.rstrip("/").rsplit("/", 1)[-1]
+        if stem.endswith(".manifest") and stem[:-len(".manifest")].isdigit():
+            number = int(stem[:-len(".manifest")])
+            out[2**64 - 1 - number if number >= 2**63 else number] = name
+    return out
+
+
 def open_table(uri: str | Path) -> lance.LanceDataset | None:
-    """The latest committed version of a table, or None when there is none: a folder holding only the
-    fragments of a run killed before its first commit is no table yet."""
+    """The latest committed version of a table, or None when there is none: no folder, or a folder with no
+    version manifest at all (the fragments of a run killed before its first commit). A table with a version
+    that cannot be read raises :class:`UnreadableTable` naming its last readable version: it is never taken for
+    an empty table (which callers would remove or overwrite)."""
+    versions = manifest_versions(uri)
+    if not versions:
+        return None
     try:
         return lance.dataset(str(uri))
-    except (ValueError, FileNotFoundError, OSError):
-        return None
+    except (ValueError, OSError) as err:
+        readable = last_readable_version(uri, versions)
+        raise UnreadableTable(
+            f"{uri}: its newest version ({max(versions)}) cannot be read ({str(err).split(', /')[0]}); "
+            + (f"the last readable version is {readable}: `rrt-dist restore-table {uri}` sets the table back to it "
+               f"(the unreadable manifests are kept beside, renamed)" if readable else "no version of it can be read")
+            + "; nothing was removed") from None
+
+
+def last_readable_version(uri: str | Path, versions: dict[int, str] | None = None) -> int | None:
+    for version in sorted(versions or manifest_versions(uri), reverse=True):
+        try:
+            lance.dataset(str(uri), version=version)
+            return version
+        except (ValueError, OSError):
+            continue
+    return None
+
+
+def restore_table(uri: str | Path) -> str:
+    """Set a table whose newest versions cannot be read back to its last readable one: their manifests are
+    renamed ``<name>.unreadable`` (kept, out of Lance's sight), so the next commit follows the readable version.
+    Data files are not touched."""
+    versions = manifest_versions(uri)
+    readable = last_readable_version(uri, versions)
+    if readable is None:
+        raise UnreadableTable(f"{uri}: no version can be read (versions {sorted(versions)}); nothing was changed")
+    newer = [versions[v] for v in sorted(versions) if v > readable]
+    if not newer:
+        return f"{uri}: version {readable} is its newest and is readable; nothing to restore"
+    fs, _ = fsspec.core.url_to_fs(str(uri))
+    for name in newer:
+        fs.mv(name, f"{name}.unreadable")
+    lance.dataset(str(uri))                            # readable again
+    return (f"{uri}: back at version {readable}; {len(newer)} unreadable manifest(s) kept as "
+            f"{', '.join(n.rsplit('/', 1)[-1] + '.unreadable' for n in newer)}")
 
 
 def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lance.LanceDataset:
@@ -303,7 +358,9 @@ class FeatureStore:
                  only: Sequence[int] | None = None):
         # Absolute: the (uri, version) pairs handed to actors and Ray Train workers must not depend on their cwd.
         self.uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
-        self.dataset = lance.dataset(self.uri, version=version)
+        self.dataset = lance.dataset(self.uri, version=version) if version is not None else open_table(self.uri)
+        if self.dataset is None:
+            raise FileNotFoundError(f"{self.uri}: no feature table (no committed version)")
         meta = self.dataset.schema.metadata or {}
         self.extractor = meta.get(META_EXTRACTOR, b"").decode()
         self.config = json.loads(meta.get(META_CONFIG, b"{}"))

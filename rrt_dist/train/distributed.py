@@ -409,12 +409,20 @@ def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
     if not fs.exists(path):
         return []
     snapshot = f"{path}/checkpoint_manager_snapshot.json"
-    recorded = set()
-    if fs.exists(snapshot):
+    # Only what the snapshot proves unrecorded goes: with no readable snapshot (none yet, a Ray that names it
+    # otherwise, a damaged file) nothing can be proved, and checkpoints may be the only copy of trained weights.
+    try:
         with fs.open(snapshot, "r") as f:
             state = json.load(f)
-        results = state.get("checkpoint_results", []) + [state.get("latest_checkpoint_result") or {}]
+        results = state["checkpoint_results"] + [state.get("latest_checkpoint_result") or {}]
         recorded = {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        kept = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)
+                if e.rstrip("/").rsplit("/", 1)[-1].startswith("epoch_")]
+        if kept:
+            log.warning("%s: no readable Ray Train checkpoint record (%s); checkpoint folders kept as they are: %s",
+                        run_dir, err.__class__.__name__, sorted(kept))
+        return []
     removed = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
