@@ -197,3 +197,30 @@ def test_the_scorer_feeds_the_model_its_top_locals_when_asked():
     expected = RRTScorer(model=model, device="cpu")(as_stored(query), as_stored(cands))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(scores, RRTScorer(model=model, device="cpu")(query, cands), atol=1e-4)
+
+
+def test_a_checkpoint_that_is_not_an_rrt_is_refused_before_any_work(tmp_path):
+    """Random bytes or another model's tensors end at start-up with one line naming the key and the file, and
+    never with torch's advice to load without weights_only."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import CONFIG_DIR
+    from rrt_dist.models.rrt import check_checkpoint
+    from rrt_dist.pipelines.evaluate import check_evaluation
+    from rrt_dist.schema import ConfigError
+
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"state": torch.nn.Linear(3, 4).state_dict()}, tmp_path / "linear.pt")
+    torch.save({"state": RerankingTransformer(global_dim=320).state_dict()}, tmp_path / "rrt.pt")
+    with pytest.raises(ConfigError, match=r"reranker.checkpoint=.*random.pt: not a PyTorch checkpoint") as err:
+        check_checkpoint(str(tmp_path / "random.pt"))
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"linear.pt: not an RRT checkpoint \(Missing key\(s\).*Unexpected key\(s\).*weight"):
+        check_checkpoint(str(tmp_path / "linear.pt"))
+    check_checkpoint(str(tmp_path / "rrt.pt"))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["reranker=rrt", f"reranker.checkpoint={tmp_path / 'linear.pt'}"])
+    with pytest.raises(ConfigError, match="not an RRT checkpoint"):
+        check_evaluation(cfg)                 # evaluate's first step: before the benchmark is read or Ray starts

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rrt_dist.schema import RRTConfig
+from rrt_dist.schema import ConfigError, RRTConfig
 
 SRC_LOCAL, TGT_LOCAL, CLS, SEP, SRC_GLOBAL, TGT_GLOBAL = range(6)
 
@@ -138,7 +138,11 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     was trained with, and ``global_weight``, the fusion weight it is meant to be used with; they are kept as
     ``model.max_local`` (None for released weights) and ``model.global_weight`` (0: the paper's RRT) for the scorer.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True), **overrides)
+
+
+def model_from_checkpoint(checkpoint, **overrides) -> RerankingTransformer:
+    """:func:`load_released_checkpoint` on a checkpoint already loaded (``torch.load``)."""
     state = clean_state_dict(checkpoint)
     if "remap.weight" in state:
         overrides.setdefault("global_dim", state["remap.weight"].shape[1])
@@ -156,6 +160,23 @@ def load_released_checkpoint(path, **overrides) -> RerankingTransformer:
     model.max_local = saved.get("max_local")
     model.global_weight = saved.get("global_weight") or 0.0
     return model.eval()
+
+
+def check_checkpoint(path, key: str = "reranker.checkpoint") -> None:
+    """Load the weights at ``path`` as the RRT scorer will, on the driver before any work starts; what is not an
+    RRT checkpoint is refused with a ConfigError naming ``key`` and the file (never torch's own advice)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}={path}: no such file") from None
+    except Exception as err:       # unpickling, zip and end-of-file errors: not a checkpoint torch can read safely
+        raise ConfigError(f"{key}={path}: not a PyTorch checkpoint ({type(err).__name__})") from None
+    try:
+        model_from_checkpoint(checkpoint)
+    except Exception as err:       # no state dict, or tensors of another model
+        reason = str(err).split("\n\t")
+        raise ConfigError(f"{key}={path}: not an RRT checkpoint ({'; '.join(line.strip() for line in reason[1:3]) or reason[0]})"
+                          .replace("\n", " ")) from None
 
 
 def recorded_global_weight(path) -> float:

@@ -48,7 +48,12 @@ def check_evaluation(cfg) -> None:
     if index.expand_queries:
         raise ConfigError("index.expand_queries is the search job's alpha-QE; evaluation reports alpha-QE as its own "
                           "rows: reranker.methods=[global,aqe,...] (both read reranker.aqe)")
-    reranked = any(parse_method(m).reranker for m in cfg.reranker.methods)
+    methods = [parse_method(m) for m in cfg.reranker.methods]
+    if any(m.reranker and "checkpoint" in m.reranker.inputs for m in methods) and cfg.reranker.checkpoint not in (None, "train"):
+        from rrt_dist.models.rrt import check_checkpoint
+
+        check_checkpoint(cfg.reranker.checkpoint)          # loaded here once, not first in every actor after search
+    reranked = any(m.reranker for m in methods)
     if index.mode == "sharded" and reranked and cfg.reranker.depth > index.neighbours:
         raise ConfigError(f"reranker.depth={cfg.reranker.depth} > index.neighbours={index.neighbours}: the sharded "
                           f"search keeps {index.neighbours} candidates per query; raise index.neighbours or lower "
