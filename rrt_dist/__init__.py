@@ -1,6 +1,9 @@
 """rrt-dist: Ray-distributed large-scale image retrieval with reranking (see README.md)."""
+import logging as _logging
 import os as _os
 
+# FAISS logs its CPU-feature fallbacks (AVX512 -> AVX2 -> generic) at INFO from every process that imports it.
+_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
 # Lance warns "No existing dataset ..., it will be created" for every fragment written before a table's first
 # commit, which is how the pipelines write: set before any submodule imports lance; errors still show.
 _os.environ.setdefault("LANCE_LOG", "error")

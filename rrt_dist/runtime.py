@@ -6,6 +6,7 @@ launched by ``ray job submit``, which sets ``RAY_ADDRESS``: then it joins that c
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -130,10 +131,77 @@ def job(main):
 
 def entry_point(run):
     """A job module's ``main``: Hydra composes the config from the packaged config groups (``rrt_dist.configs``),
-    then :func:`job` validates it and runs ``run(cfg)``. Tests call ``run`` itself with a composed config, in
-    process on their own Ray."""
+    then :func:`job` validates it and runs ``run(cfg)``. Overrides that do not compose (a misspelt key, an unknown
+    preset) end with one line and exit status 2 instead of Hydra's multi-line report. Tests call ``run`` itself
+    with a composed config, in process on their own Ray."""
     import hydra
 
     from rrt_dist.config import CONFIG_DIR
 
-    return hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(job(run))
+    hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(job(run))
+
+    @functools.wraps(hydra_main)
+    def main():
+        args = sys.argv[1:]
+        if not any(a.startswith("-") for a in args):       # --cfg, --help, --multirun: Hydra's own
+            problem = composition_error(args)
+            if problem:
+                print(f"rrt-dist: error: {problem}", file=sys.stderr)
+                raise SystemExit(2)
+        hydra_main()
+
+    return main
+
+
+def composition_error(overrides: list[str]) -> str | None:
+    """Why ``overrides`` do not compose into a config, in one line naming the key and the closest valid keys (or
+    the preset and the available ones); None when they compose."""
+    import difflib
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rrt_dist.config import CONFIG_DIR
+
+    def composed(selected: list[str]):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=selected, return_hydra_config=True)
+
+    try:
+        composed(overrides)
+        return None
+    except (HydraException, OmegaConfBaseException) as err:
+        text = f"{err} {err.__cause__ or ''}"
+    preset = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if preset:
+        group, name = preset.groups()
+        available = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        close = difflib.get_close_matches(name, available, n=3)
+        return (f"{group}={name}: no such {group} preset; " + (f"closest: {', '.join(close)}; " if close else "")
+                + f"available: {', '.join(available)}")
+    key = re.search(r"full_key: ([\w.]+)", text) or re.search(r"Could not override '([\w.]+)'", text)
+    if not key:
+        return text.strip().splitlines()[0]
+    parent, _, leaf = key.group(1).rpartition(".")
+    groups = [o for o in overrides if "=" in o and (CONFIG_DIR / o.split("=", 1)[0].lstrip("+~")).is_dir()]
+    try:
+        base = composed(groups)
+        node = OmegaConf.select(base, parent) if parent else base
+        schema = OmegaConf.get_type(node)
+        gone = {f.name for f in dataclasses.fields(schema) if "renamed" in f.metadata} \
+            if dataclasses.is_dataclass(schema) else set()
+        known = [str(k) for k in node.keys() if str(k) not in gone and str(k) != "hydra"]
+    except (HydraException, OmegaConfBaseException, AttributeError):
+        known = []
+    if leaf in known:                                 # the key exists: its value is what does not fit
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key.group(1)), "?")
+        reason = re.search(r"(Value .*? could not be converted to \w+)", text)
+        return f"{key.group(1)}={value}: " + (reason.group(1) if reason else text.strip().splitlines()[0])
+    close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.5)
+    where = parent or "the config"
+    return (f"{key.group(1)}: not an option of {where}"
+            + (f"; closest: {', '.join(f'{parent}.{c}' if parent else c for c in close)}" if close else
+               f"; its options: {', '.join(known)}" if known else ""))

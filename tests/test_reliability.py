@@ -257,7 +257,7 @@ def test_more_shards_than_vectors_are_capped(local_ray, tmp_path, caplog):
 
 # --------------------------------------------------------------------------- 6. user errors in one line, no Ray
 
-def run_job(*args, cwd):
+def run_cli(*args, cwd):
     return subprocess.run([str(BIN / "rrt-dist"), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
@@ -265,6 +265,9 @@ def run_job(*args, cwd):
     ("missing", "gallery.csv: file not found"),
     ("empty", "the gallery split of folder lists no image"),
     ("bad_value", "index.neighbours=0 is out of range"),
+    ("misspelt_key", "index.neighbour: not an option of index; closest: index.neighbours"),
+    ("misspelt_preset", "backbone=tiny_imag: no such backbone preset; closest: tiny_image"),
+    ("bad_type", "train.lr=fast: Value 'fast' of type 'str' could not be converted to Float"),
 ])
 def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
     root = tmp_path / "data"
@@ -273,9 +276,10 @@ def test_user_errors_print_one_line_and_start_no_ray(tmp_path, setup, expected):
     if setup == "empty":
         root.mkdir()
         (root / "gallery.csv").write_text("path,label\n")
-    if setup == "bad_value":
-        args.append("index.neighbours=0")
-    proc = run_job(*args, cwd=tmp_path)
+    extra = {"bad_value": ["index.neighbours=0"], "misspelt_key": ["index.neighbour=3"], "bad_type": ["train.lr=fast"],
+             "misspelt_preset": ["backbone=tiny_imag"]}
+    args += extra.get(setup, [])
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rrt-dist: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
