@@ -200,12 +200,13 @@ def test_ingests_into_one_gallery_take_turns_and_a_killed_one_leaves_no_lock(tmp
     import threading
     import time
 
-    from rrt_dist.pipelines.ingest import GalleryBusy, gallery_lock
+    from rrt_dist.pipelines.ingest import gallery_lock
+    from rrt_dist.store.locks import Busy
 
     directory, release = str(tmp_path / "galleries" / "shop"), tmp_path / "release"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, directory, str(release)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(GalleryBusy, match=f"pid {holder.pid}"):
+    with pytest.raises(Busy, match=f"pid {holder.pid}"):
         with gallery_lock(directory, wait=False):
             pass
     threading.Timer(1.0, release.touch).start()

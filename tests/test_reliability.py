@@ -369,6 +369,68 @@ def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synt
         assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
 
 
+def test_chaos_two_writers_and_a_kill_on_one_table_equal_a_clean_run(local_ray, small_synthetic, tmp_path):
+    """Two writers of one table at once, one of them killed (-9) at a random commit: whatever the order, the table
+    ends, after a rerun, with every image once and the clean run's descriptors (several seeds)."""
+    _, root = small_synthetic
+    address = local_ray.get_runtime_context().gcs_address
+    script = tmp_path / "driver.py"
+    script.write_text(CHAOS_DRIVER)
+
+    def start(uri, stop):
+        return subprocess.Popen([sys.executable, str(script), str(root), str(uri), str(stop), address],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+    reference = tmp_path / "reference.lance"
+    assert start(reference, "none").wait(timeout=300) == 0
+    expected = sorted_rows(reference)
+    for seed, stop in enumerate(np.random.default_rng(1).integers(0, 6, size=2).tolist()):
+        uri = tmp_path / f"shared-{seed}.lance"
+        killed, plain = start(uri, stop), start(uri, "none")
+        # the killed one dies (-9) if it held the lock first, or finds nothing left to extract (0)
+        assert killed.wait(timeout=300) in (0, -9) and plain.wait(timeout=300) == 0, plain.stderr.read()[-2000:]
+        assert start(uri, "none").wait(timeout=300) == 0
+        rows = sorted_rows(uri)
+        assert [r["id"] for r in rows] == sorted({r["id"] for r in rows})         # every image once
+        assert rows == expected
+
+
+def test_two_evaluations_at_once_on_one_storage_root_give_the_clean_numbers(local_ray, two_folders, tmp_path):
+    """Two `rrt-dist evaluate` processes started together on one folder dataset and one storage root: one waits
+    for the other's table, nothing is extracted twice, both report what a lone run reports (not 200 %)."""
+    a, _ = two_folders
+    address = local_ray.get_runtime_context().gcs_address
+    common = ["evaluate", "dataset=folder", f"dataset.root={a}", "backbone=tiny_image", "reranker=none",
+              f"storage_root={tmp_path / 'shared'}", f"ray.address={address}"]
+    runs = [subprocess.Popen([str(BIN / "rrt-dist"), *common, f"hydra.run.dir={tmp_path / f'out{i}'}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for i in range(2)]
+    for run in runs:
+        assert run.wait(timeout=400) == 0, run.stderr.read()[-3000:]
+    alone = run_evaluation(a, tmp_path / "alone" / "features", tmp_path / "o-alone")
+    for i in range(2):
+        report = json.loads((tmp_path / f"out{i}" / "report.json").read_text())
+        assert report["results"] == alone["results"]
+    [table] = [p for p in (tmp_path / "shared" / "features").rglob("gallery.lance")]
+    ids = FeatureStore(table).ids                   # a reader refuses a table that holds an id twice
+    assert len(ids) == len(set(ids.tolist())) == 20
+
+
+def test_a_table_holding_an_id_twice_is_refused_and_no_metric_leaves_0_1(tmp_path):
+    from rrt_dist.datasets.base import checked_fractions
+    from rrt_dist.schema import FeatureTableMismatch
+
+    schema = features_schema(4, 0, 0, "test", {}, "fp-test")
+    table = features_to_table(schema, np.asarray([7]), np.eye(4, dtype=np.float32)[:1], np.zeros((1, 0, 0)), None,
+                              None, np.zeros(1))
+    lance.write_dataset(table, tmp_path / "t.lance")
+    lance.write_dataset(table, tmp_path / "t.lance", mode="append")        # a second writer, same image
+    with pytest.raises(FeatureTableMismatch, match="holds 1 image id\\(s\\) more than once, e.g. \\[7\\]"):
+        FeatureStore(tmp_path / "t.lance")
+    assert checked_fractions({"medium": {"mAP": 1.0, "mP@k": {1: 0.5}}}, "b")
+    with pytest.raises(RuntimeError, match="metric medium/mAP = 2.0 is outside"):
+        checked_fractions({"medium": {"mAP": 2.0}}, "b")
+
+
 # ----------------------------------------------------------------------------- leave-one-out, reports, checkpoints
 
 def test_leave_one_out_extracts_once_and_reports_what_it_ran(local_ray, two_folders, tmp_path):

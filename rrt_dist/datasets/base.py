@@ -227,13 +227,26 @@ class Benchmark:
         if positions is not None:
             if not self.summarisable:
                 raise ValueError(f"the {self.protocol.name} protocol scores whole rankings, not summaries")
-            return self.protocol.evaluate(self.gallery_indices(ranked_ids), positions)
+            return checked_fractions(self.protocol.evaluate(self.gallery_indices(ranked_ids), positions), self.name)
         if self.exclude_self:
             query_ids = self.queries.column("id").to_numpy()
             keep = ranked_ids != query_ids[:, None]
             width = int(keep.sum(axis=1).min())
             ranked_ids = np.stack([row[k][:width] for row, k in zip(ranked_ids, keep)])
-        return self.protocol.evaluate(self.gallery_indices(ranked_ids))
+        return checked_fractions(self.protocol.evaluate(self.gallery_indices(ranked_ids)), self.name)
+
+
+def checked_fractions(metrics: dict, benchmark: str, path: str = "") -> dict:
+    """``metrics`` (nested dicts of fractions) if every value lies in [0, 1] (NaN: no query to score); otherwise a
+    loud error: a mAP of 200 % means the ranking or the tables are broken (ids twice), and is never reported."""
+    for key, value in metrics.items():
+        where = f"{path}{key}"
+        if isinstance(value, dict):
+            checked_fractions(value, benchmark, f"{where}/")
+        elif not (value != value or 0.0 <= float(value) <= 1.0):
+            raise RuntimeError(f"{benchmark}: metric {where} = {value!r} is outside [0, 1]; the ranking holds an image "
+                               f"twice or the feature tables are corrupt: nothing is reported")
+    return metrics
 
 
 class _GroundTruthUnpickler(pickle.Unpickler):

@@ -40,6 +40,7 @@ from rrt_dist.store import (FeatureStore, check_schema, commit_fragments, commit
                             remove_uncommitted, write_fragment)
 from rrt_dist.store.features import (META_FINGERPRINT, local_encoding, local_shape, read_codebook, train_pq,
                                      write_codebook)
+from rrt_dist.store.locks import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,15 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
                      settings: ExtractSettings | None = None, errors_uri: str | Path | None = None,
                      desc: str = "extract", resources: PoolResources | None = None) -> ExtractSummary:
     """Extract every manifest row not yet in the table at ``uri`` (or whose file changed since) on an actor pool
-    of ``resources`` (``ray.extract``); returns a summary."""
+    of ``resources`` (``ray.extract``); returns a summary. One writer at a time per table (``<uri>.lock``): a second
+    run on the same table waits, then finds the rows the first committed and extracts none of them again."""
+    with writer_lock(str(uri), f"table {uri}"):
+        return _extract_to_lance(manifest, str(uri), extractor_name, extractor_cfg, settings, errors_uri, desc,
+                                 resources)
+
+
+def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, errors_uri, desc,
+                      resources) -> ExtractSummary:
     extractor_cfg = dict(extractor_cfg or {})
     settings = settings or ExtractSettings()
     resources = resources or PoolResources()
@@ -263,19 +272,25 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
     start = time.perf_counter()
     pending_fragments, pending_ids, commits = [], [], 0
     errors: list[tuple] = []
+    seen_version = None if table is None else table.version      # the table as this writer last saw it
 
     def commit():
-        nonlocal pending_fragments, pending_ids, commits
+        nonlocal pending_fragments, pending_ids, commits, seen_version
         if settings.stop_after_commits is not None and commits >= settings.stop_after_commits and pending_fragments:
             if settings.stop_by_kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise InjectedFailure(f"stopping after {commits} commit(s) (fault injection)")
         if pending_fragments:
             ids = np.concatenate(pending_ids)
+            latest = open_table(uri)
+            if latest is not None and latest.version != seen_version:
+                # another writer committed since (a store with no lock): what it added counts as done too
+                done.update(committed_sources(uri)[0].tolist())
             clash = done.intersection(ids.tolist())
             if clash or len(np.unique(ids)) != len(ids):
-                raise RuntimeError(f"refusing to commit duplicate ids to {uri}: {sorted(clash)[:5]}")
-            summary.version = commit_fragments(uri, schema, pending_fragments).version
+                raise RuntimeError(f"refusing to commit image ids {uri} already holds, e.g. {sorted(clash)[:5]} (another "
+                                   f"writer extracted them meanwhile); rerun to extract only what is missing")
+            summary.version = seen_version = commit_fragments(uri, schema, pending_fragments).version
             done.update(ids.tolist())
             commits += 1
         if errors:

@@ -13,24 +13,20 @@ index version is only ever committed whole, and files of a commit that never hap
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import re
-import socket
 import time
-from contextlib import contextmanager
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, committed_sources
+from rrt_dist.store.locks import writer_lock
 
 from .extract import extract_to_lance
 from .features import table_folder
@@ -62,44 +58,11 @@ def write_record(directory: str, record: dict) -> None:
     fs.mv(f"{path}/{RECORD}.tmp", f"{path}/{RECORD}")
 
 
-class GalleryBusy(RuntimeError):
-    """Another process is ingesting into the gallery (``gallery_lock(wait=False)``)."""
-
-
-@contextmanager
 def gallery_lock(directory: str, wait: bool = True):
-    """Hold the gallery's ingest lock: ``flock`` on ``<gallery>/ingest.lock``, so two ingests into one gallery
-    run one after the other (the second then skips what the first extracted) instead of appending the same ids
-    twice and racing for the index version. The kernel drops the lock when its holder dies, ``kill -9``
-    included: a crashed ingest never leaves the gallery locked. ``wait=False`` raises :class:`GalleryBusy`.
-
-    Only a local (or POSIX-shared) file system can be locked this way; on object stores one ingest per gallery at
-    a time is the caller's to ensure, and a warning says so."""
-    fs, path = fsspec.core.url_to_fs(directory)
-    if not isinstance(fs, LocalFileSystem):
-        log.warning("%s: ingest lock not available on %s; run one ingest per gallery at a time", directory,
-                    type(fs).__name__)
-        yield
-        return
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "ingest.lock"), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            if not wait:
-                raise GalleryBusy(f"gallery {directory} is being ingested by {holder}") from None
-            log.warning("gallery %s is being ingested by %s: waiting for it to finish", directory, holder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold the gallery's ingest lock (``<gallery>/ingest.lock``, see :func:`rrt_dist.store.locks.writer_lock`), so
+    two ingests into one gallery run one after the other (the second then skips what the first extracted) instead
+    of appending the same ids twice and racing for the index version. ``wait=False`` raises :class:`Busy`."""
+    return writer_lock(f"{directory.rstrip('/')}/ingest", f"gallery {directory}", wait)
 
 
 def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings, index_cfg,

@@ -379,6 +379,11 @@ class FeatureStore:
             ids = ids[self._rows]
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
+        twice = self._sorted_ids[1:][self._sorted_ids[1:] == self._sorted_ids[:-1]]
+        if len(twice):      # two writers appended the same images: every ranking and metric over it would be wrong
+            raise FeatureTableMismatch(f"{self.uri} (version {self.dataset.version}) holds {len(np.unique(twice))} "
+                                       f"image id(s) more than once, e.g. {np.unique(twice)[:3].tolist()}: it cannot "
+                                       f"be used; delete it to extract it again")
         self.ids = ids
         self.restricted = only is not None
 
