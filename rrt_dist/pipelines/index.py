@@ -17,6 +17,7 @@ from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.sharded import AugmentedBlocks, ShardedIndex, build_index, table_identities, update_index
 from rrt_dist.schema import StageResources
 from rrt_dist.store import FeatureStore
+from rrt_dist.store.locks import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,24 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: Sta
                  ) -> ShardedIndex:
     """Open the index of ``stores`` (building it, or committing a version with the rows it lacks and without
     those that changed or left the tables) and start its shard actors, each asking for ``resources``
-    (``ray.search``)."""
+    (``ray.search``). One writer at a time per index (``<directory>.lock``); searchers never wait for it."""
     directory = index_directory(cfg, benchmark, stores)
-    try:
-        manifest = read_manifest(directory)
-    except FileNotFoundError:
-        manifest = None
-    if manifest is None:
-        _build(cfg, benchmark, stores, directory, resources)
-    elif cfg.dba_n:
-        if manifest.rows_digest != rows_digest(*table_identities(stores)):
-            # DBA vectors depend on every neighbourhood: any change means a rebuild.
-            _build(cfg, benchmark, stores, directory, resources, manifest,
-                   "the feature tables changed and DBA vectors depend on every neighbourhood")
-    else:
-        _, summary = update_index(stores, directory, cfg.rebuild_fraction)
-        if summary["action"] != "none":
-            log.info("%s: %s", directory, summary["reason"])
+    with writer_lock(directory, f"index {directory}"):
+        try:
+            manifest = read_manifest(directory)
+        except FileNotFoundError:
+            manifest = None
+        if manifest is None:
+            _build(cfg, benchmark, stores, directory, resources)
+        elif cfg.dba_n:
+            if manifest.rows_digest != rows_digest(*table_identities(stores)):
+                # DBA vectors depend on every neighbourhood: any change means a rebuild.
+                _build(cfg, benchmark, stores, directory, resources, manifest,
+                       "the feature tables changed and DBA vectors depend on every neighbourhood")
+        else:
+            _, summary = update_index(stores, directory, cfg.rebuild_fraction)
+            if summary["action"] != "none":
+                log.info("%s: %s", directory, summary["reason"])
     return ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
 
 
