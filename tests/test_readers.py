@@ -1,6 +1,7 @@
 """Every reader parses fixtures in the official on-disk formats (tests/fixtures/)."""
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,4 +189,15 @@ def test_folder_reader_errors(tmp_path):
         read_folder(tmp_path)
     (tmp_path / "queries.csv").write_text("path,positives\nq.jpg,missing.jpg\n")
     with pytest.raises(DatasetLayoutError, match=r"positives \['missing.jpg'\] are not in gallery.csv"):
+        read_folder(tmp_path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("a.jpg,1\nb.jpg,\nc.jpg,2\n", "gallery.csv: line 3, column label: '' is not an integer (empty)"),
+    ("a.jpg,1\nb.jpg,x\n", "gallery.csv: line 3, column label: 'x' is not an integer"),
+    ("a.jpg,1\nb.jpg,1\na.jpg,2\n", "gallery.csv: path 'a.jpg' is listed twice (lines 2 and 4)"),
+])
+def test_a_bad_gallery_csv_names_the_file_line_and_column(tmp_path, rows, message):
+    (tmp_path / "gallery.csv").write_text("path,label\n" + rows)
+    with pytest.raises(DatasetLayoutError, match=re.escape(message)):
         read_folder(tmp_path)

@@ -286,3 +286,25 @@ def read_csv(path: Path, expected: str, columns: Sequence[str], **kwargs):
     if missing:
         raise DatasetLayoutError(path, f"missing column(s) {missing}, found {list(frame.columns)}", expected)
     return frame
+
+
+def int_column(frame, column: str, path: Path | str, expected: str) -> np.ndarray:
+    """``frame[column]`` as int64; a cell that is not an integer is a layout error naming the file, its line
+    (the header is line 1) and the column."""
+    values = frame[column].astype(str).str.strip()
+    bad = ~values.str.fullmatch(r"[+-]?\d+")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DatasetLayoutError(path, f"line {row + 2}, column {column}: {values.iloc[row]!r} is not an integer"
+                                 f"{' (empty)' if not values.iloc[row] else ''}", expected)
+    return values.astype(np.int64).to_numpy()
+
+
+def unique_entries(entries: Sequence[str], path: Path | str, column: str, expected: str) -> None:
+    """A layout error naming the first entry listed twice and its lines (the header is line 1)."""
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry in seen:
+            raise DatasetLayoutError(path, f"{column} {entry!r} is listed twice (lines {seen[entry] + 2} and {i + 2})",
+                                     expected)
+        seen[entry] = i

@@ -17,7 +17,7 @@ import numpy as np
 
 from rrt_dist.schema import DatasetLayoutError
 
-from .base import Benchmark, PositivesProtocol, make_manifest, read_csv, stable_id
+from .base import Benchmark, PositivesProtocol, int_column, make_manifest, read_csv, stable_id, unique_entries
 
 GALLERY_LAYOUT = "gallery.csv with columns path[,label]"
 QUERIES_LAYOUT = "queries.csv with columns path and either label or positives (';'-separated gallery paths)"
@@ -28,7 +28,8 @@ def read_folder(root: str | Path) -> Benchmark:
     gallery_csv = root / "gallery.csv"
     frame = read_csv(gallery_csv, GALLERY_LAYOUT, ["path"], dtype={"path": str}, keep_default_na=False)
     paths = frame["path"].str.strip().tolist()
-    labels = frame["label"].astype(np.int64).to_numpy() if "label" in frame else None
+    unique_entries(paths, gallery_csv, "path", GALLERY_LAYOUT)
+    labels = int_column(frame, "label", gallery_csv, GALLERY_LAYOUT) if "label" in frame else None
     gallery = make_manifest([stable_id(p) for p in paths], [str(root / p) for p in paths], "gallery",
                             labels=None if labels is None else labels.tolist())
     position = {p: i for i, p in enumerate(paths)}
@@ -45,6 +46,7 @@ def read_folder(root: str | Path) -> Benchmark:
 
     qframe = read_csv(queries_csv, QUERIES_LAYOUT, ["path"], dtype=str, keep_default_na=False)
     qpaths = qframe["path"].str.strip().tolist()
+    unique_entries(qpaths, queries_csv, "path", QUERIES_LAYOUT)
     if "positives" in qframe:
         positives = []
         for qp, cell in zip(qpaths, qframe["positives"]):
@@ -58,7 +60,7 @@ def read_folder(root: str | Path) -> Benchmark:
     elif "label" in qframe:
         if labels is None:
             raise DatasetLayoutError(gallery_csv, "queries.csv has labels but gallery.csv has none", GALLERY_LAYOUT)
-        qlabels = qframe["label"].astype(np.int64).to_numpy()
+        qlabels = int_column(qframe, "label", queries_csv, QUERIES_LAYOUT)
         positives = [np.flatnonzero(labels == lab) for lab in qlabels]
     else:
         raise DatasetLayoutError(queries_csv, "needs a label or a positives column", QUERIES_LAYOUT)

@@ -6,13 +6,12 @@ import os
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pandas as pd
 
 from rrt_dist.features.images import is_uri
 from rrt_dist.schema import DatasetLayoutError
 
-from .base import make_manifest, stable_id
+from .base import int_column, make_manifest, stable_id, unique_entries
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_LAYOUT = "a CSV or Parquet file with a uri (or path) column, optional id and label columns"
@@ -47,8 +46,9 @@ def new_images(images: str | None = None, manifest: str | None = None):
         uris = [u if is_uri(u) or os.path.isabs(u) else
                 f"{parent}/{u}" if is_uri(manifest) else str((Path(parent) / u).resolve())
                 for u in frame[column].astype(str).str.strip()]
-        ids = frame["id"].astype(np.int64).tolist() if "id" in frame else None
-        labels = frame["label"].astype(np.int64).tolist() if "label" in frame else None
+        unique_entries(uris, manifest, column, MANIFEST_LAYOUT)
+        ids = int_column(frame, "id", manifest, MANIFEST_LAYOUT).tolist() if "id" in frame else None
+        labels = int_column(frame, "label", manifest, MANIFEST_LAYOUT).tolist() if "label" in frame else None
     if not uris:
         raise DatasetLayoutError(images or manifest, "lists no image", MANIFEST_LAYOUT)
     return make_manifest(ids if ids is not None else [stable_id(u) for u in uris], uris, "gallery", labels=labels)
