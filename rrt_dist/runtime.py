@@ -125,8 +125,15 @@ def job(main):
         except USER_ERRORS as err:
             print(f"rrt-dist: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run
+
+
+INTERRUPTED = ("rrt-dist: interrupted: every committed table version, index version and training checkpoint is kept "
+               "(what was not committed is cleaned up next time); rerun the same command to resume")
 
 
 def entry_point(run):

@@ -471,3 +471,21 @@ def test_checkpoints_ray_train_never_recorded_are_removed(tmp_path):
     (run / "checkpoint_manager_snapshot.json").unlink()
     assert remove_unrecorded_checkpoints(str(run)) == []
     assert sorted(p.name for p in run.iterdir()) == ["epoch_001", "epoch_002", "tensorboard"]
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
+    """SIGINT while a job runs: one line saying what is kept and that the same command resumes; exit 130."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(BIN / "rrt-dist"), "evaluate", f"dataset.root={tmp_path / 'syn'}",
+                             f"hydra.run.dir={tmp_path / 'out'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "syn").exists():          # rendering the benchmark: the job is under way
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rrt-dist: interrupted: every committed table version" in err and "rerun the same command" in err
