@@ -42,6 +42,22 @@ def small_synthetic(tmp_path_factory):
     return spec, root
 
 
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> list[str]:
+    """The small synthetic preset rendered into one folder for the whole test run (by the first test that uses it):
+    the overrides that select it."""
+    return ["experiment=synthetic_small", f"dataset.root={tmp_path_factory.mktemp('small-preset') / 'syn'}"]
+
+
+@pytest.fixture(scope="session")
+def small_preset(small_dataset, tmp_path_factory) -> list[str]:
+    """``small_dataset`` with a one-scale Lite0 pyramid, 16 locals an image and one features folder for the whole
+    test run: the first test extracts; table folders are content digests, so the next ones find the tables
+    committed (a test that checks extraction itself uses a folder of its own)."""
+    return [*small_dataset, "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
+            "backbone.options.max_local=16", f"features_dir={tmp_path_factory.mktemp('small-features')}"]
+
+
 @pytest.fixture
 def run_job(local_ray):
     """``run_job(job, overrides, output_dir)``: the job's ``run`` in this process, on the session's Ray, with its

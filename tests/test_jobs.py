@@ -34,16 +34,17 @@ def free_port() -> int:
 
 # The README's main command is the demo experiment (RRT trained first); here with the small preset's data
 # and a 2-epoch training run so that it takes a minute.
-SMALL_TRAINED = ["experiment=synthetic_small", "reranker=trained", "train.epochs=2", "train.top_locals=16",
-                 "train.min_positives=2", "train.batch_size=4", "train.val_depth=10"]
+SMALL_TRAINED = ["reranker=trained", "train.epochs=2", "train.top_locals=16", "train.min_positives=2",
+                 "train.batch_size=4", "train.val_depth=10"]
 
 
-def test_main_command_on_small_preset(tmp_path):
+def test_main_command_on_small_preset(small_preset, tmp_path):
     """`rrt-dist evaluate` (the README's main command) on the small preset, embedded Ray, shipped weights:
-    trains RRT on the training split with 2 Ray Train workers, then reports every row of the paper's tables."""
+    trains RRT on the training split with 2 Ray Train workers, then reports every row of the paper's tables.
+    The one test of the command line itself (and of a run that starts its own Ray); the others run jobs in
+    process."""
     out = tmp_path / "out"
-    common = [*SMALL_TRAINED, f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'features'}",
-              f"train.storage_path={tmp_path / 'runs'}"]
+    common = [*small_preset, *SMALL_TRAINED, f"train.storage_path={tmp_path / 'runs'}"]
     proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, f"hydra.run.dir={out}"],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,7 +76,7 @@ def test_main_command_on_small_preset(tmp_path):
 
 
 @pytest.mark.ray
-def test_job_submission_to_local_head(tmp_path):
+def test_job_submission_to_local_head(small_dataset, tmp_path):
     """The cluster path: `ray start --head` on loopback, submit jobs/evaluate.py with a working_dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -100,9 +101,8 @@ def test_job_submission_to_local_head(tmp_path):
         storage = tmp_path / "storage"
         # ray=cluster asks for a GPU per extraction actor; this head has none and no autoscaler to add one.
         # Outputs: nothing but the storage root says where (the job runs in Ray's temporary copy of REPO).
-        entrypoint = (f"{sys.executable} jobs/evaluate.py experiment=synthetic_small ray=cluster backbone=tiny_image "
-                      "reranker=none ray.extract.num_gpus=0 ray.extract.num_cpus=1 "
-                      f"dataset.root={tmp_path / 'syn'} storage_root={storage}")
+        entrypoint = (f"{sys.executable} jobs/evaluate.py {' '.join(small_dataset)} ray=cluster backbone=tiny_image "
+                      f"reranker=none ray.extract.num_gpus=0 ray.extract.num_cpus=1 storage_root={storage}")
         runtime_env = {"working_dir": str(REPO), "excludes": [".venv/", ".git/", "data/", "outputs/", "tests/fixtures/"]}
         # The head and its job agent take seconds to come up, minutes on a fresh venv (first imports compile
         # every module) of a loaded 2-core machine; a head that died says why.
@@ -134,7 +134,7 @@ def test_job_submission_to_local_head(tmp_path):
         stop_head(head, temp_dir)
 
 
-def test_index_and_search_jobs(run_job, tmp_path, capsys):
+def test_index_and_search_jobs(run_job, small_dataset, tmp_path, capsys):
     """`rrt-dist index` then `rrt-dist search` (2 shards): the neighbours table equals exact search."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -142,8 +142,8 @@ def test_index_and_search_jobs(run_job, tmp_path, capsys):
     from rrt_dist.index.core import read_manifest, search_numpy_exact
     from rrt_dist.store import FeatureStore
 
-    common = ["experiment=synthetic_small", "backbone=tiny_image", f"dataset.root={tmp_path / 'syn'}",
-              f"features_dir={tmp_path / 'features'}", f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"]
+    common = [*small_dataset, "backbone=tiny_image", f"features_dir={tmp_path / 'features'}",
+              f"index.dir={tmp_path / 'indexes'}", "index.n_shards=2"]
     built = run_job("index", common, tmp_path / "o1")
     assert built["ntotal"] == 172 and "172 vectors" in capsys.readouterr().out      # 72 gallery + 100 distractors
     out = tmp_path / "o2"

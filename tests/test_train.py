@@ -93,15 +93,13 @@ def test_ddp_step_with_two_workers_equals_one_step_on_the_union_batch(local_ray,
 
 
 @pytest.fixture(scope="module")
-def train_cfg(tmp_path_factory):
+def train_cfg(small_preset, tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     import rrt_dist.config  # noqa: F401
 
     root = tmp_path_factory.mktemp("train")
-    overrides = ["experiment=synthetic_small", f"dataset.root={root / 'syn'}", f"features_dir={root / 'features'}",
-                 "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
-                 "backbone.options.max_local=16", "train.batch_size=4", "train.min_positives=2", "train.top_locals=16",
+    overrides = [*small_preset, "train.batch_size=4", "train.min_positives=2", "train.top_locals=16",
                  "train.val_depth=10", f"train.storage_path={root / 'runs'}", "ray.num_cpus=2",
                  "train.warmup_steps=12"]    # 8 steps an epoch: a resume after epoch 1 is mid-warmup
 

@@ -82,7 +82,7 @@ def test_training_crops_are_seeded_and_sized():
     assert not np.array_equal(a, c)
 
 
-def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(local_ray, tmp_path):
+def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(local_ray, small_dataset, tmp_path):
     """Ray Data streams augmented triplets to 2 Ray Train workers; the finetune stage starts from the
     frozen stage's best weights; validation re-extracts locals; the export is a working extractor."""
     from hydra import compose, initialize_config_dir
@@ -91,8 +91,7 @@ def test_joint_training_runs_both_stages_from_images_and_exports_the_extractor(l
     from rrt_dist.models.rrt import load_released_checkpoint
     from rrt_dist.pipelines.train import train_rrt
 
-    overrides = ["experiment=synthetic_small", f"dataset.root={tmp_path / 'syn'}", f"features_dir={tmp_path / 'f'}",
-                 "backbone=dense_grid_r50", "backbone.options.model=resnet18", "backbone.options.pretrained=false",
+    overrides = [*small_dataset, f"features_dir={tmp_path / 'f'}", "backbone=dense_grid_r50", "backbone.options.model=resnet18", "backbone.options.pretrained=false",
                  "backbone.options.image_size=64", "train=rrt_sop_joint", "train.epochs=1", "train.milestones=[]",
                  "train.batch_size=4", "train.min_positives=2", "train.val_depth=10", "ray.train.num_cpus=0.5",
                  f"train.storage_path={tmp_path / 'runs'}", "train.name=joint", "ray.num_cpus=2"]
