@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from rrt_dist.config import available_cpus, validate_config
-from rrt_dist.schema import USER_ERRORS
+from rrt_dist.schema import USER_ERRORS, RayStartError
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,25 @@ def init_ray(cfg) -> dict:
         ray.init(address=address, **common)
     else:
         num_cpus = cfg.num_cpus or available_cpus()
-        log.info("starting embedded Ray with %d CPUs", num_cpus)
         # An embedded Ray serves this process alone: node address and dashboard on loopback (Ray 2.60's gRPC
-        # servers still listen on every interface, behind its token authentication). The dashboard also serves
-        # the state API, which Ray Train's placement-group cleaner polls (without it: a warning every second).
-        ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **common)
+        # servers still listen on every interface, behind its token authentication).
+        for attempt in range(1, cfg.start_attempts + 1):
+            log.info("starting embedded Ray with %d CPUs%s", num_cpus,
+                     f" (attempt {attempt} of {cfg.start_attempts})" if attempt > 1 else "")
+            try:
+                ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
+                         include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                         **common)
+                break
+            except Exception as err:           # Ray raises plain Exceptions for a node that did not come up
+                ray.shutdown()
+                if attempt == cfg.start_attempts:
+                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise RayStartError(
+                        f"the embedded Ray did not start in {cfg.start_attempts} attempt(s) ({reason}); on a loaded "
+                        f"machine retry later, raise ray.start_attempts, set ray.dashboard=false, or start Ray once "
+                        f"(`ray start --head`) and pass ray.address=auto") from None
+                log.warning("the embedded Ray did not start (%s); retrying", str(err).strip().splitlines()[0:1])
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources

@@ -55,7 +55,11 @@ class UnreadableTable(RuntimeError):
     never taken for "no table" and never removed; the message names the table and its last readable version."""
 
 
-USER_ERRORS = (ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
+class RayStartError(RuntimeError):
+    """The embedded Ray did not come up (a loaded machine, a port or a temp folder it could not use)."""
+
+
+USER_ERRORS = (RayStartError, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
                IndexMismatch, UnreadableTable)
 
 

@@ -65,3 +65,28 @@ def test_bad_resources_are_refused_naming_the_key(override, key):
         cfg = compose(config_name="config", overrides=[override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+def test_an_embedded_ray_that_does_not_start_is_retried_then_one_line(monkeypatch):
+    """On a loaded machine Ray's node can time out during start-up: retried ray.start_attempts times, then a
+    RayStartError (one line for the user, exit 2) that says what to try."""
+    import ray
+
+    from rrt_dist.config import RayConfig
+    from rrt_dist.runtime import init_ray
+    from rrt_dist.schema import RayStartError
+
+    attempts = []
+
+    def failing_init(**kwargs):
+        attempts.append(kwargs["include_dashboard"])
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RayStartError, match=r"did not start in 2 attempt\(s\) \(The current node timed out during "
+                                            r"startup.*ray.dashboard=false"):
+        init_ray(RayConfig(num_cpus=1, start_attempts=2, dashboard=False))
+    assert attempts == [False, False]
