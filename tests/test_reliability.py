@@ -341,49 +341,46 @@ def sorted_rows(uri):
     return table.sort_by("id").to_pylist()
 
 
-def test_chaos_kill_the_driver_at_random_commit_boundaries(local_ray, small_synthetic, tmp_path):
+@pytest.fixture(scope="module")
+def chaos(local_ray, small_synthetic, tmp_path_factory):
+    """``start(uri, stop)``: a driver process extracting 40 images into ``uri`` on the session's Ray, killed (-9)
+    at its commit after ``stop`` ones (``"none"``: runs to the end); and the rows of a clean run."""
     _, root = small_synthetic
     address = local_ray.get_runtime_context().gcs_address
-    script = tmp_path / "driver.py"
-    script.write_text(CHAOS_DRIVER)
-
-    def drive(uri, stop):
-        return subprocess.run([sys.executable, str(script), str(root), str(uri), str(stop), address],
-                              capture_output=True, text=True, timeout=300, cwd=REPO)
-
-    reference = tmp_path / "reference.lance"
-    assert drive(reference, "none").returncode == 0
-    expected = sorted_rows(reference)
-    assert len(expected) == 40
-    rng = np.random.default_rng(0)
-    for seed, stop in enumerate([0, *rng.integers(1, 6, size=2).tolist()]):   # before the first commit, then random
-        uri = tmp_path / f"killed-{seed}.lance"
-        killed = drive(uri, stop)
-        assert killed.returncode == -9, killed.stderr[-2000:]
-        assert len(committed_ids(uri)) == 6 * stop if stop else not (uri / "_versions").exists()
-        rerun = drive(uri, "none")
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
-        assert sorted_rows(uri) == expected
-        data_files = {p.name for p in (uri / "data").iterdir()}
-        ds = lance.dataset(str(uri))
-        assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
-
-
-def test_chaos_two_writers_and_a_kill_on_one_table_equal_a_clean_run(local_ray, small_synthetic, tmp_path):
-    """Two writers of one table at once, one of them killed (-9) at a random commit: whatever the order, the table
-    ends, after a rerun, with every image once and the clean run's descriptors (several seeds)."""
-    _, root = small_synthetic
-    address = local_ray.get_runtime_context().gcs_address
-    script = tmp_path / "driver.py"
+    script = tmp_path_factory.mktemp("chaos") / "driver.py"
     script.write_text(CHAOS_DRIVER)
 
     def start(uri, stop):
         return subprocess.Popen([sys.executable, str(script), str(root), str(uri), str(stop), address],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
-    reference = tmp_path / "reference.lance"
+    reference = script.parent / "reference.lance"
     assert start(reference, "none").wait(timeout=300) == 0
     expected = sorted_rows(reference)
+    assert len(expected) == 40
+    return start, expected
+
+
+def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, tmp_path):
+    start, expected = chaos
+    rng = np.random.default_rng(0)
+    for seed, stop in enumerate([0, *rng.integers(1, 6, size=2).tolist()]):   # before the first commit, then random
+        uri = tmp_path / f"killed-{seed}.lance"
+        killed = start(uri, stop)
+        assert killed.wait(timeout=300) == -9, killed.stderr.read()[-2000:]
+        assert len(committed_ids(uri)) == 6 * stop if stop else not (uri / "_versions").exists()
+        rerun = start(uri, "none")
+        assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
+        assert sorted_rows(uri) == expected
+        data_files = {p.name for p in (uri / "data").iterdir()}
+        ds = lance.dataset(str(uri))
+        assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
+
+
+def test_chaos_two_writers_and_a_kill_on_one_table_equal_a_clean_run(chaos, tmp_path):
+    """Two writers of one table at once, one of them killed (-9) at a random commit: whatever the order, the table
+    ends, after a rerun, with every image once and the clean run's descriptors (several seeds)."""
+    start, expected = chaos
     for seed, stop in enumerate(np.random.default_rng(1).integers(0, 6, size=2).tolist()):
         uri = tmp_path / f"shared-{seed}.lance"
         killed, plain = start(uri, stop), start(uri, "none")
