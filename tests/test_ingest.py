@@ -1,5 +1,4 @@
 """Galleries that grow: ingest batches of new images, survive kill -9, equal a build from scratch."""
-import json
 import os
 import re
 import subprocess
@@ -25,8 +24,8 @@ BIN = Path(sys.executable).parent
 DRIVER = """
 import json, sys, ray
 from rrt_dist.config import GalleryConfig, IndexConfig
-from rrt_dist.pipelines.extract import ExtractSettings
 from rrt_dist.pipelines.ingest import ingest
+from rrt_dist.schema import ExtractSettings
 root, name, manifest, stop, address = sys.argv[1:6]
 ray.init(address=address, logging_level="ERROR")
 settings = ExtractSettings(batch_size=2, commit_every=4, stop_after_commits=None if stop == "none" else int(stop),
@@ -79,19 +78,19 @@ def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray,
     script.write_text(DRIVER)
     root = tmp_path / "galleries"
 
-    def drive(batch, stop="none"):
-        return subprocess.run([sys.executable, str(script), str(root), "shop", str(folder / f"{batch}.csv"), str(stop),
-                               address], capture_output=True, text=True, timeout=300, cwd=REPO)
+    def drive(batch):
+        """The ingest of ``batch`` in this process (the same code the driver process runs)."""
+        return ingest(GalleryConfig(name="shop", root=str(root), manifest=str(folder / f"{batch}.csv")), "tiny-image",
+                      {}, ExtractSettings(batch_size=2, commit_every=4),
+                      IndexConfig(factory="Flat", n_shards=2, rebuild_fraction=0.9))
 
-    first = drive("b1")
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert json.loads(first.stdout.splitlines()[-1])["index_action"] == "build"
-    killed = drive("b2", stop=2)                                  # two commits of the second batch, then kill -9
+    assert drive("b1")["index_action"] == "build"
+    # a driver process killed (-9) after two commits of the second batch
+    killed = subprocess.run([sys.executable, str(script), str(root), "shop", str(folder / "b2.csv"), "2", address],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert read_manifest(read_record(str(root / "shop"))["index"]).version == 1
-    resumed = drive("b2")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads(resumed.stdout.splitlines()[-1])
+    summary = drive("b2")
     assert (summary["new"], summary["skipped"], summary["failed"]) == (12, 8, 0)   # 8 committed before the kill
     assert summary["index_action"] == "add" and summary["index_added"] == 20 and summary["index_version"] == 2
     check_equals_a_build_from_scratch(root / "shop", tmp_path / "s1", parts["b1"] + parts["b2"])
@@ -110,9 +109,7 @@ def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray,
                    ExtractSettings(batch_size=2), IndexConfig(factory="Flat", n_shards=2, rebuild_fraction=0.9))
     finally:
         sharded.write_manifest = original
-    again = drive("b3")
-    assert again.returncode == 0, again.stderr[-2000:]
-    summary = json.loads(again.stdout.splitlines()[-1])
+    summary = drive("b3")
     assert (summary["new"], summary["skipped"], summary["index_added"], summary["index_version"]) == (0, 10, 8, 3)
     record, manifest = check_equals_a_build_from_scratch(root / "shop", tmp_path / "s2",
                                                          parts["b1"] + parts["b2"] + parts["b3"][2:])
