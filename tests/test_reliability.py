@@ -364,7 +364,8 @@ def chaos(local_ray, small_synthetic, tmp_path_factory):
 def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, tmp_path):
     start, expected = chaos
     rng = np.random.default_rng(0)
-    for seed, stop in enumerate([0, *rng.integers(1, 6, size=2).tolist()]):   # before the first commit, then random
+    # before the first commit, then at a random one (the two-writer test below kills at random commits too)
+    for seed, stop in enumerate([0, int(rng.integers(1, 6))]):
         uri = tmp_path / f"killed-{seed}.lance"
         killed = start(uri, stop)
         assert killed.wait(timeout=300) == -9, killed.stderr.read()[-2000:]
