@@ -493,8 +493,11 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     script = tmp_path / "waits.py"
     script.write_text(CTRL_C_JOB)
     out = tmp_path / "out"
+    # SIGINT as a terminal delivers it: a child inherits an ignored SIGINT (this test process may ignore it once
+    # Ray runs in it), and Python then raises no KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, str(script), f"hydra.run.dir={out}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "started").exists():
