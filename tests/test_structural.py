@@ -11,7 +11,7 @@ import torch
 
 from rrt_dist.rerank.core import rerank_top_k
 from rrt_dist.rerank.methods import known_methods, parse_method
-from rrt_dist.rerank.structural import structural_similarity
+from rrt_dist.rerank.structural import structural_similarity, transport_plans
 from rrt_dist.schema import ConfigError
 
 
@@ -28,9 +28,10 @@ def reference(query_patches, query_center, cand_patches, cand_centers, weighting
     n, r = cp.shape[:2]
 
     def weights(x):
+        if weighting == "uniform":
+            return np.full_like(x, 1 / len(x))
         x = np.maximum(x, 0)
-        w = {"correlation": x, "inverse": np.exp(-x / temperature), "minus": 1 - x,
-             "uniform": np.full_like(x, 1 / len(x))}[weighting]
+        w = {"correlation": x, "inverse": np.exp(-x / temperature), "minus": 1 - x}[weighting]
         return w / (w.sum() + 1e-5)
 
     sims, kernels, us, vs = [], [], [], []
@@ -69,6 +70,24 @@ def test_equals_the_restated_reference_in_float64(patches, weighting, center):
     got = structural_similarity(*patches, weighting=weighting, center=center)
     assert got.dtype == np.float64 and got.shape == (6,)
     np.testing.assert_allclose(got, reference(*patches, weighting, center), rtol=0, atol=1e-6)
+
+
+def test_uniform_weighting_is_exactly_one_over_r_on_each_side():
+    # Query and candidate: the same two orthogonal patches, so sim = I and K = [[1, e], [e, 1]] with e = exp(-20).
+    # By hand, from r = c = 1 with u = v = 1/2: r = 1/2 / (1 + e), then c = 1/2 / (r (1 + e)) = 1; the second
+    # round repeats them and stops. Plan diagonal r = 1/2 / (1 + e), score 1 / (1 + e). Marginals normalised
+    # with the +1e-5 of the other weightings would give 1 / ((1 + e)(1 + 1e-5)) instead.
+    eye = torch.eye(2, dtype=torch.float64)
+    centre = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    parts = transport_plans(eye, centre, eye[None], centre[None], weighting="uniform")
+    assert torch.equal(parts["u"], torch.full((1, 2), 0.5, dtype=torch.float64))
+    assert torch.equal(parts["v"], torch.full((1, 2), 0.5, dtype=torch.float64))
+    score = structural_similarity(eye, centre, eye[None], centre[None], weighting="uniform")
+    np.testing.assert_allclose(score.item(), 1 / (1 + np.exp(-20)), rtol=1e-12)
+    # Unequal sides: 3 candidate patches against 2 query patches, each side its own 1 / R.
+    parts = transport_plans(eye, centre, torch.eye(3, 2, dtype=torch.float64)[None], centre[None], weighting="uniform")
+    assert torch.equal(parts["u"], torch.full((1, 3), 1 / 3, dtype=torch.float64))
+    assert torch.equal(parts["v"], torch.full((1, 2), 0.5, dtype=torch.float64))
 
 
 def test_computes_in_the_inputs_dtype_and_device(patches):

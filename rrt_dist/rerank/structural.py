@@ -8,8 +8,8 @@ For a query with patches ``P_q [R, C]`` and centre ``c_q [C]`` and a candidate w
     K         = exp(-(1 - sim) / ot_temp)             transport kernel
     u[i]      = w(relu(<c_q, P_n[i]>))                candidate-side marginal
     v[j]      = w(relu(<P_q[j], c_n>))                query-side marginal
-    w         = correlation: x | inverse: exp(-x / temperature) | minus: 1 - x | uniform: 1 / R
-    u, v      normalised: x / (sum(x) + 1e-5)
+    w         = correlation: x | inverse: exp(-x / temperature) | minus: 1 - x
+    u, v      normalised: w / (sum(w) + 1e-5), except uniform: exactly 1 / R (as the reference fills it)
     Sinkhorn  r = u / (K c),  c = v / (K^T r), from r = c = 1, at most ``max_iter`` times, stopping when the
               mean |change of r| over the whole batch falls below ``stop_tol``
     T         = diag(r) K diag(c);   score = sum(T * sim)
@@ -30,15 +30,15 @@ from rrt_dist.rerank.options import CENTERS, WEIGHTINGS
 
 
 def _marginal(x: torch.Tensor, weighting: str, temperature: float) -> torch.Tensor:
+    if weighting == "uniform":
+        return torch.full_like(x, 1.0 / x.shape[-1])
     x = F.relu(x)
     if weighting == "correlation":
         w = x
     elif weighting == "inverse":
         w = torch.exp(-x / temperature)
-    elif weighting == "minus":
-        w = 1 - x
     else:
-        w = torch.full_like(x, 1.0 / x.shape[-1])
+        w = 1 - x
     return w / (w.sum(dim=-1, keepdim=True) + 1e-5)
 
 
