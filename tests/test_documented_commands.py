@@ -110,7 +110,8 @@ def command_problem(command: str) -> str | None:
         program = Path(words[0]).name
         problem = None
         if program == "rrt-dist":
-            problem = _job_problem(words[1], words[2:]) if len(words) > 1 else None
+            problem = _job_problem(words[1], words[2:]) if len(words) > 1 and words[1] not in ("-h", "--help") \
+                else None
         elif program.startswith("python") and len(words) > 1 and words[1].startswith("jobs/"):
             problem = _job_problem(Path(words[1]).stem, words[2:]) if (REPO / words[1]).exists() \
                 else f"no {words[1]}"
@@ -160,3 +161,25 @@ def test_fenced_blocks_are_read_with_continuations_and_quoting():
             "export X=1\n```\n```\nrrt-dist evaluate index.k=0\n```\n")
     assert shell_commands(text) == ["rrt-dist evaluate 'index.factory=\"IVF4096,PQ64\"'      index.neighbours=10   # quoted"]
     assert command_problem(shell_commands(text)[0]) is None
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", re.sub(r"^ *```.*?^ *```", "", markdown, flags=re.S | re.M), re.M)}
+
+
+def test_links_between_pages_resolve():
+    broken = []
+    for page in documented_pages():
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or not linked.resolve().is_relative_to(REPO):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
