@@ -15,14 +15,9 @@ from rrt_dist.runtime import entry_point
 
 def run(cfg: DictConfig) -> dict:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
-    from rrt_dist.pipelines.features import benchmark_features
+    from rrt_dist.pipelines.features import benchmark_features, report_tables
 
-    _, stores = benchmark_features(cfg)
-    tables = {name: {"uri": s.uri, "version": s.version, "rows": len(s), "fingerprint": s.fingerprint}
-              for name, s in stores.items()}
-    for name, t in tables.items():
-        print(f"{name:<10} {t['rows']:>9} rows  version {t['version']:<4} {t['uri']}")
-    return tables
+    return report_tables(*benchmark_features(cfg))
 
 
 main = entry_point(run)

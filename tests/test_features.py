@@ -1,4 +1,6 @@
 """Extractors, weights and DELG import, without Ray."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from rrt_dist.features import config_fingerprint, create_extractor, create_prepa
 from rrt_dist.features.base import orthogonal_projection
 from rrt_dist.features.core import extract_rows
 from rrt_dist.features.delg import (DELG_FILE_SCALES, delg_features, encode_datum, encode_delf_features,
-                                    exact_scale_index, import_delg, parse_datum, read_delg_global, read_delg_local,
+                                    exact_scale_index, parse_datum, read_delg_global, read_delg_local,
                                     released_scale_index)
 from rrt_dist.features.multiscale import grid_nms
 from rrt_dist.features.weights import convert_lite0_state_dict, create_backbone
@@ -152,7 +154,7 @@ def test_pool_grid_is_an_area_weighted_mean_when_the_size_does_not_divide():
 def test_extractor_config_validation_and_fingerprint():
     with pytest.raises(TypeError, match="max_locals"):
         create_extractor("multiscale-cnn", max_locals=3, pretrained=False)
-    with pytest.raises(KeyError, match="known: dense-grid"):
+    with pytest.raises(KeyError, match="known: delg-import, dense-grid"):
         create_extractor("nope")
     ex = create_extractor("dense-grid", model="resnet18", pretrained=False)
     assert fingerprint(ex) == config_fingerprint("dense-grid", model="resnet18", pretrained=False, device="cpu")
@@ -244,32 +246,30 @@ def test_scale_mappings():
     np.testing.assert_array_equal(exact_scale_index(quirky), [1, 3, 5, 0])
 
 
-def test_delg_import_round_trip(tmp_path):
+def test_released_delg_files_are_read_as_an_extractor(tmp_path):
+    """The delg-import "extractor" reads an image's released pair: locals by attention, top max_local, (x, y)."""
     rng = np.random.default_rng(1)
-    rows = []
-    for image_id, n in ((11, 7), (12, 3)):
-        locations, scales, descriptors, attention = _hand_made_delg(rng, n)
-        base = tmp_path / f"img{image_id}"
-        (tmp_path / f"img{image_id}.delg_global").write_bytes(encode_datum(rng.normal(size=2048)))
-        (tmp_path / f"img{image_id}.delg_local").write_bytes(
-            encode_delf_features(locations, scales, descriptors, attention))
-        rows.append((image_id, str(base)))
-    uri = tmp_path / "delg.lance"
-    assert import_delg(rows + [(13, str(tmp_path / "missing"))], uri, max_local=5) == {
-        "imported": 2, "skipped": 0, "missing": [str(tmp_path / "missing")]}
-    assert import_delg(rows, uri, max_local=5)["skipped"] == 2           # resumable: nothing twice
-    store = FeatureStore(uri)
-    assert sorted(store.ids.tolist()) == [11, 12] and store.global_dim == 2048 and store.max_local == 5
-    got = store.take_locals([12, 11])
-    assert got["n_local"].tolist() == [3, 5] and got["mask"][0].tolist() == [False] * 3 + [True] * 2
-    expected = delg_features(read_delg_global(f"{rows[0][1]}.delg_global"),
-                             read_delg_local(f"{rows[0][1]}.delg_local"), 5)
-    np.testing.assert_allclose(got["local"][1], expected.local, atol=2e-3)        # fp16 storage
-    np.testing.assert_allclose(got["positions"][1], expected.positions)           # (x, y) from DELG [y, x]
-    np.testing.assert_array_equal(got["scales"][1], expected.scales)
-    raw = read_delg_local(f"{rows[0][1]}.delg_local")
-    top = np.argsort(-raw["attention"], kind="stable")[:5]
-    np.testing.assert_allclose(expected.positions, raw["locations"][top][:, ::-1])
+    reader = create_extractor("delg-import", release="r50_gldv1", max_local=5)
+    image = str(tmp_path / "roxford5k" / "jpg" / "all_souls_000013.jpg")
+    path = reader.file_for(image)
+    assert path == str(tmp_path / "roxford5k" / "delg_r50_gldv1" / "all_souls_000013.delg_global")
+    locations, scales, descriptors, attention = _hand_made_delg(rng, 7)
+    (tmp_path / "roxford5k" / "delg_r50_gldv1").mkdir(parents=True)
+    Path(path).write_bytes(encode_datum(rng.normal(size=2048)))
+    Path(path.replace(".delg_global", ".delg_local")).write_bytes(
+        encode_delf_features(locations, scales, descriptors, attention))
+    got = reader.read(path)
+    top = np.argsort(-attention, kind="stable")[:5]
+    assert got.n_local == 5 and got.global_.shape == (2048,)
+    np.testing.assert_allclose(got.positions, locations[top][:, ::-1])                    # DELG [y, x] -> (x, y)
+    np.testing.assert_allclose(got.local, descriptors[top] / np.linalg.norm(descriptors[top], axis=1, keepdims=True),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(got.scales, released_scale_index(scales[top]))
+    with pytest.raises(OSError):
+        reader.read(str(tmp_path / "missing.delg_global"))
+    with pytest.raises(ValueError, match="global_dim"):
+        create_extractor("delg-import", global_dim=128).read(path)
+    assert config_fingerprint("delg-import", release="r50_gldv1", max_local=5) == fingerprint(reader)
 
 
 def test_pca_whitening_fit_and_use(tmp_path):

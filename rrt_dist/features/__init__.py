@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rrt_dist.schema import ConfigError
 
-from .options import DenseGridConfig, MultiscaleConfig, TinyImageConfig, ViTConfig, parse_options
+from .options import DelgReleaseConfig, DenseGridConfig, MultiscaleConfig, TinyImageConfig, ViTConfig, parse_options
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class ExtractorEntry:
     config_class: type      # the dataclass of its options (backbone.options)
     target: str             # "module:Class" of the extractor, imported on first use
     provides: tuple[str, ...] = ("global",)   # what its tables hold for rerankers: global | locals | positions | patches
+    reads: str = "images"   # images | files: descriptor files already computed, read per image instead of extracted
 
     def load(self) -> type:
         module, _, attr = self.target.partition(":")
@@ -33,10 +34,16 @@ class ExtractorEntry:
 _REGISTRY: dict[str, ExtractorEntry] = {}
 
 
-def register_extractor(name: str, config_class: type, target: str, provides: tuple[str, ...] = ("global",)) -> None:
+def register_extractor(name: str, config_class: type, target: str, provides: tuple[str, ...] = ("global",),
+                       reads: str = "images") -> None:
     if name in _REGISTRY:
         raise ValueError(f"extractor {name!r} is already registered")
-    _REGISTRY[name] = ExtractorEntry(name, config_class, target, provides)
+    _REGISTRY[name] = ExtractorEntry(name, config_class, target, provides, reads)
+
+
+def extractor_reads_files(name: str) -> bool:
+    """Whether extractor ``name`` reads descriptor files (a manifest's ``uri`` is the file) instead of images."""
+    return _entry(name).reads == "files"
 
 
 def extractor_provides(name: str) -> tuple[str, ...]:
@@ -142,3 +149,5 @@ register_extractor("multiscale-cnn", MultiscaleConfig, "rrt_dist.features.multis
                    ("global", "locals", "positions"))
 register_extractor("dense-grid", DenseGridConfig, "rrt_dist.features.grid:DenseGrid", GRID)
 register_extractor("vit", ViTConfig, "rrt_dist.features.grid:ViTTokens", GRID)
+register_extractor("delg-import", DelgReleaseConfig, "rrt_dist.features.delg:DelgImport", ("global", "locals", "positions"),
+                   reads="files")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import ImageFeatures
+from .images import is_uri
 
 RELEASED_SCALE_BOUNDS = [0.5, 0.7071, 1, 1.414, 2, 2.828, 4]
 DELG_FILE_SCALES = np.array([0.5, 0.7071, 1.0, 1.4142, 2.0, 2.8284, 4.0])
@@ -161,12 +162,22 @@ def encode_delf_features(locations, scales, descriptors, attention, orientations
 
 # ----------------------------------------------------------------------------- files -> features
 
+def _read_bytes(path: str | Path) -> bytes:
+    """A local file's or any fsspec URI's bytes (``OSError`` when missing)."""
+    if is_uri(str(path)):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
+
+
 def read_delg_global(path: str | Path) -> np.ndarray:
-    return parse_datum(Path(path).read_bytes()).astype(np.float32).reshape(-1)
+    return parse_datum(_read_bytes(path)).astype(np.float32).reshape(-1)
 
 
 def read_delg_local(path: str | Path) -> dict:
-    return parse_delf_features(Path(path).read_bytes())
+    return parse_delf_features(_read_bytes(path))
 
 
 def released_scale_index(scales: np.ndarray) -> np.ndarray:
@@ -197,49 +208,41 @@ def delg_features(global_desc: np.ndarray, local: dict, max_local: int = 500,
                          SCALE_MAPPINGS[scale_mapping](local["scales"][order]))
 
 
-class DelgImport:
-    """Pseudo-extractor describing imported DELG files, so they share the feature-table schema."""
-    name = "delg-import"
+def released_global_path(image_uri: str, release: str) -> str:
+    """Where the release keeps an image's descriptors, as the RRT repository lays them out: image
+    ``<root>/jpg/<name>.jpg`` -> ``<root>/delg_<release>/<basename>.delg_global`` (``.delg_local`` beside it), for
+    queries, gallery and distractors alike (an image outside a ``jpg/`` folder: ``delg_<release>/`` beside it)."""
+    head, sep, _ = image_uri.rpartition("/jpg/")
+    root = head if sep else image_uri.rpartition("/")[0]
+    return f"{root}/delg_{release}/{Path(image_uri).stem}.delg_global"
 
-    def __init__(self, global_dim: int = 2048, local_dim: int = 128, max_local: int = 500,
+
+class DelgImport:
+    """The "extractor" of released DELG files: it reads an image's ``.delg_global`` / ``.delg_local`` pair instead of
+    computing descriptors, so imported tables have the schema, fingerprint and pipeline of extracted ones."""
+    name = "delg-import"
+    local_dim = 128
+
+    def __init__(self, release: str = "r50_gldv2", global_dim: int = 2048, max_local: int = 500,
                  scale_mapping: str = "released"):
-        self.global_dim, self.local_dim, self.max_local = global_dim, local_dim, max_local
-        self.scale_mapping = scale_mapping
+        if scale_mapping not in SCALE_MAPPINGS:
+            raise ValueError(f"scale_mapping must be one of {sorted(SCALE_MAPPINGS)}, got {scale_mapping!r}")
+        self.release, self.global_dim, self.max_local, self.scale_mapping = release, global_dim, max_local, scale_mapping
 
     @property
     def config(self) -> dict:
-        return {"global_dim": self.global_dim, "local_dim": self.local_dim, "max_local": self.max_local,
+        return {"release": self.release, "global_dim": self.global_dim, "max_local": self.max_local,
                 "scale_mapping": self.scale_mapping}
 
+    def file_for(self, image_uri: str) -> str:
+        """The descriptor file this release holds for an image (:func:`released_global_path`)."""
+        return released_global_path(image_uri, self.release)
 
-def import_delg(rows: list[tuple[int, str | Path]], uri: str | Path, max_local: int = 500,
-                scale_mapping: str = "released", batch: int = 1024) -> dict:
-    """Import ``<base>.delg_global`` / ``<base>.delg_local`` pairs for ``(id, base)`` rows into a Lance table.
-
-    Resumable like extraction: ids already in the table are skipped. Returns ``{"imported", "skipped", "missing"}``.
-    """
-    from rrt_dist.features import fingerprint
-    from rrt_dist.store import commit_fragments, committed_ids, write_fragment
-
-    from .core import features_table, schema_for
-
-    done = set(committed_ids(uri).tolist())
-    todo = [(i, Path(b)) for i, b in rows if i not in done]
-    first = next((b for _, b in todo if Path(f"{b}.delg_global").is_file()), None)
-    global_dim = len(read_delg_global(f"{first}.delg_global")) if first else 2048
-    spec = DelgImport(global_dim, 128, max_local, scale_mapping)
-    schema = schema_for(spec, fingerprint(spec))
-    imported, missing = 0, []
-    for start in range(0, len(todo), batch):
-        ids, feats = [], []
-        for image_id, base in todo[start:start + batch]:
-            g_path, l_path = Path(f"{base}.delg_global"), Path(f"{base}.delg_local")
-            if not (g_path.is_file() and l_path.is_file()):
-                missing.append(str(base))
-                continue
-            ids.append(image_id)
-            feats.append(delg_features(read_delg_global(g_path), read_delg_local(l_path), max_local, scale_mapping))
-        if ids:
-            commit_fragments(uri, schema, write_fragment(uri, features_table(schema, ids, feats)))
-            imported += len(ids)
-    return {"imported": imported, "skipped": len(rows) - len(todo), "missing": missing}
+    def read(self, global_path: str) -> ImageFeatures:
+        """One image's features from ``<base>.delg_global`` and ``<base>.delg_local`` (``OSError`` when either is
+        missing, ``ValueError`` when either is not such a file)."""
+        base = global_path.removesuffix(".delg_global")
+        global_desc = read_delg_global(f"{base}.delg_global")
+        if len(global_desc) != self.global_dim:
+            raise ValueError(f"{base}.delg_global holds {len(global_desc)} values, not global_dim={self.global_dim}")
+        return delg_features(global_desc, read_delg_local(f"{base}.delg_local"), self.max_local, self.scale_mapping)

@@ -71,3 +71,13 @@ class ViTConfig:
     std: tuple = (0.229, 0.224, 0.225)
     device: str = "auto"
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class DelgReleaseConfig:
+    """Released DELG descriptor files (the RRT paper's), read instead of extracted: ``release`` names the descriptor
+    version (the files' folder is ``delg_<release>``), so two releases never share a table."""
+    release: str = "r50_gldv2"                # r50_gldv1 | r50_gldv2 | r101_gldv1 | r101_gldv2 (or your own)
+    global_dim: int = 2048
+    max_local: int = 500                      # locals kept per image, by decreasing attention
+    scale_mapping: str = "released"           # released: the released checkpoints' bucketing | exact

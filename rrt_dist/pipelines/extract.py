@@ -4,6 +4,9 @@
                               -> extract + write fragment (actor pool of extractors, map_batches)
                               -> commit fragments        (this process, every ``commit_every`` images)
 
+An extractor that reads descriptor files (``reads="files"``: released DELG) takes one step instead: each row's
+``uri`` is its descriptor file, read and written as a fragment by CPU tasks (no image, no model, no actor pool).
+
 Resumable and idempotent: ids already committed (or recorded as unreadable) are not extracted
 again, only the driver commits, each commit is one atomic Lance version, and a commit that would
 add an id twice is refused. Unreadable images go to the errors table with their reason.
@@ -31,7 +34,8 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from rrt_dist.features import config_fingerprint, create_extractor, create_preparer, fingerprint
+from rrt_dist.features import (config_fingerprint, create_extractor, create_preparer, extractor_reads_files,
+                               fingerprint)
 from rrt_dist.features.base import Prepared
 from rrt_dist.features.core import decode_and_prepare, extract_batch, features_table, schema_for
 from rrt_dist.features.images import ImageError, file_identity
@@ -117,18 +121,41 @@ class ExtractAndWrite:
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if not e]
-        fragments = b""
+        feats = []
         if ok:
             prepared = [Prepared(batch["image"][i], tuple(batch["geometry"][i][:2]), (0.0, 0.0)) for i in ok]
             feats = extract_batch(self.extractor, prepared, [tuple(batch["geometry"][i][2:]) for i in ok])
-            table = features_table(self.schema, [int(batch["id"][i]) for i in ok], feats,
-                                   [str(batch["source"][i]) for i in ok], self.codebook)
-            fragments = pickle.dumps(write_fragment(self.uri, table))
         bad = [(int(batch["id"][i]), str(batch["uri"][i]), str(e), str(batch["source"][i]))
                for i, e in enumerate(batch["error"]) if e]
-        return {"fragments": np.asarray([fragments], dtype=object),
-                "ids": np.asarray([json.dumps([int(batch["id"][i]) for i in ok])]),
-                "errors": np.asarray([json.dumps(bad)])}
+        return written_batch(self.uri, self.schema, [int(batch["id"][i]) for i in ok], feats,
+                             [str(batch["source"][i]) for i in ok], self.codebook, bad)
+
+
+def read_and_write(batch: dict, extractor_name: str, extractor_cfg: dict, uri: str, local_storage: str,
+                   codebook: np.ndarray | None) -> dict:
+    """map_batches task for an extractor that reads descriptor files (released DELG): each row's ``uri`` is its
+    file; a file that is missing or not such a file is recorded as the row's error."""
+    reader = create_extractor(extractor_name, **extractor_cfg)
+    schema = schema_for(reader, fingerprint(reader), local_storage, codebook)
+    ids, feats, sources, bad = [], [], [], []
+    for image_id, path in zip(batch["id"], batch["uri"]):
+        source = file_identity(path)        # before reading: a file changed meanwhile is read again next run
+        try:
+            feats.append(reader.read(str(path)))
+        except (OSError, ValueError) as err:
+            bad.append((int(image_id), str(path), f"{path}: {type(err).__name__}: {err}", source))
+            continue
+        ids.append(int(image_id))
+        sources.append(source)
+    return written_batch(uri, schema, ids, feats, sources, codebook, bad)
+
+
+def written_batch(uri: str, schema: pa.Schema, ids: list[int], feats: list, sources: list[str],
+                  codebook: np.ndarray | None, bad: list[tuple]) -> dict:
+    """A batch's features written as one uncommitted Lance fragment, in the rows the driver commits from."""
+    fragments = pickle.dumps(write_fragment(uri, features_table(schema, ids, feats, sources, codebook))) if ids else b""
+    return {"fragments": np.asarray([fragments], dtype=object), "ids": np.asarray([json.dumps(ids)]),
+            "errors": np.asarray([json.dumps(bad)])}
 
 
 def _append_errors(uri: str, errors: list[tuple]) -> None:
@@ -260,14 +287,20 @@ def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, er
     # Small input blocks so results stream back (and get committed) while the run goes on.
     rows_per_block = settings.batch_size
     blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
-    ds = (ray.data.from_arrow(blocks)
-          .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg,
-                                                "max_pixels": settings.max_image_pixels},
-                       batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
-          .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads,
-                                                                      local_encoding(schema), codebook),
-                       batch_size=settings.batch_size, batch_format="numpy", compute=resources.strategy(),
-                       **resources.actor_options()))
+    if extractor_reads_files(extractor_name):
+        ds = ray.data.from_arrow(blocks).map_batches(
+            read_and_write, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg, "uri": uri,
+                                       "local_storage": local_encoding(schema), "codebook": codebook},
+            batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
+    else:
+        ds = (ray.data.from_arrow(blocks)
+              .map_batches(decode_batch, fn_kwargs={"extractor_name": extractor_name, "extractor_cfg": extractor_cfg,
+                                                    "max_pixels": settings.max_image_pixels},
+                           batch_size=settings.batch_size, batch_format="numpy", num_cpus=1)
+              .map_batches(ExtractAndWrite, fn_constructor_args=(extractor_name, extractor_cfg, uri, resources.threads,
+                                                                 local_encoding(schema), codebook),
+                           batch_size=settings.batch_size, batch_format="numpy", compute=resources.strategy(),
+                           **resources.actor_options()))
 
     start = time.perf_counter()
     pending_fragments, pending_ids, commits = [], [], 0

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark
-from rrt_dist.features import config_fingerprint
+from rrt_dist.features import config_fingerprint, create_extractor, extractor_reads_files
 from rrt_dist.features.images import join_location
 from rrt_dist.runtime import init_ray
-from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
+from rrt_dist.schema import ConfigError, DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, concat_globals
 
 from .extract import extract_to_lance
@@ -95,8 +95,15 @@ def ensure_tables(manifests: dict[str, pa.Table], paths: dict[str, str], extract
 
 def ensure_features(bench: Benchmark, features_dir: str | Path, extractor: str, options: dict,
                     settings: ExtractSettings, resources: PoolResources | None = None) -> dict[str, FeatureStore]:
-    """A benchmark's feature tables, extracted where missing (``query`` is the gallery's when they are one set)."""
-    stores = ensure_tables(benchmark_manifests(bench), table_paths(bench, features_dir, extractor, options, settings), extractor,
+    """A benchmark's feature tables, extracted where missing (``query`` is the gallery's when they are one set); an
+    extractor that reads descriptor files reads each image's file instead (imports released descriptors)."""
+    manifests = benchmark_manifests(bench)
+    if extractor_reads_files(extractor):
+        reader = create_extractor(extractor, **options)
+        manifests = {name: m.set_column(m.schema.get_field_index("uri"), m.schema.field("uri"),
+                                        pa.array([reader.file_for(u) for u in m.column("uri").to_pylist()], pa.string()))
+                     for name, m in manifests.items()}
+    stores = ensure_tables(manifests, table_paths(bench, features_dir, extractor, options, settings), extractor,
                            options, settings, resources)
     stores.setdefault("query", stores["gallery"])
     return stores
@@ -147,6 +154,26 @@ def benchmark_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
              bench.gallery.num_rows, bench.n_distractors)
     init_ray(cfg.ray)
     return bench, backbone_features(cfg, bench, cfg.backbone)
+
+
+def imported_features(cfg) -> tuple[Benchmark, dict[str, FeatureStore]]:
+    """``rrt-dist import``: :func:`benchmark_features` for a backbone that reads released descriptor files
+    (``backbone=delg_released``); a backbone that extracts from images is refused before anything starts."""
+    if not extractor_reads_files(cfg.backbone.name):
+        raise ConfigError(f"backbone.name={cfg.backbone.name!r} extracts descriptors from images; rrt-dist import reads "
+                          f"released descriptor files: backbone=delg_released (or rrt-dist extract)")
+    return benchmark_features(cfg)
+
+
+def report_tables(bench: Benchmark, stores: dict[str, FeatureStore]) -> dict:
+    """Each table's rows, version and location (printed), and the images it has no descriptors for."""
+    missing = unreadable_counts(bench, stores)
+    tables = {name: {"uri": s.uri, "version": s.version, "rows": len(s), "missing": missing.get(name, 0),
+                     "fingerprint": s.fingerprint} for name, s in stores.items()}
+    for name, t in tables.items():
+        print(f"{name:<10} {t['rows']:>9} rows  {t['missing']:>6} without descriptors  version {t['version']:<4} "
+              f"{t['uri']}")
+    return tables
 
 
 def backbone_features(cfg, bench: Benchmark, backbone) -> dict[str, FeatureStore]:
