@@ -100,9 +100,10 @@ class RayConfig:
     num_cpus: Optional[int] = bounded(None, ge=1)   # embedded only; default: the CPUs this process may use
     num_gpus: Optional[int] = bounded(None, ge=0)   # embedded only; default: what Ray detects
     object_store_memory: Optional[int] = bounded(None, ge=1)
-    # embedded only: the dashboard (progress of every stage) also serves the state API that Ray Train's
-    # placement-group cleaner polls (without it, a warning every second while training); false starts lighter
-    dashboard: bool = True
+    # embedded only: the dashboard (progress of every stage, http://127.0.0.1:8265). null: only for a job that trains,
+    # whose Ray Train placement-group cleaner polls the state API the dashboard serves (without it, a warning every
+    # second); otherwise off, which starts lighter on a loaded machine
+    dashboard: Optional[bool] = None
     start_attempts: int = bounded(3, ge=1)          # embedded only: a start that times out (a loaded machine) is retried
     namespace: str = "rrt-dist"
     # What each stage's actors ask for (see StageResources): where work runs, never what it computes.

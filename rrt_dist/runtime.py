@@ -39,8 +39,8 @@ def init_ray(cfg) -> dict:
                      f" (attempt {attempt} of {cfg.start_attempts})" if attempt > 1 else "")
             try:
                 ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                         include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                         **common)
+                         include_dashboard=bool(cfg.dashboard), dashboard_host="127.0.0.1",
+                         _node_ip_address="127.0.0.1", **common)
                 break
             except Exception as err:           # Ray raises plain Exceptions for a node that did not come up
                 ray.shutdown()
@@ -51,9 +51,27 @@ def init_ray(cfg) -> dict:
                         f"machine retry later, raise ray.start_attempts, set ray.dashboard=false, or start Ray once "
                         f"(`ray start --head`) and pass ray.address=auto") from None
                 log.warning("the embedded Ray did not start (%s); retrying", str(err).strip().splitlines()[0:1])
+    _quiet_ray_data()
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources
+
+
+def _quiet_ray_data() -> None:
+    """Each stage shows one progress bar of its own; Ray Data's, in a non-interactive run (a submitted job, CI, a log
+    file), is a multi-line table every 10 s per dataset, which buries the results."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)     # "Progress bars disabled" notice
+
+
+TRAINING_JOBS = ("train_rrt", "train_metric")
+
+
+def job_trains(job_name: str, cfg) -> bool:
+    """Whether a run trains: a training job, or an evaluation whose reranker is trained first."""
+    return job_name in TRAINING_JOBS or (job_name == "evaluate" and cfg.reranker.get("checkpoint") == "train")
 
 
 # Ray's job supervisor sets this in the environment of a driver started by ``ray job submit``, whose working
@@ -132,7 +150,10 @@ def job(main):
 
         try:
             validate_config(cfg)
-            destination = outputs_destination(cfg, HydraConfig.get().job.name)
+            name = HydraConfig.get().job.name
+            if cfg.ray.dashboard is None:
+                cfg.ray.dashboard = job_trains(name, cfg)
+            destination = outputs_destination(cfg, name)
             _announce_storage(cfg, destination)
             return run_publishing_outputs(main, cfg, destination)
         except USER_ERRORS as err:

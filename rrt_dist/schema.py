@@ -59,8 +59,25 @@ class RayStartError(RuntimeError):
     """The embedded Ray did not come up (a loaded machine, a port or a temp folder it could not use)."""
 
 
+class StorageFull(OSError):
+    """No space left where a table is written: named with the table; what was committed is kept."""
+
+
 USER_ERRORS = (RayStartError, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
-               IndexMismatch, UnreadableTable)
+               IndexMismatch, UnreadableTable, StorageFull)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (a Ray task error, a LanceError, an OSError, or anything that wraps one) is a full device."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def local_ray():
     from rrt_dist.config import RayConfig
     from rrt_dist.runtime import init_ray
 
-    init_ray(RayConfig(num_cpus=2))
+    init_ray(RayConfig(num_cpus=2, dashboard=True))      # the session's Ray also serves the training tests
     yield ray
     ray.shutdown()
 

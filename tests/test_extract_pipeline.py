@@ -62,6 +62,34 @@ def test_rerun_after_a_crash_extracts_each_id_once(local_ray, manifest, tmp_path
     assert again.extracted == 0 and again.skipped == manifest.num_rows
 
 
+def test_a_full_device_ends_in_one_error_naming_the_table(local_ray, manifest, tmp_path, monkeypatch):
+    """ENOSPC while committing (or inside a Ray task, where Lance reports it as text under Ray's retry advice)
+    becomes StorageFull naming the table, a user error (one line, exit 2); nothing committed is lost."""
+    import errno
+
+    import rrt_dist.pipelines.extract as extract
+    from rrt_dist.schema import USER_ERRORS, StorageFull, is_disk_full
+
+    uri = tmp_path / "f.lance"
+    extract_to_lance(manifest.slice(0, 4), uri, "multiscale-cnn", OPTIONS, ExtractSettings(batch_size=4))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract, "commit_fragments", full)
+    with pytest.raises(StorageFull, match=f"no space left on the device of {uri}"):
+        extract_to_lance(manifest.slice(0, 8), uri, "multiscale-cnn", OPTIONS, ExtractSettings(batch_size=4))
+    assert sorted(committed_ids(uri).tolist()) == sorted(manifest.slice(0, 4).column("id").to_pylist())
+    assert issubclass(StorageFull, USER_ERRORS)
+    try:                                   # as a Ray task error carries it: text, chained under another error
+        try:
+            raise RuntimeError("LanceError(IO): Generic LocalFileSystem error: No space left on device (os error 28)")
+        except RuntimeError as inner:
+            raise ValueError("task failed; if you believe this to be transient, retry") from inner
+    except ValueError as wrapped:
+        assert is_disk_full(wrapped) and not is_disk_full(ValueError("no space for that key"))
+
+
 def test_corrupt_and_missing_images_are_recorded_not_fatal(local_ray, manifest, tmp_path):
     good = manifest.slice(0, 5)
     truncated = tmp_path / "truncated.jpg"

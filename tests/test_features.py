@@ -61,6 +61,15 @@ def test_weights_from_checkpoint_or_a_clear_error(tmp_path):
         create_backbone("resnet18")                      # hub unreachable at test time (HF_HUB_OFFLINE)
     with pytest.raises(WeightsUnavailable, match="does not exist"):
         create_backbone("resnet18", checkpoint=str(tmp_path / "nope.pth"))
+    # files users give by mistake: one line naming the file, never torch's "weights_only=False" advice
+    (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), tmp_path / "r50.pth")
+    for name, reason in (("noise.pth", "not a PyTorch state dict"), ("list.pth", "holds a list"),
+                         ("r50.pth", "does not fit resnet18")):
+        with pytest.raises(WeightsUnavailable, match=reason) as info:
+            create_backbone("resnet18", checkpoint=str(tmp_path / name))
+        assert str(tmp_path / name) in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_multiscale_positions_scales_and_nms():

@@ -48,6 +48,9 @@ def test_main_command_on_small_preset(small_preset, tmp_path):
     proc = subprocess.run([str(BIN / "rrt-dist"), "evaluate", *common, f"hydra.run.dir={out}"],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a non-interactive run's log: one progress bar per stage, no Ray Data tables, no fork warnings
+    assert "Running Dataset" not in proc.stderr and "fork-safe" not in proc.stderr
+    assert "Failed to query Ray Train Controller" not in proc.stderr     # the training run has its dashboard
     assert "| Global only |" in proc.stdout and "| GV (top-100) |" in proc.stdout and "| αQE |" in proc.stdout
     assert "| RRT (top-100) |" in proc.stdout and "| αQE + RRT (top-100) |" in proc.stdout
     assert "## RRT training" in (out / "report.md").read_text() and (out / "training_curve.png").exists()

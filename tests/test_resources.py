@@ -90,3 +90,18 @@ def test_an_embedded_ray_that_does_not_start_is_retried_then_one_line(monkeypatc
                                             r"startup.*ray.dashboard=false"):
         init_ray(RayConfig(num_cpus=1, start_attempts=2, dashboard=False))
     assert attempts == [False, False]
+
+
+def test_the_dashboard_starts_only_for_runs_that_train():
+    """ray.dashboard=null: the dashboard (and the state API Ray Train's cleaner polls) only when the run trains."""
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import CONFIG_DIR
+    from rrt_dist.runtime import job_trains
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        plain, demo = compose("config"), compose("config", overrides=["experiment=demo"])
+    assert plain.ray.dashboard is None
+    assert [job_trains("evaluate", plain), job_trains("evaluate", demo), job_trains("train_rrt", plain),
+            job_trains("train_metric", plain), job_trains("ingest", plain), job_trains("import", plain)] == [
+        False, True, True, True, False, False]

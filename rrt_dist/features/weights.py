@@ -57,11 +57,16 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailable(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:      # noqa: BLE001 - any unpickling failure: torch's own advice (weights_only=False) never helps
+        raise WeightsUnavailable(f"checkpoint {path} is not a PyTorch state dict ({type(err).__name__})") from None
     for key in ("state_dict", "model", "state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 
 
@@ -96,7 +101,11 @@ def create_backbone(model_name: str, checkpoint: str | None = None, pretrained: 
         state = read_checkpoint(checkpoint)
         if model_name in SHIPPED and any(k.startswith("_blocks.") for k in state):
             state = convert_lite0_state_dict(state, model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:       # tensors of other shapes: another model's weights
+            raise WeightsUnavailable(f"checkpoint {checkpoint} does not fit {model_name}: "
+                                     f"{str(err).strip().splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing:
             raise WeightsUnavailable(f"checkpoint {checkpoint} lacks {len(missing)} tensors of {model_name}, "

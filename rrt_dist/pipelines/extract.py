@@ -39,7 +39,8 @@ from rrt_dist.features import (config_fingerprint, create_extractor, create_prep
 from rrt_dist.features.base import Prepared
 from rrt_dist.features.core import decode_and_prepare, extract_batch, features_table, schema_for
 from rrt_dist.features.images import ImageError, file_identity
-from rrt_dist.schema import DEFAULT_MAX_PIXELS, ExtractSettings, FeatureTableMismatch, PoolResources
+from rrt_dist.schema import (DEFAULT_MAX_PIXELS, ExtractSettings, FeatureTableMismatch, PoolResources, StorageFull,
+                             is_disk_full)
 from rrt_dist.store import (FeatureStore, check_schema, commit_fragments, committed_sources, delete_ids, open_table,
                             remove_uncommitted, write_fragment)
 from rrt_dist.store.features import (META_FINGERPRINT, local_encoding, local_shape, read_codebook, train_pq,
@@ -220,8 +221,14 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
     of ``resources`` (``ray.extract``); returns a summary. One writer at a time per table (``<uri>.lock``): a second
     run on the same table waits, then finds the rows the first committed and extracts none of them again."""
     with writer_lock(str(uri), f"table {uri}"):
-        return _extract_to_lance(manifest, str(uri), extractor_name, extractor_cfg, settings, errors_uri, desc,
-                                 resources)
+        try:
+            return _extract_to_lance(manifest, str(uri), extractor_name, extractor_cfg, settings, errors_uri, desc,
+                                     resources)
+        except Exception as err:
+            if is_disk_full(err):    # raised in a Ray task or a commit, buried under Ray's retry advice otherwise
+                raise StorageFull(f"no space left on the device of {uri} while extracting: free space and rerun the "
+                                  f"same command (the rows committed so far are kept)") from None
+            raise
 
 
 def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, errors_uri, desc,

@@ -310,7 +310,7 @@ def _quiet_reports() -> None:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:      # another Ray layout: keep its logs
         return
-    getattr(train_context, "logger", logging.getLogger()).setLevel(logging.WARNING)
+    logging.getLogger(train_context.__name__).setLevel(logging.WARNING)     # that module's logger, never the root
 
 
 def train_worker(config: dict) -> None:
