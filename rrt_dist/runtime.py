@@ -6,10 +6,12 @@ launched by ``ray job submit``, which sets ``RAY_ADDRESS``: then it joins that c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import socket
 import sys
 from typing import Optional
 
@@ -38,9 +40,13 @@ def init_ray(cfg) -> dict:
             log.info("starting embedded Ray with %d CPUs%s", num_cpus,
                      f" (attempt {attempt} of {cfg.start_attempts})" if attempt > 1 else "")
             try:
-                ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                         include_dashboard=bool(cfg.dashboard), dashboard_host="127.0.0.1",
-                         _node_ip_address="127.0.0.1", **common)
+                with own_gcs_port() as gcs_address:
+                    # Its processes name their own cluster: Ray's helpers that look a cluster up (Ray Train's
+                    # placement-group cleaner) otherwise fail with "multiple active Ray instances" beside another.
+                    ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
+                             include_dashboard=bool(cfg.dashboard), dashboard_host="127.0.0.1",
+                             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}},
+                             **common)
                 break
             except Exception as err:           # Ray raises plain Exceptions for a node that did not come up
                 ray.shutdown()
@@ -55,6 +61,24 @@ def init_ray(cfg) -> dict:
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources
+
+
+@contextlib.contextmanager
+def own_gcs_port():
+    """A free loopback port for the GCS of the Ray about to start (Ray reads RAY_GCS_SERVER_PORT at start-up);
+    yields its address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def _quiet_ray_data() -> None:

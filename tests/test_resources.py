@@ -105,3 +105,16 @@ def test_the_dashboard_starts_only_for_runs_that_train():
     assert [job_trains("evaluate", plain), job_trains("evaluate", demo), job_trains("train_rrt", plain),
             job_trains("train_metric", plain), job_trains("ingest", plain), job_trains("import", plain)] == [
         False, True, True, True, False, False]
+
+
+def test_the_embedded_rays_processes_name_their_own_cluster(local_ray):
+    """Ray's helpers inside workers that look the cluster up (Ray Train's placement-group cleaner) find this one,
+    not "multiple active Ray instances", when another Ray runs on the machine."""
+    import os
+
+    @local_ray.remote(num_cpus=0)
+    def cluster_address():
+        return os.environ.get("RAY_ADDRESS")
+
+    host, port = local_ray.get(cluster_address.remote()).rsplit(":", 1)
+    assert host == "127.0.0.1" and port == local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
