@@ -178,3 +178,18 @@ def test_compact_local_storage_shrinks_the_table_and_decodes_on_read(local_ray, 
     with pytest.raises(FeatureTableMismatch, match="stores local descriptors as fp16"):
         extract_to_lance(manifest, tmp_path / "fp16.lance", "multiscale-cnn", OPTIONS,
                          ExtractSettings(batch_size=8, local_storage="int8"))
+
+
+def test_a_uri_names_its_tables_wherever_the_job_runs(tmp_path, monkeypatch):
+    """Table folders are keyed by where images come from: a URI as written, never folded into a path under the
+    working directory (two runs from two folders would extract the same bucket twice)."""
+    from rrt_dist.pipelines.features import absolute_location, source_key
+
+    keys = set()
+    for cwd in (tmp_path, tmp_path.parent):
+        monkeypatch.chdir(cwd)
+        keys.add(source_key("s3://bucket/roxford5k"))
+        assert absolute_location("s3://bucket/roxford5k") == "s3://bucket/roxford5k"
+    assert len(keys) == 1
+    monkeypatch.chdir(tmp_path)
+    assert absolute_location("data") == str(tmp_path / "data")

@@ -10,13 +10,12 @@ from skimage import data
 from rrt_dist.features import config_fingerprint, create_extractor, create_preparer, fingerprint
 from rrt_dist.features.base import orthogonal_projection
 from rrt_dist.features.core import extract_rows
-from rrt_dist.features.delg import (DELG_FILE_SCALES, delg_features, encode_datum, encode_delf_features,
+from rrt_dist.features.delg import (DELG_FILE_SCALES, encode_datum, encode_delf_features,
                                     exact_scale_index, parse_datum, read_delg_global, read_delg_local,
                                     released_scale_index)
 from rrt_dist.features.multiscale import grid_nms
 from rrt_dist.features.weights import convert_lite0_state_dict, create_backbone
 from rrt_dist.schema import WeightsUnavailable
-from rrt_dist.store import FeatureStore
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
 

@@ -52,3 +52,9 @@ def new_images(images: str | None = None, manifest: str | None = None):
     if not uris:
         raise DatasetLayoutError(images or manifest, "lists no image", MANIFEST_LAYOUT)
     return make_manifest(ids if ids is not None else [stable_id(u) for u in uris], uris, "gallery", labels=labels)
+
+
+def images_at(location: str):
+    """:func:`new_images` of a folder or of a manifest file, whichever ``location`` (a path or URI) is."""
+    fs, path = fsspec.core.url_to_fs(location)
+    return new_images(images=location) if fs.isdir(path) else new_images(manifest=location)

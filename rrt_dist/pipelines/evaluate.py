@@ -14,7 +14,7 @@ from rrt_dist.eval.report import render_markdown, run_section, training_section,
 from rrt_dist.eval.runner import settings_of
 from rrt_dist.rerank.methods import parse_method
 
-from .features import benchmark_features, global_matrix, patch_features, unreadable_counts
+from .features import absolute_location, benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
 from .rerank import open_pool, scorer_options
 from .train import trained_reranker
@@ -81,17 +81,19 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     rerank_resources = OmegaConf.to_object(cfg.ray.rerank)
     k_search = cfg.index.neighbours if indexes else None
     examples: dict = {}
-    rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
-                            lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
-                            k_search, examples, {setting: index.search for setting, index in indexes.items()})
-    for index in indexes.values():
-        index.close()
+    try:
+        rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
+                                lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
+                                k_search, examples, {setting: index.search for setting, index in indexes.items()})
+    finally:                       # the shard actors stop however the evaluation ends
+        for index in indexes.values():
+            index.close()
     timings["search_rerank_s"] = time.perf_counter() - t
     settings = list(settings_of(bench))
     rerankers = {method.reranker.name for method in map(parse_method, cfg.reranker.methods) if method.reranker}
     unreadable = unreadable_counts(bench, stores)
     shown = qualitative_row(rows, examples, settings[0], cfg.reranker.qualitative_row)
-    run = {"dataset": bench.name, "root": str(Path(bench.info["root"]).resolve()),
+    run = {"dataset": bench.name, "root": absolute_location(bench.info["root"]),
            "queries": bench.queries.num_rows, "gallery": bench.gallery.num_rows - bench.n_distractors,
            "distractors": bench.n_distractors, "leave_one_out": bench.exclude_self, "unreadable": unreadable,
            "backbone": {"name": cfg.backbone.name, "fingerprint": stores["gallery"].fingerprint,

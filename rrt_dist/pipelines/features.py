@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets import Benchmark
 from rrt_dist.features import config_fingerprint, create_extractor, extractor_reads_files
-from rrt_dist.features.images import join_location
+from rrt_dist.features.images import is_uri, join_location
 from rrt_dist.runtime import init_ray
 from rrt_dist.schema import ConfigError, DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, concat_globals
@@ -35,9 +35,14 @@ def extract_settings(backbone) -> ExtractSettings:
     return ExtractSettings(**{f.name: backbone[f.name] for f in fields(ExtractSettings) if f.name in backbone})
 
 
+def absolute_location(location: str | Path) -> str:
+    """A local path made absolute; a URI as it is (``Path`` would fold ``s3://`` into a path under the cwd)."""
+    return str(location) if is_uri(str(location)) else str(Path(location).resolve())
+
+
 def source_key(location: str | Path) -> str:
     """A short stable name for where images come from (a dataset root or a distractor folder)."""
-    return hashlib.sha1(str(Path(location).resolve()).encode()).hexdigest()[:10]
+    return hashlib.sha1(absolute_location(location).encode()).hexdigest()[:10]
 
 
 def table_folder(extractor: str, options: dict, settings: ExtractSettings) -> str:
@@ -221,10 +226,10 @@ def selfsup_training_set(cfg) -> tuple[pa.Table, str]:
 
     conf = cfg.train.selfsup
     if conf.images:
-        from rrt_dist.datasets.image_list import new_images
+        from rrt_dist.datasets.image_list import images_at
 
         location = conf.images
-        sources = new_images(**({"images": conf.images} if Path(conf.images).is_dir() else {"manifest": conf.images}))
+        sources = images_at(conf.images)
     else:
         location = cfg.dataset.root
         sources = benchmark_manifests(load_benchmark(cfg.dataset, start_ray=partial(init_ray, cfg.ray)))["gallery"]

@@ -187,7 +187,10 @@ def _best(result) -> tuple:
     """The run's best checkpoint by validation score (ties: the later epoch) and its metrics."""
     if result.error:
         raise result.error
-    return max(result.best_checkpoints, key=lambda cm: (cm[1].get("val_score", 0.0), cm[1]["epoch"]))
+    unscored = [cm[1].get("epoch") for cm in result.best_checkpoints if "val_score" not in cm[1]]
+    if unscored:           # every epoch reports its validation; one without it must not pass as a score of 0
+        raise RuntimeError(f"training run {result.path}: checkpoints of epochs {unscored} carry no validation score")
+    return max(result.best_checkpoints, key=lambda cm: (cm[1]["val_score"], cm[1]["epoch"]))
 
 
 def _history(result) -> list[dict]:
@@ -248,7 +251,7 @@ def train_rrt(cfg, out_dir: str | Path) -> dict:
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / "model.pt", out_dir / "rrt_best.pt")
     curve = training_curve(history, out_dir / "training_curve.png")
-    print(f"trained RRT ({name}): best epoch {metrics['epoch']} (validation {100 * metrics.get('val_score', 0):.2f}) "
+    print(f"trained RRT ({name}): best epoch {metrics['epoch']} (validation {100 * metrics['val_score']:.2f}) "
           f"-> {out_dir / 'rrt_best.pt'}")
     return {"checkpoint": str(out_dir / "rrt_best.pt"), "history": history, "best_epoch": metrics["epoch"],
             "run": f"{result.path}", "curve": str(curve), "anchors": int(len(rows["anchors"])),
@@ -355,6 +358,6 @@ def train_metric(cfg, out_dir: str | Path) -> dict:
     curve = training_curve(history, out_dir / "training_curve.png", loss=f"loss ({cfg.train.metric.loss})",
                            accuracy="batch P@1", score="validation MAP@R (held-out classes)")
     print(f"trained extractor ({name}): best epoch {metrics['epoch']} (validation MAP@R "
-          f"{100 * metrics.get('val_score', 0):.2f}) -> {exported['checkpoint']}")
+          f"{100 * metrics['val_score']:.2f}) -> {exported['checkpoint']}")
     return {"backbone": exported, "history": history, "best_epoch": metrics["epoch"], "run": f"{result.path}",
             "curve": str(curve), "training_images": int(len(rows["labels"]))}
