@@ -84,6 +84,12 @@ def validate_config(cfg) -> None:
                               f"of that kind: dataset={cfg.dataset.name})")
 
     check_methods(list(cfg.reranker.methods), cfg.reranker.qualitative_row)
+    rerank = OmegaConf.select(cfg, "search.rerank")
+    if rerank:
+        from rrt_dist.rerank.methods import list_rerankers
+
+        if rerank not in list_rerankers():
+            raise ConfigError(f"search.rerank={rerank!r} is not a reranker; known: {', '.join(list_rerankers())}")
     from rrt_dist.index.core import check_factory
 
     check_factory(cfg.index.factory)
@@ -291,6 +297,15 @@ class GalleryConfig:
 
 
 @dataclass
+class SearchConfig:
+    """The search job on a gallery (``gallery.name``): ``queries`` is a folder, CSV or Parquet of query images
+    (local or fsspec, as ingest takes); ``rerank`` a registry reranker for the top ``reranker.depth`` (null: the
+    global order only). Without ``queries`` the job searches the benchmark's own queries."""
+    queries: Optional[str] = None
+    rerank: Optional[str] = None
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -299,6 +314,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     # What jobs write and later jobs reuse (feature tables, indexes, galleries, training runs, rendered views) lives
     # under one root: a local or shared path, or an fsspec URI (s3://, gs://). On a cluster it must outlive the
     # cluster, not be Ray's temporary copy of the working directory.

@@ -279,3 +279,44 @@ def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray,
     summary = ingest(gallery("b2"), *args)                                       # the lost commit is redone
     assert summary["rows"] == len(parts["b1"]) + len(parts["b2"]) and summary["failed"] == 0
     assert len(set(FeatureStore(table).ids.tolist())) == summary["rows"]
+
+
+def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path):
+    """Query images against an ingested gallery: extracted with the gallery's extractor, the global top-k from
+    its current index version (brute force as the oracle), GV reranking, and both images' paths in the results."""
+    import pyarrow.parquet as pq
+
+    from rrt_dist.schema import ConfigError, DatasetLayoutError
+
+    _, root = small_synthetic
+    uris = read_revisitop(root, "synthetic").gallery.column("uri").to_pylist()
+    (tmp_path / "gallery.csv").write_text("uri\n" + "\n".join(uris[:10]) + "\n")
+    (tmp_path / "queries.csv").write_text("uri\n" + "\n".join(uris[2:4]) + "\n")
+    lite = ["backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]", "backbone.options.max_local=16"]
+    common = [f"gallery.root={tmp_path / 'g'}", "gallery.name=shop"]
+    run_job("ingest", [*common, *lite, f"gallery.manifest={tmp_path / 'gallery.csv'}"], tmp_path / "ingest")
+    out = run_job("search", [*common, *lite, f"search.queries={tmp_path / 'queries.csv'}", "search.rerank=gv",
+                             "index.neighbours=5"], tmp_path / "search")
+    assert (out["queries"], out["k"], out["index_version"]) == (2, 5, 1)
+    results = pq.read_table(out["results"]).to_pylist()
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5] * 2
+    for query, rows in ((uris[2], results[:5]), (uris[3], results[5:])):
+        assert rows[0]["query_path"] == query and rows[0]["gallery_path"] == query   # each query finds itself first
+        assert rows[0]["global_score"] == pytest.approx(1.0, abs=2e-3)
+        assert sorted(r["reranked_rank"] for r in rows) == [1, 2, 3, 4, 5] and rows[0]["reranked_rank"] == 1
+    gallery = FeatureStore(read_record(str(tmp_path / "g" / "shop"))["table"])
+    queries = FeatureStore(str(next((tmp_path / "g" / "shop" / "queries").rglob("query.lance"))))
+    q_ids, q_vectors = queries.globals()
+    _, want = search_numpy_exact(*gallery.globals()[::-1], q_vectors, 5)        # exact search: the oracle
+    got = {r["query_id"]: [] for r in results}
+    for r in results:
+        got[r["query_id"]].append(r["gallery_id"])
+    assert [got[int(q)] for q in q_ids] == want.tolist()
+    assert (tmp_path / "search" / "results.csv").read_text().startswith("\"query_path\"")
+
+    with pytest.raises(ConfigError, match="ingested with"):
+        run_job("search", [*common, "backbone=tiny_image", f"search.queries={tmp_path / 'queries.csv'}"],
+                tmp_path / "s2")
+    with pytest.raises(DatasetLayoutError, match="no gallery 'nope'"):
+        run_job("search", [*common, *lite, "gallery.name=nope", f"search.queries={tmp_path / 'queries.csv'}"],
+                tmp_path / "s3")

@@ -3,6 +3,7 @@
 A gallery lives under ``<gallery.root>/<name>/``::
 
     gallery.json                         name, extractor and fingerprint, table and index paths, ingest history
+    images.lance                         each ingested image's id and path or URI (what a search answers with)
     features/<fingerprint>/gallery.lance the feature table (+ ``gallery-errors.lance``, the unreadable images)
     index/<fingerprint>/<factory>-<n>s/  the versioned sharded index (``rrt_dist.index.sharded``)
 
@@ -25,7 +26,7 @@ from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
-from rrt_dist.store import FeatureStore, committed_sources
+from rrt_dist.store import FeatureStore, committed_sources, open_table
 from rrt_dist.store.locks import writer_lock
 
 from .extract import extract_to_lance
@@ -104,6 +105,7 @@ def ingest_batch(gallery_cfg, extractor: str, options: dict, settings: ExtractSe
         raise DatasetLayoutError(batch.column("uri")[0].as_py(), f"no image of the batch could be read (see "
                                  f"{table.removesuffix('.lance')}-errors.lance, e.g. {extracted.error_samples})",
                                  "readable images")
+    record_paths(directory, batch)
     store = FeatureStore(table)
     index_start = time.perf_counter()
     try:
@@ -128,6 +130,27 @@ def ingest_batch(gallery_cfg, extractor: str, options: dict, settings: ExtractSe
     record["history"].append({k: v for k, v in summary.items() if k != "error_samples"})
     write_record(directory, record)
     return summary
+
+
+IMAGES = "images.lance"
+
+
+def record_paths(directory: str, batch) -> None:
+    """Append a batch's ids and paths to the gallery's image list (under the ingest lock: one writer)."""
+    import lance
+
+    uri = f"{directory}/{IMAGES}"
+    lance.write_dataset(batch.select(["id", "uri"]), uri, mode="append" if open_table(uri) is not None else "create")
+
+
+def image_paths(directory: str, ids) -> list[str | None]:
+    """The path or URI each of ``ids`` was ingested from (the latest ingest's; None for an unknown id)."""
+    table = open_table(f"{directory}/{IMAGES}")
+    if table is None:
+        return [None] * len(ids)
+    rows = table.to_table(columns=["id", "uri"])
+    paths = dict(zip(rows.column("id").to_pylist(), rows.column("uri").to_pylist()))   # later rows win
+    return [paths.get(int(i)) for i in ids]
 
 
 def list_galleries(root: str) -> list[dict]:

@@ -1,0 +1,140 @@
+"""The search job: a benchmark's queries against its sharded index, or query images against a gallery.
+
+A gallery search (``search.queries`` set) extracts the queries with the gallery's own extractor (into a table
+under ``<gallery>/queries/``, so a rerun extracts nothing again), searches the gallery's current index version,
+optionally reranks the top ``reranker.depth`` with ``search.rerank`` (a registry reranker), and writes
+``results.parquet`` and ``results.csv``: one row per query and rank with both paths, the ids, the global score,
+the reranked order and the index version that answered.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+
+from rrt_dist.schema import NO_ID, ConfigError, DatasetLayoutError
+from rrt_dist.store import FeatureStore, take_globals_from
+
+from .features import benchmark_features, extract_settings, global_matrix, source_key, table_folder
+from .index import ensure_index, indexed_tables, search
+
+log = logging.getLogger(__name__)
+
+
+def search_benchmark(cfg) -> dict:
+    """A benchmark's queries against its index (built or updated first): ``neighbours.parquet``."""
+    from omegaconf import OmegaConf
+
+    from rrt_dist.index.sharded import write_neighbours
+
+    bench, stores = benchmark_features(cfg)
+    tables = [stores[n] for n in indexed_tables(cfg.index, stores)]
+    index = ensure_index(cfg.index, bench.name, tables, OmegaConf.to_object(cfg.ray.search))
+    query_ids, queries = global_matrix(stores, ["query"])
+    k = cfg.index.neighbours
+    start = time.perf_counter()
+    try:
+        scores, ids = search(index, queries, k, lambda ids: take_globals_from(tables, ids),
+                             cfg.reranker.aqe if cfg.index.expand_queries else None)
+    finally:
+        index.close()
+    seconds = time.perf_counter() - start
+    path = Path(cfg.output_dir) / "neighbours.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_neighbours(str(path), query_ids, ids, scores)
+    print(f"{len(query_ids)} queries, top-{k} in {seconds:.2f}s ({len(query_ids) / max(seconds, 1e-9):.0f} q/s) "
+          f"-> {path}")
+    return {"neighbours": str(path), "queries": int(len(query_ids)), "k": int(k),
+            "mean_top1": float(np.mean(scores[:, 0])) if len(scores) else None}
+
+
+def search_gallery(cfg) -> dict:
+    """``search.queries`` (a folder, CSV or Parquet of images) against gallery ``gallery.name``."""
+    from omegaconf import OmegaConf
+
+    from rrt_dist.datasets.image_list import images_at
+    from rrt_dist.index.sharded import ShardedIndex
+    from rrt_dist.runtime import init_ray
+
+    from .extract import extract_to_lance
+    from .ingest import gallery_dir, image_paths, read_record
+    from .rerank import open_pool
+
+    directory = gallery_dir(cfg.gallery.root, cfg.gallery.name)
+    record = read_record(directory)
+    if record is None or not record.get("index"):
+        raise DatasetLayoutError(directory, f"no gallery {cfg.gallery.name!r} here (rrt-dist galleries lists them)",
+                                 "a gallery made by rrt-dist ingest")
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    settings = extract_settings(cfg.backbone)
+    folder = table_folder(cfg.backbone.name, options, settings)
+    if folder != record["fingerprint"]:
+        raise ConfigError(f"gallery {cfg.gallery.name!r} holds features of extractor {record['extractor']!r} "
+                          f"({record['fingerprint']}), not of backbone {cfg.backbone.name!r} ({folder}): search it with "
+                          f"the backbone and options it was ingested with")
+    queries = images_at(cfg.search.queries)
+    init_ray(cfg.ray)
+    query_table = f"{directory}/queries/{source_key(cfg.search.queries)}/{folder}/query.lance"
+    extract_to_lance(queries, query_table, cfg.backbone.name, options, replace(settings, local_storage="fp16"),
+                     desc="extract queries", resources=OmegaConf.to_object(cfg.ray.extract))
+    query_store = FeatureStore(query_table, only=queries.column("id").to_numpy())
+    gallery_store = FeatureStore(record["table"])
+    query_ids, query_vectors = query_store.globals()
+    index = ShardedIndex(record["index"], OmegaConf.to_object(cfg.ray.search))
+    start = time.perf_counter()
+    try:
+        version, k = index.version, min(cfg.index.neighbours, index.manifest.ntotal)
+        scores, ids = index.search(query_vectors, k)
+    finally:
+        index.close()
+    timings = {"search_s": round(time.perf_counter() - start, 3)}
+    reranked = None
+    if cfg.search.rerank:
+        start = time.perf_counter()
+        pool = open_pool(cfg.reranker, cfg.search.rerank, {"query": query_store, "gallery": gallery_store},
+                         resources=OmegaConf.to_object(cfg.ray.rerank))
+        try:
+            reranked = pool.rerank(query_ids, ids, scores, min(cfg.reranker.depth, k))
+        finally:
+            pool.close()
+        timings["rerank_s"] = round(time.perf_counter() - start, 3)
+    table = results_table(queries, query_ids, ids, scores, reranked, image_paths(directory, np.unique(ids)),
+                          np.unique(ids), version)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "results.parquet")
+    pa.csv.write_csv(table, out / "results.csv")
+    missing = queries.num_rows - len(query_ids)
+    print(f"gallery {cfg.gallery.name} (index version {version}): {len(query_ids)} queries, top-{k}"
+          f"{f', reranked by {cfg.search.rerank} to depth {min(cfg.reranker.depth, k)}' if reranked is not None else ''}"
+          f"{f', {missing} unreadable' if missing else ''} -> {out / 'results.parquet'}")
+    return {"results": str(out / "results.parquet"), "queries": int(len(query_ids)), "unreadable": int(missing),
+            "k": int(k), "index_version": int(version), **timings}
+
+
+def results_table(queries: pa.Table, query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+                  reranked: np.ndarray | None, paths: list, path_ids: np.ndarray, version: int) -> pa.Table:
+    """One row per query and global rank: the query's path, the gallery image's id and path, the global score,
+    its place in the reranked order (1-based; below the reranked depth the global order; null when not reranked),
+    the index version that answered."""
+    query_path = dict(zip(queries.column("id").to_pylist(), queries.column("uri").to_pylist()))
+    gallery_path = dict(zip(path_ids.tolist(), paths))
+    rows = []
+    for q, (qid, row_ids, row_scores) in enumerate(zip(query_ids, ids, scores)):
+        place = {} if reranked is None else {int(g): r + 1 for r, g in enumerate(reranked[q]) if g != NO_ID}
+        for rank, (gid, score) in enumerate(zip(row_ids, row_scores), 1):
+            if gid == NO_ID:                                 # past the index size
+                continue
+            rows.append({"query_path": query_path[int(qid)], "query_id": int(qid), "rank": rank,
+                         "gallery_id": int(gid), "gallery_path": gallery_path.get(int(gid)),
+                         "global_score": float(score), "reranked_rank": place.get(int(gid)), "index_version": version})
+    schema = pa.schema([("query_path", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
+                        ("gallery_id", pa.int64()), ("gallery_path", pa.string()), ("global_score", pa.float32()),
+                        ("reranked_rank", pa.int32()), ("index_version", pa.int32())])
+    return pa.Table.from_pylist(rows, schema=schema)
