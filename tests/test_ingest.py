@@ -317,6 +317,12 @@ def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path):
     with pytest.raises(ConfigError, match="ingested with"):
         run_job("search", [*common, "backbone=tiny_image", f"search.queries={tmp_path / 'queries.csv'}"],
                 tmp_path / "s2")
+    with pytest.raises(ConfigError, match="search.rerank=rrt needs reranker.checkpoint"):     # before any extraction
+        run_job("search", [*common, *lite, f"search.queries={tmp_path / 'queries.csv'}", "search.rerank=rrt"],
+                tmp_path / "s4")
+    (tmp_path / "broken.csv").write_text(f"uri\n{tmp_path / 'missing.jpg'}\n")
+    with pytest.raises(DatasetLayoutError, match="no query image could be read"):
+        run_job("search", [*common, *lite, f"search.queries={tmp_path / 'broken.csv'}"], tmp_path / "s5")
     with pytest.raises(DatasetLayoutError, match="no gallery 'nope'"):
         run_job("search", [*common, *lite, "gallery.name=nope", f"search.queries={tmp_path / 'queries.csv'}"],
                 tmp_path / "s3")

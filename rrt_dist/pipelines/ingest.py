@@ -21,6 +21,7 @@ import time
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 
 from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest
@@ -143,14 +144,16 @@ def record_paths(directory: str, batch) -> None:
     lance.write_dataset(batch.select(["id", "uri"]), uri, mode="append" if open_table(uri) is not None else "create")
 
 
-def image_paths(directory: str, ids) -> list[str | None]:
-    """The path or URI each of ``ids`` was ingested from (the latest ingest's; None for an unknown id)."""
+def image_paths(directory: str, ids) -> dict[int, str]:
+    """The path or URI each of ``ids`` was ingested from (the latest ingest's), read for those ids only."""
+    import pyarrow.compute as pc
+
     table = open_table(f"{directory}/{IMAGES}")
     if table is None:
-        return [None] * len(ids)
-    rows = table.to_table(columns=["id", "uri"])
-    paths = dict(zip(rows.column("id").to_pylist(), rows.column("uri").to_pylist()))   # later rows win
-    return [paths.get(int(i)) for i in ids]
+        return {}
+    wanted = pa.array(np.unique(np.asarray(ids, np.int64)))
+    rows = table.to_table(columns=["id", "uri"], filter=pc.field("id").isin(wanted))
+    return dict(zip(rows.column("id").to_pylist(), rows.column("uri").to_pylist()))     # later rows win
 
 
 def list_galleries(root: str) -> list[dict]:

@@ -19,7 +19,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from rrt_dist.schema import NO_ID, ConfigError, DatasetLayoutError
-from rrt_dist.store import FeatureStore, take_globals_from
+from rrt_dist.store import FeatureStore, committed_ids, take_globals_from
 
 from .features import benchmark_features, extract_settings, global_matrix, source_key, table_folder
 from .index import ensure_index, indexed_tables, search
@@ -78,13 +78,17 @@ def search_gallery(cfg) -> dict:
         raise ConfigError(f"gallery {cfg.gallery.name!r} holds features of extractor {record['extractor']!r} "
                           f"({record['fingerprint']}), not of backbone {cfg.backbone.name!r} ({folder}): search it with "
                           f"the backbone and options it was ingested with")
+    if cfg.search.rerank:
+        check_rerank(cfg)
     queries = images_at(cfg.search.queries)
     init_ray(cfg.ray)
     query_table = f"{directory}/queries/{source_key(cfg.search.queries)}/{folder}/query.lance"
     extract_to_lance(queries, query_table, cfg.backbone.name, options, replace(settings, local_storage="fp16"),
                      desc="extract queries", resources=OmegaConf.to_object(cfg.ray.extract))
+    if not committed_ids(query_table).size:
+        raise DatasetLayoutError(cfg.search.queries, f"no query image could be read (see "
+                                 f"{query_table.removesuffix('.lance')}-errors.lance)", "readable images")
     query_store = FeatureStore(query_table, only=queries.column("id").to_numpy())
-    gallery_store = FeatureStore(record["table"])
     query_ids, query_vectors = query_store.globals()
     index = ShardedIndex(record["index"], OmegaConf.to_object(cfg.ray.search))
     start = time.perf_counter()
@@ -94,37 +98,51 @@ def search_gallery(cfg) -> dict:
     finally:
         index.close()
     timings = {"search_s": round(time.perf_counter() - start, 3)}
-    reranked = None
+    reranked, depth = None, min(cfg.reranker.depth, k)
     if cfg.search.rerank:
         start = time.perf_counter()
-        pool = open_pool(cfg.reranker, cfg.search.rerank, {"query": query_store, "gallery": gallery_store},
-                         resources=OmegaConf.to_object(cfg.ray.rerank))
+        tables = {"query": query_store, "gallery": FeatureStore(record["table"])}
+        pool = open_pool(cfg.reranker, cfg.search.rerank, tables, resources=OmegaConf.to_object(cfg.ray.rerank))
         try:
-            reranked = pool.rerank(query_ids, ids, scores, min(cfg.reranker.depth, k))
+            reranked = pool.rerank(query_ids, ids, scores, depth)
         finally:
             pool.close()
         timings["rerank_s"] = round(time.perf_counter() - start, 3)
-    table = results_table(queries, query_ids, ids, scores, reranked, image_paths(directory, np.unique(ids)),
-                          np.unique(ids), version)
+    table = results_table(queries, query_ids, ids, scores, reranked, image_paths(directory, ids[ids != NO_ID]),
+                          version)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "results.parquet")
     pa.csv.write_csv(table, out / "results.csv")
     missing = queries.num_rows - len(query_ids)
     print(f"gallery {cfg.gallery.name} (index version {version}): {len(query_ids)} queries, top-{k}"
-          f"{f', reranked by {cfg.search.rerank} to depth {min(cfg.reranker.depth, k)}' if reranked is not None else ''}"
+          f"{f', reranked by {cfg.search.rerank} to depth {depth}' if reranked is not None else ''}"
           f"{f', {missing} unreadable' if missing else ''} -> {out / 'results.parquet'}")
     return {"results": str(out / "results.parquet"), "queries": int(len(query_ids)), "unreadable": int(missing),
             "k": int(k), "index_version": int(version), **timings}
 
 
+def check_rerank(cfg) -> None:
+    """Refuse, before any query is extracted, a ``search.rerank`` the gallery's tables cannot feed (GV without
+    locals) or an RRT without loadable weights."""
+    from rrt_dist.features import extractor_provides
+    from rrt_dist.models.rrt import check_checkpoint
+    from rrt_dist.rerank.methods import check_inputs, get_reranker
+
+    check_inputs([cfg.search.rerank], {"backbone": extractor_provides(cfg.backbone.name)})
+    if "checkpoint" in get_reranker(cfg.search.rerank).inputs:
+        if cfg.reranker.checkpoint in (None, "train"):
+            raise ConfigError(f"search.rerank={cfg.search.rerank} needs reranker.checkpoint=PATH (released or trained "
+                              f"weights)")
+        check_checkpoint(cfg.reranker.checkpoint)
+
+
 def results_table(queries: pa.Table, query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray,
-                  reranked: np.ndarray | None, paths: list, path_ids: np.ndarray, version: int) -> pa.Table:
+                  reranked: np.ndarray | None, gallery_path: dict, version: int) -> pa.Table:
     """One row per query and global rank: the query's path, the gallery image's id and path, the global score,
     its place in the reranked order (1-based; below the reranked depth the global order; null when not reranked),
     the index version that answered."""
     query_path = dict(zip(queries.column("id").to_pylist(), queries.column("uri").to_pylist()))
-    gallery_path = dict(zip(path_ids.tolist(), paths))
     rows = []
     for q, (qid, row_ids, row_scores) in enumerate(zip(query_ids, ids, scores)):
         place = {} if reranked is None else {int(g): r + 1 for r, g in enumerate(reranked[q]) if g != NO_ID}
