@@ -3,6 +3,7 @@
 a ``benchmarks/<name>.py`` flag is one its parser declares, a ``make`` target exists. Paths such as
 ``/data/...`` may be missing (nothing is run); unknown keys, values and flags may not."""
 import ast
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -32,6 +33,7 @@ def shell_commands(markdown: str) -> list[str]:
     return commands
 
 
+@functools.lru_cache(maxsize=None)
 def _argparse_flags(script: Path) -> set[str]:
     """The option strings of every ``add_argument`` call in a benchmark script (read, not run)."""
     flags = set()
@@ -41,6 +43,7 @@ def _argparse_flags(script: Path) -> set[str]:
     return flags | {"-h", "--help"}
 
 
+@functools.lru_cache(maxsize=None)
 def _make_targets() -> set[str]:
     return set(re.findall(r"^([\w.-]+)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M))
 
