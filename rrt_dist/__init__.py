@@ -18,7 +18,7 @@ _warnings.filterwarnings("ignore", message="lance is not fork-safe")
 # only), which the benchmark readers carry with their ground truth.
 LAYERS = (
     ("schema",),                                   # errors, ids, settings dataclasses
-    ("store", "models", "eval.metrics"),           # pure cores with no other rrt_dist dependency
+    ("store", "models", "eval.metrics", "devices"),  # pure cores with no other rrt_dist dependency
     ("features", "index", "datasets"),
     ("rerank", "eval"),
     ("train",),

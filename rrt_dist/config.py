@@ -168,6 +168,8 @@ class IndexConfig:
     and ``search`` jobs always build and query the sharded index.
     """
     mode: str = choice("exact", "exact", "sharded")
+    # where exact mode scores the gallery's blocks: auto = this driver's GPU when it has a usable one (fp32, no TF32)
+    exact_device: str = choice("auto", "auto", "cpu", "cuda")
     factory: str = "Flat"                    # FAISS index_factory string, or "auto" (from the memory budget)
     neighbours: int = bounded(100, ge=1)     # kept per query from the sharded index (sharded mode, search job)
     k: Any = renamed("index.neighbours")

@@ -16,6 +16,7 @@ import sys
 from typing import Optional
 
 from rrt_dist.config import available_cpus, validate_config
+from rrt_dist.devices import error_line
 from rrt_dist.schema import USER_ERRORS, RayStartError
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,12 @@ def job(main):
             return run_publishing_outputs(main, cfg, destination)
         except USER_ERRORS as err:
             print(f"rrt-dist: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as err:                # a user error raised in an actor's constructor or a Ray Data worker
+            line = error_line(err, USER_ERRORS)
+            if line is None:
+                raise
+            print(f"rrt-dist: error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print(INTERRUPTED, file=sys.stderr)

@@ -63,8 +63,13 @@ class StorageFull(OSError):
     """No space left where a table is written: named with the table; what was committed is kept."""
 
 
+class GpuUnavailable(RuntimeError):
+    """A stage's process that Ray gave a GPU (``ray.<stage>.num_gpus``) and that cannot use it: named with the
+    stage and what torch or FAISS reported, instead of computing on the CPU while holding the GPU."""
+
+
 USER_ERRORS = (RayStartError, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
-               IndexMismatch, UnreadableTable, StorageFull)
+               IndexMismatch, UnreadableTable, StorageFull, GpuUnavailable)
 
 
 def is_disk_full(err: BaseException) -> bool:

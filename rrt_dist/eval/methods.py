@@ -31,7 +31,8 @@ def headline(metrics: dict) -> float:
 
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
                      cfg, open_pool, k_search: int | None = None,
-                     examples: dict | None = None, searchers: dict | None = None) -> dict[str, dict]:
+                     examples: dict | None = None, searchers: dict | None = None,
+                     exact_device: str | None = None) -> dict[str, dict]:
     """``{row label: {setting: metrics}}`` for ``cfg.methods``, in their order.
 
     Rows are computed reranker by reranker: ``open_pool(name)`` starts that reranker's pool (a RerankPool),
@@ -42,7 +43,8 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
 
     ``examples`` receives, for the first setting, each row's ranking (the medium protocol's for
     reranked rows of revisitop benchmarks), for qualitative figures. ``searchers[setting]`` is the
-    search function of that setting's index (exact search streamed from the tables when absent).
+    search function of that setting's index (exact search streamed from the tables when absent), which scores
+    its blocks on ``exact_device``.
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
@@ -59,11 +61,12 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
             for setting, with_d in settings_of(bench).items():
                 search = searchers.get(setting)
                 base = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d, search=search,
-                                       depth=cfg.depth)
+                                       depth=cfg.depth, device=exact_device)
                 aqe = None
                 if any(m.expand for m in group):
                     aqe = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d,
-                                          alpha_qe=(cfg.aqe.n, cfg.aqe.alpha), search=search, depth=cfg.depth)
+                                          alpha_qe=(cfg.aqe.n, cfg.aqe.alpha), search=search, depth=cfg.depth,
+                                          device=exact_device)
                 for method in group:
                     ranked, scores, positions = aqe if method.expand else base
                     kept: dict = {}

@@ -46,7 +46,8 @@ def global_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
 
 def metric_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
                     k: int | None, with_distractors: bool, alpha_qe: tuple[int, float] | None = None,
-                    search=None, depth: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                    search=None, depth: int | None = None, device: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`global_rankings`, and the positions that go with a summarised whole ranking.
 
     With ``depth`` (entries read from the top: the reranked top-k), exact search (``search=None``, ``k=None``)
@@ -55,7 +56,7 @@ def metric_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     left after any protocol's junk is removed, and each relevant id where it ranks. Its metric equals the whole
     ranking's (:func:`rrt_dist.eval.metrics.positive_positions`) at O(depth) memory per query instead of
     O(gallery): 70 queries over R1M hold kilobytes, not 560 MB. Returns ``(ids, scores, positions)``;
-    ``positions`` is None when the rows are the ranking itself.
+    ``positions`` is None when the rows are the ranking itself. ``device``: where that summary scores the blocks.
     """
     tables = searched_tables(galleries, with_distractors)
     relevant = bench.relevant_ids() if depth is not None and k is None and search is None else None
@@ -70,7 +71,7 @@ def metric_rankings(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray
     if relevant is not None:
         wanted = [relevant[r] for r in rows]
         top = depth + max((len(w) for w in wanted), default=0)
-        ids, scores, positions = rank_relevant_blocks(lambda: table_blocks(tables), queries, wanted, top)
+        ids, scores, positions = rank_relevant_blocks(lambda: table_blocks(tables), queries, wanted, top, device)
     else:
         scores, ids = search(queries, k)
     if np.array_equal(order, query_ids):           # the usual case: no [n_queries, N] copy

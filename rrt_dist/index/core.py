@@ -123,6 +123,22 @@ def new_index(factory: str, d: int) -> faiss.Index:
     return faiss.IndexIDMap2(index)
 
 
+def gpu_index(index: faiss.Index, resources, device: int = 0) -> faiss.Index:
+    """``index`` copied to GPU ``device`` of FAISS ``resources`` (a ``StandardGpuResources``), in fp16 where its
+    type allows (flat and IVF-flat vectors, IVF-PQ lookup tables: half the memory and bandwidth; scores move by
+    about 1e-3). A type FAISS has no GPU version of (HNSW, some PQ sizes) is refused with its name."""
+    from rrt_dist.schema import ConfigError
+
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True
+    try:
+        return faiss.index_cpu_to_gpu(resources, device, index, options)
+    except RuntimeError as err:
+        kind = type(faiss.downcast_index(getattr(index, "index", index))).__name__
+        raise ConfigError(f"a {kind} index cannot be served on a GPU by FAISS ({str(err).strip().splitlines()[-1]}): "
+                          f"set ray.search.num_gpus=0 or choose another index.factory") from None
+
+
 def train(index: faiss.Index, sample: np.ndarray) -> None:
     if not index.is_trained:
         index.train(np.ascontiguousarray(sample, np.float32))

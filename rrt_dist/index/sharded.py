@@ -35,11 +35,12 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from rrt_dist.devices import require_faiss_gpu
 from rrt_dist.schema import NO_ID, IndexMismatch, StageResources
 from rrt_dist.store import FeatureStore, take_globals_from
 
-from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, merge_results, new_index, read_index,
-                   read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
+from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, gpu_index, merge_results, new_index,
+                   read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
 from .qe import alpha_qe_search, database_augmentation
 
 log = logging.getLogger(__name__)
@@ -361,13 +362,13 @@ class ShardActor:
         faiss.omp_set_num_threads(threads)  # Ray caps OpenMP at the actor's CPU reservation otherwise
         self.cpu_index = read_index(f"{directory}/{file}")
         self.index = self.cpu_index
-        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            options = faiss.GpuClonerOptions()
-            options.useFloat16 = True
+        if use_gpu:                         # Ray gave this actor a GPU: the shard is served from it, or refused
+            require_faiss_gpu("search")
             self.resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self.resources, 0, self.cpu_index, options)
+            self.index = gpu_index(self.cpu_index, self.resources)
         if params:  # e.g. "nprobe=32" (IVF) or "efSearch=256" (HNSW), FAISS ParameterSpace syntax
-            faiss.ParameterSpace().set_index_parameters(self.index, params)
+            space = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
+            space.set_index_parameters(self.index, params)
 
     def search(self, queries: np.ndarray, k: int):
         scores, ids = self.index.search(np.ascontiguousarray(queries, np.float32), k)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rrt_dist.devices import exact_device
 from rrt_dist.eval.figures import qualitative_figure, structural_figure, structural_pairs
 from rrt_dist.eval.methods import evaluate_methods, headline
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
@@ -84,7 +85,8 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     try:
         rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
                                 lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
-                                k_search, examples, {setting: index.search for setting, index in indexes.items()})
+                                k_search, examples, {setting: index.search for setting, index in indexes.items()},
+                                exact_device(cfg.index.exact_device))
     finally:                       # the shard actors stop however the evaluation ends
         for index in indexes.values():
             index.close()

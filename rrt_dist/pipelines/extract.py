@@ -34,6 +34,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from rrt_dist.devices import require_gpu
 from rrt_dist.features import (config_fingerprint, create_extractor, create_preparer, extractor_reads_files,
                                fingerprint)
 from rrt_dist.features.base import Prepared
@@ -116,6 +117,7 @@ class ExtractAndWrite:
         import torch
 
         torch.set_num_threads(torch_threads)    # the actor's own CPUs (Ray sets 1 thread per reserved CPU otherwise)
+        require_gpu("extract")                  # a GPU Ray gave it is used (device "auto" picks it) or refused
         self.extractor = create_extractor(extractor_name, **extractor_cfg)
         self.schema = schema_for(self.extractor, fingerprint(self.extractor), local_storage, codebook)
         self.uri, self.codebook = uri, codebook

@@ -28,6 +28,7 @@ import numpy as np
 import ray
 import torch
 
+from rrt_dist.devices import require_gpu
 from rrt_dist.schema import StageResources, TrainSettings
 from rrt_dist.store import FeatureStore
 
@@ -319,6 +320,7 @@ def train_worker(config: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     _quiet_reports()
+    require_gpu("train")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     settings = TrainSettings(**config["settings"])
