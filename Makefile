@@ -25,9 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
-## Regenerate constraints.txt from the current environment (after changing dependencies).
+## Regenerate constraints.txt from the current environment (after changing dependencies), then pin the gpu
+## extra (FAISS GPU and the CUDA libraries it adds) as resolved against those pins: one CUDA stack, one file.
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^rrt-dist' > constraints.txt
+	{ sed '/^[^#]/,$$d' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^rrt-dist'; } > constraints.new
+	$(BIN)/python -m pip install --dry-run --ignore-installed --quiet --report gpu-report.json -c constraints.new ".[gpu]"
+	$(BIN)/python -c 'import json; pinned = {l.split("==")[0].lower() for l in open("constraints.new") if "==" in l}; \
+		new = sorted(f"{p[\"metadata\"][\"name\"]}=={p[\"metadata\"][\"version\"]}" for p in json.load(open("gpu-report.json"))["install"] \
+		if p["metadata"]["name"].lower() not in pinned and p["metadata"]["name"] != "rrt-dist"); \
+		open("constraints.new", "a").write("# the gpu extra\n" + "".join(n + "\n" for n in new))'
+	mv constraints.new constraints.txt && rm gpu-report.json
 
 clean-data:
 	rm -rf data outputs
