@@ -12,6 +12,7 @@ from dataclasses import fields
 import numpy as np
 import ray
 
+from rrt_dist.devices import require_gpu
 from rrt_dist.rerank.core import RerankCore
 from rrt_dist.rerank.methods import get_reranker
 from rrt_dist.schema import StageResources
@@ -19,6 +20,14 @@ from rrt_dist.store import FeatureStore
 
 
 ACTOR_RESTARTS = 2
+
+
+class RerankActor(RerankCore):
+    """A pool's actor: a :class:`RerankCore` that computes on the GPU Ray gave it, or stops naming ``ray.rerank``."""
+
+    def __init__(self, *args):
+        require_gpu("rerank")
+        super().__init__(*args)
 
 
 class RerankPool:
@@ -35,7 +44,7 @@ class RerankPool:
             resources = resources or StageResources()
             # a lost actor (node gone, out of memory) is restarted and its chunk retried a few times; one that
             # fails the same way each time (its constructor raising) ends the job with its own error, not forever
-            actor = ray.remote(RerankCore).options(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+            actor = ray.remote(RerankActor).options(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
                                                    **resources.actor_options(num_actors))
             self.local, self.actors = None, [actor.remote(*args, resources.threads) for _ in range(num_actors)]
 
