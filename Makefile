@@ -31,9 +31,9 @@ lock: $(STAMP)
 	{ sed '/^[^#]/,$$d' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^rrt-dist'; } > constraints.new
 	$(BIN)/python -m pip install --dry-run --ignore-installed --quiet --report gpu-report.json -c constraints.new ".[gpu]"
 	$(BIN)/python -c 'import json; pinned = {l.split("==")[0].lower() for l in open("constraints.new") if "==" in l}; \
-		new = sorted(f"{p[\"metadata\"][\"name\"]}=={p[\"metadata\"][\"version\"]}" for p in json.load(open("gpu-report.json"))["install"] \
-		if p["metadata"]["name"].lower() not in pinned and p["metadata"]["name"] != "rrt-dist"); \
-		open("constraints.new", "a").write("# the gpu extra\n" + "".join(n + "\n" for n in new))'
+		added = sorted("%s==%s" % (m["name"], m["version"]) for m in (p["metadata"] for p in json.load(open("gpu-report.json"))["install"]) \
+		              if m["name"].lower() not in pinned | {"rrt-dist"}); \
+		open("constraints.new", "a").write("# the gpu extra\n" + "".join(a + "\n" for a in added))'
 	mv constraints.new constraints.txt && rm gpu-report.json
 
 clean-data:

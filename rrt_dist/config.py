@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 # ConfigError is re-exported for callers of config
 from rrt_dist.datasets.options import DATASET_SCHEMAS, DistractorsConfig
 from rrt_dist.schema import (AQEConfig, ConfigError, ExtractSettings, MetricSettings, PoolResources,  # noqa: F401
-                             RRTConfig, StageResources, TrainSettings, bounded, choice, renamed)
+                             RRTConfig, SearchResources, StageResources, TrainSettings, bounded, choice, renamed)
 
 CONFIG_DIR = Path(str(files("rrt_dist.configs")))   # the Hydra config groups (configs/ in the checkout)
 
@@ -116,7 +116,7 @@ class RayConfig:
     extract: PoolResources = field(default_factory=PoolResources)      # extraction actor pool
     # one actor per index shard; reserving no CPU by default: idle between query batches, and a small machine's
     # CPUs go to extraction and reranking running beside it
-    search: StageResources = field(default_factory=lambda: StageResources(num_cpus=0))
+    search: SearchResources = field(default_factory=lambda: SearchResources(num_cpus=0))
     rerank: StageResources = field(default_factory=StageResources)     # reranker.num_actors actors
     train: StageResources = field(default_factory=StageResources)      # each of train.num_workers workers
 

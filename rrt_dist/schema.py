@@ -158,6 +158,20 @@ class PoolResources(StageResources):
 
 
 @dataclass
+class SearchResources(StageResources):
+    """The search shard actors (``ray.search``). ``num_gpus: null`` with ``gpu_min_vectors`` set serves each shard
+    of at least that many vectors from a GPU (one per such actor) and smaller ones from CPUs: a flat 1M x 2048
+    shard answered 70 queries 139x faster from an H200 than from 16 CPU cores (docs/benchmarks.md), for a
+    one-off load of its vectors; a small shard is not worth a GPU node."""
+    gpu_min_vectors: Optional[int] = bounded(None, ge=1)
+
+    def shard_gpus(self, n_vectors: int, actors: int = 1) -> float:
+        if self.num_gpus is None and self.gpu_min_vectors is not None:
+            return 1.0 if n_vectors >= self.gpu_min_vectors else 0.0
+        return self.gpus(actors)
+
+
+@dataclass
 class ExtractSettings:
     """How the extraction pipeline runs: the fields of the ``backbone`` config group that are not the
     extractor's own (``rrt_dist.config.BackboneConfig`` extends this class)."""

@@ -1,6 +1,7 @@
 """The cluster files are valid for what reads them (KubeRay's CRD schemas, rejecting unknown keys; Ray's
 cluster-launcher schema), autoscale from zero GPU nodes, fit what ``ray=cluster`` asks for, and launch jobs
 that exist with overrides the configs accept."""
+import functools
 import json
 import os
 import re
@@ -42,10 +43,12 @@ def closed(schema: dict) -> dict:
     return schema
 
 
-def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+@functools.lru_cache
+def crd_validator(kind: str):
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=yaml.CSafeLoader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return closed(version["schema"]["openAPIV3Schema"])
+    schema = closed(version["schema"]["openAPIV3Schema"])
+    return jsonschema.validators.validator_for(schema)(schema)
 
 
 def cluster_spec(manifest: dict) -> dict:
@@ -61,11 +64,11 @@ def test_there_is_a_long_lived_cluster_and_a_job():
 def test_kuberay_manifest_validates_against_its_crd(path):
     manifest = yaml.safe_load(path.read_text())
     assert manifest["apiVersion"] == "ray.io/v1"
-    jsonschema.validate(manifest, crd_schema(manifest["kind"]))
+    crd_validator(manifest["kind"]).validate(manifest)
     misspelt = json.loads(json.dumps(manifest))
     cluster_spec(misspelt)["enableInTreeAutoscalling"] = True      # the check really refuses unknown keys
     with pytest.raises(jsonschema.ValidationError, match="enableInTreeAutoscalling"):
-        jsonschema.validate(misspelt, crd_schema(manifest["kind"]))
+        crd_validator(manifest["kind"]).validate(misspelt)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -86,8 +89,7 @@ def test_kuberay_cluster_autoscales_from_zero_gpus_with_auth_and_fits_the_cluste
     assert ray_cfg.search.num_cpus <= max(cpu_limits)
     images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
               for c in g["template"]["spec"]["containers"]}
-    built = re.search(r"docker build -t (\S+)", (REPO / "Dockerfile").read_text()).group(1)
-    assert images == {built}                                           # the image the Dockerfile builds
+    assert images == {built_image()}                                   # the image the Dockerfile builds
 
 
 def test_kuberay_rayjob_entrypoint_composes_and_writes_to_the_shared_volume(monkeypatch):
@@ -115,4 +117,76 @@ def test_cluster_launcher_config_validates_against_rays_schema():
     jsonschema.validate(cfg, schema)
     assert cfg["head_node_type"] in cfg["available_node_types"]
     assert cfg["available_node_types"]["gpu_worker"]["min_workers"] == 0
-    assert any("constraints.txt" in c for c in cfg["setup_commands"])
+    assert cfg["docker"]["image"] == built_image()                     # Python 3.11 and the pinned environment
+    assert "--gpus all" in cfg["docker"]["worker_run_options"]
+    assert not any(local in (".", "./") for local in cfg.get("file_mounts", {}).values())   # no checkout, no .venv
+    assert any("/data" in c and "mount" in c for c in cfg["initialization_commands"])       # shared storage
+    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+               if c.startswith("export") or "ray start" in c)
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+
+
+# What the pods' machine types give a pod: vCPUs and GiB less what the kubelet, system and daemonsets reserve
+# (EKS: ~0.1 vCPU + ~0.3 for daemonsets; memory 255 MiB + 11 MiB per pod + eviction 100 MiB, about 2.5 GiB with
+# the CNI and device plugin on an 8-vCPU node: 3 GiB kept, 0.5 vCPU).
+MACHINES = {"g5.2xlarge": (8, 32, 1), "g5.4xlarge": (16, 64, 1), "m6i.2xlarge": (8, 32, 0), "m6i.4xlarge": (16, 64, 0)}
+
+
+def quantity(value, unit: str = "") -> float:
+    value = str(value)
+    factors = {"m": 1e-3, "Gi": 1.0, "Mi": 1 / 1024, "Ti": 1024.0}
+    for suffix, factor in factors.items():
+        if value.endswith(suffix):
+            return float(value[:-len(suffix)]) * factor
+    return float(value)
+
+
+def pod_templates(manifest: dict) -> list[tuple[str, dict]]:
+    spec = cluster_spec(manifest)
+    return [("head", spec["headGroupSpec"]["template"])] + [(g["groupName"], g["template"])
+                                                             for g in spec["workerGroupSpecs"]]
+
+
+def built_image() -> str:
+    return re.search(r"docker build -t (\S+)", (REPO / "Dockerfile").read_text()).group(1)
+
+
+def test_core_kubernetes_objects_validate_against_their_schemas():
+    """The shared volume claim, and each Ray pod template as a core PodTemplate, against Kubernetes' own schemas
+    (kubernetes-validate, strict: unknown keys refused)."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    claim = yaml.safe_load((REPO / "cluster" / "storage.yaml").read_text())
+    kubernetes_validate.validate(claim, version, strict=True)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"]
+    for path in MANIFESTS:
+        for group, template in pod_templates(yaml.safe_load(path.read_text())):
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group},
+                                          "template": template}, version, strict=True)
+    broken = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+              "template": {"spec": {"containers": [{"name": "c", "image": "i", "volumeMount": []}]}}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_pods_fit_their_machines_share_the_volume_and_can_write_it(path):
+    claim = yaml.safe_load((REPO / "cluster" / "storage.yaml").read_text())["metadata"]["name"]
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["spec"].get("authOptions", cluster_spec(manifest)["authOptions"])["secretName"]
+    for group, template in pod_templates(manifest):
+        spec = template["spec"]
+        machine = spec["nodeSelector"]["node.kubernetes.io/instance-type"]
+        cpus, gib, gpus = MACHINES[machine]
+        requests = spec["containers"][0]["resources"]["requests"]
+        assert quantity(requests["cpu"]) <= cpus - 0.5 and quantity(requests["memory"]) <= gib - 3, (group, machine)
+        assert int(requests.get("nvidia.com/gpu", 0)) <= gpus
+        if gpus:
+            assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]), group
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == claim
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory" and quantity(shm["sizeLimit"]) <= quantity(requests["memory"]) / 2
+        assert spec["securityContext"]["fsGroup"] and spec["securityContext"]["runAsUser"] == 1000

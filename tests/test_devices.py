@@ -91,3 +91,12 @@ def test_gpu_block_scoring_ranks_as_faiss():
     np.testing.assert_allclose(on_torch[1], on_faiss[1], atol=1e-5)
     exact = queries @ vectors[:512].T
     np.testing.assert_allclose(block_scores(queries, vectors[:512], device="cpu"), exact, atol=1e-5)
+
+
+def test_search_shards_take_a_gpu_from_the_size_where_it_pays():
+    from rrt_dist.schema import SearchResources
+
+    where_it_pays = SearchResources(num_cpus=4, gpu_min_vectors=1_000_000)
+    assert [where_it_pays.shard_gpus(n) for n in (999_999, 1_000_000, 5_000_000)] == [0.0, 1.0, 1.0]
+    assert SearchResources(num_gpus=0, gpu_min_vectors=1).shard_gpus(10**9) == 0.0     # an explicit number wins
+    assert SearchResources(num_gpus=0.5, gpu_min_vectors=10**9).shard_gpus(1) == 0.5

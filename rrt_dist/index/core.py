@@ -129,14 +129,17 @@ def gpu_index(index: faiss.Index, resources, device: int = 0) -> faiss.Index:
     about 1e-3). A type FAISS has no GPU version of (HNSW, some PQ sizes) is refused with its name."""
     from rrt_dist.schema import ConfigError
 
+    kind = type(faiss.downcast_index(getattr(index, "index", index))).__name__
+    refuse = f"a {kind} index cannot be served on a GPU by FAISS"
+    advice = "set ray.search.num_gpus=0 or choose another index.factory"
+    if kind.startswith("IndexHNSW"):               # would clone, then fail at the first search (graph on the CPU)
+        raise ConfigError(f"{refuse}: {advice}")
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True
     try:
         return faiss.index_cpu_to_gpu(resources, device, index, options)
     except RuntimeError as err:
-        kind = type(faiss.downcast_index(getattr(index, "index", index))).__name__
-        raise ConfigError(f"a {kind} index cannot be served on a GPU by FAISS ({str(err).strip().splitlines()[-1]}): "
-                          f"set ray.search.num_gpus=0 or choose another index.factory") from None
+        raise ConfigError(f"{refuse} ({str(err).strip().splitlines()[-1]}): {advice}") from None
 
 
 def train(index: faiss.Index, sample: np.ndarray) -> None:

@@ -36,7 +36,7 @@ import ray
 from tqdm import tqdm
 
 from rrt_dist.devices import require_faiss_gpu
-from rrt_dist.schema import NO_ID, IndexMismatch, StageResources
+from rrt_dist.schema import NO_ID, IndexMismatch, SearchResources
 from rrt_dist.store import FeatureStore, take_globals_from
 
 from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, gpu_index, merge_results, new_index,
@@ -389,10 +389,10 @@ class ShardedIndex:
     product first). :meth:`refresh` moves it to the newest version: actors for the changed shards start and load
     first, then searches switch over in one step, so every query is answered from a single version."""
 
-    def __init__(self, directory: str, resources: StageResources | None = None, params: str | None = None,
+    def __init__(self, directory: str, resources: SearchResources | None = None, params: str | None = None,
                  expected_fingerprint: str | None = None):
         self.directory, self.params = directory, params
-        self.resources = resources or StageResources(num_cpus=0)
+        self.resources = resources or SearchResources(num_cpus=0)
         manifest = read_manifest(directory)
         if expected_fingerprint is not None and expected_fingerprint != manifest.fingerprint:
             raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {manifest.fingerprint}, "
@@ -404,10 +404,13 @@ class ShardedIndex:
 
     def _serve(self, manifest: IndexManifest) -> None:
         options = self.resources.actor_options(len(manifest.shards))
-        actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **options)
-        started = {s.file: actor.remote(self.directory, s.file, options["num_gpus"] > 0, self.params,
-                                        self.resources.threads)
-                   for s in manifest.shards if s.file not in self._by_file}
+        started = {}
+        for s in manifest.shards:
+            if s.file in self._by_file:
+                continue
+            gpus = self.resources.shard_gpus(s.ntotal, len(manifest.shards))
+            actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **{**options, "num_gpus": gpus})
+            started[s.file] = actor.remote(self.directory, s.file, gpus > 0, self.params, self.resources.threads)
         ray.get([a.pid.remote() for a in started.values()])          # loaded before any query goes to them
         with self._lock:
             by_file = {**self._by_file, **started}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rrt_dist.features.images import join_location
 from rrt_dist.index.core import read_manifest, rows_digest
 from rrt_dist.index.sharded import AugmentedBlocks, ShardedIndex, build_index, table_identities, update_index
-from rrt_dist.schema import StageResources
+from rrt_dist.schema import SearchResources
 from rrt_dist.store import FeatureStore
 from rrt_dist.store.locks import writer_lock
 
@@ -37,7 +37,7 @@ def indexed_tables(cfg, stores: dict) -> list[str]:
     return ["gallery"] + (["distractor"] if cfg.with_distractors and "distractor" in stores else [])
 
 
-def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: StageResources | None = None
+def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: SearchResources | None = None
                  ) -> ShardedIndex:
     """Open the index of ``stores`` (building it, or committing a version with the rows it lacks and without
     those that changed or left the tables) and start its shard actors, each asking for ``resources``
@@ -62,7 +62,7 @@ def ensure_index(cfg, benchmark: str, stores: list[FeatureStore], resources: Sta
     return ShardedIndex(directory, resources=resources, params=cfg.params, expected_fingerprint=stores[0].fingerprint)
 
 
-def _build(cfg, benchmark: str, stores: list[FeatureStore], directory: str, resources: StageResources | None,
+def _build(cfg, benchmark: str, stores: list[FeatureStore], directory: str, resources: SearchResources | None,
            previous=None, reason: str = "") -> None:
     plain, transform = None, None
     if cfg.dba_n:
@@ -85,7 +85,7 @@ def search(index: ShardedIndex, queries: np.ndarray, k: int, vectors_of, aqe=Non
     return index.search(queries, k)
 
 
-def setting_indexes(cfg, bench, stores: dict, resources: StageResources | None = None) -> dict:
+def setting_indexes(cfg, bench, stores: dict, resources: SearchResources | None = None) -> dict:
     """One sharded index per evaluation setting (gallery; gallery + distractors) in ``mode=sharded``.
 
     In ``mode=exact`` the evaluation ranks the whole gallery exactly (the protocols' definition) and
