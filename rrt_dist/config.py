@@ -308,6 +308,40 @@ class SearchConfig:
 
 
 @dataclass
+class ServePart:
+    """One deployment of the search service: what each replica asks for (the rule of ``ray.<stage>``) and how
+    Serve scales it (``autoscaling_config``: from ``min_replicas`` to ``max_replicas`` by ongoing requests)."""
+    num_cpus: float = bounded(1.0, ge=0)
+    num_gpus: float = bounded(0.0, ge=0)
+    min_replicas: int = bounded(1, ge=0)
+    max_replicas: int = bounded(1, ge=1)
+    target_ongoing_requests: float = bounded(2.0, gt=0)
+
+
+@dataclass
+class ServeConfig:
+    """``rrt-dist serve``: galleries searched over HTTP (``POST /search``) and a search page (``/``).
+
+    Binds ``host``:``port``; any host but loopback needs a bearer token, read from the environment variable
+    named by ``token_env`` (never from a file). ``galleries``: the names served (default: ``gallery.name``),
+    all ingested with this run's backbone. A new index version committed by an ingest is served within
+    ``refresh_s`` seconds, without a restart."""
+    galleries: Optional[list[str]] = None
+    host: str = "127.0.0.1"
+    port: int = bounded(8000, ge=1, le=65535)
+    token_env: str = "RRT_SERVE_TOKEN"
+    max_bytes: int = bounded(20 * 2**20, ge=1)          # larger uploads are refused (413)
+    max_k: int = bounded(1000, ge=1)
+    refresh_s: float = bounded(2.0, gt=0)
+    batch_size: int = bounded(8, ge=1)                  # queries per batched extractor / reranker call
+    batch_wait_s: float = bounded(0.01, ge=0)
+    extractor: ServePart = field(default_factory=ServePart)
+    searcher: ServePart = field(default_factory=lambda: ServePart(num_cpus=0.5))
+    reranker: ServePart = field(default_factory=ServePart)
+    gateway: ServePart = field(default_factory=lambda: ServePart(num_cpus=0.5))
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -317,6 +351,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # What jobs write and later jobs reuse (feature tables, indexes, galleries, training runs, rendered views) lives
     # under one root: a local or shared path, or an fsspec URI (s3://, gs://). On a cluster it must outlive the
     # cluster, not be Ray's temporary copy of the working directory.

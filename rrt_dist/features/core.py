@@ -57,6 +57,24 @@ def features_table(schema: pa.Schema, ids: Sequence[int], feats: Sequence[ImageF
     return features_to_table(schema, ids, glob, local, pos, scl, n_local, sources, codebook)
 
 
+def locals_layout(feats: Sequence[ImageFeatures], width: int, local_dim: int) -> dict:
+    """Extracted features in :meth:`rrt_dist.store.FeatureStore.take_locals`'s layout (locals padded to ``width``,
+    ``mask`` True at padding): what rerankers score, for images that are in no table (a served query). Values are
+    rounded through fp16 as a table with fp16 storage holds them, so a served query scores exactly as the same
+    image read back from a query table (the batch search job's)."""
+    n = len(feats)
+    out = {"global": np.stack([f.global_ for f in feats]).astype(np.float16).astype(np.float32),
+           "local": np.zeros((n, width, local_dim), np.float32), "positions": np.zeros((n, width, 2), np.float32),
+           "scales": np.zeros((n, width), np.int64), "n_local": np.zeros(n, np.int64), "mask": np.ones((n, width), bool)}
+    for i, f in enumerate(feats):
+        k = min(f.n_local, width)
+        if k:
+            out["local"][i, :k] = f.local[:k].astype(np.float16)
+            out["positions"][i, :k], out["scales"][i, :k] = f.positions[:k], f.scales[:k]
+        out["n_local"][i], out["mask"][i, :k] = k, False
+    return out
+
+
 def extract_rows(extractor, preparer: Callable, rows: Sequence[dict], batch_size: int = 16):
     """In-process reference: decode, prepare and extract ``rows`` (``id``, ``uri``, ``bbox``).
 

@@ -19,6 +19,10 @@ class ImageError(ValueError):
     """An image that cannot be read; recorded by the pipelines, not fatal."""
 
 
+class ImageTooLarge(ImageError):
+    """An image of more pixels than the limit (a decompression bomb, or just too large to extract)."""
+
+
 # What a file system reports that changes when an object is rewritten, most specific first (s3 / gcs / azure /
 # local or memory through fsspec).
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id", "mtime", "LastModified", "last_modified",
@@ -79,19 +83,29 @@ def load_image(uri: str, bbox: Sequence[float] | None = None, max_pixels: int = 
     image (missing, truncated, not an image, larger than ``max_pixels`` pixels, a decoder error of any kind)
     raises :class:`ImageError` naming the file and the reason.
     """
+    return decode_image(_source(uri), uri, bbox, max_pixels)
+
+
+def decode_image(source, name: str, bbox: Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> np.ndarray:
+    """:func:`load_image` of what PIL opens (a path or a file object, e.g. an upload's bytes in ``io.BytesIO``),
+    named ``name`` in its errors."""
+    uri = name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(_source(uri)) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageError(f"{uri}: {w}x{h} pixels exceed the limit of {max_pixels} "
+                    raise ImageTooLarge(f"{uri}: {w}x{h} pixels exceed the limit of {max_pixels} "
                                      f"(backbone.max_image_pixels)")
                 im.load()  # force full decode so truncated files fail here
                 rgb = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
-    except (Exception, Image.DecompressionBombWarning) as err:  # noqa: BLE001 - every decoder failure is this image's
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageTooLarge(f"{uri}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - every decoder failure is this image's
         raise ImageError(f"{uri}: {type(err).__name__}: {err}") from err
     if bbox is not None:
         h, w = rgb.shape[:2]

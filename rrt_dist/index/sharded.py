@@ -399,7 +399,8 @@ class ShardedIndex:
                                 f"queries come from {expected_fingerprint}: rebuild the index or use the same extractor")
         self._lock = threading.Lock()
         self._by_file: dict = {}
-        self._retired: list = []
+        self._retired: list[tuple[int, object]] = []   # (last version it served, actor)
+        self._in_flight: dict[int, int] = {}            # version -> searches running on it
         self._serve(manifest)
 
     def _serve(self, manifest: IndexManifest) -> None:
@@ -415,12 +416,19 @@ class ShardedIndex:
         with self._lock:
             by_file = {**self._by_file, **started}
             kept = {s.file for s in manifest.shards}
-            for victim in self._retired:             # retired one refresh ago: no search can still be using them
-                ray.kill(victim)
-            self._retired = [a for f, a in by_file.items() if f not in kept]
+            if self._by_file:
+                self._retired += [(self.manifest.version, a) for f, a in by_file.items() if f not in kept]
             self._by_file = {f: by_file[f] for f in kept}
             self.manifest = manifest
             self._actors = [by_file[s.file] for s in manifest.shards]
+            self._release_retired()
+
+    def _release_retired(self) -> None:
+        """Stop the shard actors of older versions that no running search uses any more (called under the lock)."""
+        oldest_in_use = min(self._in_flight, default=self.manifest.version)
+        for _, actor in [r for r in self._retired if r[0] < oldest_in_use]:
+            ray.kill(actor)
+        self._retired = [r for r in self._retired if r[0] >= oldest_in_use]
 
     def refresh(self) -> bool:
         """Serve the newest committed version if it is not the one served; returns whether it changed."""
@@ -444,12 +452,25 @@ class ShardedIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of shape ``[nq, k]``; rows are padded with -inf / -1 past the index size."""
+        scores, ids, _ = self.search_versioned(queries, k)
+        return scores, ids
+
+    def search_versioned(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`search`, and the index version that answered (one version per call, also during a refresh)."""
         queries = np.ascontiguousarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dimension:
             raise IndexMismatch(f"queries of shape {queries.shape} for an index of dimension {self.dimension}")
         with self._lock:
-            actors = self._actors
-        return search_shards(actors, queries, k)
+            actors, version = self._actors, self.manifest.version
+            self._in_flight[version] = self._in_flight.get(version, 0) + 1
+        try:
+            return (*search_shards(actors, queries, k), version)
+        finally:
+            with self._lock:
+                self._in_flight[version] -= 1
+                if not self._in_flight[version]:
+                    del self._in_flight[version]
+                self._release_retired()
 
     def search_alpha_qe(self, queries: np.ndarray, k: int, vectors_of, n: int = 2, alpha: float = 0.3):
         return alpha_qe_search(self.search, vectors_of, queries, k, n, alpha)
@@ -462,7 +483,7 @@ class ShardedIndex:
 
     def close(self) -> None:
         with self._lock:
-            for a in [*self._by_file.values(), *self._retired]:
+            for a in [*self._by_file.values(), *(a for _, a in self._retired)]:
                 ray.kill(a)
             self._by_file, self._retired, self._actors = {}, [], []
 

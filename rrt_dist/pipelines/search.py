@@ -63,23 +63,15 @@ def search_gallery(cfg) -> dict:
     from rrt_dist.runtime import init_ray
 
     from .extract import extract_to_lance
-    from .ingest import gallery_dir, image_paths, read_record
+    from .ingest import image_paths
     from .rerank import open_pool
 
-    directory = gallery_dir(cfg.gallery.root, cfg.gallery.name)
-    record = read_record(directory)
-    if record is None or not record.get("index"):
-        raise DatasetLayoutError(directory, f"no gallery {cfg.gallery.name!r} here (rrt-dist galleries lists them)",
-                                 "a gallery made by rrt-dist ingest")
+    record = gallery_record(cfg, cfg.gallery.name)
+    directory, folder = record["directory"], record["fingerprint"]
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     settings = extract_settings(cfg.backbone)
-    folder = table_folder(cfg.backbone.name, options, settings)
-    if folder != record["fingerprint"]:
-        raise ConfigError(f"gallery {cfg.gallery.name!r} holds features of extractor {record['extractor']!r} "
-                          f"({record['fingerprint']}), not of backbone {cfg.backbone.name!r} ({folder}): search it with "
-                          f"the backbone and options it was ingested with")
     if cfg.search.rerank:
-        check_rerank(cfg)
+        check_reranker(cfg, cfg.search.rerank, "search.rerank")
     queries = images_at(cfg.search.queries)
     init_ray(cfg.ray)
     query_table = f"{directory}/queries/{source_key(cfg.search.queries)}/{folder}/query.lance"
@@ -122,18 +114,38 @@ def search_gallery(cfg) -> dict:
             "k": int(k), "index_version": int(version), **timings}
 
 
-def check_rerank(cfg) -> None:
-    """Refuse, before any query is extracted, a ``search.rerank`` the gallery's tables cannot feed (GV without
-    locals) or an RRT without loadable weights."""
+def gallery_record(cfg, name: str) -> dict:
+    """Gallery ``name``'s ingest record (with its ``directory``), refused by name when there is no such gallery or
+    it holds another extractor's features than ``cfg.backbone``'s."""
+    from .ingest import gallery_dir, read_record
+
+    directory = gallery_dir(cfg.gallery.root, name)
+    record = read_record(directory)
+    if record is None or not record.get("index"):
+        raise DatasetLayoutError(directory, f"no gallery {name!r} here (rrt-dist galleries lists them)",
+                                 "a gallery made by rrt-dist ingest")
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    folder = table_folder(cfg.backbone.name, options, extract_settings(cfg.backbone))
+    if folder != record["fingerprint"]:
+        raise ConfigError(f"gallery {name!r} holds features of extractor {record['extractor']!r} "
+                          f"({record['fingerprint']}), not of backbone {cfg.backbone.name!r} ({folder}): search it with "
+                          f"the backbone and options it was ingested with")
+    return {**record, "directory": directory}
+
+
+def check_reranker(cfg, name: str, key: str) -> None:
+    """Refuse, before any query is extracted, reranker ``name`` (set by ``key``) when the gallery's tables cannot
+    feed it (GV without locals) or it is an RRT without loadable weights."""
     from rrt_dist.features import extractor_provides
     from rrt_dist.models.rrt import check_checkpoint
     from rrt_dist.rerank.methods import check_inputs, get_reranker
 
-    check_inputs([cfg.search.rerank], {"backbone": extractor_provides(cfg.backbone.name)})
-    if "checkpoint" in get_reranker(cfg.search.rerank).inputs:
+    check_inputs([name], {"backbone": extractor_provides(cfg.backbone.name)})
+    if "checkpoint" in get_reranker(name).inputs:
         if cfg.reranker.checkpoint in (None, "train"):
-            raise ConfigError(f"search.rerank={cfg.search.rerank} needs reranker.checkpoint=PATH (released or trained "
-                              f"weights)")
+            raise ConfigError(f"{key}={name} needs reranker.checkpoint=PATH (released or trained weights)")
         check_checkpoint(cfg.reranker.checkpoint)
 
 

@@ -45,7 +45,7 @@ class RerankCore:
         self.scorer = self.method.create(**scorer_cfg)
         # How much of the global score the final order adds to the scorer's (0: it only breaks ties).
         self.global_weight = float(getattr(self.scorer, "global_weight", 0.0))
-        self.queries = _open(query_table)
+        self.queries = None if query_table is None else _open(query_table)    # None: queries come as features
         self.galleries = [_open(t) for t in gallery_tables]
         self.cache: dict[tuple[int, int], float] = {}
 
@@ -72,6 +72,18 @@ class RerankCore:
             out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head),
                                                 self.global_weight)
         return out
+
+    def rerank_query(self, query: dict, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query given by its features (``take_locals`` layout, one row; e.g. an uploaded image's) against its
+        ranked ``ids``: the reordered ids and each reranked candidate's score, in that order (no cache: the
+        query is in no table)."""
+        head = ids[:k][ids[:k] != NO_ID]
+        if len(head) == 0:
+            return ids.copy(), np.zeros(0)
+        head_scores = np.asarray(self.scorer(_one(query, 0), take_locals_from(self.galleries, head)), np.float64)
+        order = rerank_top_k(head, scores[:len(head)], head_scores, len(head), self.global_weight)
+        where = {int(c): s for c, s in zip(head.tolist(), head_scores.tolist())}
+        return np.concatenate([order, ids[len(head):]]), np.asarray([where[int(c)] for c in order.tolist()])
 
     def pid(self) -> int:
         return os.getpid()
