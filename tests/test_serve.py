@@ -175,6 +175,56 @@ def test_an_ingest_during_requests_switches_versions_without_a_failed_request(se
         assert (uris[12] in paths) == (body["index_version"] == 2)
 
 
+def test_the_search_page_in_a_real_browser(service, tmp_path):
+    """Headless Chromium (Debian's, with its driver): the page lists the gallery, takes an uploaded query, shows
+    the query's own image first after GV reranking and the global ranking below it, opens a result on click, and
+    logs no JavaScript error. The screenshot is kept in the test's folder (the path is printed)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+    query = service["uris"][2]
+    try:
+        driver.get(service["url"])
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: any(o.get_attribute("value") == "shop"
+                                 for o in d.find_elements(By.CSS_SELECTOR, "#gallery option")))
+        Select(driver.find_element(By.ID, "rerank")).select_by_value("gv")
+        upload = driver.find_element(By.ID, "file")
+        driver.execute_script("arguments[0].hidden = false", upload)      # the drop zone hides the plain input
+        upload.send_keys(query)
+        wait.until(ready.element_to_be_clickable((By.ID, "go"))).click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after figure")) == 10
+                   and "Index version" in d.find_element(By.ID, "status").text)
+        captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#after figcaption")]
+        assert captions[0].startswith("#1 ") and captions[0].endswith(query), captions[:2]
+        assert "gv" in captions[0] and driver.find_element(By.ID, "after-title").text == "Reranked by gv"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#before figure")) == 10
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#after img')].every(i => i.complete && i.naturalWidth > 0)"))
+        shot = tmp_path / "search-page.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        driver.find_element(By.CSS_SELECTOR, "#after img").click()
+        assert driver.find_element(By.ID, "viewer").is_displayed()
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+    finally:
+        driver.quit()
+
+
 def test_the_token_is_required_when_set(service):
     from rrt_dist.pipelines.serve import service_token, start_service
 

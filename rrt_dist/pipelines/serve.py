@@ -274,7 +274,9 @@ class SearchGateway:
         found = await self.searcher.search.remote(gallery, query["global"], max(k, depth))
         timings["search_ms"] = (time.perf_counter() - step) * 1e3
         ids, scores = found["ids"], found["scores"]
-        global_order = [{"rank": r + 1, "id": int(i), "path": p, "global_score": float(s)}
+        # ids are 64-bit: a browser's JSON numbers keep 53 bits, so each result also names its image's URL
+        global_order = [{"rank": r + 1, "id": int(i), "image_url": f"/images/{gallery}/{int(i)}", "path": p,
+                         "global_score": float(s)}
                         for r, (i, s, p) in enumerate(zip(ids[:k], scores[:k], found["paths"][:k]))]
         results = global_order
         if rerank:
@@ -283,7 +285,8 @@ class SearchGateway:
             timings["rerank_ms"] = (time.perf_counter() - step) * 1e3
             where = {int(i): r for r, i in enumerate(ids)}
             rerank_score = dict(zip(reranked["ids"][:depth].tolist(), reranked["rerank_scores"].tolist()))
-            results = [{"rank": r + 1, "id": int(i), "path": found["paths"][where[int(i)]],
+            results = [{"rank": r + 1, "id": int(i), "image_url": f"/images/{gallery}/{int(i)}",
+                        "path": found["paths"][where[int(i)]],
                         "global_score": float(scores[where[int(i)]]), "global_rank": where[int(i)] + 1,
                         "rerank_score": rerank_score.get(int(i))} for r, i in enumerate(reranked["ids"][:k])]
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
