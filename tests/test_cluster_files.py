@@ -52,11 +52,36 @@ def crd_validator(kind: str):
 
 
 def cluster_spec(manifest: dict) -> dict:
-    return manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
+            "RayService": lambda s: s["rayClusterConfig"]}[manifest["kind"]](manifest["spec"])
 
 
-def test_there_is_a_long_lived_cluster_and_a_job():
-    assert {yaml.safe_load(p.read_text())["kind"] for p in MANIFESTS} == {"RayCluster", "RayJob"}
+def test_there_is_a_long_lived_cluster_a_job_and_a_service():
+    assert {yaml.safe_load(p.read_text())["kind"] for p in MANIFESTS} == {"RayCluster", "RayJob", "RayService"}
+
+
+def test_kuberay_rayservice_serves_the_app_the_package_builds():
+    """The RayService's Serve config imports the project's application builder, with overrides that compose and
+    validate as `rrt-dist serve`'s, asking GPUs for the extractor and reranker, behind a token from a Secret."""
+    import importlib
+
+    from rrt_dist.config import validate_config
+    from rrt_dist.runtime import composition_error
+
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    overrides = app["args"]["overrides"]
+    assert composition_error(overrides) is None
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate_config(cfg)
+    assert cfg.serve.extractor.num_gpus == 1 and cfg.serve.host == "0.0.0.0" and cfg.storage_root == "/data/rrt-dist"
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    token = next(e for e in head["env"] if e["name"] == cfg.serve.token_env)
+    assert "secretKeyRef" in token["valueFrom"] and serve_config["http_options"]["port"] == 8000
 
 
 @needs_crds

@@ -240,3 +240,18 @@ def test_the_token_is_required_when_set(service):
                                 service["tmp"] / "exposed")
     with pytest.raises(Exception, match="serve.host=0.0.0.0 is reachable from other machines"):
         service_token(exposed)
+
+
+def test_the_application_builder_for_serve_run_and_rayservice(service):
+    """What `serve run rrt_dist.pipelines.serve:app_builder overrides=...` and the RayService call."""
+    from ray.serve import Application
+
+    from rrt_dist.pipelines.serve import app_builder
+    from rrt_dist.schema import ConfigError, DatasetLayoutError
+
+    gallery = f"gallery.root={service['tmp'] / 'g'}"
+    assert isinstance(app_builder({"overrides": " ".join([gallery, "gallery.name=shop", *LITE])}), Application)
+    with pytest.raises(ConfigError, match="gallery.nam"):
+        app_builder({"overrides": [gallery, "gallery.nam=shop"]})
+    with pytest.raises(DatasetLayoutError, match="no gallery 'nope'"):
+        app_builder({"overrides": [gallery, "gallery.name=nope", *LITE]})

@@ -388,3 +388,25 @@ def serve_galleries(cfg) -> None:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def app_builder(args: dict):
+    """The application for ``serve run`` / ``serve deploy`` / a KubeRay RayService (an application builder):
+    ``args["overrides"]`` are the Hydra overrides ``rrt-dist serve`` takes (a list, or one space-separated
+    string), e.g. ``serve run rrt_dist.pipelines.serve:app_builder overrides="gallery.name=shop"``. The token comes
+    from the environment of the process that builds it (``serve.token_env``), never from the config file; Serve's
+    own HTTP options (host, port) are the config file's ``http_options``, not ``serve.host`` / ``serve.port``."""
+    from hydra import compose, initialize_config_dir
+
+    from rrt_dist.config import CONFIG_DIR, validate_config
+    from rrt_dist.runtime import composition_error
+
+    overrides = args.get("overrides", [])
+    overrides = overrides.split() if isinstance(overrides, str) else list(overrides)
+    problem = composition_error(overrides)
+    if problem:
+        raise ConfigError(problem)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate_config(cfg)
+    return build_app(cfg, service_token(cfg))
