@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,7 @@ def test_served_results_equal_the_batch_search_job(service, run_job):
     batch = run_job("search", [*common, f"search.queries={tmp / 'queries.csv'}", "search.rerank=gv",
                                "index.neighbours=5", "reranker.depth=5"], tmp / "batch")
     rows = pq.read_table(batch["results"]).to_pylist()
+    service["batch_page"] = batch["page"]                                  # the browser test opens it
     for q, query in enumerate(uris[2:4]):
         want = [r for r in rows if r["query_path"] == query]
         status, plain = post(service["url"] + "search?k=5", image_bytes(query))
@@ -103,7 +105,8 @@ def test_served_results_equal_the_batch_search_job(service, run_job):
         by_place = sorted(want, key=lambda r: r["reranked_rank"])
         assert [r["id"] for r in reranked["results"]] == [r["gallery_id"] for r in by_place]
         assert [r["id"] for r in reranked["global"]] == [r["gallery_id"] for r in want]
-        assert all(r["rerank_score"] is not None for r in reranked["results"])
+        np.testing.assert_allclose([r["rerank_score"] for r in reranked["results"]],
+                                   [r["rerank_score"] for r in by_place])
         assert set(reranked["timings_ms"]) >= {"extract_ms", "search_ms", "rerank_ms", "total_ms"}
     status, listing = get(service["url"] + "galleries")
     info = json.loads(listing)
@@ -221,6 +224,17 @@ def test_the_search_page_in_a_real_browser(service, tmp_path):
         assert driver.find_element(By.ID, "viewer").is_displayed()
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []
+        if "batch_page" in service:                  # the batch search job's static page of the same results
+            driver.get(Path(service["batch_page"]).as_uri())
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after-0 figure")) == 5)
+            first = driver.find_element(By.CSS_SELECTOR, "#after-0 figcaption").text
+            assert first.startswith("#1 · gv ") and first.endswith(service["uris"][2]), first
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#before-1 figure")) == 5
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#after-0 img')].every(i => i.complete && i.naturalWidth > 0)"))
+            driver.save_screenshot(str(tmp_path / "results-page.png"))
+            print(f"screenshot: {tmp_path / 'results-page.png'}")
+            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         driver.quit()
 

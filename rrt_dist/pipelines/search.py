@@ -90,28 +90,60 @@ def search_gallery(cfg) -> dict:
     finally:
         index.close()
     timings = {"search_s": round(time.perf_counter() - start, 3)}
-    reranked, depth = None, min(cfg.reranker.depth, k)
+    reranked, rerank_scores, depth = None, None, min(cfg.reranker.depth, k)
     if cfg.search.rerank:
         start = time.perf_counter()
         tables = {"query": query_store, "gallery": FeatureStore(record["table"])}
         pool = open_pool(cfg.reranker, cfg.search.rerank, tables, resources=OmegaConf.to_object(cfg.ray.rerank))
         try:
-            reranked = pool.rerank(query_ids, ids, scores, depth)
+            reranked, rerank_scores = pool.rerank_with_scores(query_ids, ids, scores, depth)
         finally:
             pool.close()
         timings["rerank_s"] = round(time.perf_counter() - start, 3)
-    table = results_table(queries, query_ids, ids, scores, reranked, image_paths(directory, ids[ids != NO_ID]),
-                          version)
+    table = results_table(queries, query_ids, ids, scores, reranked, rerank_scores,
+                          image_paths(directory, ids[ids != NO_ID]), version)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "results.parquet")
     pa.csv.write_csv(table, out / "results.csv")
+    write_results_page(out / "results.html", table, cfg.search.rerank, version)
     missing = queries.num_rows - len(query_ids)
     print(f"gallery {cfg.gallery.name} (index version {version}): {len(query_ids)} queries, top-{k}"
           f"{f', reranked by {cfg.search.rerank} to depth {depth}' if reranked is not None else ''}"
           f"{f', {missing} unreadable' if missing else ''} -> {out / 'results.parquet'}")
-    return {"results": str(out / "results.parquet"), "queries": int(len(query_ids)), "unreadable": int(missing),
+    return {"results": str(out / "results.parquet"), "page": str(out / "results.html"),
+            "queries": int(len(query_ids)), "unreadable": int(missing),
             "k": int(k), "index_version": int(version), **timings}
+
+
+def image_url(location: str | None) -> str | None:
+    """What a page's ``<img src>`` takes for an image: a local path as a ``file://`` URL, a URI as it is."""
+    if location is None or "://" in location:
+        return location
+    return Path(location).resolve().as_uri()
+
+
+def write_results_page(path: Path, table: pa.Table, rerank: str | None, version: int) -> None:
+    """The search page (``search_page.html``, the service's) with ``table``'s results embedded: per query its
+    image, the (reranked) top-k and, when reranked, the global order; images shown from their files."""
+    import json
+    from importlib.resources import files
+
+    queries: dict[int, dict] = {}
+    for row in table.to_pylist():
+        entry = {"path": row["gallery_path"], "image_url": image_url(row["gallery_path"]),
+                 "global_score": row["global_score"], "global_rank": row["rank"], "rerank_score": row["rerank_score"]}
+        query = queries.setdefault(row["query_id"], {"path": row["query_path"], "image_url": image_url(row["query_path"]),
+                                                     "global": [], "results": []})
+        query["global"].append({**entry, "rank": row["rank"]})
+        query["results"].append({**entry, "rank": row["reranked_rank"] if rerank else row["rank"]})
+    for query in queries.values():
+        query["results"].sort(key=lambda r: r["rank"])
+    data = json.dumps({"queries": list(queries.values()), "rerank": rerank, "index_version": version})
+    safe = data.replace("</", "<\\/")                 # no "</script>" inside the JSON ends the block early
+    embedded = f'<script id="results-data" type="application/json">{safe}</script>\n<script>'
+    page = files("rrt_dist.pipelines").joinpath("search_page.html").read_text().replace("<script>", embedded, 1)
+    path.write_text(page)
 
 
 def gallery_record(cfg, name: str) -> dict:
@@ -150,21 +182,25 @@ def check_reranker(cfg, name: str, key: str) -> None:
 
 
 def results_table(queries: pa.Table, query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray,
-                  reranked: np.ndarray | None, gallery_path: dict, version: int) -> pa.Table:
+                  reranked: np.ndarray | None, rerank_scores: np.ndarray | None, gallery_path: dict,
+                  version: int) -> pa.Table:
     """One row per query and global rank: the query's path, the gallery image's id and path, the global score,
     its place in the reranked order (1-based; below the reranked depth the global order; null when not reranked),
-    the index version that answered."""
+    the reranker's score (null below the reranked depth or when not reranked), the index version that answered."""
     query_path = dict(zip(queries.column("id").to_pylist(), queries.column("uri").to_pylist()))
     rows = []
     for q, (qid, row_ids, row_scores) in enumerate(zip(query_ids, ids, scores)):
         place = {} if reranked is None else {int(g): r + 1 for r, g in enumerate(reranked[q]) if g != NO_ID}
+        scored = {} if reranked is None else {int(g): float(s) for g, s in zip(reranked[q], rerank_scores[q])
+                                              if g != NO_ID and not np.isnan(s)}
         for rank, (gid, score) in enumerate(zip(row_ids, row_scores), 1):
             if gid == NO_ID:                                 # past the index size
                 continue
             rows.append({"query_path": query_path[int(qid)], "query_id": int(qid), "rank": rank,
                          "gallery_id": int(gid), "gallery_path": gallery_path.get(int(gid)),
-                         "global_score": float(score), "reranked_rank": place.get(int(gid)), "index_version": version})
+                         "global_score": float(score), "reranked_rank": place.get(int(gid)),
+                         "rerank_score": scored.get(int(gid)), "index_version": version})
     schema = pa.schema([("query_path", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("gallery_id", pa.int64()), ("gallery_path", pa.string()), ("global_score", pa.float32()),
-                        ("reranked_rank", pa.int32()), ("index_version", pa.int32())])
+                        ("reranked_rank", pa.int32()), ("rerank_score", pa.float64()), ("index_version", pa.int32())])
     return pa.Table.from_pylist(rows, schema=schema)

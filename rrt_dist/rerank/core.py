@@ -50,7 +50,14 @@ class RerankCore:
         self.cache: dict[tuple[int, int], float] = {}
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        return self.rerank_with_scores(query_ids, ranked, scores, k)[0]
+
+    def rerank_with_scores(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rerank`, and the reranker's score of each of the first ``k`` entries of the reordered rows
+        (``[n, k]``, NaN where there is no reranked entry)."""
         out = ranked.copy()
+        rerank_scores = np.full((len(ranked), k), np.nan)
         valid_q = query_ids != NO_ID
         queries = self.queries.take_locals(query_ids[valid_q]) if valid_q.any() else None
         qi = 0
@@ -71,7 +78,8 @@ class RerankCore:
             head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
             out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head),
                                                 self.global_weight)
-        return out
+            rerank_scores[row, :len(head)] = [self.cache[(qid, c)] for c in out[row, :len(head)].tolist()]
+        return out, rerank_scores
 
     def rerank_query(self, query: dict, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One query given by its features (``take_locals`` layout, one row; e.g. an uploaded image's) against its
