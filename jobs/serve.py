@@ -18,9 +18,11 @@ from rrt_dist.runtime import entry_point
 
 def run(cfg: DictConfig) -> None:
     # imported here, after the config is composed and validated: a config error costs no torch, Ray or Lance
+    from hydra.core.hydra_config import HydraConfig
+
     from rrt_dist.pipelines.serve import serve_galleries
 
-    serve_galleries(cfg)
+    serve_galleries(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
 
 
 main = entry_point(run)

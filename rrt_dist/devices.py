@@ -44,9 +44,11 @@ def cuda_problem() -> str | None:
 def require_gpu(stage: str, gpus: list[str] | None = None) -> bool:
     """Whether this process of ``stage`` computes on a GPU: True when Ray gave it one (``gpus``, default
     :func:`assigned_gpus`) and torch can use it; :class:`GpuUnavailable` when Ray gave it one that torch cannot
-    use; False when it was given none (``ray.<stage>.num_gpus: 0``, or null on a Ray without GPUs)."""
+    use; False when it was given none (``ray.<stage>.num_gpus: 0``, or null on a Ray without GPUs), or when it
+    runs on Ray's fake multi-node cluster (``RAY_FAKE_CLUSTER=1``, autoscaling tests), whose GPUs are resources
+    only."""
     gpus = assigned_gpus() if gpus is None else gpus
-    if not gpus:
+    if not gpus or os.environ.get("RAY_FAKE_CLUSTER") == "1":
         return False
     problem = cuda_problem()
     if problem:

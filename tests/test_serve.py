@@ -260,11 +260,15 @@ def test_the_application_builder_for_serve_run_and_rayservice(service):
     """What `serve run rrt_dist.pipelines.serve:app_builder overrides=...` and the RayService call."""
     from ray.serve import Application
 
-    from rrt_dist.pipelines.serve import app_builder
+    from rrt_dist.pipelines.serve import app_builder, serve_config
     from rrt_dist.schema import ConfigError, DatasetLayoutError
 
     gallery = f"gallery.root={service['tmp'] / 'g'}"
     assert isinstance(app_builder({"overrides": " ".join([gallery, "gallery.name=shop", *LITE])}), Application)
+    written = serve_config(service["config"](service["serving"], service["tmp"] / "c"),
+                           [gallery, "gallery.name=shop", *LITE])
+    (app,) = written["applications"]
+    assert isinstance(app_builder(app["args"]), Application) and app["import_path"].endswith(":app_builder")
     with pytest.raises(ConfigError, match="gallery.nam"):
         app_builder({"overrides": [gallery, "gallery.nam=shop"]})
     with pytest.raises(DatasetLayoutError, match="no gallery 'nope'"):

@@ -369,8 +369,22 @@ def start_service(cfg, token: str | None) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}/"
 
 
-def serve_galleries(cfg) -> None:
-    """``rrt-dist serve``: the service until interrupted (Ctrl-C, or the job stopped)."""
+def serve_config(cfg, overrides: list[str]) -> dict:
+    """A Serve config file (``serve deploy`` / ``serve run``) for the same application: the builder and these
+    overrides, Serve's HTTP options from ``serve.host`` / ``serve.port``. No token: the deploying process reads it
+    from ``serve.token_env`` in its own environment."""
+    return {"http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+            "applications": [{"name": "rrt-dist", "route_prefix": "/", "import_path": f"{__name__}:app_builder",
+                              "args": {"overrides": list(overrides)}}]}
+
+
+def serve_galleries(cfg, overrides: list[str]) -> None:
+    """``rrt-dist serve``: the service until interrupted (Ctrl-C, or the job stopped); writes ``serve_config.yaml``
+    (the same application for ``serve deploy``) into the run's output folder."""
+    from pathlib import Path
+
+    import yaml
+
     from rrt_dist.runtime import init_ray
 
     from .search import gallery_record
@@ -379,10 +393,14 @@ def serve_galleries(cfg) -> None:
     names = list(cfg.serve.galleries or [cfg.gallery.name])
     for name in names:                                       # a missing gallery is refused before Ray starts
         gallery_record(cfg, name)
+    config_file = Path(cfg.output_dir) / "serve_config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(serve_config(cfg, overrides), sort_keys=False))
     init_ray(cfg.ray)
     url = start_service(cfg, token)
     print(f"serving {', '.join(names)} at {url} (search page at /, API: POST /search, GET /galleries; "
-          f"{'bearer token required' if token else 'no token: loopback only'}); Ctrl-C stops", flush=True)
+          f"{'bearer token required' if token else 'no token: loopback only'}); the same application for "
+          f"`serve deploy`: {config_file}; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
