@@ -138,14 +138,14 @@ def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) ->
 def kill_a_reranker_replica_after(delay: float) -> threading.Thread:
     def kill():
         import ray
-        from ray.util.state import list_actors
 
         time.sleep(delay)
-        replicas = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                    if "GalleryReranker" in (a.class_name or "") and a.name]
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "GalleryReranker" in a["name"]]
         if replicas:                         # Serve's replicas are named actors in its namespace
-            ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-            print(f"killed replica {replicas[0]}", flush=True)
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            print(f"killed replica {replicas[0]['name']}", flush=True)
+        else:
+            print("no reranker replica found to kill", flush=True)
 
     thread = threading.Thread(target=kill)
     thread.start()
@@ -198,7 +198,7 @@ def main() -> None:
         writer.join()
         rows.append({"case": "gv, 2 replicas, during an ingest (+10 % rows, index v2)", **row})
         print(json.dumps(rows[-1]), flush=True)
-        killer = kill_a_reranker_replica_after(args.seconds / 3)
+        killer = kill_a_reranker_replica_after(args.seconds / 3)      # Serve replaces it; requests retry
         row = closed_loop(url + "search?k=10&rerank=gv", queries, 4, args.seconds)
         killer.join()
         rows.append({"case": "gv, 2 replicas, one killed mid-run", **row})

@@ -171,6 +171,20 @@ class GalleryReranker:
         return out
 
 
+async def retried(method, *args, attempts: int = 3):
+    """``await method.remote(*args)`` on a deployment handle, again when the replica that took it died (a node
+    lost, a replica killed): Serve routes the retry to a live replica. Every call here is idempotent."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    for attempt in range(attempts):
+        try:
+            return await method.remote(*args)
+        except (ActorDiedError, ActorUnavailableError):
+            if attempt == attempts - 1:
+                raise
+            log.warning("a %s replica was lost mid-request; retrying", getattr(method, "deployment_name", "replica"))
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -265,13 +279,13 @@ class SearchGateway:
         data = await self._upload(request)
         timings = {"read_ms": (time.perf_counter() - started) * 1e3}
         step = time.perf_counter()
-        query = await self.extractor.extract.remote(data)
+        query = await retried(self.extractor.extract, data)
         if isinstance(query, Refused):
             raise query
         timings["extract_ms"] = (time.perf_counter() - step) * 1e3
         step = time.perf_counter()
         depth = self.settings["depth"] if rerank else 0
-        found = await self.searcher.search.remote(gallery, query["global"], max(k, depth))
+        found = await retried(self.searcher.search, gallery, query["global"], max(k, depth))
         timings["search_ms"] = (time.perf_counter() - step) * 1e3
         ids, scores = found["ids"], found["scores"]
         # ids are 64-bit: a browser's JSON numbers keep 53 bits, so each result also names its image's URL
@@ -281,7 +295,7 @@ class SearchGateway:
         results = global_order
         if rerank:
             step = time.perf_counter()
-            reranked = await self.reranker.rerank.remote((rerank, gallery, query, ids, scores, depth))
+            reranked = await retried(self.reranker.rerank, (rerank, gallery, query, ids, scores, depth))
             timings["rerank_ms"] = (time.perf_counter() - step) * 1e3
             where = {int(i): r for r, i in enumerate(ids)}
             rerank_score = dict(zip(reranked["ids"][:depth].tolist(), reranked["rerank_scores"].tolist()))
