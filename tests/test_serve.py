@@ -194,7 +194,8 @@ def test_the_search_page_in_a_real_browser(service, tmp_path):
         pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):         # its profile goes with the test's folder
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
