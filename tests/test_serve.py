@@ -241,7 +241,8 @@ def test_the_search_page_in_a_real_browser(service, tmp_path):
 
 
 def test_the_token_is_required_when_set(service):
-    from rrt_dist.pipelines.serve import service_token, start_service
+    from rrt_dist.pipelines.serve import check_port_free, service_token, start_service
+    from rrt_dist.schema import ConfigError
 
     cfg = service["config"](service["serving"], service["tmp"] / "serve-token")
     start_service(cfg, token="s3cret")                                    # redeployed in place, with a token
@@ -255,6 +256,9 @@ def test_the_token_is_required_when_set(service):
                                 service["tmp"] / "exposed")
     with pytest.raises(Exception, match="serve.host=0.0.0.0 is reachable from other machines"):
         service_token(exposed)
+    port = int(url.rsplit(":", 1)[1].strip("/"))                         # Serve's proxy listens there
+    with pytest.raises(ConfigError, match=f"serve.port={port} on serve.host=127.0.0.1 cannot be used"):
+        check_port_free("127.0.0.1", port)
 
 
 def test_the_application_builder_for_serve_run_and_rayservice(service):

@@ -90,29 +90,28 @@ def decode_image(source, name: str, bbox: Sequence[float] | None = None, max_pix
                  ) -> np.ndarray:
     """:func:`load_image` of what PIL opens (a path or a file object, e.g. an upload's bytes in ``io.BytesIO``),
     named ``name`` in its errors."""
-    uri = name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageTooLarge(f"{uri}: {w}x{h} pixels exceed the limit of {max_pixels} "
-                                     f"(backbone.max_image_pixels)")
+                    raise ImageTooLarge(f"{name}: {w}x{h} pixels exceed the limit of {max_pixels} "
+                                        f"(backbone.max_image_pixels)")
                 im.load()  # force full decode so truncated files fail here
                 rgb = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageTooLarge(f"{uri}: {type(err).__name__}: {err}") from err
+        raise ImageTooLarge(f"{name}: {type(err).__name__}: {err}") from err
     except Exception as err:  # noqa: BLE001 - every decoder failure is this image's
-        raise ImageError(f"{uri}: {type(err).__name__}: {err}") from err
+        raise ImageError(f"{name}: {type(err).__name__}: {err}") from err
     if bbox is not None:
         h, w = rgb.shape[:2]
         x1, y1, x2, y2 = bbox
         x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
         x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
         if x2 <= x1 or y2 <= y1:
-            raise ImageError(f"{uri}: bbox {list(bbox)} is empty inside a {w}x{h} image")
+            raise ImageError(f"{name}: bbox {list(bbox)} is empty inside a {w}x{h} image")
         rgb = rgb[y1:y2, x1:x2]
     return rgb

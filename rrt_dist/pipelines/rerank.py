@@ -49,26 +49,19 @@ class RerankPool:
             self.local, self.actors = None, [actor.remote(*args, resources.threads) for _ in range(num_actors)]
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-        if self.local is not None:
-            return self.local.rerank(query_ids, ranked, scores, k)
-        refs = [actor.rerank.remote(*part) for actor, part in self._chunks(query_ids, ranked, scores, k)]
-        return np.concatenate(ray.get(refs)) if refs else ranked.copy()
+        return self.rerank_with_scores(query_ids, ranked, scores, k)[0]
 
     def rerank_with_scores(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int
                            ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`rerank` and the reranker's scores of the reordered top ``k`` (RerankCore.rerank_with_scores)."""
         if self.local is not None:
             return self.local.rerank_with_scores(query_ids, ranked, scores, k)
-        parts = ray.get([actor.rerank_with_scores.remote(*part)
-                         for actor, part in self._chunks(query_ids, ranked, scores, k)])
+        parts = ray.get([self.actors[n % len(self.actors)].rerank_with_scores.remote(
+            query_ids[s:s + self.chunk], ranked[s:s + self.chunk], scores[s:s + self.chunk], k)
+            for n, s in enumerate(range(0, len(ranked), self.chunk))])
         if not parts:
             return ranked.copy(), np.full((len(ranked), k), np.nan)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _chunks(self, query_ids, ranked, scores, k):
-        for n, s in enumerate(range(0, len(ranked), self.chunk)):
-            e = s + self.chunk
-            yield self.actors[n % len(self.actors)], (query_ids[s:e], ranked[s:e], scores[s:e], k)
 
     def close(self) -> None:
         for a in self.actors:

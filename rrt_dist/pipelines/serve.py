@@ -374,13 +374,30 @@ def service_token(cfg) -> str | None:
     return token
 
 
-def start_service(cfg, token: str | None) -> str:
-    """Check the galleries, start Serve on ``serve.host``:``serve.port`` of the Ray the job runs on and deploy
-    the application; returns its URL. Deploying again replaces the running application in place."""
-    app_ = build_app(cfg, token)
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before Ray starts, a ``serve.host``:``serve.port`` another program listens on (Serve's proxy would
+    otherwise fail with its actor's traceback)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"serve.port={port} on serve.host={host} cannot be used ({err.strerror}): choose "
+                              f"another port") from None
+
+
+def deploy(cfg, application) -> str:
+    """Start Serve on ``serve.host``:``serve.port`` of the Ray the job runs on and deploy ``application``;
+    returns its URL. Deploying again replaces the running application in place."""
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(app_, name="rrt-dist", route_prefix="/", blocking=False)
+    serve.run(application, name="rrt-dist", route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}/"
+
+
+def start_service(cfg, token: str | None) -> str:
+    """:func:`build_app` (the galleries checked), then :func:`deploy` it."""
+    return deploy(cfg, build_app(cfg, token))
 
 
 def serve_config(cfg, overrides: list[str]) -> dict:
@@ -401,20 +418,17 @@ def serve_galleries(cfg, overrides: list[str]) -> None:
 
     from rrt_dist.runtime import init_ray
 
-    from .search import gallery_record
-
     token = service_token(cfg)
-    names = list(cfg.serve.galleries or [cfg.gallery.name])
-    for name in names:                                       # a missing gallery is refused before Ray starts
-        gallery_record(cfg, name)
+    application = build_app(cfg, token)                # galleries and rerankers checked before Ray starts
+    check_port_free(cfg.serve.host, cfg.serve.port)
     config_file = Path(cfg.output_dir) / "serve_config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(serve_config(cfg, overrides), sort_keys=False))
     init_ray(cfg.ray)
-    url = start_service(cfg, token)
-    print(f"serving {', '.join(names)} at {url} (search page at /, API: POST /search, GET /galleries; "
-          f"{'bearer token required' if token else 'no token: loopback only'}); the same application for "
-          f"`serve deploy`: {config_file}; Ctrl-C stops", flush=True)
+    url = deploy(cfg, application)
+    print(f"serving {', '.join(cfg.serve.galleries or [cfg.gallery.name])} at {url} (search page at /, API: POST "
+          f"/search, GET /galleries; {'bearer token required' if token else 'no token: loopback only'}); the same "
+          f"application for `serve deploy`: {config_file}; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
