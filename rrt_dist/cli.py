@@ -32,16 +32,50 @@ def restore_table_command(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def browse_command(args: list[str]) -> None:
+    """``rrt-dist browse RUN [RUN2] [--port N]``: serve an evaluation's results browser (two: side by side) on
+    127.0.0.1 until interrupted."""
+    import argparse
+
+    from rrt_dist.schema import ConfigError
+
+    parser = argparse.ArgumentParser(prog="rrt-dist browse", description="Serve an evaluation's results browser "
+                                     "(two runs of one benchmark: side by side) on 127.0.0.1.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="an evaluation's output folder (one or two)")
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one; default 8765)")
+    options = parser.parse_args(args)
+    if len(options.runs) > 2:
+        parser.error("one run, or two to compare")
+    from rrt_dist.pipelines.browse import browse_server
+
+    try:
+        server = browse_server(options.runs, options.port)
+    except (ConfigError, OSError) as err:
+        print(f"rrt-dist: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"results browser: http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     jobs = available_jobs()
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rrt-dist <job> [key=value ...] [--cfg job] [--help]\n       rrt-dist restore-table TABLE\n\n"
+        print("usage: rrt-dist <job> [key=value ...] [--cfg job] [--help]\n       rrt-dist restore-table TABLE\n"
+              "       rrt-dist browse RUN [RUN2] [--port N]\n\n"
               "jobs: " + ", ".join(jobs))
         raise SystemExit(0 if argv else 2)
     job, overrides = argv[0], argv[1:]
     if job == "restore-table":
         restore_table_command(overrides)
+        return
+    if job == "browse":
+        browse_command(overrides)
         return
     if job not in jobs:
         print(f"rrt-dist: unknown job {job!r}; available: {', '.join(jobs)}", file=sys.stderr)

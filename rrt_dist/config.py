@@ -342,6 +342,15 @@ class ServeConfig:
 
 
 @dataclass
+class BrowseConfig:
+    """The results browser every evaluation writes (``<output_dir>/browse/index.html``; ``rrt-dist browse RUN``)."""
+    enabled: bool = True
+    top: int = bounded(10, ge=1)                 # images per row of a query page
+    thumbnail_px: int = bounded(160, ge=16)      # thumbnails' longest side (the originals are never copied)
+    max_queries: int = bounded(500, ge=1)        # larger runs keep the queries reranking moved most
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -352,6 +361,7 @@ class Config:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    browse: BrowseConfig = field(default_factory=BrowseConfig)
     # What jobs write and later jobs reuse (feature tables, indexes, galleries, training runs, rendered views) lives
     # under one root: a local or shared path, or an fsspec URI (s3://, gs://). On a cluster it must outlive the
     # cluster, not be Ray's temporary copy of the working directory.

@@ -58,7 +58,7 @@ def small_preset(small_dataset, tmp_path_factory) -> list[str]:
             "backbone.options.max_local=16", f"features_dir={tmp_path_factory.mktemp('small-features')}"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_job(local_ray):
     """``run_job(job, overrides, output_dir)``: the job's ``run`` in this process, on the session's Ray, with its
     config composed and validated as ``rrt-dist <job>`` would (tests that are not about the command line)."""
@@ -75,3 +75,31 @@ def run_job(local_ray):
         return import_module(f"rrt_dist.jobs.{job}").run(cfg)
 
     return run
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (Debian's, with its driver) through selenium, logging the page's console; its profile
+    goes with the test's folder. Skipped where either is missing (.ci/run installs both)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver) -> list:
+    """The page's JavaScript errors (and failed loads) logged since the last call."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]

@@ -2,7 +2,7 @@
 import numpy as np
 
 from rrt_dist.rerank.core import rerank_top_k
-from rrt_dist.rerank.gv import gv_scores, inlier_count, mutual_matches
+from rrt_dist.rerank.gv import gv_scores, inlier_matches, inliers, mutual_matches
 from rrt_dist.rerank.options import GVConfig
 
 
@@ -36,8 +36,12 @@ def test_gv_finds_the_planted_transform():
     pairs = mutual_matches(desc, tgt_desc, 0.9)
     assert len(pairs) == 100
     cfg = GVConfig(ransac_threshold=8.0)
-    inliers = inlier_count(pos[pairs[:, 0]], tgt_pos[pairs[:, 1]], cfg)
-    assert 55 <= inliers <= 62                                              # the 60 planted, not the 40 others
+    found = inliers(pos[pairs[:, 0]], tgt_pos[pairs[:, 1]], cfg)
+    assert 55 <= found.sum() <= 62                                          # the 60 planted, not the 40 others
+    verified = inlier_matches(desc, pos, tgt_desc, tgt_pos, cfg)           # what the results browser draws
+    assert len(verified) == found.sum() and np.mean(verified[:, 0] < 60) > 0.95
+    assert np.array_equal(verified[:, 0], verified[:, 1])                  # each planted local with its own copy
+    assert not inliers(pos[:4], tgt_pos[60:64], GVConfig(min_inliers=5)).any()   # too few to verify: none
     import cv2
 
     model, _ = cv2.estimateAffine2D(pos[:60].astype(np.float32), tgt_pos[:60].astype(np.float32))

@@ -139,3 +139,33 @@ def test_gallery_indices_by_offset_and_by_search_agree_chunk_by_chunk():
         assert got.tolist() == [[position.get(int(i), -1) for i in row] for row in ranked]
         with pytest.raises(KeyError, match="ids not in the b gallery"):
             bench.gallery_indices(np.array([ids[0], 10**15]))
+
+
+def test_per_query_ap_is_each_querys_share_of_the_mean():
+    """What the results browser sorts queries by: the APs worked out in test_revisitop_hand_computed, per query
+    (NaN where a protocol has no positive); other protocols' AP from their positives (metric learning: the other
+    images of the label, the query itself left out of its ranking)."""
+    from rrt_dist.datasets.base import Benchmark, MetricLearningProtocol, PositivesProtocol, make_manifest
+
+    per_query: dict = {}
+    revisitop(RANKS, GND, per_query=per_query)
+    assert per_query["medium"] == pytest.approx([(1 + (0.5 + 2 / 3) / 2) / 2, 0.25])
+    assert per_query["easy"] == pytest.approx([1.0, 0.25])
+    assert per_query["hard"][0] == pytest.approx(0.25) and math.isnan(per_query["hard"][1])
+
+    gallery = make_manifest(np.arange(100, 104), [""] * 4, "gallery")
+    bench = Benchmark("p", make_manifest([7, 8], [""] * 2, "query"), gallery,
+                      PositivesProtocol([np.array([1, 3]), np.array([], np.int64)]))
+    per_query = {}
+    bench.evaluate(np.array([[103, 100, 101, 102], [100, 101, 102, 103]]), per_query=per_query)
+    # query 0: positives 101, 103 at 0-based 0 and 2 -> (1 + (1/2 + 2/3) / 2) / 2; query 1 has none
+    assert per_query["AP"][0] == pytest.approx((1 + (0.5 + 2 / 3) / 2) / 2) and math.isnan(per_query["AP"][1])
+
+    labels = np.array([0, 1, 0, 1])
+    leave_one_out = Benchmark("m", gallery, gallery, MetricLearningProtocol(labels), exclude_self=True)
+    per_query = {}
+    leave_one_out.evaluate(np.array([[100, 102, 101, 103], [101, 100, 102, 103], [102, 101, 100, 103],
+                                     [103, 101, 100, 102]]), per_query=per_query)
+    # after removing itself: q0 [102, ...] hit at 0 -> 1; q1 [100, 102, 103] hit at 2 -> (0 + 1/3)/2;
+    # q2 [101, 100, ...] hit at 1 -> (0 + 1/2)/2; q3 [101, ...] hit at 0 -> 1
+    assert per_query["AP"] == pytest.approx([1.0, 1 / 6, 0.25, 1.0])

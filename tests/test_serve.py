@@ -15,6 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from conftest import console_errors
+
 from rrt_dist.config import CONFIG_DIR, validate_config
 from rrt_dist.datasets import read_revisitop
 
@@ -178,66 +180,50 @@ def test_an_ingest_during_requests_switches_versions_without_a_failed_request(se
         assert (uris[12] in paths) == (body["index_version"] == 2)
 
 
-def test_the_search_page_in_a_real_browser(service, tmp_path):
+def test_the_search_page_in_a_real_browser(service, browser, tmp_path):
     """Headless Chromium (Debian's, with its driver): the page lists the gallery, takes an uploaded query, shows
     the query's own image first after GV reranking and the global ranking below it, opens a result on click, and
     logs no JavaScript error. The screenshot is kept in the test's folder (the path is printed)."""
-    import shutil
-
-    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                 f"--user-data-dir={tmp_path / 'profile'}"):         # its profile goes with the test's folder
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+    driver = browser
     query = service["uris"][2]
-    try:
-        driver.get(service["url"])
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: any(o.get_attribute("value") == "shop"
-                                 for o in d.find_elements(By.CSS_SELECTOR, "#gallery option")))
-        Select(driver.find_element(By.ID, "rerank")).select_by_value("gv")
-        upload = driver.find_element(By.ID, "file")
-        driver.execute_script("arguments[0].hidden = false", upload)      # the drop zone hides the plain input
-        upload.send_keys(query)
-        wait.until(ready.element_to_be_clickable((By.ID, "go"))).click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after figure")) == 10
-                   and "Index version" in d.find_element(By.ID, "status").text)
-        captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#after figcaption")]
-        assert captions[0].startswith("#1 ") and captions[0].endswith(query), captions[:2]
-        assert "gv" in captions[0] and driver.find_element(By.ID, "after-title").text == "Reranked by gv"
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#before figure")) == 10
+    driver.get(service["url"])
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: any(o.get_attribute("value") == "shop"
+                             for o in d.find_elements(By.CSS_SELECTOR, "#gallery option")))
+    Select(driver.find_element(By.ID, "rerank")).select_by_value("gv")
+    upload = driver.find_element(By.ID, "file")
+    driver.execute_script("arguments[0].hidden = false", upload)      # the drop zone hides the plain input
+    upload.send_keys(query)
+    wait.until(ready.element_to_be_clickable((By.ID, "go"))).click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after figure")) == 10
+               and "Index version" in d.find_element(By.ID, "status").text)
+    captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#after figcaption")]
+    assert captions[0].startswith("#1 ") and captions[0].endswith(query), captions[:2]
+    assert "gv" in captions[0] and driver.find_element(By.ID, "after-title").text == "Reranked by gv"
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#before figure")) == 10
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#after img')].every(i => i.complete && i.naturalWidth > 0)"))
+    shot = tmp_path / "search-page.png"
+    driver.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+    driver.find_element(By.CSS_SELECTOR, "#after img").click()
+    assert driver.find_element(By.ID, "viewer").is_displayed()
+    assert console_errors(driver) == []
+    if "batch_page" in service:                  # the batch search job's static page of the same results
+        driver.get(Path(service["batch_page"]).as_uri())
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after-0 figure")) == 5)
+        first = driver.find_element(By.CSS_SELECTOR, "#after-0 figcaption").text
+        assert first.startswith("#1 · gv ") and first.endswith(service["uris"][2]), first
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#before-1 figure")) == 5
         wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#after img')].every(i => i.complete && i.naturalWidth > 0)"))
-        shot = tmp_path / "search-page.png"
-        driver.save_screenshot(str(shot))
-        print(f"screenshot: {shot}")
-        driver.find_element(By.CSS_SELECTOR, "#after img").click()
-        assert driver.find_element(By.ID, "viewer").is_displayed()
-        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert errors == []
-        if "batch_page" in service:                  # the batch search job's static page of the same results
-            driver.get(Path(service["batch_page"]).as_uri())
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#after-0 figure")) == 5)
-            first = driver.find_element(By.CSS_SELECTOR, "#after-0 figcaption").text
-            assert first.startswith("#1 · gv ") and first.endswith(service["uris"][2]), first
-            assert len(driver.find_elements(By.CSS_SELECTOR, "#before-1 figure")) == 5
-            wait.until(lambda d: d.execute_script(
-                "return [...document.querySelectorAll('#after-0 img')].every(i => i.complete && i.naturalWidth > 0)"))
-            driver.save_screenshot(str(tmp_path / "results-page.png"))
-            print(f"screenshot: {tmp_path / 'results-page.png'}")
-            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
-    finally:
-        driver.quit()
+            "return [...document.querySelectorAll('#after-0 img')].every(i => i.complete && i.naturalWidth > 0)"))
+        driver.save_screenshot(str(tmp_path / "results-page.png"))
+        print(f"screenshot: {tmp_path / 'results-page.png'}")
+        assert console_errors(driver) == []
 
 
 def test_the_token_is_required_when_set(service):

@@ -1,5 +1,6 @@
 """Structural similarity against an independent restatement of the reference computation, and the reranker
 registry that serves it (pool = in-process, misspelt methods refused before any work)."""
+import json
 import subprocess
 import sys
 from dataclasses import fields
@@ -241,6 +242,18 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
         assert rows["Structural (top-20)"][setting][protocol]["mAP"] == pytest.approx(reference[protocol]["mAP"],
                                                                                      abs=1e-9)
     assert rows["Structural (top-20)"][setting] != rows["Global only"][setting]
+
+    # the results browser's evidence of each shown structural pair: the plan's 12 heaviest matches and the
+    # marginals of every patch (a 3x3 grid at this image size), as fractions of the images
+    chunk = (tmp_path / "out" / "browse" / "data" / "queries-0.js").read_text()
+    evidence = json.loads(chunk[chunk.index(",") + 1:chunk.rindex(")")])["0"]["evidence"]
+    assert set(evidence) == {"gv", "structural"}
+    for pair in evidence["structural"].values():
+        masses = [m[4] for m in pair["matches"]]
+        assert len(masses) == 12 and masses == sorted(masses, reverse=True)
+        assert len(pair["query_weights"]) == len(pair["cand_weights"]) == 9
+        assert sum(w for *_, w in pair["query_weights"]) == pytest.approx(1, abs=1e-3)
+        assert all(0 <= x <= 1 and 0 <= y <= 1 for m in pair["matches"] for x, y in (m[0:2], m[2:4]))
 
 
 def test_msls_rows_global_and_structural_recall(local_ray, small_synthetic, tmp_path):

@@ -81,8 +81,8 @@ class RevisitopProtocol:
     kappas: tuple[int, ...] = (1, 5, 10)
     name: str = "revisitop"
 
-    def evaluate(self, ranks: np.ndarray, positions: np.ndarray | None = None) -> dict:
-        return metrics.revisitop(ranks, self.gnd, self.kappas, positions)
+    def evaluate(self, ranks: np.ndarray, positions: np.ndarray | None = None, per_query: dict | None = None) -> dict:
+        return metrics.revisitop(ranks, self.gnd, self.kappas, positions, per_query)
 
     def relevant(self) -> list[np.ndarray]:
         """Per query, the gallery indices its metric looks for (easy, hard, junk): with their positions and the
@@ -108,6 +108,9 @@ class GLDv2Protocol:
                     {q: ranks[q].tolist() for q in rows}, {q: self.relevant[q] for q in rows}, self.k)
         return out
 
+    def query_positives(self) -> list[np.ndarray]:
+        return [np.fromiter(r, np.int64, len(r)) for r in self.relevant]
+
 
 @dataclass
 class PlaceRecognitionProtocol:
@@ -118,6 +121,9 @@ class PlaceRecognitionProtocol:
 
     def evaluate(self, ranks: np.ndarray) -> dict:
         return {f"R@{n}": v for n, v in metrics.recall_at_n(ranks, self.positives, self.ns).items()}
+
+    def query_positives(self) -> list[np.ndarray]:
+        return self.positives
 
 
 @dataclass
@@ -132,6 +138,16 @@ class MetricLearningProtocol:
         _, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         return metrics.metric_learning_from_ranks(ranks, self.labels, self.labels, counts[inverse] - 1,
                                                   self.recall_ks, self.r_includes_query)
+
+    def query_positives(self) -> list[np.ndarray]:
+        """Per query (= gallery image), the other images of its label."""
+        order = np.argsort(self.labels, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(self.labels[order])) + 1)
+        out: list = [None] * len(self.labels)
+        for group in groups:
+            for q in group:
+                out[q] = group[group != q]
+        return out
 
 
 @dataclass
@@ -152,6 +168,9 @@ class PositivesProtocol:
         if self.labelled:
             out.update(metrics.precision_at_r(ranks, self.positives))
         return out
+
+    def query_positives(self) -> list[np.ndarray]:
+        return self.positives
 
 
 @dataclass
@@ -217,23 +236,33 @@ class Benchmark:
         gallery_ids = self.gallery.column("id").to_numpy()
         return [gallery_ids[indices] for indices in self.protocol.relevant()]
 
-    def evaluate(self, ranked_ids: np.ndarray, positions: np.ndarray | None = None) -> dict:
+    def evaluate(self, ranked_ids: np.ndarray, positions: np.ndarray | None = None,
+                 per_query: dict | None = None) -> dict:
         """Score ``ranked_ids`` (``[n_queries, n_ranked]`` gallery ids, best first; -1 pads short rows). With
         ``positions`` (each entry's place in the whole ranking), ``ranked_ids`` summarises the ranking: its top and
-        every id of :meth:`relevant_ids`."""
+        every id of :meth:`relevant_ids`. ``per_query`` receives each query's AP (NaN without positives) under
+        each of the protocol's names (revisitop: easy / medium / hard; others: "AP"), for results browsers."""
         ranked_ids = np.asarray(ranked_ids)
         if ranked_ids.ndim != 2 or ranked_ids.shape[0] != self.queries.num_rows:
             raise ValueError(f"expected rankings for {self.queries.num_rows} queries, got shape {ranked_ids.shape}")
         if positions is not None:
             if not self.summarisable:
                 raise ValueError(f"the {self.protocol.name} protocol scores whole rankings, not summaries")
-            return checked_fractions(self.protocol.evaluate(self.gallery_indices(ranked_ids), positions), self.name)
+            return checked_fractions(self.protocol.evaluate(self.gallery_indices(ranked_ids), positions, per_query),
+                                     self.name)
         if self.exclude_self:
             query_ids = self.queries.column("id").to_numpy()
             keep = ranked_ids != query_ids[:, None]
             width = int(keep.sum(axis=1).min())
             ranked_ids = np.stack([row[k][:width] for row, k in zip(ranked_ids, keep)])
-        return checked_fractions(self.protocol.evaluate(self.gallery_indices(ranked_ids)), self.name)
+        indices = self.gallery_indices(ranked_ids)
+        if self.protocol.name == "revisitop":
+            return checked_fractions(self.protocol.evaluate(indices, per_query=per_query), self.name)
+        if per_query is not None:
+            per_query["AP"] = np.asarray([metrics.average_precision(metrics.positive_positions(row, p), len(p))
+                                          if len(p) else np.nan
+                                          for row, p in zip(indices, self.protocol.query_positives())])
+        return checked_fractions(self.protocol.evaluate(indices), self.name)
 
 
 def checked_fractions(metrics: dict, benchmark: str, path: str = "") -> dict:

@@ -32,7 +32,7 @@ def headline(metrics: dict) -> float:
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
                      cfg, open_pool, k_search: int | None = None,
                      examples: dict | None = None, searchers: dict | None = None,
-                     exact_device: str | None = None) -> dict[str, dict]:
+                     exact_device: str | None = None, per_query: dict | None = None) -> dict[str, dict]:
     """``{row label: {setting: metrics}}`` for ``cfg.methods``, in their order.
 
     Rows are computed reranker by reranker: ``open_pool(name)`` starts that reranker's pool (a RerankPool),
@@ -41,10 +41,10 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     than one reranker's resources (three pools of one CPU each would never all start on two CPUs). The
     global rankings are recomputed per reranker: a search is cheap next to reranking.
 
-    ``examples`` receives, for the first setting, each row's ranking (the medium protocol's for
-    reranked rows of revisitop benchmarks), for qualitative figures. ``searchers[setting]`` is the
-    search function of that setting's index (exact search streamed from the tables when absent), which scores
-    its blocks on ``exact_device``.
+    ``examples[setting][row]`` receives each row's top ``depth`` (the medium protocol's for reranked rows of
+    revisitop benchmarks), for figures and the results browser; ``per_query[setting][row]`` each query's AP per
+    protocol (``Benchmark.evaluate``). ``searchers[setting]`` is the search function of that setting's index
+    (exact search streamed from the tables when absent), which scores its blocks on ``exact_device``.
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
@@ -53,7 +53,8 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
     labels = {m.name: m.label + (f" (top-{depth})" if m.reranker else "") for m in methods}
     rows: dict[str, dict] = {labels[m.name]: {} for m in methods}
-    kept_examples: dict = {}
+    kept_examples: dict = {setting: {} for setting in settings_of(bench)}
+    query_aps: dict = {setting: {} for setting in settings_of(bench)}
     for reranker in dict.fromkeys(m.reranker for m in methods):
         group = [m for m in methods if m.reranker == reranker]
         pool = open_pool(reranker.name) if reranker else None
@@ -70,18 +71,22 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
                 for method in group:
                     ranked, scores, positions = aqe if method.expand else base
                     kept: dict = {}
+                    aps: dict = {}
                     if pool is None:
-                        metrics = bench.evaluate(ranked, positions)
+                        metrics = bench.evaluate(ranked, positions, aps)
                         kept["all"] = ranked[:, :depth]
                     else:
                         metrics = rerank_and_evaluate(bench, row_query_ids, ranked, scores, pool.rerank, cfg.depth,
-                                                      cfg.protocol_junk_removal, keep=kept, positions=positions)
+                                                      cfg.protocol_junk_removal, keep=kept, positions=positions,
+                                                      per_query=aps)
                     rows[labels[method.name]][setting] = metrics
-                    if not with_d:
-                        kept_examples[labels[method.name]] = kept.get("medium", kept.get("all"))
+                    kept_examples[setting][labels[method.name]] = kept.get("medium", kept.get("all"))
+                    query_aps[setting][labels[method.name]] = aps
         finally:
             if pool is not None:
                 pool.close()
     if examples is not None:
-        examples.update({label: kept_examples[label] for label in rows})
+        examples.update({s: {label: kept[label] for label in rows} for s, kept in kept_examples.items()})
+    if per_query is not None:
+        per_query.update({s: {label: aps[label] for label in rows} for s, aps in query_aps.items()})
     return rows

@@ -69,7 +69,7 @@ def average_precision(positions: np.ndarray, n_positives: int) -> float:
 
 
 def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kappas: Sequence[int] = (1, 5, 10),
-              positions: np.ndarray | None = None) -> dict:
+              positions: np.ndarray | None = None, per_query: dict | None = None) -> dict:
     """Revisited Oxford/Paris evaluation.
 
     ``ranks``: int array ``[n_queries, n_ranked]`` of gallery indices, best first; it may be
@@ -79,7 +79,8 @@ def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kap
     (its top and every relevant entry): the same values as on the whole ranking (see :func:`positive_positions`).
 
     Returns ``{"easy"|"medium"|"hard": {"mAP": float, "mP@k": {k: float}}}``. Queries without
-    positives under a protocol are left out of its averages (NaN when none is left).
+    positives under a protocol are left out of its averages (NaN when none is left). ``per_query`` receives each
+    protocol's AP per query (NaN where it has no positives).
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
@@ -88,14 +89,18 @@ def revisitop(ranks: np.ndarray, gnd: Sequence[Mapping[str, Iterable[int]]], kap
     out = {}
     for protocol, (pos_keys, junk_keys) in REVISITOP_PROTOCOLS.items():
         aps, precisions = [], []
+        query_aps = np.full(len(gnd), np.nan)
         for q, (ranked, g) in enumerate(zip(ranks, gnd)):
             positives = np.unique(np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in pos_keys]))
             if len(positives) == 0:
                 continue
             junk = np.concatenate([np.asarray(g.get(k, []), dtype=np.int64) for k in junk_keys])
             pos = positive_positions(ranked, positives, junk, None if positions is None else positions[q])
-            aps.append(average_precision(pos, len(positives)))
+            query_aps[q] = average_precision(pos, len(positives))
+            aps.append(query_aps[q])
             precisions.append(_revisitop_precisions(pos, kappas))
+        if per_query is not None:
+            per_query[protocol] = query_aps
         out[protocol] = {
             "mAP": float(np.mean(aps)) if aps else float("nan"),
             "mP@k": {k: (float(np.mean([p[i] for p in precisions])) if precisions else float("nan")) for i, k in enumerate(kappas)},

@@ -103,7 +103,7 @@ def first_kept(ranked: np.ndarray, scores: np.ndarray, drop: list[np.ndarray], k
 
 def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray,
                         rerank, k: int, protocol_junk_removal: bool = True, keep: dict | None = None,
-                        positions: np.ndarray | None = None) -> dict:
+                        positions: np.ndarray | None = None, per_query: dict | None = None) -> dict:
     """Rerank the top-``k`` of each row with ``rerank(query_ids, ranked, scores, k)`` and score it.
 
     Revisitop detail (DELG, RRT): each protocol (easy / medium / hard) is reranked separately, with
@@ -111,13 +111,14 @@ def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.
     scored list is the reranked top-k followed by the rest of the ranking as it was (its junk is ignored by the
     protocol's metric): no copy of the whole ranking per protocol. ``keep`` receives the reranked top-k
     (per protocol, or under "all"). ``positions``: the rows summarise whole rankings (:func:`metric_rankings`);
-    the entries after the top-k keep their places, shifted by the junk taken out before them.
+    the entries after the top-k keep their places, shifted by the junk taken out before them. ``per_query``
+    receives each query's AP per protocol (``Benchmark.evaluate``).
     """
     keep = {} if keep is None else keep
     if bench.protocol.name != "revisitop" or not protocol_junk_removal:
         reranked = rerank(row_query_ids, ranked, scores, k)
         keep["all"] = reranked[:, :k]
-        return bench.evaluate(reranked, positions)      # a summary's top-k is its dense head: places unchanged
+        return bench.evaluate(reranked, positions, per_query)   # a summary's top-k is its dense head: places unchanged
     gallery_ids = bench.gallery.column("id").to_numpy()
     out = {}
     for protocol, (_, junk_keys) in REVISITOP_PROTOCOLS.items():
@@ -137,6 +138,9 @@ def rerank_and_evaluate(bench: Benchmark, row_query_ids: np.ndarray, ranked: np.
             if positions is not None:               # rows' heads are dense: entry c is at place c
                 rest = positions[q, c:]
                 full_positions[q, width:width + len(rest)] = np.where(rest == PAST_END, PAST_END, rest - c + width)
-        out[protocol] = bench.evaluate(full, full_positions)[protocol]
+        aps: dict = {}
+        out[protocol] = bench.evaluate(full, full_positions, aps)[protocol]
+        if per_query is not None:
+            per_query[protocol] = aps[protocol]
         del full
     return out

@@ -17,6 +17,7 @@ from rrt_dist.rerank.methods import parse_method
 
 from .features import absolute_location, benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
+from .browse import write_browse
 from .rerank import open_pool, scorer_options
 from .train import trained_reranker
 
@@ -82,11 +83,12 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     rerank_resources = OmegaConf.to_object(cfg.ray.rerank)
     k_search = cfg.index.neighbours if indexes else None
     examples: dict = {}
+    per_query: dict = {}
     try:
         rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
                                 lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
                                 k_search, examples, {setting: index.search for setting, index in indexes.items()},
-                                exact_device(cfg.index.exact_device))
+                                exact_device(cfg.index.exact_device), per_query)
     finally:                       # the shard actors stop however the evaluation ends
         for index in indexes.values():
             index.close()
@@ -94,7 +96,7 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     settings = list(settings_of(bench))
     rerankers = {method.reranker.name for method in map(parse_method, cfg.reranker.methods) if method.reranker}
     unreadable = unreadable_counts(bench, stores)
-    shown = qualitative_row(rows, examples, settings[0], cfg.reranker.qualitative_row)
+    shown = qualitative_row(rows, examples[settings[0]], settings[0], cfg.reranker.qualitative_row)
     run = {"dataset": bench.name, "root": absolute_location(bench.info["root"]),
            "queries": bench.queries.num_rows, "gallery": bench.gallery.num_rows - bench.n_distractors,
            "distractors": bench.n_distractors, "leave_one_out": bench.exclude_self, "unreadable": unreadable,
@@ -112,7 +114,8 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     if bench.protocol.name == "metric_learning":
         run["metric_learning_r"] = ("the query counted in R (the ViT-reranking reference)" if
                                     bench.protocol.r_includes_query else "the other images of the label (standard)")
-    markdown = render_markdown(bench.protocol.name, rows, settings, f"{bench.name}: {cfg.backbone.name} descriptors")
+    title = f"{bench.name}: {cfg.backbone.name} descriptors"
+    markdown = render_markdown(bench.protocol.name, rows, settings, title)
     markdown += "\n" + run_section(run)
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
                "run": run,
@@ -124,16 +127,20 @@ def evaluate(cfg, training: dict | None = None) -> dict:
         payload["training"] = training
         markdown += "\n" + training_section(training, run.get("rrt", {}).get("global_weight") or 0.0)
     json_path, _ = write_report(cfg.output_dir, payload, markdown)
-    structural = [label for label in examples if label.startswith(("Structural", "αQE + Structural"))]
+    first = examples[settings[0]]
+    structural = [label for label in first if label.startswith(("Structural", "αQE + Structural"))]
     if structural:
         options = OmegaConf.to_container(cfg.reranker.structural, resolve=True)
-        pairs = structural_pairs(bench, patch_stores, examples[structural[0]], options)
+        pairs = structural_pairs(bench, patch_stores, first[structural[0]], options)
         figure = structural_figure(pairs, Path(cfg.output_dir) / "structural.png", options.get("temperature", 0.1))
         print(f"structural similarity maps and matches ({structural[0]}): {figure}")
     if shown:
-        figure = qualitative_figure(bench, examples[next(iter(examples))], examples[shown],
-                                    Path(cfg.output_dir) / "qualitative.png", (next(iter(examples)), shown))
+        figure = qualitative_figure(bench, first[next(iter(first))], first[shown],
+                                    Path(cfg.output_dir) / "qualitative.png", (next(iter(first)), shown))
         print(f"qualitative results ({shown}): {figure}")
+    page = write_browse(cfg, bench, stores, patch_stores, rows, examples, per_query, title) if cfg.browse.enabled else None
     print(markdown)
     print(f"report: {json_path}")
+    if page:
+        print(f"results browser: open {page.as_uri()} or run: rrt-dist browse {Path(cfg.output_dir).resolve()}")
     return payload

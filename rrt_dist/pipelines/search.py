@@ -23,6 +23,7 @@ from rrt_dist.store import FeatureStore, committed_ids, take_globals_from
 
 from .features import benchmark_features, extract_settings, global_matrix, source_key, table_folder
 from .index import ensure_index, indexed_tables, search
+from .pages import page_text
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,6 @@ def write_results_page(path: Path, table: pa.Table, rerank: str | None, version:
     """The search page (``search_page.html``, the service's) with ``table``'s results embedded: per query its
     image, the (reranked) top-k and, when reranked, the global order; images shown from their files."""
     import json
-    from importlib.resources import files
 
     queries: dict[int, dict] = {}
     for row in table.to_pylist():
@@ -142,7 +142,7 @@ def write_results_page(path: Path, table: pa.Table, rerank: str | None, version:
     data = json.dumps({"queries": list(queries.values()), "rerank": rerank, "index_version": version})
     safe = data.replace("</", "<\\/")                 # no "</script>" inside the JSON ends the block early
     embedded = f'<script id="results-data" type="application/json">{safe}</script>\n<script>'
-    page = files("rrt_dist.pipelines").joinpath("search_page.html").read_text().replace("<script>", embedded, 1)
+    page = page_text("search_page.html").replace("<script>", embedded, 1)
     path.write_text(page)
 
 

@@ -26,7 +26,6 @@ import logging
 import mimetypes
 import threading
 import time
-from importlib.resources import files
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -34,6 +33,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from rrt_dist.schema import NO_ID, ConfigError
+
+from .pages import page_text
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class SearchGateway:
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
-        return files("rrt_dist.pipelines").joinpath("search_page.html").read_text()
+        return page_text("search_page.html")
 
     @app.post("/search")
     async def search(self, request: Request) -> dict:

@@ -93,5 +93,13 @@ class RerankCore:
         where = {int(c): s for c, s in zip(head.tolist(), head_scores.tolist())}
         return np.concatenate([order, ids[len(head):]]), np.asarray([where[int(c)] for c in order.tolist()])
 
+    def explain(self, query_id: int, ids: np.ndarray) -> list[dict] | None:
+        """Why the scorer scored candidates ``ids`` of query ``query_id`` as it did (its ``explain``: matches,
+        weights), or None when it exposes nothing."""
+        if not hasattr(self.scorer, "explain"):
+            return None
+        query = _one(self.queries.take_locals(np.asarray([query_id], np.int64)), 0)
+        return self.scorer.explain(query, take_locals_from(self.galleries, np.asarray(ids, np.int64)))
+
     def pid(self) -> int:
         return os.getpid()

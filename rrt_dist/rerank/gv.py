@@ -27,23 +27,30 @@ def mutual_matches(a: np.ndarray, b: np.ndarray, max_distance: float) -> np.ndar
     return np.stack([rows[keep], ab[keep]], axis=1)
 
 
-def inlier_count(points_a: np.ndarray, points_b: np.ndarray, cfg: GVConfig) -> int:
-    """Inliers of the best RANSAC affine transform mapping ``points_a`` onto ``points_b``."""
+def inliers(points_a: np.ndarray, points_b: np.ndarray, cfg: GVConfig) -> np.ndarray:
+    """Which point pairs are inliers of the best RANSAC affine transform mapping ``points_a`` onto ``points_b``:
+    none when fewer than ``cfg.min_inliers`` are (the pair does not verify)."""
+    keep = np.zeros(len(points_a), bool)
     if len(points_a) < 3:
-        return 0
+        return keep
     cv2.setRNGSeed(cfg.seed)
-    _, inliers = cv2.estimateAffine2D(points_a.astype(np.float32), points_b.astype(np.float32), method=cv2.RANSAC,
-                                      ransacReprojThreshold=cfg.ransac_threshold, maxIters=cfg.max_trials,
-                                      confidence=cfg.confidence, refineIters=0)
-    n = 0 if inliers is None else int(inliers.sum())
-    return n if n >= cfg.min_inliers else 0
+    _, found = cv2.estimateAffine2D(points_a.astype(np.float32), points_b.astype(np.float32), method=cv2.RANSAC,
+                                    ransacReprojThreshold=cfg.ransac_threshold, maxIters=cfg.max_trials,
+                                    confidence=cfg.confidence, refineIters=0)
+    if found is not None and int(found.sum()) >= cfg.min_inliers:
+        keep = found.ravel().astype(bool)
+    return keep
+
+
+def inlier_matches(query_local: np.ndarray, query_pos: np.ndarray, local: np.ndarray, pos: np.ndarray,
+                   cfg: GVConfig = GVConfig()) -> np.ndarray:
+    """The verified matches of one pair: index pairs ``[n_inliers, 2]`` (query local, candidate local)."""
+    pairs = mutual_matches(query_local, local, cfg.max_distance)
+    return pairs[inliers(query_pos[pairs[:, 0]], pos[pairs[:, 1]], cfg)]
 
 
 def gv_scores(query_local: np.ndarray, query_pos: np.ndarray, cand_local: np.ndarray, cand_pos: np.ndarray,
               cand_n: np.ndarray, cfg: GVConfig = GVConfig()) -> np.ndarray:
     """Inlier counts of one query (``[n_q, d]``, ``[n_q, 2]``) against K candidates (padded ``[K, L, d]``)."""
-    scores = np.zeros(len(cand_local), np.int64)
-    for i, (local, pos, n) in enumerate(zip(cand_local, cand_pos, cand_n)):
-        pairs = mutual_matches(query_local, local[:n], cfg.max_distance)
-        scores[i] = inlier_count(query_pos[pairs[:, 0]], pos[pairs[:, 1]], cfg)
-    return scores
+    return np.asarray([len(inlier_matches(query_local, query_pos, local[:n], pos[:n], cfg))
+                       for local, pos, n in zip(cand_local, cand_pos, cand_n)], np.int64)

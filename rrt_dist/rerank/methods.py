@@ -29,9 +29,17 @@ class Reranker:
     # what it reads: locals | positions | patches (from the extractor's tables) | checkpoint (reranker.checkpoint)
     inputs: tuple[str, ...] = ("locals",)
 
-    def create(self, **options):
+    def scorer_class(self) -> type:
         module, _, attr = self.scorer.partition(":")
-        return getattr(importlib.import_module(module), attr)(**options)
+        return getattr(importlib.import_module(module), attr)
+
+    def create(self, **options):
+        return self.scorer_class()(**options)
+
+    @property
+    def explains(self) -> bool:
+        """Whether its scorer shows why it scored a pair (``explain``: matches, weights) for results browsers."""
+        return hasattr(self.scorer_class(), "explain")
 
 
 @dataclass(frozen=True)

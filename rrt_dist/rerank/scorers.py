@@ -11,8 +11,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .gv import gv_scores
+from .gv import gv_scores, inlier_matches
 from .options import GVConfig
+
+# Evidence of a pair (``scorer.explain``, for results browsers): points are image pixels (x, y), the query's first.
 
 
 class GVScorer:
@@ -27,6 +29,17 @@ class GVScorer:
         n = int(query["n_local"])
         return gv_scores(query["local"][:n], query["positions"][:n], cands["local"], cands["positions"],
                          cands["n_local"], self.cfg).astype(np.float64)
+
+    def explain(self, query: dict, cands: dict) -> list[dict]:
+        """Per candidate its verified matches ``[[qx, qy, cx, cy], ...]``: as many as its score (the inliers)."""
+        if self.cfg.top_locals:
+            query, cands = truncate_locals(query, self.cfg.top_locals), truncate_locals(cands, self.cfg.top_locals)
+        n = int(query["n_local"])
+        out = []
+        for local, pos, m in zip(cands["local"], cands["positions"], cands["n_local"]):
+            pairs = inlier_matches(query["local"][:n], query["positions"][:n], local[:m], pos[:m], self.cfg)
+            out.append({"matches": np.hstack([query["positions"][pairs[:, 0]], pos[pairs[:, 1]]]).tolist()})
+        return out
 
 
 class RRTScorer:
@@ -108,3 +121,24 @@ class StructuralScorer:
                              f"locals (query {n}, candidates {sorted(set(cands['n_local'].tolist()))})")
         return structural_similarity(query["local"][:n], query["global"], cands["local"][:, :n], cands["global"],
                                      **asdict(self.cfg)).astype(np.float64)
+
+    def explain(self, query: dict, cands: dict, top: int = 12) -> list[dict]:
+        """Per candidate the ``top`` heaviest matches of the transport plan ``[[qx, qy, cx, cy, mass], ...]`` and
+        both marginals per patch ``[[x, y, weight], ...]`` (the paper's Figures 1-4 for any pair)."""
+        from dataclasses import asdict
+
+        from .structural import transport_plans
+
+        n = int(query["n_local"])
+        parts = transport_plans(query["local"][:n], query["global"], cands["local"][:, :n], cands["global"],
+                                **asdict(self.cfg))
+        q_pos = query["positions"][:n]
+        out = []
+        for plan, u, v, c_pos in zip(parts["plan"].cpu().numpy(), parts["u"].cpu().numpy(), parts["v"].cpu().numpy(),
+                                     cands["positions"][:, :n]):
+            heaviest = np.argsort(plan.ravel())[::-1][:top]
+            c, q = np.unravel_index(heaviest, plan.shape)
+            out.append({"matches": np.hstack([q_pos[q], c_pos[c], plan.ravel()[heaviest, None]]).tolist(),
+                        "query_weights": np.hstack([q_pos, v[:, None]]).tolist(),
+                        "cand_weights": np.hstack([c_pos, u[:, None]]).tolist()})
+        return out
