@@ -32,12 +32,9 @@ def restore_table_command(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
-def browse_command(args: list[str]) -> None:
-    """``rrt-dist browse RUN [RUN2] [--port N]``: serve an evaluation's results browser (two: side by side) on
-    127.0.0.1 until interrupted."""
+def browse_arguments(args: list[str]):
+    """``rrt-dist browse``'s arguments (argparse: a bad one exits with its usage)."""
     import argparse
-
-    from rrt_dist.schema import ConfigError
 
     parser = argparse.ArgumentParser(prog="rrt-dist browse", description="Serve an evaluation's results browser "
                                      "(two runs of one benchmark: side by side) on 127.0.0.1.")
@@ -46,6 +43,15 @@ def browse_command(args: list[str]) -> None:
     options = parser.parse_args(args)
     if len(options.runs) > 2:
         parser.error("one run, or two to compare")
+    return options
+
+
+def browse_command(args: list[str]) -> None:
+    """``rrt-dist browse RUN [RUN2] [--port N]``: serve an evaluation's results browser (two: side by side) on
+    127.0.0.1 until interrupted."""
+    from rrt_dist.schema import ConfigError
+
+    options = browse_arguments(args)
     from rrt_dist.pipelines.browse import browse_server
 
     try:

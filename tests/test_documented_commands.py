@@ -58,6 +58,14 @@ def _job_problem(job: str, args: list[str]) -> str | None:
 
     if job == "restore-table":
         return None if len(args) == 1 else "restore-table takes one TABLE"
+    if job == "browse":
+        from rrt_dist.cli import browse_arguments
+
+        try:
+            browse_arguments(args)
+        except SystemExit:
+            return "rrt-dist browse takes RUN [RUN2] [--port N]"
+        return None
     if job not in available_jobs():
         return f"no job {job!r}"
     overrides, i = [], 0
@@ -149,6 +157,7 @@ def test_every_documented_command_works_as_written():
     ("rrt-dist evaluate dataset=roxford dataset.root=/data/roxford5k", "no such dataset preset"),
     ("rrt-dist evaluate datset.root=/data/x", "datset"),
     ("rrt-dist nosuchjob", "no job"),
+    ("rrt-dist browse A B C", "rrt-dist browse takes RUN [RUN2]"),
     (".venv/bin/python jobs/evaluate.py --cfg jobs", "--cfg"),
     ("ray job submit --address http://h:8265 -- python jobs/ingest.py gallery.nme=shop", "nme"),
     ("python benchmarks/scale.py --quick", "--quick"),
