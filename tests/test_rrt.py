@@ -94,6 +94,41 @@ def test_forward_equals_the_restated_equations_with_padding():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_the_classification_tokens_attention_is_what_multihead_attention_computes():
+    """What the results browser draws for an RRT pair: the last layer's attention of the classification token to
+    each local, checked against torch's own MultiheadAttention weights (same parameters) on the same input; the
+    logits are the model's, padded locals get none, and the scorer hands it out per candidate with positions."""
+    from rrt_dist.rerank.scorers import RRTScorer
+
+    model = randomised_model(4)
+    batch = pair_batch(5)
+    src_m, tgt_m = batch[2], batch[6]
+    with torch.no_grad():
+        logits, to_src, to_tgt = model.cls_attention(*batch)
+        torch.testing.assert_close(logits, model(*batch), atol=1e-5, rtol=1e-5)
+        x, allowed, src_start, tgt_start = model._tokens(*batch)
+        for layer in model.encoder.layers[:-1]:
+            x = layer(x, allowed)
+        _, weights = model.encoder.layers[-1].self_attn(x, x, x, key_padding_mask=~allowed, need_weights=True,
+                                                        average_attn_weights=True)
+    torch.testing.assert_close(to_src, weights[:, 0, src_start:src_start + 12], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(to_tgt, weights[:, 0, tgt_start:tgt_start + 12], atol=1e-6, rtol=1e-5)
+    assert torch.all(to_src[src_m] == 0) and torch.all(to_tgt[tgt_m] == 0)
+    assert torch.all(to_src.sum(1) + to_tgt.sum(1) < 1 + 1e-6)           # the rest goes to CLS, globals, SEP
+
+    rng = np.random.default_rng(0)
+    query = {"global": rng.normal(size=2048), "local": rng.normal(size=(12, 128)), "mask": np.arange(12) >= 7,
+             "scales": np.zeros(12, np.int64), "positions": rng.uniform(0, 99, (12, 2)), "n_local": np.int64(7)}
+    cands = {"global": rng.normal(size=(2, 2048)), "local": rng.normal(size=(2, 12, 128)),
+             "mask": np.stack([np.arange(12) >= 12, np.arange(12) >= 3]), "scales": np.zeros((2, 12), np.int64),
+             "positions": rng.uniform(0, 99, (2, 12, 2)), "n_local": np.array([12, 3])}
+    scorer = RRTScorer(model=model, device="cpu")
+    found = scorer.explain(query, cands)
+    assert [len(f["query_weights"]) for f in found] == [7, 7] and [len(f["cand_weights"]) for f in found] == [12, 3]
+    assert found[1]["cand_weights"][0][:2] == pytest.approx(cands["positions"][1, 0].tolist())
+    assert all(f["matches"] == [] for f in found)
+
+
 def test_load_released_checkpoint_layouts(tmp_path):
     model = randomised_model(3)
     batch = pair_batch(2)

@@ -20,6 +20,8 @@ the locals' (x, y) positions (pass ``src_positions`` / ``tgt_positions``).
 """
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 
 import torch
@@ -41,10 +43,21 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.heads, self.dropout = heads, dropout
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor):
         b, n, d = x.shape
         q, k, v = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        return (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+
+    def attention(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The attention weights this layer applies to ``x``, averaged over heads: ``[B, N, N]`` (rows sum to 1)
+        — what the fused kernel of :meth:`forward` computes and never returns."""
+        q, k, _ = self._heads(x)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self._heads(x)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :],
                                               dropout_p=self.dropout if self.training else 0.0)
         attn = self.self_attn.out_proj(attn.transpose(1, 2).reshape(b, n, d))
@@ -102,9 +115,10 @@ class RerankingTransformer(nn.Module):
             x = x + sine_2d(positions, self.cfg.model_dim)
         return x + self.seg_encoder.weight[segment]
 
-    def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales,
-                src_positions=None, tgt_positions=None) -> torch.Tensor:
-        """Raw logits ``[B]``; masks are True at padding; scales are integer scale indices."""
+    def _tokens(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales,
+                src_positions=None, tgt_positions=None):
+        """The encoder's input ``[B, N, D]``, which tokens attention may read (``[B, N]``), and where the source's
+        and the target's locals start."""
         b = src_local.shape[0]
         seg = self.seg_encoder.weight
         tokens = [seg[CLS].expand(b, 1, -1)]
@@ -112,6 +126,7 @@ class RerankingTransformer(nn.Module):
         if self.cfg.use_global:
             tokens.append((F.normalize(self.remap(src_global), p=2, dim=-1) + seg[SRC_GLOBAL])[:, None])
             allowed.append(src_mask.new_ones(b, 1))
+        src_start = sum(t.shape[1] for t in tokens)
         tokens.append(self._locals(src_local, src_scales, src_positions, SRC_LOCAL))
         allowed.append(~src_mask)
         tokens.append(seg[SEP].expand(b, 1, -1))
@@ -119,10 +134,29 @@ class RerankingTransformer(nn.Module):
         if self.cfg.use_global:
             tokens.append((F.normalize(self.remap(tgt_global), p=2, dim=-1) + seg[TGT_GLOBAL])[:, None])
             allowed.append(src_mask.new_ones(b, 1))
+        tgt_start = sum(t.shape[1] for t in tokens)
         tokens.append(self._locals(tgt_local, tgt_scales, tgt_positions, TGT_LOCAL))
         allowed.append(~tgt_mask)
-        x = self.encoder(torch.cat(tokens, dim=1), torch.cat(allowed, dim=1).bool())
-        return self.classifier(x[:, 0]).view(-1)
+        return torch.cat(tokens, dim=1), torch.cat(allowed, dim=1).bool(), src_start, tgt_start
+
+    def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales,
+                src_positions=None, tgt_positions=None) -> torch.Tensor:
+        """Raw logits ``[B]``; masks are True at padding; scales are integer scale indices."""
+        x, allowed, _, _ = self._tokens(src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask,
+                                        tgt_scales, src_positions, tgt_positions)
+        return self.classifier(self.encoder(x, allowed)[:, 0]).view(-1)
+
+    def cls_attention(self, *inputs, **positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s logits, and how much the last layer's classification token attends to each source
+        and each target local (``[B, L_src]``, ``[B, L_tgt]``; 0 at padding): what the logit reads, for figures."""
+        x, allowed, src_start, tgt_start = self._tokens(*inputs, **positions)
+        *first, last = self.encoder.layers
+        for layer in first:
+            x = layer(x, allowed)
+        weights = last.attention(x, allowed)[:, 0]
+        logits = self.classifier(last(x, allowed)[:, 0]).view(-1)
+        n_src, n_tgt = inputs[1].shape[1], inputs[5].shape[1]
+        return logits, weights[:, src_start:src_start + n_src], weights[:, tgt_start:tgt_start + n_tgt]
 
 
 def clean_state_dict(checkpoint) -> OrderedDict:

@@ -235,10 +235,12 @@ const rrtBrowse = (() => {
       x1: x0 * wq, y1: y0 * height, x2: wq + gap + x1 * wc, y2: y1 * height,
       "stroke-width": mass === undefined ? 2 : 1 + 4 * mass / heaviest})));
     svg.replaceChildren(...nodes);
-    $("evidence-title").textContent = reranker === "gv"
-      ? `GV: ${found.matches.length} verified matches (query ${query.name} · id ${id})`
-      : `${reranker}: the ${found.matches.length} heaviest matches of the transport plan; dots: marginals ` +
-        `(query ${query.name} · id ${id})`;
+    const what = {gv: `GV: ${found.matches.length} verified matches`,
+                  structural: `Structural: the ${found.matches.length} heaviest matches of the transport plan; dots: ` +
+                              "its marginals",
+                  rrt: "RRT: the classification token's last-layer attention to each local (dots)"}[reranker] ||
+                 `${reranker}: ${found.matches.length} matches`;
+    $("evidence-title").textContent = `${what} (query ${query.name} · id ${id})`;
     $("evidence").hidden = false;
   }
 

@@ -4,8 +4,8 @@ on 127.0.0.1.
 
 A query page shows the query and, per row of the report (Global, αQE, each reranker), its top-K with positives
 and junk marked by protocol and each reranked image's move; clicking a reranked pair draws why it moved: GV's
-verified matches, the structural reranker's heaviest transport matches and marginals (RRT's attention is fused
-into ``scaled_dot_product_attention`` and not exposed: its pairs show their scores only).
+verified matches, the structural reranker's heaviest transport matches and marginals, RRT's last-layer attention of
+its classification token to each local (``scorer.explain``).
 """
 from __future__ import annotations
 

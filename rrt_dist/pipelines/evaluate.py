@@ -15,9 +15,9 @@ from rrt_dist.eval.report import render_markdown, run_section, training_section,
 from rrt_dist.eval.runner import settings_of
 from rrt_dist.rerank.methods import parse_method
 
+from .browse import write_browse
 from .features import absolute_location, benchmark_features, global_matrix, patch_features, unreadable_counts
 from .index import setting_indexes
-from .browse import write_browse
 from .rerank import open_pool, scorer_options
 from .train import trained_reranker
 

@@ -63,6 +63,25 @@ class RRTScorer:
         # ~1000-token pairs fall out of cache (batch 20 measured slower than 10 batches of 2).
         self.chunk = chunk or (100 if self.device.type == "cuda" else 4)
 
+    def _inputs(self, query: dict, cands: dict, s: int, e: int) -> tuple[tuple, dict]:
+        """The model's inputs for the query against candidates ``s:e`` (positional, and positions by keyword)."""
+        b = e - s
+
+        def t(x, dtype=torch.float32):       # broadcast views are read-only: copied, not shared
+            return torch.as_tensor(np.require(x, requirements=["C", "W"]), device=self.device).to(dtype)
+
+        src = (t(np.broadcast_to(query["global"], (b,) + query["global"].shape)),
+               t(np.broadcast_to(query["local"], (b,) + query["local"].shape)),
+               t(np.broadcast_to(query["mask"], (b,) + query["mask"].shape), torch.bool),
+               t(np.broadcast_to(query["scales"], (b,) + query["scales"].shape), torch.long))
+        tgt = (t(cands["global"][s:e]), t(cands["local"][s:e]), t(cands["mask"][s:e], torch.bool),
+               t(cands["scales"][s:e], torch.long))
+        positions = {}
+        if self.model.cfg.position_encoding == "sine2d":     # the SOP setting embeds (x, y) positions
+            positions = {"src_positions": t(np.broadcast_to(query["positions"], (b,) + query["positions"].shape)),
+                         "tgt_positions": t(cands["positions"][s:e])}
+        return (*src, *tgt), positions
+
     @torch.inference_mode()
     def __call__(self, query: dict, cands: dict) -> np.ndarray:
         k = len(cands["local"])
@@ -71,25 +90,28 @@ class RRTScorer:
         out = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         for s in range(0, k, self.chunk):
-            e = min(k, s + self.chunk)
-            b = e - s
-
-            def t(x, dtype=torch.float32):       # broadcast views are read-only: copied, not shared
-                return torch.as_tensor(np.require(x, requirements=["C", "W"]), device=self.device).to(dtype)
-
-            src = (t(np.broadcast_to(query["global"], (b,) + query["global"].shape)),
-                   t(np.broadcast_to(query["local"], (b,) + query["local"].shape)),
-                   t(np.broadcast_to(query["mask"], (b,) + query["mask"].shape), torch.bool),
-                   t(np.broadcast_to(query["scales"], (b,) + query["scales"].shape), torch.long))
-            tgt = (t(cands["global"][s:e]), t(cands["local"][s:e]), t(cands["mask"][s:e], torch.bool),
-                   t(cands["scales"][s:e], torch.long))
-            positions = {}
-            if self.model.cfg.position_encoding == "sine2d":     # the SOP setting embeds (x, y) positions
-                positions = {"src_positions": t(np.broadcast_to(query["positions"], (b,) + query["positions"].shape)),
-                             "tgt_positions": t(cands["positions"][s:e])}
+            inputs, positions = self._inputs(query, cands, s, min(k, s + self.chunk))
             with autocast:
-                out.append(self.model(*src, *tgt, **positions).float().cpu().numpy())
+                out.append(self.model(*inputs, **positions).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    @torch.inference_mode()
+    def explain(self, query: dict, cands: dict) -> list[dict]:
+        """Per candidate the last layer's attention of the classification token to each query and candidate local
+        ``[[x, y, weight], ...]`` (fp32; no matches: RRT scores the pair as a whole)."""
+        if self.top_locals:
+            query, cands = truncate_locals(query, self.top_locals), truncate_locals(cands, self.top_locals)
+        out = []
+        for s in range(0, len(cands["local"]), self.chunk):
+            e = min(len(cands["local"]), s + self.chunk)
+            inputs, positions = self._inputs(query, cands, s, e)
+            _, to_query, to_cand = self.model.cls_attention(*inputs, **positions)
+            for i, (wq, wc) in enumerate(zip(to_query.cpu().numpy(), to_cand.cpu().numpy())):
+                nq, nc = int(query["n_local"]), int(cands["n_local"][s + i])
+                out.append({"matches": [],
+                            "query_weights": np.hstack([query["positions"][:nq], wq[:nq, None]]).tolist(),
+                            "cand_weights": np.hstack([cands["positions"][s + i][:nc], wc[:nc, None]]).tolist()})
+        return out
 
 
 def truncate_locals(features: dict, max_local: int) -> dict:
