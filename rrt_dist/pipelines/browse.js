@@ -93,8 +93,8 @@ const rrtBrowse = (() => {
   }
 
   function showTable() {
-    $("view").replaceChildren(...runs.flatMap((run) => [
-      el("h2", {text: `${run.summary.benchmark}: ${run.summary.title}`}),
+    $("view").replaceChildren(...runs.flatMap((run, r) => [   // the page's heading is the run's title
+      ...(runs.length > 1 ? [el("h2", {text: `Run ${r + 1}: ${run.summary.title}`})] : []),
       el("p", {text: `${run.summary.queries.length} of ${run.summary.queries_total} queries browsable; ` +
                      "each cell lists its queries, most changed first."}),
       tableOf(run)]));
