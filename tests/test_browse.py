@@ -90,6 +90,7 @@ def test_the_browser_in_a_real_browser(runs, browser, tmp_path, capsys):
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.results tr.method"))
     assert [r.find_element(By.TAG_NAME, "td").text for r in driver.find_elements(By.CSS_SELECTOR, "tr.method")] \
         == ["Global only", "GV (top-100)"]
+    assert driver.find_elements(By.CSS_SELECTOR, "#view h2") == []      # one run: the page's title is its heading
     shot("table")
     gv_medium = next(x for x in driver.find_elements(By.CSS_SELECTOR, "table.results a")
                      if x.get_attribute("href").endswith("#list/GV%20(top-100)/synthetic/medium"))
@@ -132,6 +133,10 @@ def test_the_browser_in_a_real_browser(runs, browser, tmp_path, capsys):
         second = driver.find_elements(By.CSS_SELECTOR, "[data-run='1'] [data-row='Global only'] figure")
         assert [f.get_attribute("data-id") for f in second] == expected["global"][:5]       # browse.top=5
         shot("compare")
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")      # both tables, each under its run's heading
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "table.results")) == 2)
+        headings = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#view h2")]
+        assert [h.split(": ")[0] for h in headings] == ["Run 1", "Run 2"] and "synthetic: synthetic" not in " ".join(headings)
         assert console_errors(driver) == []
     finally:
         server.shutdown()
