@@ -14,11 +14,12 @@ _warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
 # The layers, bottom up: a module imports only from its own layer or below (tests/test_layers.py checks every
 # import, deferred ones included, and that the import graph has no cycle). A package's entry covers its modules;
-# a module named on its own sits where it is listed. eval.metrics is the protocols' pure definitions (numpy
-# only), which the benchmark readers carry with their ground truth.
+# a module named on its own sits where it is listed. metrics is the protocols' pure definitions (numpy only),
+# which the benchmark readers carry with their ground truth (rrt_dist.eval.metrics re-exports it: its public path).
+# No two packages import each other, even through modules in different layers (the test checks that too).
 LAYERS = (
     ("schema",),                                   # errors, ids, settings dataclasses
-    ("store", "models", "eval.metrics", "devices"),  # pure cores with no other rrt_dist dependency
+    ("store", "models", "metrics", "devices"),     # pure cores with no other rrt_dist dependency
     ("features", "index", "datasets"),
     ("rerank", "eval"),
     ("train",),

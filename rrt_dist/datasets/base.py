@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rrt_dist.eval import metrics
+from rrt_dist import metrics
 from rrt_dist.schema import NO_ID, DatasetLayoutError
 
 MANIFEST_SCHEMA = pa.schema([

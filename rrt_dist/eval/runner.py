@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rrt_dist.datasets import Benchmark
-from rrt_dist.eval.metrics import REVISITOP_PROTOCOLS
+from rrt_dist.metrics import REVISITOP_PROTOCOLS
 from rrt_dist.index.exact import PAST_END, rank_relevant_blocks, streaming_searcher, table_blocks
 from rrt_dist.index.qe import expanded_queries
 from rrt_dist.schema import NO_ID
