@@ -20,7 +20,7 @@ def restore_table_command(args: list[str]) -> None:
     """``rrt-dist restore-table TABLE``: a feature table whose newest version cannot be read goes back to its last
     readable version (the unreadable manifests are kept, renamed)."""
     from rrt_dist.schema import UnreadableTable
-    from rrt_dist.store.features import restore_table
+    from rrt_dist.store import restore_table
 
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: rrt-dist restore-table TABLE   (a .lance folder or URI)", file=sys.stderr)

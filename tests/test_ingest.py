@@ -258,7 +258,7 @@ def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray,
     nothing is removed, and `rrt-dist restore-table` sets the table back so the same ingest completes."""
     from rrt_dist.cli import main as cli_main
     from rrt_dist.schema import UnreadableTable
-    from rrt_dist.store.features import manifest_versions
+    from rrt_dist.store import manifest_versions
 
     folder, parts = batches
     args = ("tiny-image", {}, ExtractSettings(batch_size=4, commit_every=8), IndexConfig(factory="Flat"))
