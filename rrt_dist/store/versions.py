@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from rrt_dist.schema import UnreadableTable
 
+from .features import check_schema
+
 
 def write_fragment(uri: str | Path, table: pa.Table) -> list:
     """Write rows as uncommitted Lance fragments (safe from any worker); returns their metadata."""
@@ -97,7 +99,6 @@ def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lan
         return lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments), read_version=None)
     check_schema(ds.schema, schema, uri)
     return lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
-
 
 
 def committed_ids(uri: str | Path) -> np.ndarray:
