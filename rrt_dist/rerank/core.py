@@ -1,5 +1,6 @@
 """Reranking of a query's global top-K, the part without Ray: the reordering rule and the per-actor core that
-takes candidates' descriptors from the feature tables and scores each (query, candidate) pair once."""
+takes candidates' descriptors from the feature tables and scores them: a pair scorer each (query, candidate) pair
+once, a set scorer (SuperGlobal) each query's candidates together, a batch of queries per call."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 
 from rrt_dist.schema import NO_ID
-from rrt_dist.store import FeatureStore, take_locals_from
+from rrt_dist.store import FeatureStore, take_globals_from, take_locals_from
 
 
 def rerank_top_k(ids: np.ndarray, global_scores: np.ndarray, rerank_scores: np.ndarray, k: int,
@@ -24,6 +25,11 @@ def rerank_top_k(ids: np.ndarray, global_scores: np.ndarray, rerank_scores: np.n
 
 def _one(arrays: dict, i: int) -> dict:
     return {k: v[i] for k, v in arrays.items()}
+
+
+def _head(row: np.ndarray, k: int) -> np.ndarray:
+    """The candidates a row hands its reranker: its first ``k`` ids, the padding past the gallery left out."""
+    return row[:k][row[:k] != NO_ID]
 
 
 def _open(table):
@@ -47,7 +53,9 @@ class RerankCore:
         self.global_weight = float(getattr(self.scorer, "global_weight", 0.0))
         self.queries = None if query_table is None else _open(query_table)    # None: queries come as features
         self.galleries = [_open(t) for t in gallery_tables]
-        self.cache: dict[tuple[int, int], float] = {}
+        self.cache: dict[tuple[int, int], float] = {}          # a pair scorer's scores by (query, candidate)
+        # a set scorer (``score_sets``) scores a query's candidates together, from their global descriptors
+        self.scores_sets = hasattr(self.scorer, "score_sets")
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         return self.rerank_with_scores(query_ids, ranked, scores, k)[0]
@@ -55,43 +63,73 @@ class RerankCore:
     def rerank_with_scores(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int
                            ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`rerank`, and the reranker's score of each of the first ``k`` entries of the reordered rows
-        (``[n, k]``, NaN where there is no reranked entry)."""
+        (``[n, k]``, NaN where there is no reranked entry). A set scorer scores all the rows in one call."""
         out = ranked.copy()
         rerank_scores = np.full((len(ranked), k), np.nan)
-        valid_q = query_ids != NO_ID
-        queries = self.queries.take_locals(query_ids[valid_q]) if valid_q.any() else None
-        qi = 0
-        for row in range(len(ranked)):
-            if not valid_q[row]:
-                continue
-            query = _one(queries, qi)
-            qi += 1
-            head = ranked[row, :k]
-            head = head[head != NO_ID]
-            if len(head) == 0:
-                continue
-            qid = int(query_ids[row])
-            missing = np.asarray([c for c in head.tolist() if (qid, c) not in self.cache], np.int64)
-            if len(missing):
-                new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
-                self.cache.update(zip(((qid, c) for c in missing.tolist()), new_scores.tolist()))
-            head_scores = np.asarray([self.cache[(qid, c)] for c in head.tolist()])
-            out[row, :len(head)] = rerank_top_k(head, scores[row, :len(head)], head_scores, len(head),
-                                                self.global_weight)
-            rerank_scores[row, :len(head)] = [self.cache[(qid, c)] for c in out[row, :len(head)].tolist()]
+        rows = [r for r in range(len(ranked)) if query_ids[r] != NO_ID and len(_head(ranked[r], k))]
+        if not rows:
+            return out, rerank_scores
+        query_ids, heads = query_ids[rows], [_head(ranked[r], k) for r in rows]
+        if self.scores_sets:
+            head_scores = self._set_scores(self.queries.take_globals(query_ids), heads)
+        else:
+            queries = self.queries.take_locals(query_ids)
+            head_scores = [self._pair_scores(int(qid), _one(queries, i), head)
+                           for i, (qid, head) in enumerate(zip(query_ids, heads))]
+        for r, head, head_score in zip(rows, heads, head_scores):
+            out[r, :len(head)], ordered = self._reorder(head, scores[r, :len(head)], head_score)
+            rerank_scores[r, :len(ordered)] = ordered
         return out, rerank_scores
 
     def rerank_query(self, query: dict, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One query given by its features (``take_locals`` layout, one row; e.g. an uploaded image's) against its
         ranked ``ids``: the reordered ids and each reranked candidate's score, in that order (no cache: the
         query is in no table)."""
-        head = ids[:k][ids[:k] != NO_ID]
-        if len(head) == 0:
-            return ids.copy(), np.zeros(0)
-        head_scores = np.asarray(self.scorer(_one(query, 0), take_locals_from(self.galleries, head)), np.float64)
-        order = rerank_top_k(head, scores[:len(head)], head_scores, len(head), self.global_weight)
-        where = {int(c): s for c, s in zip(head.tolist(), head_scores.tolist())}
-        return np.concatenate([order, ids[len(head):]]), np.asarray([where[int(c)] for c in order.tolist()])
+        return self.rerank_queries(query, [ids], [scores], k)[0]
+
+    def rerank_queries(self, queries: dict, ids: list[np.ndarray], scores: list[np.ndarray], k: int
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`rerank_query` for a batch: row ``i`` of ``queries`` against its ranked ``ids[i]`` (the lists may
+        differ in length). A set scorer scores the whole batch in one vectorised call; a pair scorer, query by
+        query."""
+        heads = [_head(row, k) for row in ids]
+        live = [i for i, head in enumerate(heads) if len(head)]
+        if self.scores_sets:
+            scored = self._set_scores(queries["global"][live], [heads[i] for i in live]) if live else []
+        else:
+            scored = [np.asarray(self.scorer(_one(queries, i), take_locals_from(self.galleries, heads[i])), np.float64)
+                      for i in live]
+        out = [(np.asarray(row).copy(), np.zeros(0)) for row in ids]
+        for i, head_score in zip(live, scored):
+            order, ordered = self._reorder(heads[i], scores[i][:len(heads[i])], head_score)
+            out[i] = (np.concatenate([order, ids[i][len(order):]]), ordered)
+        return out
+
+    def _pair_scores(self, query_id: int, query: dict, head: np.ndarray) -> np.ndarray:
+        """A pair scorer's scores of ``head``, each (query, candidate) pair scored once across calls."""
+        missing = np.asarray([c for c in head.tolist() if (query_id, c) not in self.cache], np.int64)
+        if len(missing):
+            new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
+            self.cache.update(zip(((query_id, c) for c in missing.tolist()), np.asarray(new_scores).tolist()))
+        return np.asarray([self.cache[(query_id, c)] for c in head.tolist()], np.float64)
+
+    def _set_scores(self, query_globals: np.ndarray, heads: list[np.ndarray]) -> list[np.ndarray]:
+        """A set scorer's scores of each query's ``heads[i]`` (NaN past what it reorders), all queries in one call:
+        the candidates' global descriptors taken from the gallery tables in one read."""
+        valid = np.arange(max(len(h) for h in heads))[None, :] < np.asarray([len(h) for h in heads])[:, None]
+        candidates = np.zeros(valid.shape + (query_globals.shape[1],), np.float32)
+        candidates[valid] = take_globals_from(self.galleries, np.concatenate(heads))
+        scored = self.scorer.score_sets(query_globals, candidates, valid)
+        return [scored[i, :len(h)] for i, h in enumerate(heads)]
+
+    def _reorder(self, head: np.ndarray, global_scores: np.ndarray, head_scores: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``head`` with its scored prefix (scores not NaN: a set scorer's top-M) reordered by
+        :func:`rerank_top_k`, the rest in its order; and the prefix's scores in the new order."""
+        n = int(np.argmax(np.isnan(head_scores))) if np.isnan(head_scores).any() else len(head)
+        order = rerank_top_k(head[:n], global_scores[:n], head_scores[:n], n, self.global_weight)
+        where = dict(zip(head[:n].tolist(), head_scores[:n].tolist()))
+        return np.concatenate([order, head[n:]]), np.asarray([where[c] for c in order.tolist()], np.float64)
 
     def explain(self, query_id: int, ids: np.ndarray) -> list[dict] | None:
         """Why the scorer scored candidates ``ids`` of query ``query_id`` as it did (its ``explain``: matches,

@@ -3,7 +3,7 @@
 label, the descriptors it reads and how its score combines with the global one.
 
 A report row (``reranker.methods``) is ``global``, ``aqe`` (αQE), a scorer name (``gv``, ``rrt``,
-``structural``) or ``aqe+<scorer>`` (the scorer reranks the αQE ranking's top-K). :func:`parse_method`
+``structural``, ``superglobal``) or ``aqe+<scorer>`` (the scorer reranks the αQE ranking's top-K). :func:`parse_method`
 reads one once, at start-up; an unknown name fails there with the list of known ones. A new reranker is
 one file with its scorer plus one :func:`register_reranker` call below.
 """
@@ -14,20 +14,25 @@ from dataclasses import dataclass
 
 from rrt_dist.schema import ConfigError
 
-from .options import GVConfig, RRTOptions, StructuralConfig
+from .options import GVConfig, RRTOptions, StructuralConfig, SuperGlobalOptions
 
 
 @dataclass(frozen=True)
 class Reranker:
     name: str
     label: str                        # report row label
-    # "module:Class" of its scorer, imported on first use: scorer(**options)(query, candidates) -> scores [K],
-    # higher is better; the final order is by score + scorer.global_weight × global cosine (absent or 0: the
-    # global score only breaks ties)
+    # "module:Class" of its scorer, imported on first use, created as scorer(**options). A pair scorer is called
+    # scorer(query, candidates) -> scores [K] (each pair on its own); a set scorer has score_sets(queries [B, d],
+    # candidates [B, K, d], valid [B, K]) -> scores [B, K] (a query's candidates scored together, from globals,
+    # NaN past what it reorders). Higher is better; the final order is by score + scorer.global_weight × global
+    # cosine (absent or 0: the global score only breaks ties)
     scorer: str
     options: type | None = None       # dataclass of its options: the schema of reranker.<name> (None: none)
-    # what it reads: locals | positions | patches (from the extractor's tables) | checkpoint (reranker.checkpoint)
+    # what it reads beyond the global descriptors: locals | positions | patches (from the extractor's tables) |
+    # checkpoint (reranker.checkpoint); () for a reranker of global descriptors only
     inputs: tuple[str, ...] = ("locals",)
+    # the option capping how many of the top reranker.depth it reorders (SuperGlobal's M), if any
+    depth_option: str | None = None
 
     def scorer_class(self) -> type:
         module, _, attr = self.scorer.partition(":")
@@ -35,6 +40,10 @@ class Reranker:
 
     def create(self, **options):
         return self.scorer_class()(**options)
+
+    def reranked_depth(self, depth: int, options) -> int:
+        """How many of the top ``depth`` it reorders with ``options`` (its ``reranker.<name>`` config)."""
+        return min(depth, int(options[self.depth_option])) if self.depth_option else depth
 
     @property
     def explains(self) -> bool:
@@ -122,3 +131,5 @@ register_reranker(Reranker("gv", "GV", "rrt_dist.rerank.scorers:GVScorer", GVCon
 register_reranker(Reranker("rrt", "RRT", "rrt_dist.rerank.scorers:RRTScorer", RRTOptions, ("locals", "checkpoint")))
 register_reranker(Reranker("structural", "Structural", "rrt_dist.rerank.scorers:StructuralScorer", StructuralConfig,
                            ("patches",)))
+register_reranker(Reranker("superglobal", "SuperGlobal", "rrt_dist.rerank.superglobal:SuperGlobalScorer",
+                           SuperGlobalOptions, (), depth_option="m"))

@@ -45,3 +45,12 @@ class StructuralConfig:
     max_iter: int = bounded(100, ge=1)
     stop_tol: float = bounded(0.1, ge=0)
     ot_part: float = bounded(1.0, gt=0, le=1)     # < 1: partial transport
+
+
+@dataclass
+class SuperGlobalOptions:
+    """``reranker.superglobal``: the paper's defaults (M = 400, K = 9, β = 0.15). The top-M reranked is at most
+    what the reranker is handed: ``min(m, reranker.depth)`` (the report's row names it)."""
+    m: int = bounded(400, ge=1)            # the top-M refined and reordered
+    k: int = bounded(9, ge=1)              # neighbours of each candidate, and refined vectors max-pooled into e
+    beta: float = bounded(0.15, ge=0)      # weight of a neighbour: beta × its similarity (itself: 1)
