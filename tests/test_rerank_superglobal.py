@@ -111,7 +111,8 @@ def test_superglobal_equals_the_papers_equations_ties_included(seed, m, k, beta)
         np.testing.assert_array_equal(alone[0], out[r])
         np.testing.assert_allclose(alone[1], rerank_scores[r, :size], atol=1e-6, rtol=0)
     assert ties, "the problem has no tied final scores: the tie rule went untested"
-    batch = core.rerank_queries({"global": query_table.vectors[:3]}, list(ranked[:3]), list(scores[:3]), depth)
+    batch = core.rerank_queries([{"global": query_table.vectors[r:r + 1]} for r in range(3)], list(ranked[:3]),
+                                list(scores[:3]), depth)
     for r, (order, reranked_scores) in enumerate(batch):
         np.testing.assert_array_equal(order, out[r])
         assert len(reranked_scores) == min(m, (ranked[r, :depth] != NO_ID).sum())

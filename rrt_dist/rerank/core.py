@@ -85,21 +85,31 @@ class RerankCore:
         """One query given by its features (``take_locals`` layout, one row; e.g. an uploaded image's) against its
         ranked ``ids``: the reordered ids and each reranked candidate's score, in that order (no cache: the
         query is in no table)."""
-        return self.rerank_queries(query, [ids], [scores], k)[0]
+        return self.rerank_queries([query], [ids], [scores], k)[0]
 
-    def rerank_queries(self, queries: dict, ids: list[np.ndarray], scores: list[np.ndarray], k: int
+    def rerank_queries(self, queries: list[dict], ids: list[np.ndarray], scores: list[np.ndarray], k: int
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`rerank_query` for a batch: row ``i`` of ``queries`` against its ranked ``ids[i]`` (the lists may
-        differ in length). A set scorer scores the whole batch in one vectorised call; a pair scorer, query by
-        query."""
+        """:meth:`rerank_query` for a batch of requests: ``queries[i]`` (one row each) against its ranked ``ids[i]``
+        (lengths may differ), the candidates of all read in one take. Scored in one call where the scorer allows
+        it: a set scorer (SuperGlobal) vectorised over the queries, a scorer with ``score_pairs`` (RRT) all pairs of
+        all queries in one run of forward passes; any other (GV, structural) query by query."""
         heads = [_head(row, k) for row in ids]
         live = [i for i, head in enumerate(heads) if len(head)]
-        if self.scores_sets:
-            scored = self._set_scores(queries["global"][live], [heads[i] for i in live]) if live else []
-        else:
-            scored = [np.asarray(self.scorer(_one(queries, i), take_locals_from(self.galleries, heads[i])), np.float64)
-                      for i in live]
         out = [(np.asarray(row).copy(), np.zeros(0)) for row in ids]
+        if not live:
+            return out
+        if self.scores_sets:
+            scored = self._set_scores(np.stack([queries[i]["global"][0] for i in live]), [heads[i] for i in live])
+        else:
+            sizes = [len(heads[i]) for i in live]
+            cands = take_locals_from(self.galleries, np.concatenate([heads[i] for i in live]))
+            if hasattr(self.scorer, "score_pairs"):
+                owner = np.repeat(np.arange(len(live)), sizes)
+                flat = self.scorer.score_pairs([_one(queries[i], 0) for i in live], owner, cands)
+            else:
+                flat = np.concatenate([self.scorer(_one(queries[i], 0), {key: v[s:e] for key, v in cands.items()})
+                                       for i, s, e in zip(live, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes))])
+            scored = np.split(np.asarray(flat, np.float64), np.cumsum(sizes)[:-1])
         for i, head_score in zip(live, scored):
             order, ordered = self._reorder(heads[i], scores[i][:len(heads[i])], head_score)
             out[i] = (np.concatenate([order, ids[i][len(order):]]), ordered)

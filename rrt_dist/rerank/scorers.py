@@ -1,5 +1,7 @@
 """Pair scorers behind one interface: ``scorer(query, candidates) -> scores [K]`` (higher is better); the
-registry that names them is ``rrt_dist.rerank.methods``.
+registry that names them is ``rrt_dist.rerank.methods``. A scorer that can score the pairs of several queries in one
+run (RRT) also has ``score_pairs(queries, owner, candidates) -> scores [P]``, pair ``p`` being query ``owner[p]``
+against candidate ``p``.
 
 ``query`` holds one image's ``local [L, d]``, ``positions [L, 2]``, ``scales [L]``, ``n_local``
 and ``global [d_g]``; ``candidates`` the same for K images, batched (``mask`` True at padding).
@@ -63,37 +65,41 @@ class RRTScorer:
         # ~1000-token pairs fall out of cache (batch 20 measured slower than 10 batches of 2).
         self.chunk = chunk or (100 if self.device.type == "cuda" else 4)
 
-    def _inputs(self, query: dict, cands: dict, s: int, e: int) -> tuple[tuple, dict]:
-        """The model's inputs for the query against candidates ``s:e`` (positional, and positions by keyword)."""
-        b = e - s
+    def _inputs(self, queries: dict, owner: np.ndarray, cands: dict, s: int, e: int) -> tuple[tuple, dict]:
+        """The model's inputs for pairs ``s:e``: pair ``p`` is query ``owner[p]`` (a row of the stacked ``queries``)
+        against candidate ``p`` (positional inputs, and positions by keyword)."""
+        rows = owner[s:e]
 
-        def t(x, dtype=torch.float32):       # broadcast views are read-only: copied, not shared
-            return torch.as_tensor(np.require(x, requirements=["C", "W"]), device=self.device).to(dtype)
+        def t(x, dtype=torch.float32):
+            return torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(dtype)
 
-        src = (t(np.broadcast_to(query["global"], (b,) + query["global"].shape)),
-               t(np.broadcast_to(query["local"], (b,) + query["local"].shape)),
-               t(np.broadcast_to(query["mask"], (b,) + query["mask"].shape), torch.bool),
-               t(np.broadcast_to(query["scales"], (b,) + query["scales"].shape), torch.long))
+        src = (t(queries["global"][rows]), t(queries["local"][rows]), t(queries["mask"][rows], torch.bool),
+               t(queries["scales"][rows], torch.long))
         tgt = (t(cands["global"][s:e]), t(cands["local"][s:e]), t(cands["mask"][s:e], torch.bool),
                t(cands["scales"][s:e], torch.long))
         positions = {}
         if self.model.cfg.position_encoding == "sine2d":     # the SOP setting embeds (x, y) positions
-            positions = {"src_positions": t(np.broadcast_to(query["positions"], (b,) + query["positions"].shape)),
-                         "tgt_positions": t(cands["positions"][s:e])}
+            positions = {"src_positions": t(queries["positions"][rows]), "tgt_positions": t(cands["positions"][s:e])}
         return (*src, *tgt), positions
 
     @torch.inference_mode()
-    def __call__(self, query: dict, cands: dict) -> np.ndarray:
-        k = len(cands["local"])
+    def score_pairs(self, queries: list[dict], owner: np.ndarray, cands: dict) -> np.ndarray:
+        """Logits ``[P]`` of pair ``p``: ``queries[owner[p]]`` against candidate ``p`` of ``cands`` (e.g. a batch of
+        served requests, each query with its own candidates): all pairs in one chunked run of forward passes."""
         if self.top_locals:
-            query, cands = truncate_locals(query, self.top_locals), truncate_locals(cands, self.top_locals)
+            queries = [truncate_locals(q, self.top_locals) for q in queries]
+            cands = truncate_locals(cands, self.top_locals)
+        stacked = {key: np.stack([np.asarray(q[key]) for q in queries]) for key in queries[0]}
         out = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        for s in range(0, k, self.chunk):
-            inputs, positions = self._inputs(query, cands, s, min(k, s + self.chunk))
+        for s in range(0, len(owner), self.chunk):
+            inputs, positions = self._inputs(stacked, owner, cands, s, min(len(owner), s + self.chunk))
             with autocast:
                 out.append(self.model(*inputs, **positions).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    def __call__(self, query: dict, cands: dict) -> np.ndarray:
+        return self.score_pairs([query], np.zeros(len(cands["local"]), np.int64), cands)
 
     @torch.inference_mode()
     def explain(self, query: dict, cands: dict) -> list[dict]:
@@ -102,9 +108,10 @@ class RRTScorer:
         if self.top_locals:
             query, cands = truncate_locals(query, self.top_locals), truncate_locals(cands, self.top_locals)
         out = []
+        stacked, owner = {key: np.asarray(v)[None] for key, v in query.items()}, np.zeros(len(cands["local"]), np.int64)
         for s in range(0, len(cands["local"]), self.chunk):
             e = min(len(cands["local"]), s + self.chunk)
-            inputs, positions = self._inputs(query, cands, s, e)
+            inputs, positions = self._inputs(stacked, owner, cands, s, e)
             _, to_query, to_cand = self.model.cls_attention(*inputs, **positions)
             for i, (wq, wc) in enumerate(zip(to_query.cpu().numpy(), to_cand.cpu().numpy())):
                 nq, nc = int(query["n_local"]), int(cands["n_local"][s + i])
