@@ -55,6 +55,12 @@ class UnreadableTable(RuntimeError):
     never taken for "no table" and never removed; the message names the table and its last readable version."""
 
 
+class DamagedTable(UnreadableTable):
+    """A table whose current version names data files that are missing or not of the size its manifest records (a
+    lost or truncated file): never read as if whole; the message names the table, the files and the command that
+    repairs it (``rrt-dist restore-table``)."""
+
+
 class RayStartError(RuntimeError):
     """The embedded Ray did not come up (a loaded machine, a port or a temp folder it could not use)."""
 

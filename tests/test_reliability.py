@@ -344,7 +344,7 @@ def sorted_rows(uri):
 @pytest.fixture(scope="module")
 def chaos(local_ray, small_synthetic, tmp_path_factory):
     """``start(uri, stop)``: a driver process extracting 40 images into ``uri`` on the session's Ray, killed (-9)
-    at its commit after ``stop`` ones (``"none"``: runs to the end); and the rows of a clean run."""
+    at its commit after ``stop`` ones (``"none"``: runs to the end); the rows of a clean run, and its table."""
     _, root = small_synthetic
     address = local_ray.get_runtime_context().gcs_address
     script = tmp_path_factory.mktemp("chaos") / "driver.py"
@@ -358,11 +358,18 @@ def chaos(local_ray, small_synthetic, tmp_path_factory):
     assert start(reference, "none").wait(timeout=300) == 0
     expected = sorted_rows(reference)
     assert len(expected) == 40
-    return start, expected
+    return start, expected, reference
 
 
-def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, tmp_path):
-    start, expected = chaos
+def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, small_synthetic, tmp_path, capsys):
+    """Killed (-9) before its first commit, then at a random one: the rerun equals a clean run. The table killed
+    at a commit then loses one data file (its manifest intact): reading it or extracting into it stops with the
+    named error (the table, the file, the repair command), never a store traceback; `rrt-dist restore-table`
+    sets it back to the newest version whose files are all there, and the same rerun repairs it too."""
+    from rrt_dist.cli import main as cli_main
+    from rrt_dist.schema import DamagedTable
+
+    start, expected, _ = chaos
     rng = np.random.default_rng(0)
     # before the first commit, then at a random one (the two-writer test below kills at random commits too)
     for seed, stop in enumerate([0, int(rng.integers(1, 6))]):
@@ -370,18 +377,39 @@ def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, tmp_path):
         killed = start(uri, stop)
         assert killed.wait(timeout=300) == -9, killed.stderr.read()[-2000:]
         assert len(committed_ids(uri)) == 6 * stop if stop else not (uri / "_versions").exists()
+        lost = set()
+        if stop >= 3:
+            lost.add(lose_a_data_file_then_restore(uri, small_synthetic[1], capsys, cli_main, DamagedTable))
         rerun = start(uri, "none")
         assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
         assert sorted_rows(uri) == expected
-        data_files = {p.name for p in (uri / "data").iterdir()}
-        ds = lance.dataset(str(uri))
-        assert data_files == {Path(f.path).name for fr in ds.get_fragments() for f in fr.data_files()}
+        data_files = {p.name for p in (uri / "data").iterdir()}           # no uncommitted fragment left
+        tracked = lance.dataset(str(uri)).tracked_files().read_all().to_pylist()
+        assert data_files == {Path(f["path"]).name for f in tracked if f["type"] == "data file"} - lost
+
+
+def lose_a_data_file_then_restore(uri, root, capsys, cli_main, damaged_table):
+    """Lose the data file of one fragment committed in version 3 of ``uri`` (3 fragments a version), check the
+    named error where the table is read and where an extraction into it begins, and restore the table; returns
+    the lost file's name."""
+    lost = lance.dataset(str(uri)).get_fragments()[7].data_files()[0].path
+    (uri / "data" / lost).unlink()
+    manifest = read_revisitop(root, "synthetic").gallery.slice(0, 40)
+    for use in (lambda: FeatureStore(uri), lambda: committed_ids(uri),    # not ArrowInvalid from deep in a read
+                lambda: extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2))):
+        with pytest.raises(damaged_table) as err:
+            use()
+        assert f"data/{lost} is missing" in str(err.value) and f"rrt-dist restore-table {uri}" in str(err.value)
+        assert "back to version 2, the newest whose files are all there" in str(err.value)
+    cli_main(["restore-table", str(uri)])
+    assert "now holds the rows of version 2" in capsys.readouterr().out and len(FeatureStore(uri)) == 12
+    return lost
 
 
 def test_chaos_two_writers_and_a_kill_on_one_table_equal_a_clean_run(chaos, tmp_path):
     """Two writers of one table at once, one of them killed (-9) at a random commit: whatever the order, the table
     ends, after a rerun, with every image once and the clean run's descriptors (several seeds)."""
-    start, expected = chaos
+    start, expected, _ = chaos
     for seed, stop in enumerate(np.random.default_rng(1).integers(0, 6, size=2).tolist()):
         uri = tmp_path / f"shared-{seed}.lance"
         killed, plain = start(uri, stop), start(uri, "none")

@@ -13,7 +13,7 @@ from rrt_dist.schema import FeatureTableMismatch
 
 from .features import (META_CONFIG, META_EXTRACTOR, META_FINGERPRINT, decode_int8, decode_pq, local_encoding,
                        local_shape, read_codebook)
-from .versions import open_table
+from .versions import check_whole, open_table
 
 
 class FeatureStore:
@@ -29,7 +29,11 @@ class FeatureStore:
                  only: Sequence[int] | None = None):
         # Absolute: the (uri, version) pairs handed to actors and Ray Train workers must not depend on their cwd.
         self.uri = str(uri) if "://" in str(uri) else str(Path(uri).resolve())
-        self.dataset = lance.dataset(self.uri, version=version) if version is not None else open_table(self.uri)
+        if version is None:
+            self.dataset = open_table(self.uri)
+        else:                                   # a pinned version: whole, or named as damaged
+            self.dataset = lance.dataset(self.uri, version=version)
+            check_whole(self.uri, self.dataset)
         if self.dataset is None:
             raise FileNotFoundError(f"{self.uri}: no feature table (no committed version)")
         meta = self.dataset.schema.metadata or {}
