@@ -201,3 +201,40 @@ def test_a_bad_gallery_csv_names_the_file_line_and_column(tmp_path, rows, messag
     (tmp_path / "gallery.csv").write_text("path,label\n" + rows)
     with pytest.raises(DatasetLayoutError, match=re.escape(message)):
         read_folder(tmp_path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("uri,id\na.jpg,1\nb.jpg,9223372036854775808\n",
+     "m.csv: line 3, column id: 9223372036854775808 is outside the 64-bit signed integers"),
+    ("uri,id\na.jpg,-9223372036854775809\n", "m.csv: line 2, column id: -9223372036854775809 is outside"),
+    ("uri,id\na.jpg,1\nb.jpg,-1\n", "m.csv: line 3, column id: -1 is reserved"),
+    ("uri,id\na.jpg,7\nb.jpg,8\nc.jpg,7\n", "m.csv: id 7 is listed twice (lines 2 and 4)"),
+    ("uri,id\na.jpg,1\n ,2\n", "m.csv: line 3, column uri: empty"),
+    ('uri,id\na.jpg,1\n"b.jpg,2\n', "m.csv: cannot be read (Error tokenizing data"),
+])
+def test_a_bad_manifest_is_one_line_naming_file_line_and_column(tmp_path, rows, message):
+    from rrt_dist.datasets.image_list import new_images
+
+    (tmp_path / "m.csv").write_text(rows)
+    with pytest.raises(DatasetLayoutError, match=re.escape(message)):
+        new_images(manifest=str(tmp_path / "m.csv"))
+
+
+def test_a_symlink_loop_or_a_folder_is_a_row_recorded_as_unreadable(tmp_path):
+    """A symlink loop in a folder of images or a manifest keeps its row (absolute, unresolved), and so does a
+    folder listed as an image: each is one row's recorded reason when read, never the job's traceback."""
+    from rrt_dist.datasets.image_list import new_images
+    from rrt_dist.features.images import ImageError, load_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").symlink_to("b.jpg")
+    (images / "b.jpg").symlink_to("a.jpg")
+    (images / "album.jpg").mkdir()
+    (tmp_path / "m.csv").write_text("uri\nimages/a.jpg\nimages/album.jpg\n")
+    from_folder = new_images(images=str(images)).column("uri").to_pylist()
+    from_manifest = new_images(manifest=str(tmp_path / "m.csv")).column("uri").to_pylist()
+    assert str(images / "a.jpg") in from_folder and from_manifest == [str(images / "a.jpg"), str(images / "album.jpg")]
+    for uri, reason in zip(from_manifest, ("Too many levels of symbolic links", "Is a directory")):
+        with pytest.raises(ImageError, match=reason):     # what extraction records as the row's reason
+            load_image(uri)

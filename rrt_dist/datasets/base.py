@@ -326,6 +326,11 @@ def int_column(frame, column: str, path: Path | str, expected: str) -> np.ndarra
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DatasetLayoutError(path, f"line {row + 2}, column {column}: {values.iloc[row]!r} is not an integer"
                                  f"{' (empty)' if not values.iloc[row] else ''}", expected)
+    low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    outside = [i for i, v in enumerate(values.tolist()) if not low <= int(v) <= high]
+    if outside:
+        raise DatasetLayoutError(path, f"line {outside[0] + 2}, column {column}: {values.iloc[outside[0]]} is outside "
+                                 f"the 64-bit signed integers ({low} to {high})", expected)
     return values.astype(np.int64).to_numpy()
 
 
