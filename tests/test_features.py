@@ -320,3 +320,66 @@ def test_fingerprint_follows_the_weights_not_only_their_path(tmp_path):
     folder = config_fingerprint("vit", model="cvt-13", checkpoint=str(model_dir))
     (model_dir / "weights.bin").write_bytes(b"b")
     assert config_fingerprint("vit", model="cvt-13", checkpoint=str(model_dir)) != folder
+
+
+def test_batched_multiscale_extraction_equals_one_image_at_a_time():
+    """A batch goes through the network size by size, one forward pass per scale for all images of a size; each
+    image's descriptors are what it gets alone (same locals, positions and scales in the same order)."""
+    options = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.7071, 1.0],
+                   global_scales=[0.7071, 1.0], max_size=96, max_local=40)
+    ex, prepare = create_extractor("multiscale-cnn", **options), create_preparer("multiscale-cnn", **options)
+    images = [data.astronaut(), data.chelsea(), data.astronaut()[:, ::-1], data.coffee(), data.astronaut()[:200]]
+    batch = [prepare(np.ascontiguousarray(rgb)) for rgb in images]
+    assert [p.image.shape[:2] for p in batch] == [(96, 96), (64, 96), (96, 96), (64, 96), (38, 96)]
+    alone = [ex.extract([p])[0] for p in batch]
+    calls = []
+    forward = ex.model.forward_intermediates
+    ex.model.forward_intermediates = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
+    together = ex.extract(batch)
+    assert sorted(calls) == [1, 1, 2, 2, 2, 2]                          # 3 sizes x 2 scales, not 5 x 2
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(b.global_, a.global_, atol=1e-5)
+        np.testing.assert_allclose(b.local, a.local, atol=1e-5)
+        np.testing.assert_array_equal(b.positions, a.positions)
+        np.testing.assert_array_equal(b.scales, a.scales)
+
+
+def test_superglobal_pooling_options_follow_the_paper_and_keep_default_fingerprints():
+    from rrt_dist.features.base import gem, regional_gem, scale_gem
+
+    rng = np.random.default_rng(0)
+    fmap = torch.from_numpy(rng.uniform(0.0, 2.0, (1, 2, 6, 7)))
+    p, k = 2.5, 5
+    padded = np.pad(fmap.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    expected = np.empty_like(fmap.numpy())
+    for y in range(6):
+        for x in range(7):              # the power mean of order p over the 5x5 window, averaged with the cell
+            region = padded[:, :, y:y + k, x:x + k]
+            expected[:, :, y, x] = (np.mean(region ** p, axis=(2, 3)) ** (1 / p) + fmap.numpy()[:, :, y, x]) / 2
+    np.testing.assert_allclose(regional_gem(fmap, p, k).numpy(), expected, rtol=1e-10)
+    vectors = [torch.from_numpy(rng.normal(size=(2, 4))) for _ in range(3)]
+    stacked = np.stack([v.numpy() for v in vectors])
+    np.testing.assert_allclose(scale_gem(vectors, float("inf")).numpy(), stacked.max(0))
+    np.testing.assert_allclose(scale_gem(vectors, None).numpy(), stacked.sum(0))
+    shift = stacked.min(axis=(0, 2))[:, None]                           # each image's smallest value
+    np.testing.assert_allclose(scale_gem(vectors, 3.0).numpy(),
+                               np.mean((stacked - shift) ** 3, axis=0) ** (1 / 3) + shift, rtol=1e-10)
+    assert torch.allclose(gem(regional_gem(fmap, p, 1), 3.0), gem(fmap, 3.0))   # a 1x1 window changes nothing
+
+    # default options record nothing new: the demo's and the DELG preset's tables keep their fingerprints
+    lite0 = dict(model="tf_efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, scales=[0.5, 0.7071, 1.0, 1.4142],
+                 global_scales=[0.7071, 1.0, 1.4142], max_local=500)
+    assert config_fingerprint("multiscale-cnn", **lite0) == "60acbd05469f6160"
+    assert config_fingerprint("multiscale-cnn", model="resnet50") == "91605ac53cb04196"
+    pooled = {**lite0, "max_size": 96, "scales": [0.7071, 1.0], "global_scales": [0.7071, 1.0], "max_local": 20}
+    plain = create_extractor("multiscale-cnn", **pooled)
+    superglobal = create_extractor("multiscale-cnn", **pooled, gem_p=4.6, regional_gem_p=2.5, scale_gem_p=float("inf"))
+    assert superglobal.config["regional_gem_p"] == 2.5 and "regional_gem_p" not in plain.config
+    assert len({fingerprint(plain), fingerprint(superglobal),
+                config_fingerprint("multiscale-cnn", **pooled, scale_gem_p=10.0)}) == 3
+    image = create_preparer("multiscale-cnn", **pooled)(data.coffee())
+    (a,), (b,) = plain.extract([image]), superglobal.extract([image])
+    assert not np.allclose(a.global_, b.global_) and np.array_equal(a.local, b.local)   # only the global pools anew
+    np.testing.assert_allclose(np.linalg.norm(b.global_), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="odd window"):
+        create_extractor("multiscale-cnn", **pooled, regional_gem_window=4)

@@ -10,12 +10,13 @@ import functools
 import hashlib
 import importlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rrt_dist.schema import ConfigError
 
-from .options import DelgReleaseConfig, DenseGridConfig, MultiscaleConfig, TinyImageConfig, ViTConfig, parse_options
+from .options import (DelgReleaseConfig, DenseGridConfig, MultiscaleConfig, TinyImageConfig, ViTConfig, parse_options,
+                      recorded_options)
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,7 @@ def fingerprint(extractor) -> str:
 
 def config_fingerprint(name: str, **cfg) -> str:
     """The fingerprint ``create_extractor(name, **cfg)`` will have, without loading any model."""
-    config = asdict(parse_options(_entry(name).config_class, **cfg))
-    config.pop("device", None)
-    return _digest(name, config)
+    return _digest(name, recorded_options(parse_options(_entry(name).config_class, **cfg)))
 
 
 # patches: a fixed grid of cells beside a global descriptor, what the structural reranker transports between

@@ -7,11 +7,13 @@ image (undoing the resize and, for queries, the bbox crop).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -98,6 +100,34 @@ def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def gem(features: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalised-mean pooling over the spatial dims of ``[B, C, H, W]``."""
     return features.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def regional_gem(features: torch.Tensor, p: float, window: int, eps: float = 1e-6) -> torch.Tensor:
+    """SuperGlobal's regional GeM input (Shao et al., ICCV 2023): the map ``[B, C, H, W]`` averaged with its power
+    mean of order ``p`` over each ``window × window`` neighbourhood (LP-pooling normalised by the window's area,
+    stride 1, reflection-padded; replicated where the map is too small to reflect). Clamped at ``eps`` as GeM
+    clamps its input."""
+    x = features.clamp(min=eps)
+    pad = window // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    region = F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode=mode).pow(p), window, stride=1).pow(1.0 / p)
+    return (region + x) / 2
+
+
+def scale_gem(vectors: list[torch.Tensor], p: float | None) -> torch.Tensor:
+    """One image's descriptors ``[B, C]`` at several scales aggregated (each L2-normalised): summed (``p`` None:
+    DELG's), their element-wise max (``p`` inf), or SuperGlobal's scale-GeM of order ``p``: their generalised mean
+    shifted by the minimum value γ of each image's descriptors, ``(mean (x - γ)^p)^(1/p) + γ``."""
+    if p is None:
+        total = vectors[0]
+        for v in vectors[1:]:
+            total = total + v
+        return total
+    x = torch.stack(vectors)                                             # [S, B, C]
+    if math.isinf(p):
+        return x.max(0).values
+    shift = x.amin(dim=(0, 2), keepdim=True)
+    return (x - shift).pow(p).mean(0).pow(1.0 / p) + shift[0]
 
 
 def pick_device(device: str) -> torch.device:

@@ -2,7 +2,7 @@
 
 Per image: a pyramid over the paper's 7 scales (0.25 … 2.0; longest side capped before, default
 1024). Global: GeM over the stride-32 map at the global scales, summed L2-normalised, optionally
-whitened. Locals: every cell of the stride-16 map at every scale, scored by feature norm (the
+whitened (or with SuperGlobal's regional GeM and scale-GeM, ``rrt_dist.features.options.MultiscaleConfig``). Locals: every cell of the stride-16 map at every scale, scored by feature norm (the
 stand-in DELG uses before its attention head is trained; learned attention heads are not loaded
 yet); projected to 128-d (a PCA from ``local_projection``, else a fixed orthogonal map); grid-cell non-maximum
 suppression in original-image coordinates so one location seen at several scales keeps only
@@ -10,14 +10,13 @@ its best-scoring descriptor; top ``max_local`` (500) across scales.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import ImageFeatures, Prepared, gem, image_tensor, l2n, load_projection, pick_device, resize_longest
-from .options import DELG_SCALES, MultiscaleConfig, parse_options
+from .base import (ImageFeatures, Prepared, gem, image_tensor, l2n, load_projection, pick_device, regional_gem,
+                   resize_longest, scale_gem)
+from .options import DELG_SCALES, MultiscaleConfig, parse_options, recorded_options
 from .weights import create_backbone
 
 
@@ -55,6 +54,8 @@ class MultiscaleCNN:
         missing = [s for s in self.cfg.global_scales if s not in self.cfg.scales]
         if missing:
             raise ValueError(f"global_scales {missing} are not among scales {self.cfg.scales}")
+        if self.cfg.regional_gem_window % 2 == 0:
+            raise ValueError(f"regional_gem_window={self.cfg.regional_gem_window}: an odd window (centred on its cell)")
         self.device = pick_device(self.cfg.device)
         self.model = create_backbone(self.cfg.model, self.cfg.checkpoint, self.cfg.pretrained).to(self.device)
         self.i16, self.i32 = stride_indices(self.model)
@@ -74,39 +75,57 @@ class MultiscaleCNN:
 
     @property
     def config(self) -> dict:
-        return {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+        return recorded_options(self.cfg)
 
     @torch.inference_mode()
-    def _one(self, prepared: Prepared) -> ImageFeatures:
-        x = image_tensor(prepared.image, self.cfg.mean, self.cfg.std, self.device)
+    def _same_size(self, batch: list[Prepared]) -> list[ImageFeatures]:
+        """Images of one size: one forward pass per scale for all of them."""
+        x = torch.cat([image_tensor(p.image, self.cfg.mean, self.cfg.std, self.device) for p in batch])
         h, w = x.shape[-2:]
-        global_sum, descs, scores, positions, scale_ids = 0.0, [], [], [], []
+        per_scale, descs, scores, positions, scale_ids = [], [], [], [], []
         for si, s in enumerate(self.cfg.scales):
             size = (max(16, round(h * s)), max(16, round(w * s)))
             xs = x if s == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
             f16, f32 = self.model.forward_intermediates(xs, indices=[self.i16, self.i32], intermediates_only=True)
             if s in self.cfg.global_scales:
-                global_sum = global_sum + F.normalize(gem(f32, self.cfg.gem_p), dim=-1)
-            f = f16[0].flatten(1).T                                   # [h16 * w16, C16]
+                if self.cfg.regional_gem_p:
+                    f32 = regional_gem(f32, self.cfg.regional_gem_p, self.cfg.regional_gem_window)
+                per_scale.append(F.normalize(gem(f32, self.cfg.gem_p), dim=-1))
+            f = f16.flatten(2).transpose(1, 2)                        # [B, h16 * w16, C16]
             gh, gw = f16.shape[-2:]
             ys, xs_ = torch.meshgrid(torch.arange(gh, device=f.device), torch.arange(gw, device=f.device), indexing="ij")
             # receptive-field centres in prepared-image pixels
             pos = torch.stack([(xs_.flatten() + 0.5) * (size[1] / gw), (ys.flatten() + 0.5) * (size[0] / gh)], 1) / s
             descs.append(f)
-            scores.append(f.norm(dim=1))
+            scores.append(f.norm(dim=2))
             positions.append(pos)
-            scale_ids.append(torch.full((len(f),), self.scale_index[si], device=f.device))
-        g = F.normalize(global_sum, dim=-1)[0].float().cpu().numpy()
+            scale_ids.append(torch.full((f.shape[1],), self.scale_index[si], device=f.device))
+        g = F.normalize(scale_gem(per_scale, self.cfg.scale_gem_p), dim=-1).float().cpu().numpy()
         if self.white_proj is not None:
             g = l2n((g - self.white_mean) @ self.white_proj)
-        desc = torch.cat(descs).float().cpu().numpy()
-        score = torch.cat(scores).float().cpu().numpy()
+        desc = torch.cat(descs, 1).float().cpu().numpy()
+        score = torch.cat(scores, 1).float().cpu().numpy()
         pos = torch.cat(positions).float().cpu().numpy()
         scl = torch.cat(scale_ids).cpu().numpy()
-        order = np.argsort(-score, kind="stable")
-        order = grid_nms(pos * np.asarray(prepared.factor, np.float32), order, self.cfg.nms_cell)[: self.max_local]
-        local = l2n((l2n(desc[order]) - self.local_mean) @ self.local_proj)
-        return ImageFeatures(g.astype(np.float32), local.astype(np.float32), pos[order], scl[order].astype(np.int64))
+        out = []
+        for i, prepared in enumerate(batch):
+            order = np.argsort(-score[i], kind="stable")
+            order = grid_nms(pos * np.asarray(prepared.factor, np.float32), order, self.cfg.nms_cell)[: self.max_local]
+            local = l2n((l2n(desc[i, order]) - self.local_mean) @ self.local_proj)
+            out.append(ImageFeatures(g[i].astype(np.float32), local.astype(np.float32), pos[order],
+                                     scl[order].astype(np.int64)))
+        return out
 
     def extract(self, batch: list[Prepared]) -> list[ImageFeatures]:
-        return [self._one(p) for p in batch]
+        """Images of one size go through the network together (one forward pass per scale); a batch of several sizes,
+        size by size. Bucketed rather than padded: zero padding at the bottom / right is not the network's own
+        border (its padded cells leak into the image's last cells through every layer), so padding would change the
+        descriptors of images that could have shared a batch, and a gallery's photos mostly share a few sizes."""
+        out: list[ImageFeatures | None] = [None] * len(batch)
+        sizes: dict[tuple, list[int]] = {}
+        for i, prepared in enumerate(batch):
+            sizes.setdefault(prepared.image.shape[:2], []).append(i)
+        for same in sizes.values():
+            for i, features in zip(same, self._same_size([batch[i] for i in same])):
+                out[i] = features
+        return out

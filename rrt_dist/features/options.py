@@ -2,8 +2,10 @@
 without importing torch. ``backbone.options`` of a preset follows the dataclass of its extractor."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from rrt_dist.schema import bounded
 
 DELG_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
@@ -11,6 +13,19 @@ DELG_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 def parse_options(config_class: type, **cfg):
     """``config_class(**cfg)`` with lists (as Hydra gives them) turned into tuples (hashable, as the fields say)."""
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def added(default, **bounds):
+    """An option added after tables were written: recorded (table metadata, fingerprint) only when set to another
+    value than ``default``, so that the tables of every earlier configuration keep their fingerprint."""
+    return field(default=default, metadata={**bounded(default, **bounds).metadata, "recorded_when_set": True})
+
+
+def recorded_options(cfg) -> dict:
+    """What an extractor's options record (its fingerprint, its tables' metadata): all but ``device`` (where it runs
+    changes no descriptor), an :func:`added` option only when set."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "device"
+            and not (f.metadata.get("recorded_when_set") and getattr(cfg, f.name) == f.default)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,15 @@ class MultiscaleConfig:
     std: tuple = (0.229, 0.224, 0.225)
     device: str = "auto"
     seed: int = 0
+    # The SuperGlobal paper's pooling (Shao et al., ICCV 2023), all off by default. Its GeM+ is GeM with a larger p:
+    # gem_p above (the authors use 4.6). Regional GeM: the stride-32 map averaged with its power mean of order
+    # regional_gem_p (the paper: 2.5) over regional_gem_window² neighbourhoods (odd; reflection-padded), then GeM.
+    regional_gem_p: Optional[float] = added(None, gt=0)
+    regional_gem_window: int = added(5, ge=1)
+    # Scale-GeM: the global scales' L2-normalised GeM vectors aggregated by a generalised mean of order scale_gem_p
+    # (shifted by their minimum, as the paper's), inf: their element-wise max (the authors' default); None: their
+    # normalised sum (DELG's).
+    scale_gem_p: Optional[float] = added(None, gt=0)
 
 
 @dataclass(frozen=True)
