@@ -340,6 +340,52 @@ def sorted_rows(uri):
     table = lance.dataset(str(uri)).to_table(columns=["id", "global", "n_local", "source"])
     return table.sort_by("id").to_pylist()
 
+def test_a_full_device_at_an_index_commit_is_one_line_commits_nothing_and_a_rerun_recovers(local_ray, tmp_path):
+    """The device fills up while an index version is written (a file the driver writes, a shard a Ray task writes,
+    the manifest's commit): one StorageFull line naming the index and the version still searched, no chained
+    traceback; nothing of the failed version is searched (never a truncated file renamed into place), and the
+    same call, with space again, commits it. (/dev/full answers every write with ENOSPC.)"""
+    from rrt_dist.index.core import current_manifest
+    from rrt_dist.index.sharded import ShardedIndex, build_index, update_index
+    from rrt_dist.schema import StorageFull
+    from rrt_dist.store import commit_fragments
+
+    schema = features_schema(16, 0, 0, "test", {}, "fp")
+    uri, directory = tmp_path / "t.lance", tmp_path / "index"
+    vectors = np.eye(16, dtype=np.float32)
+
+    def add(ids):
+        commit_fragments(uri, schema, write_fragment(uri, features_to_table(
+            schema, np.asarray(ids), vectors[np.asarray(ids) % 16], np.zeros((len(ids), 0, 0)), None, None,
+            np.zeros(len(ids)))))
+
+    def fails_full(call, file, still):
+        (directory / file).symlink_to("/dev/full")
+        with pytest.raises(StorageFull) as err:
+            call()
+        assert str(err.value).startswith(f"no space left on the device of {directory} while writing a new index "
+                                         f"version") and still in str(err.value)
+        assert err.value.__cause__ is None and err.value.__suppress_context__       # one line, nothing chained
+        (directory / file).unlink()
+
+    add(range(10))
+    directory.mkdir()
+    build = lambda: build_index(FeatureStore(uri), str(directory), "Flat", n_shards=2)  # noqa: E731
+    fails_full(build, "trained-v000001.faiss.tmp", "no version was committed")
+    assert current_manifest(str(directory)) is None
+    assert build().version == 1
+    add(range(10, 14))
+    update = lambda: update_index(FeatureStore(uri), str(directory), rebuild_fraction=0.5)  # noqa: E731
+    fails_full(update, "shard-00002-v000002.faiss.tmp", "version 1 stays the one searched")     # in a Ray task
+    fails_full(update, "manifest.json.tmp", "version 1 stays the one searched")
+    assert current_manifest(str(directory)).version == 1 and current_manifest(str(directory)).ntotal == 10
+    assert update()[0].version == 2
+    index = ShardedIndex(str(directory))
+    _, found = index.search(vectors[10:14], 1)
+    index.close()
+    assert found[:, 0].tolist() == [10, 11, 12, 13]
+
+
 
 @pytest.fixture(scope="module")
 def chaos(local_ray, small_synthetic, tmp_path_factory):

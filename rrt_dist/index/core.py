@@ -5,17 +5,20 @@ int64 ids (``IndexIDMap2`` around indexes that do not store ids themselves).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import faiss
 import fsspec
 import numpy as np
 
-from rrt_dist.schema import NO_ID
+from rrt_dist.schema import NO_ID, StorageFull, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +171,12 @@ def write_index(index: faiss.Index, uri: str) -> None:
     fs.makedirs(fs._parent(path), exist_ok=True)
     tmp = f"{path}.tmp"
     if _local(fs):
-        faiss.write_index(index, tmp)     # CPU indexes only: shard actors persist their CPU copy
+        # CPU indexes only: shard actors persist their CPU copy. Through Python's file, not FAISS's own: FAISS only
+        # prints a failed close (a full disk's last block), and the truncated file would be renamed into place.
+        with open(tmp, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+            f.flush()
+            os.fsync(f.fileno())
     else:
         data = faiss.serialize_index(index)
         with fs.open(tmp, "wb") as f:
@@ -220,6 +228,43 @@ def collect_garbage(directory: str, keep_versions: int = 3) -> list[str]:
             fs.rm(entry)
             removed.append(name)
     return removed
+
+
+@contextmanager
+def committing(directory: str):
+    """The block writes and commits a version of the index at ``directory``: a full device ends it in one
+    :class:`StorageFull` line (the store's error, not FAISS's or Ray's, and no chained traceback). What was
+    committed stays committed (a commit is one rename, after every file it names is written), and the files of the
+    version that never was are collected by the next commit."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        current = current_manifest(directory)
+        raise StorageFull(f"no space left on the device of {directory} while writing a new index version: free "
+                          f"space and rerun the same command ("
+                          + (f"version {current.version} stays the one searched" if current else
+                             "no version was committed") + ")") from None
+
+
+def commits_index(fn):
+    """Decorator of ``fn(stores, directory, ...)``, which commits an index version at ``directory``:
+    :func:`committing`."""
+    @functools.wraps(fn)
+    def run(stores, directory, *args, **kwargs):
+        with committing(directory):
+            return fn(stores, directory, *args, **kwargs)
+
+    return run
+
+
+def current_manifest(directory: str) -> IndexManifest | None:
+    """The committed version of the index at ``directory``, or None when none was committed yet."""
+    try:
+        return read_manifest(directory)
+    except FileNotFoundError:
+        return None
 
 
 def read_manifest(directory: str) -> IndexManifest:

@@ -39,8 +39,8 @@ from rrt_dist.devices import require_faiss_gpu
 from rrt_dist.schema import NO_ID, IndexMismatch, SearchResources
 from rrt_dist.store import FeatureStore, take_globals_from
 
-from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, gpu_index, merge_results, new_index,
-                   read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
+from .core import (IndexManifest, ShardInfo, choose_factory, collect_garbage, commits_index, gpu_index, merge_results,
+                   new_index, read_index, read_manifest, rows_digest, shard_bounds, train, write_index, write_manifest)
 from .qe import alpha_qe_search, database_augmentation
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ def _results(pending: list, desc: str, rows: list[int]) -> list:
     return out
 
 
+@commits_index
 def build_index(stores, directory: str, factory: str = "auto", n_shards: int = 1, train_size: int = 200_000,
                 memory_budget: float = 8 * 2**30, seed: int = 0, transform=None,
                 block_rows: int = 16384, previous: IndexManifest | None = None, reason: str = "") -> IndexManifest:
@@ -265,6 +266,7 @@ def _rebuild(stores, directory: str, manifest: IndexManifest, why: str) -> Index
     return build_index(stores, directory, previous=manifest, reason=why, **requested)
 
 
+@commits_index
 def update_index(stores, directory: str, rebuild_fraction: float = 0.2) -> tuple[IndexManifest, dict]:
     """Bring the index at ``directory`` to the rows of ``stores`` in one new version (or none when it has them):
     rows gone from the tables or whose image changed are removed from their shards; new and changed rows go to
