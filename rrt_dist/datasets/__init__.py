@@ -146,5 +146,5 @@ register_dataset(DatasetEntry("msls", "msls", lambda cfg: read_msls(cfg.root, li
 for _name, _reader in (("sop", read_sop), ("cub200", read_cub200), ("cars196", read_cars196)):
     register_dataset(DatasetEntry(_name, "metric_learning", lambda cfg, read=_reader: read(cfg.root, cfg.split),
                                   lambda cfg, read=_reader: read(cfg.root, "train").gallery))
-register_dataset(DatasetEntry("folder", "folder", lambda cfg: read_folder(cfg.root),
+register_dataset(DatasetEntry("folder", "folder", lambda cfg: read_folder(cfg.root, cfg.queries),
                               lambda cfg: read_folder(cfg.root).gallery, default_pairs="selfsup"))

@@ -4,6 +4,7 @@ Layout (``root``)::
 
     gallery.csv   path,label        path relative to root (or absolute); label optional
     queries.csv   path,label        optional; instead of label, positives = ';'-separated gallery paths
+                                    (``dataset.queries`` names another file of root: another query set)
 
 Without ``queries.csv`` every gallery image is a query against the others (leave-one-out, its
 positives are the other images of its label). Scores: mAP and recall@k, and with labels P@1, RP and
@@ -23,7 +24,7 @@ GALLERY_LAYOUT = "gallery.csv with columns path[,label]"
 QUERIES_LAYOUT = "queries.csv with columns path and either label or positives (';'-separated gallery paths)"
 
 
-def read_folder(root: str | Path) -> Benchmark:
+def read_folder(root: str | Path, queries: str = "queries.csv") -> Benchmark:
     root = Path(root)
     gallery_csv = root / "gallery.csv"
     frame = read_csv(gallery_csv, GALLERY_LAYOUT, ["path"], dtype={"path": str}, keep_default_na=False)
@@ -34,7 +35,9 @@ def read_folder(root: str | Path) -> Benchmark:
                             labels=None if labels is None else labels.tolist())
     position = {p: i for i, p in enumerate(paths)}
 
-    queries_csv = root / "queries.csv"
+    queries_csv = root / queries
+    if queries != "queries.csv" and not queries_csv.is_file():
+        raise DatasetLayoutError(queries_csv, "the queries file dataset.queries names is not there", QUERIES_LAYOUT)
     if not queries_csv.is_file():
         if labels is None:
             raise DatasetLayoutError(gallery_csv, "leave-one-out evaluation (no queries.csv) needs a label column",

@@ -87,6 +87,9 @@ class MetricLearningConfig(DatasetConfig):
 @dataclass
 class FolderConfig(DatasetConfig):
     name: str = "folder"
+    # the queries file in root (path and label or positives); another file (e.g. a validation query set) over the
+    # same gallery shares its feature tables and its trained rerankers
+    queries: str = "queries.csv"
 
 
 def _synthetic_config() -> type:

@@ -11,14 +11,14 @@ rebuilds the benchmark from local git copies of the repositories (``git clone``,
 at the commit pinned in ``SOURCES`` (``git --git-dir=<repo> show <commit>:<path>``), so every rebuild writes the
 same pixels. Written in the ``folder`` layout (``dataset=folder dataset.root=<root>``)::
 
-    <root>/images/<place>/<name>.jpg     every image, longest side <= 1024 px (EXIF orientation applied)
+    <root>/images/<place>/<name>.jpg     every image, longest side <= 640 px (EXIF orientation applied)
     <root>/gallery.csv                   path                       (no labels: training never sees them)
     <root>/queries.csv                   path,positives             test queries (not in the gallery)
     <root>/queries_val.csv               path,positives             validation queries (choose recipes here)
     <root>/meta.json                     sources, commits, each image's place, origin and split
 
 Queries are held out of the gallery, so a reranker trained on the gallery's own images (self-supervised or taught
-by geometric verification) never sees a query. Per place, ``queries`` of its images (a seeded draw) are queries,
+by geometric verification) never sees a query. Per place, ``queries`` of its images (a draw seeded by the place) are queries,
 dealt test, validation, test, ... in the drawn order; places with two images give one query each, dealt to test
 and validation 2:1 in a seeded order. A query's positives are every gallery image of its place.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,9 @@ PLACES = (
           "(castle-P19's even frames are files of castle-P30 and are left out)",
           _strecha("castle-P30", range(0, 30, 3)) + _strecha("castle-P19", range(1, 19, 4))
           + _strecha("entry-P10", range(0, 10, 2)), queries=4),
-    Place("fountain", "a sandstone wall fountain: Strecha's fountain-P11 sweep (its last frames show a little of the "
-          "courtyard behind it)", _strecha("fountain-P11", range(0, 11, 2)), queries=2),
+    Place("fountain", "a sandstone wall fountain: Strecha's fountain-P11 sweep, its first seven frames (frames 8-10 "
+          "also show Ettlingen castle's entrance portal, the place above)", _strecha("fountain-P11", range(7)),
+          queries=2),
     Place("sceaux_castle", "the Chateau de Sceaux's garden facade: openMVG's SfM sample, one photographer walking "
           "along it", _files("openMVG/ImageDataset_SceauxCastle", (f"images/100_{i}.JPG" for i in range(7100, 7111))),
           queries=2),
@@ -130,7 +132,8 @@ PLACES = (
           _files("Parskatt/RoMa", ("assets/toronto_A.jpg", "assets/toronto_B.jpg"))),
     Place("lightglue_facade", "one building's facade, two photos (LightGlue's matching example)",
           _files("cvg/LightGlue", ("assets/DSC_0410.JPG", "assets/DSC_0411.JPG"))),
-    # ScanNet: two frames of one room scan each, the pairs SuperGlue evaluates indoor pose estimation on
+    # ScanNet: two frames of one room scan each, the pairs SuperGlue evaluates indoor pose estimation on (their
+    # undistortion's black border is cropped: GV verified it between frames of every scan)
     *(Place(f"scannet_{scene}", f"ScanNet scene {scene}: two frames of one scan of one room (SuperGlue's indoor "
             f"pairs with ground-truth poses)",
             _files("magicleap/SuperGluePretrainedNetwork", (f"{SCANNET}/scene{scene}_00_frame-{f}.jpg" for f in frames)))
@@ -142,9 +145,10 @@ PLACES = (
           ("0758", ("000165", "000510")), ("0768", ("001095", "003435")), ("0806", ("000225", "001095")))),
 )
 # Distractors: the photographs scikit-image and matplotlib ship (rrt_dist.datasets.photos), none of a place above.
-MAX_SIZE = 1024
+MAX_SIZE = 640         # longest side: the self-supervised views' size, and extraction at 2 CPUs stays minutes
 JPEG_QUALITY = 95
-FORMAT = 1      # of what write_real_photos writes: bump when it changes
+SCANNET_BORDER = 10    # pixels cropped on each side of a ScanNet frame (640 x 480)
+FORMAT = 3      # of what write_real_photos writes: bump when it changes
 
 
 def git_dir(mirrors: Path, repo: str) -> Path:
@@ -180,14 +184,20 @@ def image_name(path: str) -> str:
 
 
 def _save(rgb: np.ndarray, path: Path) -> None:
+    """Write ``rgb`` (longest side at most ``MAX_SIZE``) as JPEG, unless ``path`` holds those bytes already: an
+    unchanged image keeps its file (and its modification time, so its extracted features stay valid)."""
     from PIL import Image
 
     image = Image.fromarray(rgb)
     scale = MAX_SIZE / max(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+    if path.is_file() and path.read_bytes() == encoded.getvalue():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=JPEG_QUALITY)
+    path.write_bytes(encoded.getvalue())
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -199,14 +209,15 @@ def _decode(data: bytes) -> np.ndarray:
 
 def split_queries(places=PLACES, seed: int = 0) -> dict[str, dict[str, str]]:
     """Each place's image paths -> ``test`` | ``val`` (queries) | ``gallery``, by the rule in the module's docstring."""
-    rng = np.random.default_rng(seed)
     pairs = [p.name for p in places if len(p.images) == 2]
-    pair_role = {pairs[i]: "val" if n % 3 == 2 else "test" for n, i in enumerate(rng.permutation(len(pairs)))}
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    pair_role = {pairs[i]: "val" if n % 3 == 2 else "test" for n, i in enumerate(order)}
     out: dict[str, dict[str, str]] = {}
     for place in places:
         names = [path for _, path in place.images]
         roles = dict.fromkeys(names, "gallery")
-        for n, i in enumerate(rng.permutation(len(names))[:place.queries]):
+        drawn = np.random.default_rng([seed, zlib.crc32(place.name.encode())]).permutation(len(names))
+        for n, i in enumerate(drawn[:place.queries]):          # each place its own draw: one edit moves no other
             roles[names[i]] = pair_role.get(place.name, "test" if n % 2 == 0 else "val")
         out[place.name] = roles
     return out
@@ -233,7 +244,10 @@ def write_real_photos(root: str | Path, mirrors: str | Path, seed: int = 0) -> d
         place_rows = {"gallery": [], "test": [], "val": []}
         for repo, path in place.images:
             name = f"images/{place.name}/{image_name(path)}.jpg"
-            _save(_decode(read_blob(mirrors, repo, path)), root / name)
+            rgb = _decode(read_blob(mirrors, repo, path))
+            if place.name.startswith("scannet_"):
+                rgb = rgb[SCANNET_BORDER:-SCANNET_BORDER, SCANNET_BORDER:-SCANNET_BORDER]
+            _save(rgb, root / name)
             place_rows[roles[place.name][path]].append({"path": name, "place": place.name, "repo": repo,
                                                        "source": path})
         for role in rows:

@@ -66,7 +66,7 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
     if cfg.train.name:
         return cfg.train.name
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-               if k not in ("split", "distractors")}       # the evaluated split does not change training
+               if k not in ("split", "distractors", "queries")}   # the evaluated split / queries do not change training
     decisive = {"dataset": dataset,
                 "backbone": config_fingerprint(cfg.backbone.name, **OmegaConf.to_container(cfg.backbone.options,
                                                                                              resolve=True)),
