@@ -1,15 +1,19 @@
-"""The search service under load, on loopback: requests/s and latency percentiles of closed-loop clients.
+"""The search service under load, on loopback, at 10k and at 1M gallery images: requests/s, latency percentiles,
+how full each deployment's batches are, and what a request costs outside the index search.
 
-    python benchmarks/serve.py [--quick] [--gallery 10000] [--seconds 15]
+    python benchmarks/serve.py [--quick] [--galleries 10000 1000000] [--seconds 15] [--work /big/disk]
 
-A gallery of ``--gallery`` images is written directly (a feature table of random descriptors with the serving
-extractor's shapes and fingerprint, its Flat index, image paths; as ``benchmarks/scale.py`` does) and served by
-``rrt-dist serve``'s application; the queries are real JPEGs, extracted by the service (one-scale
-EfficientNet-Lite0, 100 locals). Closed-loop clients (each sends its next request when the last one is answered)
-at 1, 4 and 16 concurrent requests, global-only and with GV reranking of the top-100; 1 against 2 reranker
-replicas; during an ingest (new rows and a new index version committed, which the searcher picks up); and with a
-reranker replica killed mid-run (failed requests counted: the target is zero). The baseline of each row is the
-service's own single-client global-only rate. The last line is JSON.
+Per gallery size, gallery ``bench`` is written as an ingest leaves it (a feature table of random descriptors with
+the serving extractor's shapes and fingerprint, locals as 16-byte PQ codes, the image catalog, a Flat index and
+the snapshot) and served the way ``rrt-dist serve`` serves it: its own embedded Ray, every part sized to this
+machine (no resource override). The queries are real JPEGs extracted by the service (one-scale EfficientNet-Lite0,
+100 locals). Closed-loop clients (each sends its next request when the last one is answered) at 1, 4, 8 and 16
+concurrent requests, global-only and with GV reranking of the top 100. Per row: requests/s, p50/p95/p99, non-200
+answers, each deployment's mean batch over the row, and the median time a request spends outside the index search
+(``total_ms - index_ms``: upload, extraction, catalog paths, rerank, the hops), which must not grow with the
+gallery. On the first size also: during an ingest (new rows, a new snapshot the searcher moves to) and with a
+reranker replica killed mid-run (failed requests counted: the target is zero). Baseline: the service's own
+single-client global-only rate at the first size. The last line is JSON.
 """
 from __future__ import annotations
 
@@ -26,22 +30,24 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from rrt_dist.config import CONFIG_DIR, RayConfig, validate_config
+from rrt_dist.config import CONFIG_DIR, RayConfig, available_cpus, validate_config
 from rrt_dist.features import create_extractor, fingerprint
 from rrt_dist.features.core import schema_for
+from rrt_dist.gallery import Gallery, Snapshot
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.pipelines.features import extract_settings, table_folder
-from rrt_dist.pipelines.ingest import IMAGES, write_record
 from rrt_dist.pipelines.serve import start_service
 from rrt_dist.runtime import init_ray
 from rrt_dist.store import FeatureStore, commit_fragments, features_to_table, write_fragment
+from rrt_dist.store.features import train_pq, write_codebook
 
-BACKBONE = ["backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]", "backbone.options.max_local=100"]
-ZERO_CPUS = ["serve.extractor.num_cpus=0", "serve.searcher.num_cpus=0", "serve.reranker.num_cpus=0",
-             "serve.gateway.num_cpus=0"]
+BACKBONE = ["backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]", "backbone.options.max_local=100",
+            "backbone.local_storage=pq"]
+CHUNK = 20_000                         # images generated and committed at a time
 
 
 def config(overrides: list[str]):
@@ -51,41 +57,57 @@ def config(overrides: list[str]):
     return cfg
 
 
-def add_rows(table: str, schema, extractor, ids: np.ndarray, seed: int) -> None:
-    """Random unit descriptors for ``ids``, committed as one table version (in chunks of 2,000)."""
+def add_rows(table: str, schema, extractor, codebook, ids: np.ndarray, seed: int) -> int:
+    """Random unit descriptors for ``ids`` (locals PQ-encoded), committed as one table version; returns it."""
     rng = np.random.default_rng(seed)
     fragments = []
-    for start in range(0, len(ids), 2000):
-        part = ids[start:start + 2000]
+    for start in range(0, len(ids), CHUNK):
+        part = ids[start:start + CHUNK]
         n, width = len(part), extractor.max_local
         glob = rng.standard_normal((n, extractor.global_dim)).astype(np.float32)
         local = rng.standard_normal((n, width, extractor.local_dim)).astype(np.float32)
         fragments += write_fragment(table, features_to_table(
             schema, part, glob / np.linalg.norm(glob, axis=1, keepdims=True),
             local / np.linalg.norm(local, axis=2, keepdims=True), rng.uniform(0, 640, (n, width, 2)),
-            np.zeros((n, width), np.int64), np.full(n, width)))
-    commit_fragments(table, schema, fragments)
+            np.zeros((n, width), np.int64), np.full(n, width), codebook=codebook))
+    return commit_fragments(table, schema, fragments).version
 
 
 def write_gallery(root: Path, cfg, n: int) -> dict:
-    """Gallery ``bench`` as an ingest leaves it: record, feature table, image list and index version 1."""
-    import lance
-    import pyarrow as pa
+    """Gallery ``bench`` as an ingest leaves it: feature table, catalog, index version 1 and its snapshot."""
     from omegaconf import OmegaConf
 
     options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
     extractor = create_extractor(cfg.backbone.name, **options)
     folder = table_folder(cfg.backbone.name, options, extract_settings(cfg.backbone))
-    directory = root / "bench"
-    table, index = f"{directory}/features/{folder}/gallery.lance", f"{directory}/index/{folder}/Flat-1s"
-    schema = schema_for(extractor, fingerprint(extractor))
+    gallery = Gallery.open(str(root), "bench")
+    table, index = gallery.table_uri(folder), gallery.index_dir(folder, "Flat", 1)
+    sample = np.random.default_rng(9).standard_normal((4096, extractor.local_dim)).astype(np.float32)
+    codebook = train_pq(sample / np.linalg.norm(sample, axis=1, keepdims=True), 16)
+    write_codebook(table, codebook)
+    schema = schema_for(extractor, fingerprint(extractor), "pq", codebook)
     ids = np.arange(1, n + 1, dtype=np.int64)
-    add_rows(table, schema, extractor, ids, seed=0)
-    lance.write_dataset(pa.table({"id": ids, "uri": [f"/bench/{i}.jpg" for i in ids]}), f"{directory}/{IMAGES}")
-    build_index(FeatureStore(table), index, "Flat", 1, 200_000, 8 * 2**30)
-    write_record(str(directory), {"name": "bench", "extractor": cfg.backbone.name, "fingerprint": folder,
-                                  "table": table, "index": index, "history": []})
-    return {"table": table, "index": index, "schema": schema, "extractor": extractor, "next_id": n + 1}
+    add_rows(table, schema, extractor, codebook, ids, seed=0)
+    catalog = gallery.catalog.rewrite(pa.table({"id": ids, "uri": [f"/bench/{i}.jpg" for i in ids]}))
+    store = FeatureStore(table)
+    manifest = build_index(store, index, "Flat", 1, 200_000, 8 * 2**30)
+    gallery.commit(Snapshot("bench", folder, index, manifest.version, table, store.version, gallery.catalog.uri,
+                            catalog), extractor=cfg.backbone.name)
+    return {"gallery": gallery, "folder": folder, "table": table, "index": index, "schema": schema,
+            "extractor": extractor, "codebook": codebook, "next_id": n + 1}
+
+
+def ingest(bench: dict, n_new: int) -> None:
+    """What an ingest commits, in its order: rows, catalog rows, index version, snapshot."""
+    new = np.arange(bench["next_id"], bench["next_id"] + n_new, dtype=np.int64)
+    add_rows(bench["table"], bench["schema"], bench["extractor"], bench["codebook"], new, seed=1)
+    gallery = bench["gallery"]
+    gallery.catalog.upsert(new, [f"/bench/{i}.jpg" for i in new])
+    catalog = gallery.catalog.tidy()
+    store = FeatureStore(bench["table"])
+    manifest, _ = update_index(store, bench["index"], 0.2)
+    gallery.commit(Snapshot("bench", bench["folder"], bench["index"], manifest.version, bench["table"], store.version,
+                            gallery.catalog.uri, catalog))
 
 
 def query_jpegs(count: int) -> list[bytes]:
@@ -99,9 +121,18 @@ def query_jpegs(count: int) -> list[bytes]:
     return out
 
 
+def batch_stats() -> dict:
+    """Each batched deployment's (calls, items) so far (one replica each in these rows)."""
+    from ray import serve
+
+    return {name: serve.get_deployment_handle(name, app_name="rrt-dist").batch_stats.remote().result()
+            for name in ("QueryExtractor", "GallerySearcher", "GalleryReranker")}
+
+
 def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) -> dict:
     """``clients`` threads, each sending its next request when the last one is answered, for ``seconds``."""
-    latencies, failures, versions, lock = [], [], set(), threading.Lock()
+    latencies, outside, failures, versions, lock = [], [], [], set(), threading.Lock()
+    before = batch_stats()
     deadline = time.perf_counter() + seconds
 
     def client(c: int):
@@ -114,6 +145,7 @@ def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) ->
                     body = json.loads(response.read())
                 with lock:
                     latencies.append(time.perf_counter() - start)
+                    outside.append(body["timings_ms"]["total_ms"] - body["timings_ms"]["index_ms"])
                     versions.add(body["index_version"])
             except (urllib.error.URLError, OSError) as err:
                 with lock:
@@ -127,12 +159,16 @@ def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) ->
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    after = batch_stats()
+    batches = {name: round((after[name]["items"] - before[name]["items"])
+                           / max(1, after[name]["calls"] - before[name]["calls"]), 2) for name in after}
     ms = np.asarray(latencies) * 1e3 if latencies else np.asarray([np.nan])
-    return {"clients": clients, "requests": len(latencies), "failed": len(failures),
+    return {"clients": clients, "requests": len(latencies), "non_200": len(failures),
             "requests_per_s": round(len(latencies) / elapsed, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "index_versions": sorted(versions),
-            "failure_samples": failures[:3]}
+            "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "outside_index_ms": round(float(np.median(outside)), 1) if outside else None,
+            "mean_batch": batches, "index_versions": sorted(versions), "failure_samples": failures[:3]}
 
 
 def kill_a_reranker_replica_after(delay: float) -> threading.Thread:
@@ -152,66 +188,82 @@ def kill_a_reranker_replica_after(delay: float) -> threading.Thread:
     return thread
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 2,000-image gallery, 5 s per row")
-    parser.add_argument("--gallery", type=int, default=10_000, help="gallery images (random descriptors)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="each row's duration")
-    args = parser.parse_args()
-    if args.quick:
-        args.gallery, args.seconds = 2000, 5.0
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = [f"gallery.root={work}", "gallery.name=bench", *BACKBONE, f"serve.port={port}", "reranker.depth=100",
-            "serve.batch_size=8", *ZERO_CPUS]
+        return s.getsockname()[1]
+
+
+def bench_gallery(work: Path, size: int, args, queries: list[bytes], first: bool) -> list[dict]:
+    from ray import serve
+
+    root = work / f"g{size}"
+    base = [f"gallery.root={root}", "gallery.name=bench", *BACKBONE, f"serve.port={free_port()}", "reranker.depth=100"]
+    cfg = config(base)
+    start = time.perf_counter()
+    bench = write_gallery(root, cfg, size)
+    print(f"gallery of {size} images written in {time.perf_counter() - start:.0f} s", flush=True)
+    rows = []
+    try:
+        url = start_service(cfg, token=None, cpus=float(available_cpus()))
+        closed_loop(url + "search?k=10&rerank=gv", queries, 2, 5.0)           # warm-up: models, shards, catalog
+        for rerank in ("", "gv"):
+            for clients in (1, 4, 8, 16):
+                row = closed_loop(url + f"search?k=10&rerank={rerank}", queries, clients, args.seconds)
+                rows.append({"gallery": size, "case": rerank or "global", **row})
+                print(json.dumps(rows[-1]), flush=True)
+        if first:
+            writer = threading.Thread(target=lambda: (time.sleep(args.seconds / 4), ingest(bench, size // 10)))
+            writer.start()
+            row = closed_loop(url + "search?k=10&rerank=gv", queries, 4, args.seconds)
+            writer.join()
+            rows.append({"gallery": size, "case": "gv, during an ingest (+10 % rows, a new snapshot)", **row})
+            print(json.dumps(rows[-1]), flush=True)
+            killer = kill_a_reranker_replica_after(args.seconds / 3)      # Serve replaces it; requests retry
+            row = closed_loop(url + "search?k=10&rerank=gv", queries, 4, args.seconds)
+            killer.join()
+            rows.append({"gallery": size, "case": "gv, the reranker replica killed mid-run", **row})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        serve.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="galleries of 2,000 and 20,000 images, 5 s per row")
+    parser.add_argument("--galleries", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--seconds", type=float, default=15.0, help="each row's duration")
+    parser.add_argument("--work", default=None, help="where the galleries are written (about 3.3 GB at 1M)")
+    args = parser.parse_args()
+    if args.quick:
+        args.galleries, args.seconds = [2000, 20_000], 5.0
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=args.work))
     rows = []
     try:
         init_ray(RayConfig())
-        cfg = config(base)
-        gallery = write_gallery(work, cfg, args.gallery)
         queries = query_jpegs(16)
-        url = start_service(cfg, token=None)
-        closed_loop(url + "search?k=10", queries, 1, 3.0)                      # warm-up: models, shards, JIT
-        for rerank in ("", "gv"):
-            for clients in (1, 4, 16):
-                row = closed_loop(url + f"search?k=10&rerank={rerank}", queries, clients, args.seconds)
-                rows.append({"case": f"{rerank or 'global'}, 1 reranker replica", **row})
-                print(json.dumps(rows[-1]), flush=True)
-        url = start_service(config([*base, "serve.reranker.min_replicas=2", "serve.reranker.max_replicas=2"]), None)
-        closed_loop(url + "search?k=10&rerank=gv", queries, 2, 3.0)
-        for clients in (4, 16):
-            row = closed_loop(url + "search?k=10&rerank=gv", queries, clients, args.seconds)
-            rows.append({"case": "gv, 2 reranker replicas", **row})
-            print(json.dumps(rows[-1]), flush=True)
-
-        def ingest():                            # rows and an index version committed while clients run
-            time.sleep(args.seconds / 4)
-            new = np.arange(gallery["next_id"], gallery["next_id"] + args.gallery // 10, dtype=np.int64)
-            add_rows(gallery["table"], gallery["schema"], gallery["extractor"], new, seed=1)
-            update_index(FeatureStore(gallery["table"]), gallery["index"], 0.2)
-
-        writer = threading.Thread(target=ingest)
-        writer.start()
-        row = closed_loop(url + "search?k=10&rerank=gv", queries, 4, args.seconds)
-        writer.join()
-        rows.append({"case": "gv, 2 replicas, during an ingest (+10 % rows, index v2)", **row})
-        print(json.dumps(rows[-1]), flush=True)
-        killer = kill_a_reranker_replica_after(args.seconds / 3)      # Serve replaces it; requests retry
-        row = closed_loop(url + "search?k=10&rerank=gv", queries, 4, args.seconds)
-        killer.join()
-        rows.append({"case": "gv, 2 replicas, one killed mid-run", **row})
-        print(json.dumps(rows[-1]), flush=True)
+        for n, size in enumerate(args.galleries):
+            rows += bench_gallery(work, size, args, queries, first=n == 0)
     finally:
-        from ray import serve
-
-        serve.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     baseline = rows[0]["requests_per_s"]
-    print(json.dumps({"gallery": args.gallery, "seconds_per_row": args.seconds, "baseline_requests_per_s": baseline,
+    summary = {}
+    for size in args.galleries:
+        mine = {(r["case"], r["clients"]): r for r in rows if r["gallery"] == size}
+        summary[size] = {"outside_index_ms_gv_1_client": mine[("gv", 1)]["outside_index_ms"],
+                         "extractor_batch_at_8": mine[("global", 8)]["mean_batch"]["QueryExtractor"],
+                         "throughput_8_over_1": round(mine[("global", 8)]["requests_per_s"]
+                                                      / mine[("global", 1)]["requests_per_s"], 2),
+                         "p99_over_p50_at_4": round(mine[("global", 4)]["p99_ms"] / mine[("global", 4)]["p50_ms"], 2)}
+    small, large = args.galleries[0], args.galleries[-1]
+    print(json.dumps({"galleries": args.galleries, "seconds_per_row": args.seconds, "baseline_requests_per_s": baseline,
                       "rows": [{**r, "ratio_to_baseline": round(r["requests_per_s"] / baseline, 2)} for r in rows],
-                      "failed_total": sum(r["failed"] for r in rows)}))
+                      "summary": summary,
+                      "outside_index_large_over_small": round(summary[large]["outside_index_ms_gv_1_client"]
+                                                              / summary[small]["outside_index_ms_gv_1_client"], 3),
+                      "non_200_total": sum(r["non_200"] for r in rows)}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def run(cfg: DictConfig) -> list:
         print(f"no gallery under {cfg.gallery.root}")
     for g in galleries:
         when = datetime.datetime.fromtimestamp(g["last_ingest"]).isoformat(timespec="seconds") if g["last_ingest"] else "-"
+        if g["state"] != "ready":
+            print(f"{g['name']}: {g['state']} ({g['ingests']} ingests, last {when})")
+            continue
         print(f"{g['name']}: {g['rows']} rows, index v{g['index_version']} ({g['index_rows']} rows, "
               f"{g.get('factory', '-')}, {g.get('shards', 0)} shards), extractor {g['fingerprint']}, "
               f"{g['ingests']} ingests, last {when}")

@@ -6,7 +6,9 @@
     rrt-dist search index.expand_queries=true               # with alpha-QE (reranker.aqe: n=2, alpha=0.3)
 
 Output: a gallery search writes ``<output_dir>/results.parquet`` and ``results.csv`` (query path, rank, gallery
-id and path, global score, reranked order, index version); a benchmark search ``neighbours.parquet`` (query_id,
+id and path, global score, reranked order, index version) and ``results.html`` (the first search.page_queries
+queries, as thumbnails); its queries are searched search.chunk at a time, each chunk committed as it ends, so the
+same command finishes a run that was killed. A benchmark search writes ``neighbours.parquet`` (query_id,
 neighbour_ids, scores; best first).
 """
 from __future__ import annotations

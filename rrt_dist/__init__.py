@@ -20,7 +20,7 @@ _warnings.filterwarnings("ignore", message="lance is not fork-safe")
 LAYERS = (
     ("schema",),                                   # errors, ids, settings dataclasses
     ("store", "models", "metrics", "devices"),     # pure cores with no other rrt_dist dependency
-    ("features", "index", "datasets"),
+    ("features", "index", "datasets", "gallery"),
     ("rerank", "eval"),
     ("train",),
     ("config",),                                   # the Hydra schema, assembled from the registries

@@ -288,34 +288,46 @@ class TrainConfig(TrainSettings):
 
 @dataclass
 class GalleryConfig:
-    """A named gallery that grows (``rrt-dist ingest``): its feature table, its versioned sharded index and its
-    ingest history live under ``<root>/<name>/``. New images come from ``images`` (a folder, searched
+    """A named gallery that grows (``rrt-dist ingest``): its feature table, image catalog, versioned sharded index
+    and ingest history live under ``<root>/<name>/``. New images come from ``images`` (a folder, searched
     recursively) or ``manifest`` (CSV or Parquet with a ``uri`` or ``path`` column, optional ``id`` and
-    ``label``; paths relative to the manifest's folder)."""
+    ``label``; paths relative to the manifest's folder); neither, for a gallery that exists, brings it to a
+    consistent state (lost rows extracted again, an earlier release's gallery upgraded) and commits."""
     name: str = "default"
     root: str = "${storage_root}/galleries"
     images: Optional[str] = None
     manifest: Optional[str] = None
+    replace: bool = False          # a batch row whose id the gallery lists with another path replaces it (else refused)
 
 
 @dataclass
 class SearchConfig:
     """The search job on a gallery (``gallery.name``): ``queries`` is a folder, CSV or Parquet of query images
     (local or fsspec, as ingest takes); ``rerank`` a registry reranker for the top ``reranker.depth`` (null: the
-    global order only). Without ``queries`` the job searches the benchmark's own queries."""
+    global order only). Without ``queries`` the job searches the benchmark's own queries. Queries are searched
+    and reranked ``chunk`` at a time, each chunk's results committed as it ends (a rerun redoes only unfinished
+    chunks); ``results.html`` shows the first ``page_queries`` queries, with thumbnails of ``thumbnail_px``."""
     queries: Optional[str] = None
     rerank: Optional[str] = None
+    chunk: int = bounded(1000, ge=1)
+    page_queries: int = bounded(100, ge=0)
+    thumbnail_px: int = bounded(160, ge=16)
 
 
 @dataclass
 class ServePart:
-    """One deployment of the search service: what each replica asks for (the rule of ``ray.<stage>``) and how
-    Serve scales it (``autoscaling_config``: from ``min_replicas`` to ``max_replicas`` by ongoing requests)."""
-    num_cpus: float = bounded(1.0, ge=0)
+    """One deployment of the search service: what each replica asks for (the rule of ``ray.<stage>``), how many
+    requests it takes at once, and how Serve scales it (``autoscaling_config``: from ``min_replicas`` to
+    ``max_replicas`` by ongoing requests). ``num_cpus: null``: the part's default (extractor and reranker 1,
+    searcher and gateway 0.5), scaled down to fit the machine when the service starts its own Ray.
+    ``max_ongoing_requests: null``: two batches (``serve.batch_size``) for the extractor and the reranker, four for
+    the searcher, 256 for the gateway."""
+    num_cpus: Optional[float] = bounded(None, ge=0)
     num_gpus: float = bounded(0.0, ge=0)
     min_replicas: int = bounded(1, ge=0)
     max_replicas: int = bounded(1, ge=1)
     target_ongoing_requests: float = bounded(2.0, gt=0)
+    max_ongoing_requests: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
@@ -324,21 +336,25 @@ class ServeConfig:
 
     Binds ``host``:``port``; any host but loopback needs a bearer token, read from the environment variable
     named by ``token_env`` (never from a file). ``galleries``: the names served (default: ``gallery.name``),
-    all ingested with this run's backbone. A new index version committed by an ingest is served within
-    ``refresh_s`` seconds, without a restart."""
+    all ingested with this run's backbone. A snapshot committed by an ingest is served within ``refresh_s``
+    seconds, without a restart."""
     galleries: Optional[list[str]] = None
     host: str = "127.0.0.1"
     port: int = bounded(8000, ge=1, le=65535)
     token_env: str = "RRT_SERVE_TOKEN"
-    max_bytes: int = bounded(20 * 2**20, ge=1)          # larger uploads are refused (413)
+    max_bytes: int = bounded(20 * 2**20, ge=1)          # larger uploads are refused (413), while they arrive
+    read_timeout_s: float = bounded(10.0, gt=0)         # a client that stops sending its upload is answered 408
+    max_image_bytes: int = bounded(50 * 2**20, ge=1)    # GET /images: larger gallery files are refused (413)
+    fetch_http_images: bool = False                     # GET /images of http(s) URIs: fetched server-side only if true
     max_k: int = bounded(1000, ge=1)
     refresh_s: float = bounded(2.0, gt=0)
-    batch_size: int = bounded(8, ge=1)                  # queries per batched extractor / reranker call
+    start_timeout_s: float = bounded(600.0, gt=0)       # deployments not running by then: one line says which
+    batch_size: int = bounded(8, ge=1)                  # queries per batched extractor / searcher / reranker call
     batch_wait_s: float = bounded(0.01, ge=0)
     extractor: ServePart = field(default_factory=ServePart)
-    searcher: ServePart = field(default_factory=lambda: ServePart(num_cpus=0.5))
+    searcher: ServePart = field(default_factory=ServePart)
     reranker: ServePart = field(default_factory=ServePart)
-    gateway: ServePart = field(default_factory=lambda: ServePart(num_cpus=0.5))
+    gateway: ServePart = field(default_factory=ServePart)
 
 
 @dataclass

@@ -74,7 +74,19 @@ class GpuUnavailable(RuntimeError):
     stage and what torch or FAISS reported, instead of computing on the CPU while holding the GPU."""
 
 
-USER_ERRORS = (RayStartError, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
+class GalleryNotReady(RuntimeError):
+    """A gallery with no snapshot a reader can answer from (never ingested, a first ingest that did not finish, an
+    index version that is gone): named with what to run. The service answers 503 for it and serves the others."""
+
+    def __init__(self, gallery: str, reason: str):
+        super().__init__(gallery, reason)              # both in args: it crosses processes (pickled) whole
+        self.gallery, self.reason = gallery, reason
+
+    def __str__(self) -> str:
+        return f"gallery {self.gallery!r} is not ready: {self.reason}"
+
+
+USER_ERRORS = (RayStartError, GalleryNotReady, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
                IndexMismatch, UnreadableTable, StorageFull, GpuUnavailable)
 
 

@@ -14,7 +14,8 @@ from rrt_dist.datasets.base import stable_id
 from rrt_dist.datasets.image_list import new_images
 from rrt_dist.index.core import read_manifest, search_numpy_exact
 from rrt_dist.index.sharded import ShardedIndex, build_index, read_rows
-from rrt_dist.pipelines.ingest import ingest, list_galleries, read_record
+from rrt_dist.gallery import Gallery
+from rrt_dist.pipelines.ingest import ingest, list_galleries
 from rrt_dist.schema import ExtractSettings
 from rrt_dist.store import FeatureStore
 
@@ -48,27 +49,35 @@ def batches(small_synthetic, tmp_path_factory):
     return folder, parts
 
 
+def snapshot_of(gallery: Path):
+    return Gallery.open(str(gallery.parent), gallery.name).snapshot()
+
+
 def check_equals_a_build_from_scratch(gallery: Path, tmp_path: Path, expected_uris: list[str]):
-    """The gallery's table holds each image once, the index exactly the table's rows, and searching it gives
-    what a Flat index built from scratch over the same rows gives."""
-    record = read_record(str(gallery))
-    store = FeatureStore(record["table"])
+    """The gallery's snapshot: its table holds each image once, its catalog lists each exactly once with its path,
+    its index holds exactly the table's rows, and searching it gives what a Flat index built from scratch over the
+    same rows gives."""
+    snapshot = snapshot_of(gallery)
+    store = snapshot.features()
     assert len(np.unique(store.ids)) == len(store.ids) == len(expected_uris)
     assert sorted(store.ids.tolist()) == sorted(stable_id(u) for u in expected_uris)
-    manifest = read_manifest(record["index"])
-    indexed = read_rows(record["index"], manifest)[0]
+    listed_ids, listed_uris = snapshot.catalog_version_reader().all()
+    assert sorted(zip(listed_ids.tolist(), listed_uris.tolist())) == sorted((stable_id(u), u) for u in expected_uris)
+    manifest = read_manifest(snapshot.index, snapshot.index_version)
+    assert manifest.version == read_manifest(snapshot.index).version
+    indexed = read_rows(snapshot.index, manifest)[0]
     assert len(np.unique(indexed)) == len(indexed) and sorted(indexed.tolist()) == sorted(store.ids.tolist())
     build_index(store, str(tmp_path / "scratch"), factory="Flat", n_shards=2)
     ids, vectors = store.globals()
     queries = vectors[:8]
-    served, scratch = ShardedIndex(record["index"]), ShardedIndex(str(tmp_path / "scratch"))
+    served, scratch = ShardedIndex(snapshot.index), ShardedIndex(str(tmp_path / "scratch"))
     (got_scores, got), (want_scores, want) = served.search(queries, 10), scratch.search(queries, 10)
     served.close()
     scratch.close()
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_scores, want_scores)
     np.testing.assert_allclose(got_scores, search_numpy_exact(vectors, ids, queries, 10)[0], atol=1e-5)
-    return record, manifest
+    return snapshot, manifest
 
 
 def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray, batches, tmp_path):
@@ -89,7 +98,7 @@ def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray,
     killed = subprocess.run([sys.executable, str(script), str(root), "shop", str(folder / "b2.csv"), "2", address],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert read_manifest(read_record(str(root / "shop"))["index"]).version == 1
+    assert snapshot_of(root / "shop").index_version == 1
     summary = drive("b2")
     assert (summary["new"], summary["skipped"], summary["failed"]) == (12, 8, 0)   # 8 committed before the kill
     assert summary["index_action"] == "add" and summary["index_added"] == 20 and summary["index_version"] == 2
@@ -111,13 +120,14 @@ def test_batches_with_kill_9_in_the_middle_equal_a_build_from_scratch(local_ray,
         sharded.write_manifest = original
     summary = drive("b3")
     assert (summary["new"], summary["skipped"], summary["index_added"], summary["index_version"]) == (0, 10, 8, 3)
-    record, manifest = check_equals_a_build_from_scratch(root / "shop", tmp_path / "s2",
-                                                         parts["b1"] + parts["b2"] + parts["b3"][2:])
-    index_files = {p.name for p in Path(record["index"]).iterdir()}
+    snapshot, manifest = check_equals_a_build_from_scratch(root / "shop", tmp_path / "s2",
+                                                           parts["b1"] + parts["b2"] + parts["b3"][2:])
+    index_files = {p.name for p in Path(snapshot.index).iterdir()}
     assert not any(".tmp" in n for n in index_files)
-    assert [h["index_version"] for h in record["history"]] == [1, 2, 3]
+    assert [h["index_version"] for h in Gallery.open(str(root), "shop").history] == [1, 2, 3]
     [listed] = list_galleries(str(root))
-    assert (listed["name"], listed["rows"], listed["index_version"], listed["index_rows"]) == ("shop", 44, 3, 44)
+    assert (listed["name"], listed["state"], listed["rows"], listed["index_version"], listed["index_rows"]) == \
+        ("shop", "ready", 44, 3, 44)
 
 
 def test_input_errors_name_the_file(tmp_path):
@@ -183,8 +193,8 @@ def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches,
 
 HOLDER = """
 import sys, time, pathlib
-from rrt_dist.pipelines.ingest import gallery_lock
-with gallery_lock(sys.argv[1]):
+from rrt_dist.gallery import Gallery
+with Gallery.open(*sys.argv[1].rsplit("/", 1)).lock():
     print("held", flush=True)
     while not pathlib.Path(sys.argv[2]).exists():
         time.sleep(0.05)
@@ -197,18 +207,18 @@ def test_ingests_into_one_gallery_take_turns_and_a_killed_one_leaves_no_lock(tmp
     import threading
     import time
 
-    from rrt_dist.pipelines.ingest import gallery_lock
     from rrt_dist.store.locks import Busy
 
     directory, release = str(tmp_path / "galleries" / "shop"), tmp_path / "release"
+    gallery_lock = lambda wait=True: Gallery.open(str(tmp_path / "galleries"), "shop").lock(wait)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, directory, str(release)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(Busy, match=f"pid {holder.pid}"):
-        with gallery_lock(directory, wait=False):
+        with gallery_lock(wait=False):
             pass
     threading.Timer(1.0, release.touch).start()
     start = time.monotonic()
-    with gallery_lock(directory):                        # waits until the holder lets go
+    with gallery_lock():                                 # waits until the holder lets go
         waited = time.monotonic() - start
     assert waited >= 0.9 and holder.wait(10) == 0
 
@@ -217,7 +227,7 @@ def test_ingests_into_one_gallery_take_turns_and_a_killed_one_leaves_no_lock(tmp
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait(10)
-    with gallery_lock(directory, wait=False):            # nothing left locked
+    with gallery_lock(wait=False):                       # nothing left locked
         pass
 
 
@@ -265,7 +275,7 @@ def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray,
     gallery = lambda batch: GalleryConfig(name="kept", root=str(tmp_path / "g"), manifest=str(folder / f"{batch}.csv"))
     ingest(gallery("b1"), *args)
     ingest(gallery("b2"), *args)
-    table = read_record(str(tmp_path / "g" / "kept"))["table"]
+    table = snapshot_of(tmp_path / "g" / "kept").table
     versions = manifest_versions(table)
     data_files = sorted((Path(table) / "data").iterdir())
     assert len(versions) >= 3
@@ -281,12 +291,17 @@ def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray,
     assert len(set(FeatureStore(table).ids.tolist())) == summary["rows"]
 
 
-def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path):
+def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path, monkeypatch):
     """Query images against an ingested gallery: extracted with the gallery's extractor, the global top-k from
-    its current index version (brute force as the oracle), GV reranking, and both images' paths in the results."""
+    its current index version (brute force as the oracle), GV reranking, and both images' paths in the results.
+    Searched a chunk of queries at a time: a run stopped after its first chunk's commit (a half-written chunk
+    beside it, as a kill -9 leaves) is finished by the same command, which searches only the chunk that is
+    missing."""
     import pyarrow.parquet as pq
 
-    from rrt_dist.schema import ConfigError, DatasetLayoutError
+    from rrt_dist.index.sharded import ShardedIndex
+    from rrt_dist.pipelines.search import ResultParts
+    from rrt_dist.schema import ConfigError, DatasetLayoutError, GalleryNotReady
 
     _, root = small_synthetic
     uris = read_revisitop(root, "synthetic").gallery.column("uri").to_pylist()
@@ -295,16 +310,37 @@ def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path):
     lite = ["backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]", "backbone.options.max_local=16"]
     common = [f"gallery.root={tmp_path / 'g'}", "gallery.name=shop"]
     run_job("ingest", [*common, *lite, f"gallery.manifest={tmp_path / 'gallery.csv'}"], tmp_path / "ingest")
-    out = run_job("search", [*common, *lite, f"search.queries={tmp_path / 'queries.csv'}", "search.rerank=gv",
-                             "index.neighbours=5"], tmp_path / "search")
+    searched, commit = [], ResultParts.commit
+
+    def count(self, queries, k):
+        searched.append(len(queries))
+        return search(self, queries, k)
+
+    def stop_after_the_first(self, n, table):
+        commit(self, n, table)
+        with self.fs.open(f"{self._part(n + 1)}.tmp", "wb") as f:         # what a kill mid-write leaves
+            f.write(b"PAR1 half")
+        raise KeyboardInterrupt("stopped after the first chunk")
+
+    search = ShardedIndex.search
+    monkeypatch.setattr(ShardedIndex, "search", count)
+    monkeypatch.setattr(ResultParts, "commit", stop_after_the_first)
+    job = [*common, *lite, f"search.queries={tmp_path / 'queries.csv'}", "search.rerank=gv", "index.neighbours=5",
+           "search.chunk=1"]
+    with pytest.raises(KeyboardInterrupt):
+        run_job("search", job, tmp_path / "search-stopped")
+    monkeypatch.setattr(ResultParts, "commit", commit)
+    out = run_job("search", job, tmp_path / "search")
+    assert searched == [1, 1]                           # the second run searched only the chunk that was missing
     assert (out["queries"], out["k"], out["index_version"]) == (2, 5, 1)
+    assert not list((tmp_path / "g" / "shop" / "searches").glob("*/*"))      # the committed chunks are cleared
     results = pq.read_table(out["results"]).to_pylist()
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5] * 2
     for query, rows in ((uris[2], results[:5]), (uris[3], results[5:])):
         assert rows[0]["query_path"] == query and rows[0]["gallery_path"] == query   # each query finds itself first
         assert rows[0]["global_score"] == pytest.approx(1.0, abs=2e-3)
         assert sorted(r["reranked_rank"] for r in rows) == [1, 2, 3, 4, 5] and rows[0]["reranked_rank"] == 1
-    gallery = FeatureStore(read_record(str(tmp_path / "g" / "shop"))["table"])
+    gallery = snapshot_of(tmp_path / "g" / "shop").features()
     queries = FeatureStore(str(next((tmp_path / "g" / "shop" / "queries").rglob("query.lance"))))
     q_ids, q_vectors = queries.globals()
     _, want = search_numpy_exact(*gallery.globals()[::-1], q_vectors, 5)        # exact search: the oracle
@@ -323,6 +359,7 @@ def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path):
     (tmp_path / "broken.csv").write_text(f"uri\n{tmp_path / 'missing.jpg'}\n")
     with pytest.raises(DatasetLayoutError, match="no query image could be read"):
         run_job("search", [*common, *lite, f"search.queries={tmp_path / 'broken.csv'}"], tmp_path / "s5")
-    with pytest.raises(DatasetLayoutError, match="no gallery 'nope'"):
+    with pytest.raises(GalleryNotReady, match="gallery 'nope' is not ready: it has not been ingested: run rrt-dist "
+                                              "ingest gallery.name=nope"):
         run_job("search", [*common, *lite, "gallery.name=nope", f"search.queries={tmp_path / 'queries.csv'}"],
                 tmp_path / "s3")

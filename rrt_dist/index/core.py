@@ -267,11 +267,17 @@ def current_manifest(directory: str) -> IndexManifest | None:
         return None
 
 
-def read_manifest(directory: str) -> IndexManifest:
+def read_manifest(directory: str, version: int | None = None) -> IndexManifest:
+    """The committed version of the index at ``directory`` (the newest, or ``version``: a reader pinned to one,
+    e.g. a gallery snapshot's; its files are kept while it is among the last ``collect_garbage`` keeps)."""
     fs, path = fsspec.core.url_to_fs(directory)
-    if not fs.exists(f"{path}/{MANIFEST}"):
+    name = MANIFEST if version is None else f"versions/manifest-{version:06d}.json"
+    if not fs.exists(f"{path}/{name}"):
+        if version is not None:
+            raise FileNotFoundError(f"{directory}: index version {version} is gone (no versions/manifest-"
+                                    f"{version:06d}.json)")
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; build the index first (rrt-dist index)")
-    with fs.open(f"{path}/{MANIFEST}", "r") as f:
+    with fs.open(f"{path}/{name}", "r") as f:
         return IndexManifest.from_json(f.read())
 
 

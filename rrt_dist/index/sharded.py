@@ -379,6 +379,17 @@ class ShardActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def acquire(self) -> int:
+        """One more :class:`ShardedIndex` serves from this (shared) actor; returns its pid."""
+        self.users = getattr(self, "users", 0) + 1
+        return os.getpid()
+
+    def release(self) -> None:
+        """One fewer does; the last one out ends the actor (its file is no longer served by anyone)."""
+        self.users = getattr(self, "users", 1) - 1
+        if self.users <= 0:
+            ray.actor.exit_actor()
+
 
 def search_shards(actors: list, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of ``queries`` over shard actors (:class:`ShardActor`): each searched, top-k merged."""
@@ -392,10 +403,14 @@ class ShardedIndex:
     first, then searches switch over in one step, so every query is answered from a single version."""
 
     def __init__(self, directory: str, resources: SearchResources | None = None, params: str | None = None,
-                 expected_fingerprint: str | None = None):
-        self.directory, self.params = directory, params
+                 expected_fingerprint: str | None = None, version: int | None = None, shared: bool = False):
+        """``version``: serve that committed version (default the newest). ``shared``: the shard actors are named
+        by index and file and shared with every other shared :class:`ShardedIndex` of the same index in the Ray
+        namespace (e.g. the replicas of a search service), each counted as a user: the last user to move on ends
+        an actor, instead of every index starting (and holding in memory) its own copy of every shard."""
+        self.directory, self.params, self.shared = directory, params, shared
         self.resources = resources or SearchResources(num_cpus=0)
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, version)
         if expected_fingerprint is not None and expected_fingerprint != manifest.fingerprint:
             raise IndexMismatch(f"{directory} indexes descriptors of extractor fingerprint {manifest.fingerprint}, "
                                 f"queries come from {expected_fingerprint}: rebuild the index or use the same extractor")
@@ -412,8 +427,7 @@ class ShardedIndex:
             if s.file in self._by_file:
                 continue
             gpus = self.resources.shard_gpus(s.ntotal, len(manifest.shards))
-            actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **{**options, "num_gpus": gpus})
-            started[s.file] = actor.remote(self.directory, s.file, gpus > 0, self.params, self.resources.threads)
+            started[s.file] = self._start(s.file, {**options, "num_gpus": gpus})
         ray.get([a.pid.remote() for a in started.values()])          # loaded before any query goes to them
         with self._lock:
             by_file = {**self._by_file, **started}
@@ -425,16 +439,43 @@ class ShardedIndex:
             self._actors = [by_file[s.file] for s in manifest.shards]
             self._release_retired()
 
+    def _start(self, file: str, options: dict):
+        actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **options)
+        args = (self.directory, file, options["num_gpus"] > 0, self.params, self.resources.threads)
+        if not self.shared:
+            return actor.remote(*args)
+        import hashlib
+
+        name = f"shard-{hashlib.sha1(self.directory.encode()).hexdigest()[:12]}-{file}"
+        for attempt in range(3):      # the one found may end between getting it and counting in (its last user left)
+            handle = actor.options(name=name, get_if_exists=True).remote(*args)
+            try:
+                ray.get(handle.acquire.remote())
+                return handle
+            except ray.exceptions.RayActorError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _stop(self, actor) -> None:
+        if self.shared:
+            actor.release.remote()
+        else:
+            ray.kill(actor)
+
     def _release_retired(self) -> None:
         """Stop the shard actors of older versions that no running search uses any more (called under the lock)."""
         oldest_in_use = min(self._in_flight, default=self.manifest.version)
         for _, actor in [r for r in self._retired if r[0] < oldest_in_use]:
-            ray.kill(actor)
+            self._stop(actor)
         self._retired = [r for r in self._retired if r[0] >= oldest_in_use]
 
-    def refresh(self) -> bool:
-        """Serve the newest committed version if it is not the one served; returns whether it changed."""
-        manifest = read_manifest(self.directory)
+    def refresh(self, version: int | None = None) -> bool:
+        """Serve the newest committed version (or ``version``, e.g. the one a gallery snapshot pins) if it is not the
+        one served; returns whether it changed."""
+        if version is not None and version == self.manifest.version:
+            return False
+        manifest = read_manifest(self.directory, version)
         if manifest.version == self.manifest.version:
             return False
         self._serve(manifest)
@@ -463,10 +504,20 @@ class ShardedIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dimension:
             raise IndexMismatch(f"queries of shape {queries.shape} for an index of dimension {self.dimension}")
         with self._lock:
-            actors, version = self._actors, self.manifest.version
+            actors, version, manifest = self._actors, self.manifest.version, self.manifest
             self._in_flight[version] = self._in_flight.get(version, 0) + 1
         try:
-            return (*search_shards(actors, queries, k), version)
+            try:
+                return (*search_shards(actors, queries, k), version)
+            except ray.exceptions.RayActorError:
+                if not self.shared or manifest is not self.manifest:
+                    raise
+                # a shared shard's owner (another index's process) is gone, and the shard with it: start it again
+                log.warning("%s v%d: a shared shard actor was lost; starting it again", self.directory, version)
+                with self._lock:
+                    self._by_file = {}
+                self._serve(manifest)
+                return (*search_shards(self.actors, queries, k), version)
         finally:
             with self._lock:
                 self._in_flight[version] -= 1
@@ -486,7 +537,7 @@ class ShardedIndex:
     def close(self) -> None:
         with self._lock:
             for a in [*self._by_file.values(), *(a for _, a in self._retired)]:
-                ray.kill(a)
+                self._stop(a)
             self._by_file, self._retired, self._actors = {}, [], []
 
 

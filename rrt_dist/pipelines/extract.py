@@ -218,14 +218,16 @@ def pq_codebook(manifest: pa.Table, uri: str, extractor_name: str, extractor_cfg
 
 def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, extractor_cfg: dict | None = None,
                      settings: ExtractSettings | None = None, errors_uri: str | Path | None = None,
-                     desc: str = "extract", resources: PoolResources | None = None) -> ExtractSummary:
+                     desc: str = "extract", resources: PoolResources | None = None,
+                     on_commit=None) -> ExtractSummary:
     """Extract every manifest row not yet in the table at ``uri`` (or whose file changed since) on an actor pool
     of ``resources`` (``ray.extract``); returns a summary. One writer at a time per table (``<uri>.lock``): a second
-    run on the same table waits, then finds the rows the first committed and extracts none of them again."""
+    run on the same table waits, then finds the rows the first committed and extracts none of them again.
+    ``on_commit(ids)`` runs after each commit with the ids it added (a gallery lists them in its catalog)."""
     with writer_lock(str(uri), f"table {uri}"):
         try:
             return _extract_to_lance(manifest, str(uri), extractor_name, extractor_cfg, settings, errors_uri, desc,
-                                     resources)
+                                     resources, on_commit)
         except Exception as err:
             if is_disk_full(err):    # raised in a Ray task or a commit, buried under Ray's retry advice otherwise
                 raise StorageFull(f"no space left on the device of {uri} while extracting: free space and rerun the "
@@ -234,7 +236,7 @@ def extract_to_lance(manifest: pa.Table, uri: str | Path, extractor_name: str, e
 
 
 def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, errors_uri, desc,
-                      resources) -> ExtractSummary:
+                      resources, on_commit=None) -> ExtractSummary:
     extractor_cfg = dict(extractor_cfg or {})
     settings = settings or ExtractSettings()
     resources = resources or PoolResources()
@@ -335,6 +337,8 @@ def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, er
             summary.version = seen_version = commit_fragments(uri, schema, pending_fragments).version
             done.update(ids.tolist())
             commits += 1
+            if on_commit is not None:
+                on_commit(ids)
         if errors:
             _append_errors(errors_uri, errors)
             summary.error_samples.update({i: reason for i, _, reason, _ in errors[:5]})

@@ -1,113 +1,139 @@
-"""Galleries that grow: ingest new images into a named gallery's feature table and versioned sharded index.
+"""Galleries that grow: ingest new images into a named gallery (:class:`rrt_dist.gallery.Gallery`).
 
-A gallery lives under ``<gallery.root>/<name>/``::
+An ingest, under the gallery's lock:
 
-    gallery.json                         name, extractor and fingerprint, table and index paths, ingest history
-    images.lance                         each ingested image's id and path or URI (what a search answers with)
-    features/<fingerprint>/gallery.lance the feature table (+ ``gallery-errors.lance``, the unreadable images)
-    index/<fingerprint>/<factory>-<n>s/  the versioned sharded index (``rrt_dist.index.sharded``)
+1. reads the batch (a folder or a manifest; none: only bring the gallery to a consistent state), and refuses by
+   row an id the gallery lists with another path (``gallery.replace=true`` replaces it);
+2. reconciles the gallery with its catalog: rows the catalog lists but the table lacks (lost with a damaged data
+   file, then restored) are extracted again from their listed path; table rows no catalog lists (a run killed
+   between a feature commit and its catalog rows) are removed and extracted again if the batch has them;
+3. extracts what the table lacks (by stable id; an image whose file changed since is extracted again), each
+   feature commit followed by its ids' catalog rows;
+4. commits one index version holding exactly the table's rows;
+5. commits the gallery's snapshot (index, table and catalog versions): readers move to it in one step.
 
-An ingest extracts only the images the table lacks (by stable id; an image whose file changed since is
-extracted again), commits them in batches, then commits one new index version holding exactly the table's
-rows. Killed at any point, rerunning the same command finishes the work: committed batches are skipped, an
-index version is only ever committed whole, and files of a commit that never happened are collected.
+Killed at any point, rerunning the same command finishes the work: committed batches are skipped, catalog rows are
+merged on id (never listed twice), an index version is only ever committed whole, and readers keep answering from
+the last committed snapshot until the next one.
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
 from rrt_dist.datasets.image_list import new_images
+from rrt_dist.gallery import Gallery, Snapshot
 from rrt_dist.index.core import read_manifest
 from rrt_dist.index.sharded import build_index, update_index
-from rrt_dist.schema import DatasetLayoutError, ExtractSettings, PoolResources
-from rrt_dist.store import FeatureStore, committed_sources, open_table
-from rrt_dist.store.locks import writer_lock
+from rrt_dist.schema import ConfigError, DatasetLayoutError, ExtractSettings, PoolResources
+from rrt_dist.store import FeatureStore, committed_ids, delete_ids, open_table
 
 from .extract import extract_to_lance
 from .features import table_folder
 
 log = logging.getLogger(__name__)
 
-RECORD = "gallery.json"
-
-
-def gallery_dir(root: str, name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise DatasetLayoutError(name, "is not a gallery name (letters, digits, '_', '.', '-')", "gallery.name")
-    return f"{root.rstrip('/')}/{name}"
-
-
-def read_record(directory: str) -> dict | None:
-    fs, path = fsspec.core.url_to_fs(directory)
-    if not fs.exists(f"{path}/{RECORD}"):
-        return None
-    with fs.open(f"{path}/{RECORD}", "r") as f:
-        return json.loads(f.read())
-
-
-def write_record(directory: str, record: dict) -> None:
-    fs, path = fsspec.core.url_to_fs(directory)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/{RECORD}.tmp", "w") as f:
-        f.write(json.dumps(record, indent=2))
-    fs.mv(f"{path}/{RECORD}.tmp", f"{path}/{RECORD}")
-
-
-def gallery_lock(directory: str, wait: bool = True):
-    """Hold the gallery's ingest lock (``<gallery>/ingest.lock``, see :func:`rrt_dist.store.locks.writer_lock`), so
-    two ingests into one gallery run one after the other (the second then skips what the first extracted) instead
-    of appending the same ids twice and racing for the index version. ``wait=False`` raises :class:`Busy`."""
-    return writer_lock(f"{directory.rstrip('/')}/ingest", f"gallery {directory}", wait)
-
 
 def ingest(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings, index_cfg,
            resources: PoolResources | None = None) -> dict:
-    """Ingest a batch of new images into gallery ``gallery_cfg.name`` under its lock (:func:`gallery_lock`); see
-    :func:`ingest_batch`."""
+    """Ingest a batch of new images into gallery ``gallery_cfg.name`` under its lock (two ingests into one gallery
+    run one after the other); see :func:`ingest_batch`."""
     if index_cfg.dba_n:
-        from rrt_dist.schema import ConfigError
-
         raise ConfigError("index.dba_n: a gallery's index is updated in place batch by batch, and alpha-DBA vectors "
                           "depend on every neighbourhood; build a DBA index of the gallery's table with the index job")
-    with gallery_lock(gallery_dir(gallery_cfg.root, gallery_cfg.name)):
-        return ingest_batch(gallery_cfg, extractor, options, settings, index_cfg, resources)
+    with Gallery.open(gallery_cfg.root, gallery_cfg.name).lock():
+        gallery = Gallery.open(gallery_cfg.root, gallery_cfg.name)      # as the previous holder left it
+        return ingest_batch(gallery, gallery_cfg, extractor, options, settings, index_cfg, resources)
 
 
-def ingest_batch(gallery_cfg, extractor: str, options: dict, settings: ExtractSettings, index_cfg,
+def batch_of(gallery_cfg, gallery: Gallery) -> pa.Table:
+    """The images to ingest: ``gallery.images`` or ``gallery.manifest``; neither, for a gallery that exists, is an
+    empty batch (the ingest then only reconciles and commits)."""
+    if gallery_cfg.images is None and gallery_cfg.manifest is None and gallery.record is not None:
+        return pa.table({"id": pa.array([], pa.int64()), "uri": pa.array([], pa.string())})
+    return new_images(gallery_cfg.images, gallery_cfg.manifest)
+
+
+def listed(gallery: Gallery, table_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, uris)`` the gallery's catalog lists, sorted by id. An earlier release's append-only list (a row per
+    ingest of an image, unreadable ones included) is rewritten once: one row per id, the latest, for the ids the
+    table holds."""
+    catalog = gallery.catalog
+    if open_table(catalog.uri) is not None and not catalog.is_merged():
+        old = catalog.latest().all()
+        last = {int(i): u for i, u in zip(*old)}                              # later rows win
+        keep = np.asarray(sorted(set(last) & set(table_ids.tolist())), np.int64)
+        catalog.rewrite(pa.table({"id": keep, "uri": [last[int(i)] for i in keep]}))
+        log.info("gallery %s: catalog rewritten as one row per image (%d rows, from %d)", gallery.name, len(keep),
+                 len(old[0]))
+    current = catalog.latest()
+    if current is None:
+        return np.zeros(0, np.int64), np.zeros(0, object)
+    ids, uris = current.all()
+    order = np.argsort(ids, kind="stable")
+    return ids[order], uris[order]
+
+
+def refused_rows(batch: pa.Table, ids: np.ndarray, uris: np.ndarray, replace: bool) -> tuple[np.ndarray, dict]:
+    """Rows of ``batch`` whose id the catalog (``ids`` sorted, ``uris``) lists with another path: a mask, and
+    ``{id: reason}`` of a few. ``replace``: none is refused (the new path replaces the listed one)."""
+    batch_ids = batch.column("id").to_numpy()
+    batch_uris = np.asarray(batch.column("uri").to_pylist(), dtype=object)
+    if replace or not len(ids) or not len(batch_ids):
+        return np.zeros(len(batch_ids), bool), {}
+    pos = np.clip(np.searchsorted(ids, batch_ids), 0, len(ids) - 1)
+    clash = (ids[pos] == batch_ids) & (uris[pos] != batch_uris)
+    samples = {int(i): f"id {int(i)} is already the gallery's image {uris[p]}, not {u} (gallery.replace=true "
+                       f"replaces it)" for i, p, u in zip(batch_ids[clash][:5], pos[clash][:5], batch_uris[clash][:5])}
+    return clash, samples
+
+
+def ingest_batch(gallery: Gallery, gallery_cfg, extractor: str, options: dict, settings: ExtractSettings, index_cfg,
                  resources: PoolResources | None = None) -> dict:
-    """Ingest a batch of new images (``gallery_cfg.images`` / ``.manifest``) into gallery ``gallery_cfg.name``:
-    extract what the table lacks, then commit an index version with every row of the table. Returns the summary
-    (new, skipped, changed, failed, errors table, index version and what the update did)."""
-    batch = new_images(gallery_cfg.images, gallery_cfg.manifest)
-    directory = gallery_dir(gallery_cfg.root, gallery_cfg.name)
+    """Ingest a batch into ``gallery`` (held locked), in the order of this module's docstring. Returns the summary
+    (new, skipped, changed, failed, refused, lost rows extracted again, errors table, index version and what the
+    update did)."""
+    batch = batch_of(gallery_cfg, gallery)
     folder = table_folder(extractor, options, settings)
-    record = read_record(directory) or {"name": gallery_cfg.name, "extractor": extractor, "history": []}
-    if record.get("fingerprint", folder) != folder:
-        raise DatasetLayoutError(directory, f"gallery {gallery_cfg.name!r} holds features of {record['fingerprint']}, "
+    if gallery.fingerprint not in (None, folder):
+        raise DatasetLayoutError(gallery.directory, f"gallery {gallery.name!r} holds features of {gallery.fingerprint}, "
                                  f"not of this backbone ({folder}): ingest with the backbone it was created with",
                                  "one extractor per gallery")
-    table = f"{directory}/features/{folder}/gallery.lance"
-    index_dir = f"{directory}/index/{folder}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', index_cfg.factory)}-{index_cfg.n_shards}s"
-    record.update(fingerprint=folder, table=table, index=index_dir)
-    write_record(directory, record)                      # the gallery exists (and is listed) from its first ingest
-
+    table = gallery.table_uri(folder)
+    index_dir = gallery.index_dir(folder, index_cfg.factory, index_cfg.n_shards)
     start = time.perf_counter()
-    before = committed_sources(table)[0]
-    extracted = extract_to_lance(batch, table, extractor, options, settings, desc=f"ingest {gallery_cfg.name}",
-                                 resources=resources)
-    if not committed_sources(table)[0].size:
+    before = committed_ids(table)
+    ids, uris = listed(gallery, before)
+    refused, refused_samples = refused_rows(batch, ids, uris, gallery_cfg.replace)
+    batch = batch.filter(pa.array(~refused)).select(["id", "uri"])
+    orphans = before[~np.isin(before, ids)]
+    if len(orphans):              # committed, never listed: not part of the gallery; extracted again if in the batch
+        log.warning("gallery %s: %d table row(s) no catalog row lists (a run stopped between the two); removing them",
+                    gallery.name, len(orphans))
+        delete_ids(table, orphans)
+        before = before[~np.isin(before, orphans)]
+    lost = ~np.isin(ids, before) & ~np.isin(ids, batch.column("id").to_numpy())
+    if lost.any():
+        log.warning("gallery %s: %d listed image(s) have no features (a restored table): extracting them again",
+                    gallery.name, int(lost.sum()))
+        batch = pa.concat_tables([batch, pa.table({"id": ids[lost], "uri": pa.array(uris[lost].tolist(), pa.string())})])
+    if not batch.num_rows and not len(before):
+        raise DatasetLayoutError(gallery.directory, "nothing to ingest: the gallery holds no image and the batch "
+                                 "lists none", "gallery.images or gallery.manifest")
+    uri_of = dict(zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist()))
+    batch = batch.append_column("bbox", pa.nulls(batch.num_rows, pa.list_(pa.float32(), 4)))
+    extracted = extract_to_lance(batch, table, extractor, options, settings, desc=f"ingest {gallery.name}",
+                                 resources=resources,
+                                 on_commit=lambda new: gallery.catalog.upsert(new, [uri_of[int(i)] for i in new]))
+    store = FeatureStore(table) if open_table(table) is not None else None
+    if store is None or not len(store):
         raise DatasetLayoutError(batch.column("uri")[0].as_py(), f"no image of the batch could be read (see "
                                  f"{table.removesuffix('.lance')}-errors.lance, e.g. {extracted.error_samples})",
                                  "readable images")
-    record_paths(directory, batch)
-    store = FeatureStore(table)
+    catalog_version = list_the_table(gallery, store, uri_of)
     index_start = time.perf_counter()
     try:
         read_manifest(index_dir)
@@ -119,61 +145,42 @@ def ingest_batch(gallery_cfg, extractor: str, options: dict, settings: ExtractSe
         manifest, update = update_index(store, index_dir, index_cfg.rebuild_fraction)
     index_seconds = time.perf_counter() - index_start
     batch_ids = batch.column("id").to_numpy()
-    new = int((np.isin(batch_ids, store.ids) & ~np.isin(batch_ids, before)).sum())
-    summary = {"gallery": gallery_cfg.name, "batch": len(batch), "new": new,
+    summary = {"gallery": gallery.name, "batch": int(len(refused)), "new": int((np.isin(batch_ids, store.ids)
+                                                                               & ~np.isin(batch_ids, before)).sum()),
                "changed": extracted.changed, "skipped": extracted.skipped, "failed": extracted.errors,
+               "refused": int(refused.sum()), "refused_samples": refused_samples, "restored": int(lost.sum()),
                "errors_table": table.removesuffix(".lance") + "-errors.lance", "error_samples": extracted.error_samples,
                "extract_images_per_s": round(extracted.images_per_second, 2), "rows": len(store),
                "index_version": manifest.version, "index_action": update["action"], "index_added": update["added"],
                "index_removed": update["removed"], "index_reason": update["reason"],
                "index_seconds": round(index_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
                "time": time.time()}
-    record["history"].append({k: v for k, v in summary.items() if k != "error_samples"})
-    write_record(directory, record)
+    snapshot = Snapshot(gallery=gallery.name, fingerprint=folder, index=index_dir, index_version=manifest.version,
+                        table=table, table_version=store.version, catalog=gallery.catalog.uri,
+                        catalog_version=catalog_version)
+    gallery.commit(snapshot, {k: v for k, v in summary.items() if not k.endswith("_samples")}, extractor=extractor)
     return summary
 
 
-IMAGES = "images.lance"
-
-
-def record_paths(directory: str, batch) -> None:
-    """Append a batch's ids and paths to the gallery's image list (under the ingest lock: one writer)."""
-    import lance
-
-    uri = f"{directory}/{IMAGES}"
-    lance.write_dataset(batch.select(["id", "uri"]), uri, mode="append" if open_table(uri) is not None else "create")
-
-
-def image_paths(directory: str, ids) -> dict[int, str]:
-    """The path or URI each of ``ids`` was ingested from (the latest ingest's), read for those ids only."""
-    import pyarrow.compute as pc
-
-    table = open_table(f"{directory}/{IMAGES}")
-    if table is None:
-        return {}
-    wanted = pa.array(np.unique(np.asarray(ids, np.int64)))
-    rows = table.to_table(columns=["id", "uri"], filter=pc.field("id").isin(wanted))
-    return dict(zip(rows.column("id").to_pylist(), rows.column("uri").to_pylist()))     # later rows win
+def list_the_table(gallery: Gallery, store: FeatureStore, uri_of: dict) -> int:
+    """Make the catalog list exactly the table's rows: rows the batch brought that are not listed yet (committed by
+    a run stopped before listing them, or a replaced path) are listed; listed ids the table no longer holds (an
+    image that became unreadable) are unlisted. Returns the catalog version a snapshot pins."""
+    ids, uris = listed(gallery, store.ids)
+    in_table = np.isin(ids, store.ids)
+    batch_ids = np.asarray(sorted(uri_of), np.int64)
+    mine = batch_ids[np.isin(batch_ids, store.ids)]
+    pos = np.clip(np.searchsorted(ids, mine), 0, max(len(ids) - 1, 0))
+    stale = mine[(ids[pos] != mine) | (uris[pos] != np.asarray([uri_of[int(i)] for i in mine], dtype=object))] \
+        if len(ids) else mine
+    if len(stale):
+        gallery.catalog.upsert(stale, [uri_of[int(i)] for i in stale])
+    if (~in_table).any():
+        gallery.catalog.unlist(ids[~in_table])
+    return gallery.catalog.tidy()
 
 
 def list_galleries(root: str) -> list[dict]:
-    """Every gallery under ``root``: name, rows, index version and size, extractor fingerprint, last ingest."""
-    fs, path = fsspec.core.url_to_fs(root)
-    out = []
-    for entry in sorted(fs.ls(path, detail=False)) if fs.exists(path) else []:
-        record = read_record(entry)
-        if record is None:
-            continue
-        row = {"name": record["name"], "fingerprint": record.get("fingerprint", ""), "rows": 0, "index_version": None,
-               "index_rows": 0, "ingests": len(record["history"]),
-               "last_ingest": record["history"][-1]["time"] if record["history"] else None}
-        if record.get("table") and fs.exists(record["table"]):
-            row["rows"] = len(FeatureStore(record["table"]))
-        try:
-            manifest = read_manifest(record["index"])
-            row.update(index_version=manifest.version, index_rows=manifest.ntotal, factory=manifest.factory,
-                       shards=len(manifest.shards))
-        except (FileNotFoundError, KeyError):
-            pass
-        out.append(row)
-    return out
+    """Every gallery under ``root``: name, state (ready, or why not), rows, index version and size, extractor
+    fingerprint, last ingest. A damaged gallery is listed as such; the others are listed all the same."""
+    return [Gallery.open(root, name).describe() for name in Gallery.names(root)]
