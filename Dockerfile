@@ -11,11 +11,14 @@
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
+# No NVIDIA_VISIBLE_DEVICES here: the device plugin sets it in each pod that asks for a GPU; set in the image, it
+# would show every GPU of its node to a pod that asked for none.
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    RAY_DISABLE_USAGE_STATS=1 \
-    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    RAY_DISABLE_USAGE_STATS=1 NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# wget: KubeRay's probes exec `bash -c "wget ... | grep success"` (the readiness probe of a RayService's worker pods,
+# every probe before Ray 2.53): without it a pod never becomes Ready, or is restarted.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates wget \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
  && python3 -m venv /opt/venv \
@@ -23,17 +26,20 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/rrt-dist
-# Dependencies first (a layer that survives code changes), then the project itself.
-COPY constraints.txt pyproject.toml README.md ./
+# Dependencies first (a layer that survives code and documentation changes), then the project itself.
+COPY constraints.txt pyproject.toml ./
 RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"]))' > /tmp/requirements.txt \
  && pip install --quiet -c constraints.txt -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY README.md ./
 COPY rrt_dist ./rrt_dist
 COPY configs ./configs
 COPY jobs ./jobs
-RUN pip install --quiet --no-deps -e . && rrt-dist --help >/dev/null
+# Installed as a package (not editable), by root: the runtime user runs it and cannot change it. The checkout
+# copy stays for `python jobs/<job>.py` entry points (a RayJob's working_dir), read-only as well.
+RUN pip install --quiet --no-deps . && rm -rf build *.egg-info && rrt-dist --help >/dev/null
 
-# KubeRay starts Ray itself (ray start ...); the pod user needs no root. Group 0 owns what the jobs write
-# beside the code, so a pod run with another uid (OpenShift) or the fsGroup of the manifests can write.
-RUN useradd --create-home --uid 1000 --gid 0 ray && chown -R 1000:0 /opt/rrt-dist && chmod -R g+w /opt/rrt-dist
+# KubeRay starts Ray itself (ray start ...); the pod user needs no root (the manifests run it as uid 1000 with
+# runAsNonRoot and every capability dropped). Jobs write under the storage root and Ray's temp folder, never here.
+RUN useradd --create-home --uid 1000 --gid 0 ray
 USER 1000

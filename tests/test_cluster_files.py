@@ -172,6 +172,48 @@ def pod_templates(manifest: dict) -> list[tuple[str, dict]]:
                                                              for g in spec["workerGroupSpecs"]]
 
 
+def every_pod_template(manifest: dict) -> list[tuple[str, dict]]:
+    """The Ray pods' templates, and the RayJob's submitter pod KubeRay creates from ``submitterPodTemplate``."""
+    submitter = manifest["spec"].get("submitterPodTemplate")
+    return pod_templates(manifest) + ([("submitter", submitter)] if submitter else [])
+
+
+# Volume types the restricted Pod Security Standard allows (kubernetes.io/docs/concepts/security/pod-security-standards)
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_pod_passes_the_restricted_pod_security_standard(path):
+    """A namespace enforcing `pod-security.kubernetes.io/enforce: restricted` admits each pod, field by field: no
+    privilege escalation, every capability dropped, non-root, the runtime's default seccomp profile, no host
+    namespaces or host paths; KubeRay's autoscaler container in the head pod as well."""
+    manifest = yaml.safe_load(path.read_text())
+    templates = every_pod_template(manifest)
+    assert manifest["kind"] != "RayJob" or any(group == "submitter" for group, _ in templates)
+    for group, template in templates:
+        spec = template["spec"]
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 1000) != 0, group
+        assert pod.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), group
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), group
+        assert all(set(v) - {"name"} <= RESTRICTED_VOLUMES for v in spec.get("volumes", [])), group
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False and not context.get("privileged"), group
+            assert "ALL" in context.get("capabilities", {}).get("drop", []), group
+            assert set(context.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, group
+            assert context.get("runAsNonRoot") is not False and context.get("runAsUser", 1000) != 0, group
+            assert context.get("seccompProfile", {}).get("type") != "Unconfined", group
+    autoscaler = cluster_spec(manifest)["autoscalerOptions"]["securityContext"]
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
+
+
+def test_the_service_spreads_uploads_over_every_nodes_proxy():
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+
+
 def built_image() -> str:
     return re.search(r"docker build -t (\S+)", (REPO / "Dockerfile").read_text()).group(1)
 
@@ -186,7 +228,7 @@ def test_core_kubernetes_objects_validate_against_their_schemas():
     kubernetes_validate.validate(claim, version, strict=True)
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"]
     for path in MANIFESTS:
-        for group, template in pod_templates(yaml.safe_load(path.read_text())):
+        for group, template in every_pod_template(yaml.safe_load(path.read_text())):
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group},
                                           "template": template}, version, strict=True)
     broken = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
