@@ -11,8 +11,10 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Optional
 
 from rrt_dist.config import available_cpus, validate_config
@@ -58,6 +60,8 @@ def init_ray(cfg) -> dict:
                         f"machine retry later, raise ray.start_attempts, set ray.dashboard=false, or start Ray once "
                         f"(`ray start --head`) and pass ray.address=auto") from None
                 log.warning("the embedded Ray did not start (%s); retrying", str(err).strip().splitlines()[0:1])
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:       # not while a stop is under way
+        handle_sigterm()
     _quiet_ray_data()
     resources = ray.cluster_resources()
     log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
@@ -166,14 +170,13 @@ def _announce_storage(cfg, destination: Optional[str]) -> None:
 
 def job(main):
     """Decorator of a job's ``main(cfg)`` (under ``hydra.main``): the config is validated before anything
-    starts (no Ray, no data touched), and a known user error ends the job with one line on stderr and
-    exit status 2. Once the job has started, its output folder is copied where ``outputs_destination`` says,
-    however it ends."""
+    starts (no Ray, no data touched), and the job ends as :func:`stopping_in_one_line` says. Once the job has
+    started, its output folder is copied where ``outputs_destination`` says, however it ends."""
     @functools.wraps(main)
     def run(cfg):
         from hydra.core.hydra_config import HydraConfig
 
-        try:
+        with stopping_in_one_line():
             validate_config(cfg)
             name = HydraConfig.get().job.name
             if cfg.ray.dashboard is None:
@@ -181,24 +184,58 @@ def job(main):
             destination = outputs_destination(cfg, name)
             _announce_storage(cfg, destination)
             return run_publishing_outputs(main, cfg, destination)
-        except USER_ERRORS as err:
-            print(f"rrt-dist: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except Exception as err:                # a user error raised in an actor's constructor or a Ray Data worker
-            line = error_line(err, USER_ERRORS)
-            if line is None:
-                raise
-            print(f"rrt-dist: error: {line}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print(INTERRUPTED, file=sys.stderr)
-            raise SystemExit(130) from None
 
     return run
 
 
-INTERRUPTED = ("rrt-dist: interrupted: every committed table version, index version and training checkpoint is kept "
-               "(what was not committed is cleaned up next time); rerun the same command to resume")
+@contextlib.contextmanager
+def stopping_in_one_line():
+    """How a job ends other than by finishing: a known user error in one line on stderr and exit status 2;
+    Ctrl-C (SIGINT) or SIGTERM (what Kubernetes sends a pod it evicts, SIGKILL 30 s later) stops it where it is (no
+    more work taken, nothing half-done committed: every commit is atomic), says what is kept and that the same
+    command resumes, and exits 130 or 143 (128 + the signal)."""
+    handle_sigterm()
+    try:
+        yield
+    except USER_ERRORS as err:
+        print(f"rrt-dist: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:                # a user error raised in an actor's constructor or a Ray Data worker
+        line = error_line(err, USER_ERRORS)
+        if line is None:
+            raise
+        print(f"rrt-dist: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        number = err.signum if isinstance(err, Terminated) else signal.SIGINT
+        print(f"rrt-dist: interrupted ({signal.Signals(number).name}): {KEPT}", file=sys.stderr)
+        raise SystemExit(128 + number) from None
+
+
+KEPT = ("every committed table version, index version and training checkpoint is kept (what was not committed is "
+        "cleaned up next time); rerun the same command to resume")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: every stop path is Ctrl-C's."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)      # one stop: a second SIGTERM while stopping changes nothing
+    raise Terminated(signum)
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread. Called by :func:`stopping_in_one_line`,
+    and by :func:`init_ray` once Ray is up: Ray's driver takes SIGTERM over (its core worker's native failure handler
+    prints "*** SIGTERM received" stack dumps and aborts, exit 134; its Python handler exits 1). Ray's handlers of
+    crashes (SIGSEGV, SIGABRT, ...) stay."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def entry_point(run):

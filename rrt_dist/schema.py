@@ -87,7 +87,7 @@ class GalleryNotReady(RuntimeError):
 
 
 USER_ERRORS = (RayStartError, GalleryNotReady, ConfigError, DatasetLayoutError, SyntheticRootMismatch, WeightsUnavailable, FeatureTableMismatch,
-               IndexMismatch, UnreadableTable, StorageFull, GpuUnavailable)
+               IndexMismatch, UnreadableTable, DamagedTable, StorageFull, GpuUnavailable)
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -200,6 +200,8 @@ class ExtractSettings:
     local_storage: str = choice("fp16", *LOCAL_ENCODINGS)   # locals on disk: fp16 | int8 (+ a scale each) | pq
     local_pq_m: int = bounded(16, ge=1)              # pq: codes (bytes) per local descriptor
     local_pq_sample: int = bounded(200, ge=1)        # pq: images whose locals train the codebook (seeded sample)
+    keep_versions: int = bounded(3, ge=1)            # table versions kept when a run ends (older ones and their files go)
+    uncommitted_grace_s: float = bounded(3600.0, ge=0)   # uncommitted files younger than this are kept (another writer's)
     stop_after_commits: Optional[int] = bounded(None, ge=0)  # fault injection (tests): stop at the next commit after N
     stop_by_kill: bool = False                       # ... by SIGKILL of this process instead of raising InjectedFailure
 

@@ -113,36 +113,120 @@ def test_folder_without_a_committed_version_is_no_table(local_ray, small_synthet
     assert (uri / "data").is_dir() and not (uri / "_versions").exists()
     summary = extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2))
     assert summary.extracted == 10 and sorted(committed_ids(uri)) == sorted(manifest.column("id").to_pylist())
-    # fragments a later interrupted run wrote but never committed are removed on the next run
-    stray = write_fragment(uri, lance.dataset(str(uri)).to_table().slice(0, 2))
-    assert stray
-    files = len(list((uri / "data").iterdir()))
+    # fragments runs wrote but never committed (the stopped one's, a stray one) go once past the grace period
+    assert write_fragment(uri, lance.dataset(str(uri)).to_table().slice(0, 2))
+    age(uri / "data", hours=2)
     again = extract_to_lance(manifest, uri, *TINY, ExtractSettings(batch_size=2))
-    assert again.extracted == 0 and len(list((uri / "data").iterdir())) == files - 1
+    committed = {Path(f.path).name for fr in lance.dataset(str(uri)).get_fragments() for f in fr.data_files()}
+    assert again.extracted == 0 and {p.name for p in (uri / "data").iterdir()} == committed
 
 
-def test_uncommitted_fragments_are_removed_from_a_uri_too(tmp_path):
-    """On a URI (file:// here, as s3:// goes through the same fsspec and Lance calls): a table with fragments a
-    run wrote but never committed loses those files and keeps its rows; a folder never committed goes."""
+def age(folder: Path, hours: float) -> None:
+    """Set back the modification time of every file in ``folder``."""
+    import os
+    import time
+
+    for f in folder.iterdir():
+        os.utime(f, (time.time() - hours * 3600,) * 2)
+
+
+def small_rows(schema, ids):
+    return features_to_table(schema, np.asarray(ids), np.eye(4, dtype=np.float32)[np.asarray(ids) % 4],
+                             np.zeros((len(ids), 0, 0)), None, None, np.zeros(len(ids)))
+
+
+def test_uncommitted_files_go_once_past_the_grace_period_and_no_folder_is_removed(tmp_path):
+    """On a URI (file:// here, as s3:// goes through the same fsspec and Lance calls): fragments written and never
+    committed are kept while younger than the grace period (another writer may be about to commit them), then
+    removed; the table keeps its rows; a folder never committed keeps its folder, its files go by the same rule."""
     from rrt_dist.store import commit_fragments, remove_uncommitted
 
     schema = features_schema(4, 0, 0, "test", {}, "fp-test")
-
-    def rows(ids):
-        return features_to_table(schema, np.asarray(ids), np.eye(4, dtype=np.float32)[np.asarray(ids) % 4],
-                                 np.zeros((len(ids), 0, 0)), None, None, np.zeros(len(ids)))
-
     uri = f"file://{tmp_path / 't.lance'}"
-    commit_fragments(uri, schema, write_fragment(uri, rows([0, 1, 2])))
+    data = tmp_path / "t.lance" / "data"
+    commit_fragments(uri, schema, write_fragment(uri, small_rows(schema, [0, 1, 2])))
     assert remove_uncommitted(uri) is None                                  # nothing stray
-    write_fragment(uri, rows([3, 4]))                                       # written, never committed
-    assert len(list((tmp_path / "t.lance" / "data").iterdir())) == 2
+    write_fragment(uri, small_rows(schema, [3, 4]))                         # written, not committed (yet?)
+    assert remove_uncommitted(uri) is None and len(list(data.iterdir())) == 2
+    age(data, hours=2)
     assert "removed 1 uncommitted fragment file(s)" in remove_uncommitted(uri)
-    assert len(list((tmp_path / "t.lance" / "data").iterdir())) == 1 and sorted(committed_ids(uri)) == [0, 1, 2]
+    assert len(list(data.iterdir())) == 1 and sorted(committed_ids(uri)) == [0, 1, 2]
     never = f"file://{tmp_path / 'never.lance'}"
-    write_fragment(never, rows([5]))
-    assert "no committed version" in remove_uncommitted(never) and not (tmp_path / "never.lance").exists()
-    assert remove_uncommitted(never) is None
+    write_fragment(never, small_rows(schema, [5]))
+    assert remove_uncommitted(never) is None and len(list((tmp_path / "never.lance" / "data").iterdir())) == 1
+    age(tmp_path / "never.lance" / "data", hours=2)
+    assert "no version committed yet" in remove_uncommitted(never)
+    assert (tmp_path / "never.lance").is_dir() and not list((tmp_path / "never.lance" / "data").iterdir())
+
+
+def test_a_first_commit_never_replaces_another_writers(tmp_path, monkeypatch):
+    """Two writers of a new table without a lock (an object store): the second one's first commit, prepared when
+    it saw no table, finds the first one's committed and replaces nothing; an extraction then appends after
+    checking its ids against the other's."""
+    import sys
+
+    from rrt_dist.store import commit_fragments
+
+    schema = features_schema(4, 0, 0, "test", {}, "fp-test")
+    uri = str(tmp_path / "t.lance")
+    theirs, mine = write_fragment(uri, small_rows(schema, [0, 1])), write_fragment(uri, small_rows(schema, [2, 3]))
+    commit_fragments(uri, schema, theirs)
+    # the moment between the second writer's look (no table yet) and its commit
+    monkeypatch.setattr(sys.modules[commit_fragments.__module__], "open_table", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="created by another writer while this one wrote its first commit"):
+        commit_fragments(uri, schema, mine)
+    monkeypatch.undo()
+    assert sorted(committed_ids(uri)) == [0, 1]
+    commit_fragments(uri, schema, mine)
+    assert sorted(committed_ids(uri)) == [0, 1, 2, 3]
+
+
+def test_old_versions_go_after_a_compaction_and_the_table_stays_its_size(tmp_path):
+    """70 commits, then the end of a run (compaction, versions beyond the last 3 removed, as extraction does):
+    the folder holds about the newest version's bytes (not every pre-compaction fragment too); its rows read."""
+    from rrt_dist.store import commit_fragments
+    from rrt_dist.store.cleanup import remove_old_versions
+    from rrt_dist.store.versions import compact
+
+    schema = features_schema(4, 0, 0, "test", {}, "fp-test")
+    uri = tmp_path / "t.lance"
+    for i in range(70):
+        commit_fragments(uri, schema, write_fragment(uri, small_rows(schema, range(10 * i, 10 * i + 10))))
+
+    def on_disk():
+        return sum(f.stat().st_size for f in (uri / "data").iterdir())
+
+    def newest():
+        return sum(f.file_size_bytes for fr in lance.dataset(str(uri)).get_fragments() for f in fr.data_files())
+
+    assert compact(uri) and on_disk() > 1.9 * newest()       # both copies while the version before it is kept
+    for i in range(70, 73):
+        commit_fragments(uri, schema, write_fragment(uri, small_rows(schema, range(10 * i, 10 * i + 10))))
+    assert "removed" in remove_old_versions(uri, keep=3)
+    assert on_disk() <= 1.2 * newest() and sorted(committed_ids(uri)) == list(range(730))
+
+
+def test_a_lock_on_a_mount_that_does_not_share_locks_is_named_once(tmp_path, monkeypatch, caplog):
+    """flock succeeds on NFS mounted nolock or local_lock=flock and on FUSE mounts, but keeps out no writer on
+    another machine: the writer lock names the mount and what to do, once a mount; a local disk says nothing."""
+    from rrt_dist.store import locks
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw,relatime 0 0\n"
+                      f"server:/export {tmp_path / 'nfs'} nfs4 rw,vers=4.2,local_lock=flock,addr=10.0.0.2 0 0\n"
+                      f"bucket {tmp_path / 'fuse'} fuse.gcsfuse rw,nosuid,nodev 0 0\n"
+                      f"server:/old {tmp_path / 'v3'} nfs rw,vers=3,nolock 0 0\n"
+                      f"server:/fine {tmp_path / 'shared'} nfs4 rw,vers=4.2,local_lock=none 0 0\n")
+    monkeypatch.setattr(locks, "MOUNTS", str(mounts))
+    monkeypatch.setattr(locks, "_warned", set())
+    for where in ("nfs", "nfs", "fuse", "v3", "shared", "local"):
+        with locks.writer_lock(str(tmp_path / where / "gallery" / "ingest"), f"gallery {where}"):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "is not kept out" in r.getMessage()]
+    assert len(warnings) == 3, warnings
+    assert f"on {tmp_path / 'nfs'}, nfs4 mounted local_lock=flock" in warnings[0]
+    assert "a FUSE mount (fuse.gcsfuse)" in warnings[1] and "nfs mounted nolock" in warnings[2]
+    assert all("run one writer at a time there" in w for w in warnings)
 
 
 # --------------------------------------------------------------------------------------- 3. decompression bombs
@@ -255,6 +339,52 @@ def test_more_shards_than_vectors_are_capped(local_ray, tmp_path, caplog):
     assert found[:, 0].tolist() == [1, 2, 3]
 
 
+def test_a_full_device_at_an_index_commit_is_one_line_commits_nothing_and_a_rerun_recovers(local_ray, tmp_path):
+    """The device fills up while an index version is written (a file the driver writes, a shard a Ray task writes,
+    the manifest's commit): one StorageFull line naming the index and the version still searched, no chained
+    traceback; nothing of the failed version is searched (never a truncated file renamed into place), and the
+    same call, with space again, commits it. (/dev/full answers every write with ENOSPC.)"""
+    from rrt_dist.index.core import current_manifest
+    from rrt_dist.index.sharded import ShardedIndex, build_index, update_index
+    from rrt_dist.schema import StorageFull
+    from rrt_dist.store import commit_fragments
+
+    schema = features_schema(16, 0, 0, "test", {}, "fp")
+    uri, directory = tmp_path / "t.lance", tmp_path / "index"
+    vectors = np.eye(16, dtype=np.float32)
+
+    def add(ids):
+        commit_fragments(uri, schema, write_fragment(uri, features_to_table(
+            schema, np.asarray(ids), vectors[np.asarray(ids) % 16], np.zeros((len(ids), 0, 0)), None, None,
+            np.zeros(len(ids)))))
+
+    def fails_full(call, file, still):
+        (directory / file).symlink_to("/dev/full")
+        with pytest.raises(StorageFull) as err:
+            call()
+        assert str(err.value).startswith(f"no space left on the device of {directory} while writing a new index "
+                                         f"version") and still in str(err.value)
+        assert err.value.__cause__ is None and err.value.__suppress_context__       # one line, nothing chained
+        (directory / file).unlink()
+
+    add(range(10))
+    directory.mkdir()
+    build = lambda: build_index(FeatureStore(uri), str(directory), "Flat", n_shards=2)  # noqa: E731
+    fails_full(build, "trained-v000001.faiss.tmp", "no version was committed")
+    assert current_manifest(str(directory)) is None
+    assert build().version == 1
+    add(range(10, 14))
+    update = lambda: update_index(FeatureStore(uri), str(directory), rebuild_fraction=0.5)  # noqa: E731
+    fails_full(update, "shard-00002-v000002.faiss.tmp", "version 1 stays the one searched")     # in a Ray task
+    fails_full(update, "manifest.json.tmp", "version 1 stays the one searched")
+    assert current_manifest(str(directory)).version == 1 and current_manifest(str(directory)).ntotal == 10
+    assert update()[0].version == 2
+    index = ShardedIndex(str(directory))
+    _, found = index.search(vectors[10:14], 1)
+    index.close()
+    assert found[:, 0].tolist() == [10, 11, 12, 13]
+
+
 # --------------------------------------------------------------------------- 6. user errors in one line, no Ray
 
 def run_cli(*args, cwd):
@@ -321,18 +451,21 @@ def test_rerun_summary_tells_extracted_from_recorded(local_ray, small_synthetic,
     assert sorted(errors) == [901, 902]                   # retried records replaced, not duplicated
 
 
-# ------------------------------------------------------------------------- chaos: kill -9 at random commit points
+# ------------------------------------------------------------- chaos: kill -9 at random commit points, SIGTERM
 
 CHAOS_DRIVER = """
-import sys, pyarrow as pa, ray
+import sys
+from rrt_dist.config import RayConfig
 from rrt_dist.datasets import read_revisitop
 from rrt_dist.pipelines.extract import ExtractSettings, extract_to_lance
+from rrt_dist.runtime import init_ray, stopping_in_one_line
 root, uri, stop, address = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-ray.init(address=address, logging_level="ERROR")
-manifest = read_revisitop(root, "synthetic").gallery.slice(0, 40)
-settings = ExtractSettings(batch_size=2, commit_every=6, stop_after_commits=None if stop == "none" else int(stop),
-                           stop_by_kill=True)
-extract_to_lance(manifest, uri, "tiny-image", {}, settings)
+with stopping_in_one_line():                       # as a job: Ctrl-C and SIGTERM stop it in one line
+    init_ray(RayConfig(address=address))
+    manifest = read_revisitop(root, "synthetic").gallery.slice(0, 40)
+    settings = ExtractSettings(batch_size=2, commit_every=6, stop_after_commits=None if stop == "none" else int(stop),
+                               stop_by_kill=True)
+    extract_to_lance(manifest, uri, "tiny-image", {}, settings)
 """
 
 
@@ -340,57 +473,12 @@ def sorted_rows(uri):
     table = lance.dataset(str(uri)).to_table(columns=["id", "global", "n_local", "source"])
     return table.sort_by("id").to_pylist()
 
-def test_a_full_device_at_an_index_commit_is_one_line_commits_nothing_and_a_rerun_recovers(local_ray, tmp_path):
-    """The device fills up while an index version is written (a file the driver writes, a shard a Ray task writes,
-    the manifest's commit): one StorageFull line naming the index and the version still searched, no chained
-    traceback; nothing of the failed version is searched (never a truncated file renamed into place), and the
-    same call, with space again, commits it. (/dev/full answers every write with ENOSPC.)"""
-    from rrt_dist.index.core import current_manifest
-    from rrt_dist.index.sharded import ShardedIndex, build_index, update_index
-    from rrt_dist.schema import StorageFull
-    from rrt_dist.store import commit_fragments
-
-    schema = features_schema(16, 0, 0, "test", {}, "fp")
-    uri, directory = tmp_path / "t.lance", tmp_path / "index"
-    vectors = np.eye(16, dtype=np.float32)
-
-    def add(ids):
-        commit_fragments(uri, schema, write_fragment(uri, features_to_table(
-            schema, np.asarray(ids), vectors[np.asarray(ids) % 16], np.zeros((len(ids), 0, 0)), None, None,
-            np.zeros(len(ids)))))
-
-    def fails_full(call, file, still):
-        (directory / file).symlink_to("/dev/full")
-        with pytest.raises(StorageFull) as err:
-            call()
-        assert str(err.value).startswith(f"no space left on the device of {directory} while writing a new index "
-                                         f"version") and still in str(err.value)
-        assert err.value.__cause__ is None and err.value.__suppress_context__       # one line, nothing chained
-        (directory / file).unlink()
-
-    add(range(10))
-    directory.mkdir()
-    build = lambda: build_index(FeatureStore(uri), str(directory), "Flat", n_shards=2)  # noqa: E731
-    fails_full(build, "trained-v000001.faiss.tmp", "no version was committed")
-    assert current_manifest(str(directory)) is None
-    assert build().version == 1
-    add(range(10, 14))
-    update = lambda: update_index(FeatureStore(uri), str(directory), rebuild_fraction=0.5)  # noqa: E731
-    fails_full(update, "shard-00002-v000002.faiss.tmp", "version 1 stays the one searched")     # in a Ray task
-    fails_full(update, "manifest.json.tmp", "version 1 stays the one searched")
-    assert current_manifest(str(directory)).version == 1 and current_manifest(str(directory)).ntotal == 10
-    assert update()[0].version == 2
-    index = ShardedIndex(str(directory))
-    _, found = index.search(vectors[10:14], 1)
-    index.close()
-    assert found[:, 0].tolist() == [10, 11, 12, 13]
-
-
 
 @pytest.fixture(scope="module")
 def chaos(local_ray, small_synthetic, tmp_path_factory):
-    """``start(uri, stop)``: a driver process extracting 40 images into ``uri`` on the session's Ray, killed (-9)
-    at its commit after ``stop`` ones (``"none"``: runs to the end); the rows of a clean run, and its table."""
+    """``start(uri, stop)``: a driver process extracting 40 images into ``uri`` on the session's Ray (stopping as
+    a job does), killed (-9) at its commit after ``stop`` ones (``"none"``: runs to the end); the rows of a clean
+    run, and its table."""
     _, root = small_synthetic
     address = local_ray.get_runtime_context().gcs_address
     script = tmp_path_factory.mktemp("chaos") / "driver.py"
@@ -407,25 +495,43 @@ def chaos(local_ray, small_synthetic, tmp_path_factory):
     return start, expected, reference
 
 
-def test_chaos_kill_the_driver_at_random_commit_boundaries(chaos, small_synthetic, tmp_path, capsys):
-    """Killed (-9) before its first commit, then at a random one: the rerun equals a clean run. The table killed
-    at a commit then loses one data file (its manifest intact): reading it or extracting into it stops with the
-    named error (the table, the file, the repair command), never a store traceback; `rrt-dist restore-table`
-    sets it back to the newest version whose files are all there, and the same rerun repairs it too."""
+def test_chaos_sigterm_then_kill_the_driver_at_a_random_commit(chaos, small_synthetic, tmp_path, capsys):
+    """SIGTERM (a pod's eviction) while the driver extracts, then kill -9 at a random commit: each rerun equals a
+    clean run. SIGTERM stops it as Ctrl-C does, well inside Kubernetes' 30 s: whole commits only, one line saying
+    what is kept and that the same command resumes, exit 143, no native stack dump. The table killed at a commit
+    then loses one data file (its manifest intact): reading it or extracting into it stops with the named error
+    (the table, the file, the repair command), never a store traceback; `rrt-dist restore-table` sets it back to
+    the newest version whose files are all there, and the same rerun repairs it too."""
+    import signal
+    import time
+
     from rrt_dist.cli import main as cli_main
     from rrt_dist.schema import DamagedTable
+    from rrt_dist.store import manifest_versions
 
     start, expected, _ = chaos
     rng = np.random.default_rng(0)
-    # before the first commit, then at a random one (the two-writer test below kills at random commits too)
-    for seed, stop in enumerate([0, int(rng.integers(1, 6))]):
-        uri = tmp_path / f"killed-{seed}.lance"
-        killed = start(uri, stop)
-        assert killed.wait(timeout=300) == -9, killed.stderr.read()[-2000:]
-        assert len(committed_ids(uri)) == 6 * stop if stop else not (uri / "_versions").exists()
+    for seed, stop in enumerate(["term", int(rng.integers(1, 6))]):   # the two-writer test kills at random commits too
+        uri = tmp_path / f"stopped-{seed}.lance"
+        stopped = start(uri, "none" if stop == "term" else stop)
+        if stop == "term":
+            while len(manifest_versions(uri)) < 2:               # in the middle of the extraction
+                assert stopped.poll() is None, stopped.stderr.read()[-2000:]
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            stopped.send_signal(signal.SIGTERM)
+            _, err = stopped.communicate(timeout=60)
+            assert stopped.returncode == 143 and time.monotonic() - signalled < 15, err[-2000:]
+            assert "rrt-dist: interrupted (SIGTERM): every committed table version" in err and "rerun the same " \
+                   "command to resume" in err and "Traceback" not in err and "SIGTERM received" not in err, err[-2000:]
+            assert 12 <= len(committed_ids(uri)) < 40 and len(committed_ids(uri)) % 6 == 0     # whole commits only
+        else:
+            assert stopped.wait(timeout=300) == -9, stopped.stderr.read()[-2000:]
+            assert len(committed_ids(uri)) == 6 * stop
         lost = set()
-        if stop >= 3:
+        if stop != "term" and stop >= 3:
             lost.add(lose_a_data_file_then_restore(uri, small_synthetic[1], capsys, cli_main, DamagedTable))
+        age(uri / "data", hours=2)                # the stopped run's uncommitted files: past the grace period
         rerun = start(uri, "none")
         assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
         assert sorted_rows(uri) == expected
@@ -582,5 +688,5 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert "rrt-dist: interrupted: every committed table version" in err and "rerun the same command" in err
+    assert "rrt-dist: interrupted (SIGINT): every committed table version" in err and "rerun the same command" in err
     assert "Traceback" not in err

@@ -46,6 +46,8 @@ from rrt_dist.store import (FeatureStore, check_schema, commit_fragments, commit
                             remove_uncommitted, write_fragment)
 from rrt_dist.store.features import (META_FINGERPRINT, local_encoding, local_shape, read_codebook, train_pq,
                                      write_codebook)
+from rrt_dist.store.cleanup import remove_old_versions
+from rrt_dist.store.versions import TableCreatedMeanwhile, compact
 from rrt_dist.store.locks import writer_lock
 
 log = logging.getLogger(__name__)
@@ -194,8 +196,8 @@ def changed_since(ids: np.ndarray, sources: np.ndarray, manifest_ids: np.ndarray
     return ids[differs]
 
 
-def _prepare_table(uri: str, what: str) -> None:
-    note = remove_uncommitted(uri)
+def _prepare_table(uri: str, what: str, grace_s: float) -> None:
+    note = remove_uncommitted(uri, grace_s)
     if note:
         log.warning("%s: %s", what, note)
 
@@ -244,7 +246,7 @@ def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, er
     errors_uri = str(errors_uri or f"{uri.removesuffix('.lance')}-errors.lance")
     expected_fp = config_fingerprint(extractor_name, **extractor_cfg)
     for path in (uri, errors_uri):
-        _prepare_table(path, desc)
+        _prepare_table(path, desc, settings.uncommitted_grace_s)
     table = open_table(uri)
     if table is not None:  # refuse before any work: the table must be this extractor's
         found = (table.schema.metadata or {}).get(META_FINGERPRINT, b"?").decode()
@@ -326,15 +328,21 @@ def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, er
             raise InjectedFailure(f"stopping after {commits} commit(s) (fault injection)")
         if pending_fragments:
             ids = np.concatenate(pending_ids)
-            latest = open_table(uri, verify=False)      # the job checked it whole when it began
-            if latest is not None and latest.version != seen_version:
-                # another writer committed since (a store with no lock): what it added counts as done too
-                done.update(committed_sources(uri)[0].tolist())
-            clash = done.intersection(ids.tolist())
-            if clash or len(np.unique(ids)) != len(ids):
-                raise RuntimeError(f"refusing to commit image ids {uri} already holds, e.g. {sorted(clash)[:5]} (another "
-                                   f"writer extracted them meanwhile); rerun to extract only what is missing")
-            summary.version = seen_version = commit_fragments(uri, schema, pending_fragments).version
+            while True:
+                latest = open_table(uri, verify=False)      # the job checked it whole when it began
+                if latest is not None and latest.version != seen_version:
+                    # another writer committed since (a store with no lock): what it added counts as done too
+                    done.update(committed_sources(uri)[0].tolist())
+                clash = done.intersection(ids.tolist())
+                if clash or len(np.unique(ids)) != len(ids):
+                    raise RuntimeError(f"refusing to commit image ids {uri} already holds, e.g. {sorted(clash)[:5]} "
+                                       f"(another writer extracted them meanwhile); rerun to extract only what is "
+                                       f"missing")
+                try:
+                    summary.version = seen_version = commit_fragments(uri, schema, pending_fragments).version
+                    break
+                except TableCreatedMeanwhile:       # another writer's first commit came first: check against it
+                    continue
             done.update(ids.tolist())
             commits += 1
             if on_commit is not None:
@@ -362,15 +370,11 @@ def _extract_to_lance(manifest, uri, extractor_name, extractor_cfg, settings, er
                     commit()
         commit()
     summary.seconds = time.perf_counter() - start
-    _compact(uri)
+    compact(uri)
+    note = remove_old_versions(uri, settings.keep_versions)
+    if note:
+        log.info("%s", note)
     log.info("%s: extracted %d images in %.1fs (%.1f img/s), %d unreadable; before this run %d were extracted and %d "
              "recorded as unreadable; version %s", uri, summary.extracted, summary.seconds, summary.images_per_second,
              summary.errors, summary.already, summary.recorded_errors, summary.version)
     return summary
-
-
-def _compact(uri: str, max_fragments: int = 64) -> None:
-    """Merge small fragments once there are many (ids are the keys, so moving rows is harmless)."""
-    ds = open_table(uri)
-    if ds is not None and len(ds.get_fragments()) > max_fragments:
-        ds.optimize.compact_files()

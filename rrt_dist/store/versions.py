@@ -227,13 +227,38 @@ def lost_ids(uri: str | Path, damaged: int, restored: int, listed=None) -> np.nd
 
 
 def commit_fragments(uri: str | Path, schema: pa.Schema, fragments: list) -> lance.LanceDataset:
-    """Commit fragments as one new version (creating the table with ``schema`` on first commit)."""
+    """Commit fragments as one new version (creating the table with ``schema`` on first commit). A first commit
+    never replaces another writer's: when the table was created meanwhile, nothing is committed and
+    :class:`TableCreatedMeanwhile` says so (the writer checks its ids against what the other added, then appends)."""
     uri = str(uri)
     ds = open_table(uri, verify=False)
-    if ds is None:
-        return lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments), read_version=None)
-    check_schema(ds.schema, schema, uri)
-    return lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
+    if ds is not None:
+        check_schema(ds.schema, schema, uri)
+        return lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
+    try:
+        # No retry: Lance retries a conflicting Overwrite as the next version, which would replace the other's rows
+        return lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, fragments), read_version=None,
+                                         max_retries=0)
+    except (OSError, ValueError, RuntimeError):
+        if not manifest_versions(uri):
+            raise
+        raise TableCreatedMeanwhile(f"{uri} was created by another writer while this one wrote its first commit; "
+                                    f"nothing of either was replaced") from None
+
+
+class TableCreatedMeanwhile(RuntimeError):
+    """A first commit found the table created by another writer (:func:`commit_fragments`)."""
+
+
+def compact(uri: str | Path, max_fragments: int = 64) -> bool:
+    """Merge small fragments once there are more than ``max_fragments`` (ids are the keys, so moving rows is
+    harmless); returns whether it did. The files of the versions before stay until those versions are removed
+    (:func:`rrt_dist.store.cleanup.remove_old_versions`)."""
+    ds = open_table(uri, verify=False)
+    if ds is None or len(ds.get_fragments()) <= max_fragments:
+        return False
+    ds.optimize.compact_files()
+    return True
 
 
 def committed_ids(uri: str | Path) -> np.ndarray:
