@@ -24,3 +24,33 @@ def test_training_section_warns_when_validation_falls_below_the_global_order():
 
     beats = training_section(trained(0.99, 0.995, 0.9765, 0.0))
     assert "Warning" not in beats and "global_weight=" not in beats
+
+
+def test_cost_table_counts_what_each_reranker_needs_stored_beyond_the_global():
+    import numpy as np
+
+    from rrt_dist.eval.costs import add_storage
+    from rrt_dist.eval.report import render_markdown
+    from rrt_dist.store import features_schema
+
+    fp16 = features_schema(2048, 128, 500, "x", {}, "f")
+    int8 = features_schema(2048, 128, 500, "x", {}, "f", "int8")
+    pq = features_schema(2048, 128, 500, "x", {}, "f", "pq", np.zeros((16, 256, 8), np.float32))
+    patches = features_schema(320, 320, 49, "grid", {}, "g")
+    rows = ["global", "aqe", "superglobal", "gv", "rrt", "structural"]
+    costs = {name: {"method": name, "stage_s_per_query": None if name == "global" else 0.125} for name in rows}
+    # every locals reader: 500 x (local, scale index) + n_local; GV also 500 (x, y) float32 positions
+    assert add_storage(costs, fp16, patches) == 2048 * 2
+    stored = {name: c["stored_bytes_per_image"] for name, c in costs.items()}
+    assert stored == {"global": 0, "aqe": 0, "superglobal": 0, "gv": 500 * 128 * 2 + 500 + 4 + 500 * 8,
+                      "rrt": 500 * 128 * 2 + 500 + 4, "structural": 320 * 2 + 49 * 320 * 2 + 49 * 8 + 49 + 4}
+    add_storage(costs, int8)                    # one byte a value and a float32 scale per local
+    assert costs["rrt"]["stored_bytes_per_image"] == 500 * 128 + 500 * 4 + 500 + 4
+    add_storage(costs, pq)                      # 16 codes a local
+    assert costs["gv"]["stored_bytes_per_image"] == 500 * 16 + 500 + 4 + 500 * 8
+    add_storage(costs, fp16)                    # patches from the run's own tables: its locals and positions
+    assert costs["structural"]["stored_bytes_per_image"] == 500 * 128 * 2 + 4 + 500 * 8
+    markdown = render_markdown("recall", {"Global only": {"s": {"R@1": 0.5}}}, ["s"], "t",
+                               {"Global only": costs["global"], "αQE": costs["aqe"], "GV (top-100)": costs["gv"]}, 4096)
+    assert "| Global only | — | 0 B |" in markdown and "| αQE | 0.125 (second search) | 0 B |" in markdown
+    assert "| GV (top-100) | 0.125 | 132.5 KB |" in markdown and "global descriptor, 4.1 KB an image" in markdown

@@ -210,14 +210,23 @@ def test_structural_row_beside_gv_reads_its_own_patch_backbone(local_ray, small_
             f"dataset.root={root}", *generated, "dataset.distractors.name=none", "backbone.options.max_size=128",
             "backbone.options.max_local=60", "backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]",
             "+backbone@reranker.patch_backbone=lite0_grid", "reranker.patch_backbone.options.image_size=96",
-            "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural]", "reranker.depth=20",
+            "reranker.patch_backbone.options.dim=64", "reranker.methods=[global,gv,structural,superglobal]",
+            "reranker.depth=20",
             # two pools of two 1-CPU actors each on a 2-CPU Ray: they must run one after the other
             "reranker.protocol_junk_removal=false", "reranker.structural.center=mean", "reranker.num_actors=2",
             f"features_dir={tmp_path / 'features'}", f"output_dir={tmp_path / 'out'}"])
     validate_config(cfg)
     payload = evaluate(cfg)
     rows, run = payload["results"], payload["run"]
-    assert {"Global only", "GV (top-20)", "Structural (top-20)"} <= set(rows)
+    assert {"Global only", "GV (top-20)", "Structural (top-20)", "SuperGlobal (top-20)"} <= set(rows)
+    # each row's cost: seconds per query of its own stage; bytes per gallery image stored beyond the global (GV:
+    # 60 fp16 128-d locals, their scale indices and positions; structural: its own 3x3 patch table, global included)
+    costs = payload["costs"]["rows"]
+    assert costs["Global only"]["stage_s_per_query"] is None and costs["SuperGlobal (top-20)"]["stage_s_per_query"] > 0
+    assert {label: c["stored_bytes_per_image"] for label, c in costs.items()} == {
+        "Global only": 0, "GV (top-20)": 60 * 128 * 2 + 60 + 4 + 60 * 8, "SuperGlobal (top-20)": 0,
+        "Structural (top-20)": 64 * 2 + 9 * 64 * 2 + 9 + 4 + 9 * 8}
+    assert costs["GV (top-20)"]["stage_s_per_query"] > 0 and payload["costs"]["global_bytes_per_image"] == 320 * 2
     assert run["patch_backbone"]["name"] == "dense-grid" and run["backbone"]["name"] == "multiscale-cnn"
     assert run["patch_backbone"]["fingerprint"] != run["backbone"]["fingerprint"]
     assert (tmp_path / "out" / "structural.png").exists()

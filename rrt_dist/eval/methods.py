@@ -1,6 +1,8 @@
 """The rows of an evaluation report: global-only, αQE, and reranking of either ranking's top-K."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from rrt_dist.datasets import Benchmark
@@ -32,7 +34,8 @@ def headline(metrics: dict) -> float:
 def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarray, galleries: dict,
                      cfg, open_pool, k_search: int | None = None,
                      examples: dict | None = None, searchers: dict | None = None,
-                     exact_device: str | None = None, per_query: dict | None = None) -> dict[str, dict]:
+                     exact_device: str | None = None, per_query: dict | None = None,
+                     costs: dict | None = None) -> dict[str, dict]:
     """``{row label: {setting: metrics}}`` for ``cfg.methods``, in their order.
 
     Rows are computed reranker by reranker: ``open_pool(name)`` starts that reranker's pool (a RerankPool),
@@ -45,16 +48,23 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
     revisitop benchmarks), for figures and the results browser; ``per_query[setting][row]`` each query's AP per
     protocol (``Benchmark.evaluate``). ``searchers[setting]`` is the search function of that setting's index
     (exact search streamed from the tables when absent), which scores its blocks on ``exact_device``.
+    ``costs[row]`` receives the seconds a query costs in the row's own stage: a reranked row's reranking of one
+    query's top-k (its reranker's time reading and scoring candidates per candidate scored, times the candidates it
+    reorders), αQE's expanded second search (per query, mean over the settings); none for global-only rows.
     """
     searchers = searchers or {}
     methods = [parse_method(m) for m in cfg.methods]          # validated at start-up; parsing refuses unknown ones
     depth = reranked_depth(bench, galleries, cfg.depth, k_search)
     row_query_ids = bench.queries.column("id").to_numpy().copy()
     row_query_ids[~np.isin(row_query_ids, query_ids)] = NO_ID        # no descriptor: nothing to rerank with
-    labels = {m.name: m.label + (f" (top-{depth})" if m.reranker else "") for m in methods}
+    reordered = {m.name: m.reranker.reranked_depth(depth, cfg[m.reranker.name] if m.reranker.options else {})
+                 for m in methods if m.reranker}            # SuperGlobal: its top-M, at most the depth
+    labels = {m.name: m.label + (f" (top-{reordered[m.name]})" if m.reranker else "") for m in methods}
+    stage_s: dict = {labels[m.name]: None for m in methods}
     rows: dict[str, dict] = {labels[m.name]: {} for m in methods}
     kept_examples: dict = {setting: {} for setting in settings_of(bench)}
     query_aps: dict = {setting: {} for setting in settings_of(bench)}
+    expansion_s: list[float] = []
     for reranker in dict.fromkeys(m.reranker for m in methods):
         group = [m for m in methods if m.reranker == reranker]
         pool = open_pool(reranker.name) if reranker else None
@@ -65,9 +75,11 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
                                        depth=cfg.depth, device=exact_device)
                 aqe = None
                 if any(m.expand for m in group):
+                    start = time.perf_counter()
                     aqe = metric_rankings(bench, query_ids, queries, galleries, k_search, with_d,
                                           alpha_qe=(cfg.aqe.n, cfg.aqe.alpha), search=search, depth=cfg.depth,
                                           device=exact_device)
+                    expansion_s.append((time.perf_counter() - start) / max(len(query_ids), 1))
                 for method in group:
                     ranked, scores, positions = aqe if method.expand else base
                     kept: dict = {}
@@ -82,6 +94,10 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
                     rows[labels[method.name]][setting] = metrics
                     kept_examples[setting][labels[method.name]] = kept.get("medium", kept.get("all"))
                     query_aps[setting][labels[method.name]] = aps
+            if pool is not None:
+                seconds, scored = pool.cost()
+                for method in group:
+                    stage_s[labels[method.name]] = seconds / scored * reordered[method.name] if scored else None
         finally:
             if pool is not None:
                 pool.close()
@@ -89,4 +105,10 @@ def evaluate_methods(bench: Benchmark, query_ids: np.ndarray, queries: np.ndarra
         examples.update({s: {label: kept[label] for label in rows} for s, kept in kept_examples.items()})
     if per_query is not None:
         per_query.update({s: {label: aps[label] for label in rows} for s, aps in query_aps.items()})
+    if costs is not None:
+        for m in methods:
+            if m.expand and not m.reranker:
+                stage_s[labels[m.name]] = float(np.mean(expansion_s))
+        costs.update({labels[m.name]: {"method": m.name, "stage_s_per_query": stage_s[labels[m.name]]}
+                      for m in methods})
     return rows

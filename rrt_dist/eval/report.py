@@ -49,12 +49,31 @@ def metrics_table(rows: dict[str, dict[str, dict]], settings: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(protocol: str, rows: dict, settings: list[str], title: str) -> str:
+def size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e3:.1f} KB" if n_bytes >= 1000 else f"{n_bytes} B"
+
+
+def cost_table(costs: dict[str, dict], global_bytes: int) -> str:
+    """Per row: seconds per query of its own stage (a reranker's reading and scoring of one query's top-k; αQE's
+    second search) and the bytes per gallery image it needs stored beyond the global descriptor."""
+    lines = [f"Cost per query and storage per gallery image (every row reads the global descriptor, "
+             f"{size(global_bytes)} an image)", "",
+             "| Method | Seconds / query (its stage) | Stored beyond the global / image |", "|---|---|---|"]
+    for method, cost in costs.items():
+        seconds = cost.get("stage_s_per_query")
+        stage = "—" if seconds is None else f"{seconds:.3g}" + (" (second search)" if method == "αQE" else "")
+        lines.append(f"| {method} | {stage} | {size(cost.get('stored_bytes_per_image', 0))} |")
+    return "\n".join(lines)
+
+
+def render_markdown(protocol: str, rows: dict, settings: list[str], title: str, costs: dict | None = None,
+                    global_bytes: int = 0) -> str:
+    cost = f"\n\n{cost_table(costs, global_bytes)}" if costs else ""
     if protocol == "revisitop":
-        body = (f"mAP (%)\n\n{revisitop_table(rows, settings)}\n\nAll revisitop numbers (%)\n\n"
+        body = (f"mAP (%)\n\n{revisitop_table(rows, settings)}{cost}\n\nAll revisitop numbers (%)\n\n"
                 f"{revisitop_detail_table(rows, settings)}")
     else:
-        body = metrics_table(rows, settings)
+        body = metrics_table(rows, settings) + cost
     return f"## {title}\n\n{body}\n"
 
 

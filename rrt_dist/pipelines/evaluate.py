@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rrt_dist.devices import exact_device
+from rrt_dist.eval.costs import add_storage
 from rrt_dist.eval.figures import qualitative_figure, structural_figure, structural_pairs
 from rrt_dist.eval.methods import evaluate_methods, headline
 from rrt_dist.eval.report import render_markdown, run_section, training_section, write_report
@@ -84,11 +85,12 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     k_search = cfg.index.neighbours if indexes else None
     examples: dict = {}
     per_query: dict = {}
+    costs: dict = {}
     try:
         rows = evaluate_methods(bench, query_ids, queries, galleries, cfg.reranker,
                                 lambda name: open_pool(cfg.reranker, name, stores, patch_stores, rerank_resources),
                                 k_search, examples, {setting: index.search for setting, index in indexes.items()},
-                                exact_device(cfg.index.exact_device), per_query)
+                                exact_device(cfg.index.exact_device), per_query, costs)
     finally:                       # the shard actors stop however the evaluation ends
         for index in indexes.values():
             index.close()
@@ -114,11 +116,13 @@ def evaluate(cfg, training: dict | None = None) -> dict:
     if bench.protocol.name == "metric_learning":
         run["metric_learning_r"] = ("the query counted in R (the ViT-reranking reference)" if
                                     bench.protocol.r_includes_query else "the other images of the label (standard)")
+    global_bytes = add_storage(costs, stores["gallery"].dataset.schema,
+                               patch_stores["gallery"].dataset.schema if patch_stores is not stores else None)
     title = f"{bench.name}: {cfg.backbone.name} descriptors"
-    markdown = render_markdown(bench.protocol.name, rows, settings, title)
+    markdown = render_markdown(bench.protocol.name, rows, settings, title, costs, global_bytes)
     markdown += "\n" + run_section(run)
     payload = {"benchmark": bench.name, "protocol": bench.protocol.name, "settings": settings, "results": rows,
-               "run": run,
+               "costs": {"global_bytes_per_image": global_bytes, "rows": costs}, "run": run,
                "feature_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)} for k, s in stores.items()},
                **({"patch_tables": {k: {"uri": s.uri, "version": s.version, "rows": len(s)}
                                     for k, s in patch_stores.items()}} if patch_stores is not stores else {}),

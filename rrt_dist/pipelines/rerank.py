@@ -63,6 +63,12 @@ class RerankPool:
             return ranked.copy(), np.full((len(ranked), k), np.nan)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def cost(self) -> tuple[float, int]:
+        """``(seconds, candidates)`` its actors spent reading candidates and scoring them so far
+        (:meth:`RerankCore.cost`, summed over the actors; the Ray calls around them not included)."""
+        parts = [self.local.cost()] if self.local is not None else ray.get([a.cost.remote() for a in self.actors])
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)

@@ -4,6 +4,7 @@ once, a set scorer (SuperGlobal) each query's candidates together, a batch of qu
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class RerankCore:
         self.cache: dict[tuple[int, int], float] = {}          # a pair scorer's scores by (query, candidate)
         # a set scorer (``score_sets``) scores a query's candidates together, from their global descriptors
         self.scores_sets = hasattr(self.scorer, "score_sets")
+        self.spent, self.scored = 0.0, 0     # seconds reading candidates and scoring them; candidates scored
 
     def rerank(self, query_ids: np.ndarray, ranked: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         return self.rerank_with_scores(query_ids, ranked, scores, k)[0]
@@ -101,7 +103,7 @@ class RerankCore:
         if self.scores_sets:
             scored = self._set_scores(np.stack([queries[i]["global"][0] for i in live]), [heads[i] for i in live])
         else:
-            sizes = [len(heads[i]) for i in live]
+            start, sizes = time.perf_counter(), [len(heads[i]) for i in live]
             cands = take_locals_from(self.galleries, np.concatenate([heads[i] for i in live]))
             if hasattr(self.scorer, "score_pairs"):
                 owner = np.repeat(np.arange(len(live)), sizes)
@@ -109,6 +111,7 @@ class RerankCore:
             else:
                 flat = np.concatenate([self.scorer(_one(queries[i], 0), {key: v[s:e] for key, v in cands.items()})
                                        for i, s, e in zip(live, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes))])
+            self._count(start, len(flat))
             scored = np.split(np.asarray(flat, np.float64), np.cumsum(sizes)[:-1])
         for i, head_score in zip(live, scored):
             order, ordered = self._reorder(heads[i], scores[i][:len(heads[i])], head_score)
@@ -119,18 +122,31 @@ class RerankCore:
         """A pair scorer's scores of ``head``, each (query, candidate) pair scored once across calls."""
         missing = np.asarray([c for c in head.tolist() if (query_id, c) not in self.cache], np.int64)
         if len(missing):
+            start = time.perf_counter()
             new_scores = self.scorer(query, take_locals_from(self.galleries, missing))
+            self._count(start, len(missing))
             self.cache.update(zip(((query_id, c) for c in missing.tolist()), np.asarray(new_scores).tolist()))
         return np.asarray([self.cache[(query_id, c)] for c in head.tolist()], np.float64)
 
     def _set_scores(self, query_globals: np.ndarray, heads: list[np.ndarray]) -> list[np.ndarray]:
         """A set scorer's scores of each query's ``heads[i]`` (NaN past what it reorders), all queries in one call:
         the candidates' global descriptors taken from the gallery tables in one read."""
+        start = time.perf_counter()
         valid = np.arange(max(len(h) for h in heads))[None, :] < np.asarray([len(h) for h in heads])[:, None]
         candidates = np.zeros(valid.shape + (query_globals.shape[1],), np.float32)
         candidates[valid] = take_globals_from(self.galleries, np.concatenate(heads))
         scored = self.scorer.score_sets(query_globals, candidates, valid)
+        self._count(start, int(np.sum(~np.isnan(scored))))
         return [scored[i, :len(h)] for i, h in enumerate(heads)]
+
+    def _count(self, start: float, candidates: int) -> None:
+        self.spent += time.perf_counter() - start
+        self.scored += candidates
+
+    def cost(self) -> tuple[float, int]:
+        """``(seconds, candidates)``: the time spent reading candidates' descriptors and scoring them, and how many
+        it scored (a pair scorer's cached pairs count once): a top-k costs about ``k × seconds / candidates``."""
+        return self.spent, self.scored
 
     def _reorder(self, head: np.ndarray, global_scores: np.ndarray, head_scores: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
