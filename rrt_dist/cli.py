@@ -17,19 +17,39 @@ def available_jobs() -> list[str]:
 
 
 def restore_table_command(args: list[str]) -> None:
-    """``rrt-dist restore-table TABLE``: a feature table whose newest version cannot be read goes back to its last
-    readable version (the unreadable manifests are kept, renamed)."""
+    """``rrt-dist restore-table TABLE``: a table whose newest version cannot be read, or lacks data files, goes back
+    to what can be recovered (``rrt_dist.store.restore``; nothing is deleted), and the line says what to rerun."""
     from rrt_dist.schema import UnreadableTable
-    from rrt_dist.store import restore_table
+    from rrt_dist.store import restore
 
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: rrt-dist restore-table TABLE   (a .lance folder or URI)", file=sys.stderr)
         raise SystemExit(2)
     try:
-        print(restore_table(args[0]))
+        done = restore(args[0])
     except UnreadableTable as err:
         print(f"rrt-dist: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    print(done.message)
+    gallery = gallery_of(args[0])
+    if gallery is not None and done.changed:
+        root, name = gallery
+        print(f"{name} is a gallery: `rrt-dist ingest gallery.name={name} gallery.root={root}` (no images) extracts "
+              f"again the rows its catalog lists and the table lacks, and commits a new snapshot")
+
+
+def gallery_of(table: str) -> tuple[str, str] | None:
+    """``(root, name)`` of the gallery whose feature table ``table`` is (``<root>/<name>/features/<fingerprint>/
+    gallery.lance``, with the gallery's record), or None."""
+    import fsspec
+
+    from rrt_dist.gallery.core import RECORD
+
+    parts = table.rstrip("/").rsplit("/", 4)
+    if len(parts) != 5 or parts[2] != "features" or parts[4] != "gallery.lance":
+        return None
+    fs, path = fsspec.core.url_to_fs(f"{parts[0]}/{parts[1]}/{RECORD}")
+    return (parts[0], parts[1]) if fs.exists(path) else None
 
 
 def browse_arguments(args: list[str]):

@@ -189,6 +189,23 @@ def test_a_batch_of_unreadable_images_is_refused_and_counted(local_ray, batches,
                      *args)
     assert (summary["new"], summary["failed"], summary["rows"], summary["index_version"]) == (3, 1, 3, 1)
     assert "missing-3.jpg" in str(summary["error_samples"])
+    snapshot = Gallery.open(str(tmp_path / "g"), "broken").snapshot()
+    listed = dict(zip(*[a.tolist() for a in snapshot.catalog_version_reader().all()]))
+    assert sorted(listed.values()) == sorted(parts["b1"][:3])                 # the unreadable row is never listed
+    # a later manifest giving a listed id another path is refused by row, not a silent replacement
+    taken = stable_id(parts["b1"][0])
+    (tmp_path / "other.csv").write_text(f"id,uri\n{taken},{parts['b1'][5]}\n{stable_id(parts['b1'][6])},{parts['b1'][6]}\n")
+    other = GalleryConfig(name="broken", root=str(tmp_path / "g"), manifest=str(tmp_path / "other.csv"))
+    summary = ingest(other, *args)
+    assert (summary["refused"], summary["new"], summary["rows"]) == (1, 1, 4)
+    assert f"id {taken} is already the gallery's image {parts['b1'][0]}" in summary["refused_samples"][taken]
+    assert Gallery.open(str(tmp_path / "g"), "broken").snapshot().catalog_version_reader().uris([taken]) == \
+        {taken: parts["b1"][0]}
+    other.replace = True                                                      # asked for: the image is replaced
+    summary = ingest(other, *args)
+    assert (summary["refused"], summary["changed"], summary["rows"]) == (0, 1, 4)
+    assert Gallery.open(str(tmp_path / "g"), "broken").snapshot().catalog_version_reader().uris([taken]) == \
+        {taken: parts["b1"][5]}
 
 
 HOLDER = """
@@ -265,7 +282,8 @@ def test_images_and_manifests_can_be_fsspec_uris():
 
 def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray, batches, tmp_path, capsys):
     """A garbage newest manifest is an error naming the table and its last readable version, never "no table":
-    nothing is removed, and `rrt-dist restore-table` sets the table back so the same ingest completes."""
+    nothing is removed, and `rrt-dist restore-table` sets the table back so the same ingest completes. A lost data
+    file: the gallery is listed as damaged; restore-table, then an ingest, makes it equal the undamaged one."""
     from rrt_dist.cli import main as cli_main
     from rrt_dist.schema import UnreadableTable
     from rrt_dist.store import manifest_versions
@@ -289,6 +307,24 @@ def test_a_corrupt_newest_version_keeps_every_row_and_names_the_table(local_ray,
     summary = ingest(gallery("b2"), *args)                                       # the lost commit is redone
     assert summary["rows"] == len(parts["b1"]) + len(parts["b2"]) and summary["failed"] == 0
     assert len(set(FeatureStore(table).ids.tolist())) == summary["rows"]
+    # Then one data file lost (its manifest intact): the gallery is listed as damaged, naming the file;
+    # restore-table says how to finish; the ingest with no new images extracts exactly the lost rows again, and the
+    # gallery equals the undamaged one (same ids, same index rows digest).
+    import lance
+
+    undamaged = snapshot_of(tmp_path / "g" / "kept")
+    ids, digest = sorted(undamaged.features().ids.tolist()), read_manifest(undamaged.index).rows_digest
+    fragment = lance.dataset(table).get_fragments()[0]
+    lost, lost_rows = fragment.data_files()[0].path, fragment.count_rows()
+    (Path(table) / "data" / lost).unlink()
+    state = Gallery.open(str(tmp_path / "g"), "kept").describe()["state"]
+    assert state.startswith("damaged: ") and f"data/{lost} is missing" in state and "rrt-dist restore-table" in state
+    cli_main(["restore-table", table])
+    assert f"rrt-dist ingest gallery.name=kept gallery.root={tmp_path / 'g'}" in capsys.readouterr().out
+    repaired = ingest(GalleryConfig(name="kept", root=str(tmp_path / "g")), *args)
+    assert repaired["restored"] == lost_rows and repaired["failed"] == 0
+    snapshot = snapshot_of(tmp_path / "g" / "kept")
+    assert sorted(snapshot.features().ids.tolist()) == ids and read_manifest(snapshot.index).rows_digest == digest
 
 
 def test_search_a_gallery_with_query_images(run_job, small_synthetic, tmp_path, monkeypatch):

@@ -143,14 +143,19 @@ def check_whole(uri: str | Path, ds: lance.LanceDataset) -> None:
 
 @dataclass
 class Restoration:
-    """What :func:`restore` did to a table: its version now, the damaged version it left (None: none was damaged)
-    and the version whose rows it holds now (``restored``; equal to ``damaged`` when no earlier version was whole
-    and the damaged version was kept less its broken fragments)."""
+    """What :func:`restore` did to a table: the manifests it set aside (unreadable), its version now, the damaged
+    version it left (None: none was damaged) and the version whose rows it holds now (``restored``; equal to
+    ``damaged`` when no earlier version was whole and the damaged version was kept less its broken fragments)."""
     uri: str
     message: str
     version: int | None = None
     damaged: int | None = None
     restored: int | None = None
+    set_aside: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.set_aside) or self.damaged is not None
 
 
 def restore(uri: str | Path) -> Restoration:
@@ -179,7 +184,7 @@ def restore(uri: str | Path) -> Restoration:
     if not broken:
         return Restoration(uri, f"{uri}: " + ("; ".join(done) if done else
                                                f"version {ds.version} is its newest and is whole; nothing to restore"),
-                           ds.version)
+                           ds.version, set_aside=tuple(newer))
     lost = sum(len(p) for p in broken.values())
     whole = newest_whole_version(uri, ds.version, stored)
     if whole is not None:
@@ -197,7 +202,7 @@ def restore(uri: str | Path) -> Restoration:
                     f"{len(broken)} fragment(s) whose files are lost ({rows} rows)")
         restored = ds.version
     return Restoration(uri, f"{uri}: " + "; ".join(done) + "; rerun the command that wrote the table to extract "
-                       "again what it lacks", now.version, ds.version, restored)
+                       "again what it lacks", now.version, ds.version, restored, tuple(newer))
 
 
 def _rows(fragments) -> int:
