@@ -9,6 +9,11 @@ pipeline also writes and commits the Lance table. ``ratio`` compares the pipelin
 after start-up (Ray workers, actor, model load: a fixed cost per run, reported separately) with
 the loop's (target >= 0.9 on a 2-core machine).
 
+``--batching`` measures only the extractor itself: the same prepared images one at a time (the baseline: how
+multi-scale extraction ran before it batched) against batches of ``--batch-size`` (one forward pass per scale for
+the images of a size), alternating the two ``--repeats`` times; with ``--cost-size W H`` the images are first resized
+to that size (a gallery's photos sharing a size), else they keep the synthetic views' sizes.
+
 ``--cost-size W H`` also measures the cost of one image of that size (synthetic views upscaled to it, e.g. the
 1024 x 768 of Oxford / Paris / R1M photos): seconds per image here and the forward pass's GFLOP per image
 (``torch.utils.flop_counter``), from which a GPU's time per image follows. ``--random-weights`` skips
@@ -60,6 +65,36 @@ def image_cost(extractor, preparer, rows: list[dict], size: tuple[int, int]) -> 
             "cost_gflop_per_image": round(counter.get_total_flops() / 1e9, 1)}
 
 
+def batching_speed(extractor, preparer, rows: list[dict], batch_size: int, size: tuple[int, int] | None,
+                   repeats: int) -> dict:
+    """Images per second of ``extractor.extract`` one image at a time and in batches, on the same prepared images,
+    the two alternated ``repeats`` times (other work on the machine disturbs both alike)."""
+    import cv2
+
+    from rrt_dist.features.images import load_image
+
+    def rgb(row):
+        image = load_image(row["uri"], None)
+        return image if size is None else cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+
+    prepared = [preparer(rgb(row)) for row in rows]
+    extractor.extract(prepared[:batch_size])                       # warm-up
+    seconds = {"one_at_a_time": 0.0, "batched": 0.0}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for p in prepared:
+            extractor.extract([p])
+        seconds["one_at_a_time"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, len(prepared), batch_size):
+            extractor.extract(prepared[i:i + batch_size])
+        seconds["batched"] += time.perf_counter() - start
+    rates = {k: len(prepared) * repeats / v for k, v in seconds.items()}
+    return {"sizes": len({p.image.shape for p in prepared}), "one_at_a_time_img_per_s": round(rates["one_at_a_time"], 2),
+            "batched_img_per_s": round(rates["batched"], 2),
+            "batched_ratio": round(rates["batched"] / rates["one_at_a_time"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64 images")
@@ -71,6 +106,9 @@ def main() -> None:
     parser.add_argument("--cost-size", type=int, nargs=2, metavar=("W", "H"))
     parser.add_argument("--cost-images", type=int, default=3)
     parser.add_argument("--cost-only", action="store_true", help="only the per-image cost (needs --cost-size)")
+    parser.add_argument("--batching", action="store_true",
+                        help="only the extractor: one image at a time against batches of --batch-size")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     n = 64 if args.quick else args.images
     backbone = yaml.safe_load((REPO / f"configs/backbone/{args.backbone}.yaml").read_text())
@@ -90,6 +128,16 @@ def main() -> None:
     torch.set_num_threads(threads)
     extractor = create_extractor(name, **options)
     preparer = create_preparer(name, **options)
+    if args.batching:
+        speed = batching_speed(extractor, preparer, rows, args.batch_size,
+                               tuple(args.cost_size) if args.cost_size else None, args.repeats)
+        print(f"{args.backbone}: {speed['one_at_a_time_img_per_s']} img/s one at a time, {speed['batched_img_per_s']} "
+              f"img/s in batches of {args.batch_size} (ratio {speed['batched_ratio']}; {speed['sizes']} sizes), "
+              f"{threads} threads")
+        print(json.dumps({"benchmark": "extract_batching", "backbone": args.backbone, "images": n, "threads": threads,
+                          "batch_size": args.batch_size, "device": str(extractor.device),
+                          "image_size": args.cost_size, **speed}))
+        return
     cost = {}
     if args.cost_size:
         cost = image_cost(extractor, preparer, rows[:args.cost_images], tuple(args.cost_size))
