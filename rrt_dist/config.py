@@ -238,6 +238,22 @@ class SelfSupConfig:
     root: str = "${storage_root}/selfsup"   # rendered views: <root>/<images source>/<view settings>/
 
 
+@dataclass
+class GVPairsConfig:
+    """Pairs taught by geometric verification on the gallery itself (``train.pairs=gv``, see
+    ``rrt_dist.train.gv_pairs``): each gallery image's global top-``neighbours`` and ``random`` random gallery
+    images are verified with GV (``reranker.gv``'s options, on the ``reranker.num_actors`` pool); pairs with at least
+    ``min_inliers`` inliers are positives, the others negatives. A ``holdout`` share of the images (at most
+    ``max_holdout``) is kept out of training: ``min_inliers=null`` is chosen on their pairs, and they validate."""
+    neighbours: int = bounded(50, ge=1)
+    random: int = bounded(10, ge=0)
+    min_inliers: Optional[int] = bounded(None, ge=1)   # null: Otsu's threshold on the held-out images' pairs
+    holdout: float = bounded(0.15, gt=0, lt=1)
+    max_holdout: int = bounded(2000, ge=1)
+    block_rows: int = bounded(2048, ge=1)     # anchors per mining block (one file; a rerun mines only missing blocks)
+    root: str = "${storage_root}/mined"       # mined pairs: <root>/<gallery table and mining settings digest>/
+
+
 def _rrt_overrides() -> type:
     """``train.model``: every :class:`RRTConfig` field, optional (null: the paper's value; global_dim and local_dim
     come from the table), so a misspelt one fails at start-up instead of inside a Ray Train worker."""
@@ -263,10 +279,12 @@ class TrainConfig(TrainSettings):
     ``storage_path``; rerunning a name resumes from its latest checkpoint, and a finished run is reused.
     """
     # where training pairs come from: labels (the dataset's labelled training split), selfsup (warps of the
-    # gallery's own images, no labels), mixed (both); auto: selfsup for a folder gallery, else labels
-    pairs: str = choice("auto", "auto", "labels", "selfsup", "mixed")
+    # gallery's own images, no labels), mixed (both), gv (the gallery's own pairs that geometric verification
+    # accepts or rejects, no labels); auto: the dataset's default (a folder gallery's recipe), else labels
+    pairs: str = choice("auto", "auto", "labels", "selfsup", "mixed", "gv")
     model: RRTOverrides = field(default_factory=RRTOverrides)     # RRTConfig fields that differ from the paper's
     selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
+    gv: GVPairsConfig = field(default_factory=GVPairsConfig)
     neighbours: int = bounded(100, ge=1)     # global neighbours per training image (pairs are mined there)
     k: Any = renamed("train.neighbours")
     min_positives: int = bounded(5, ge=1)    # same-label images an anchor needs among them
@@ -284,6 +302,7 @@ class TrainConfig(TrainSettings):
     keep_checkpoints: int = bounded(2, ge=1)  # best by validation score; the latest is always kept too
     max_failures: int = bounded(3, ge=0)     # worker failures survived (restart from the latest checkpoint)
     fail_at_epoch: Optional[int] = bounded(None, ge=0)   # fault injection (tests): one worker dies once at this epoch
+    fail_at_step: int = bounded(0, ge=0)     # ... before this step of it (0: as the epoch starts; > 0: mid-epoch)
 
 
 @dataclass

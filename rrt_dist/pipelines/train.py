@@ -28,7 +28,7 @@ from rrt_dist.features import config_fingerprint
 from rrt_dist.index.exact import block_searcher
 from rrt_dist.config import TrainConfig, rrt_overrides
 from rrt_dist.runtime import init_ray
-from rrt_dist.schema import TrainSettings
+from rrt_dist.schema import NO_ID, TrainSettings
 from rrt_dist.store import FeatureStore
 from rrt_dist.train.sampler import eligible_anchors, training_neighbours
 
@@ -74,13 +74,16 @@ def run_name(cfg, prefix: str = "rrt", decisive_extra: dict | None = None) -> st
                 **({"local_storage": cfg.backbone.local_storage, "local_pq_m": cfg.backbone.local_pq_m}
                    if cfg.backbone.local_storage != "fp16" else {}),
                 # self-supervised views: how they are rendered, beyond the settings (cfg.train.selfsup)
-                **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) != "labels" else {}),
+                **({"pairs": training_pairs(cfg), "warps": WARPS} if training_pairs(cfg) in ("selfsup", "mixed") else {}),
+                # GV-taught pairs: the teacher's options and, when approximate, the search that found the pairs
+                **({"pairs": "gv", **mining_settings(cfg)} if training_pairs(cfg) == "gv" else {}),
                 "train": {NAMES_BEFORE_RENAME.get(k, k): v
                           for k, v in {**OmegaConf.to_container(cfg.train, resolve=True),
                                        "model": rrt_overrides(cfg.train.model)}.items()
-                          if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "keep_checkpoints",
+                          if k not in ("name", "storage_path", "max_failures", "fail_at_epoch", "fail_at_step", "keep_checkpoints",
                                        "data_cpus")    # where it runs does not change the weights
-                          and k not in REMOVED_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
+                          and k not in REMOVED_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
+                          and not (k == "gv" and training_pairs(cfg) != "gv")},     # added later, read by gv only
                 **(decisive_extra or {})}
     digest = hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:10]
     return f"{prefix}-{cfg.dataset.name}-{digest}"
@@ -161,8 +164,117 @@ def neighbour_search(cfg, store, ids: np.ndarray, block_rows: int = 8192):
     return index.search, index
 
 
+def mining_settings(cfg) -> dict:
+    """What decides the pairs ``train.pairs=gv`` mines beyond ``train.gv``: GV's options and, in
+    ``index.mode=sharded``, the index that finds the neighbours."""
+    from .rerank import scorer_options
+
+    return {"gv": scorer_options(cfg.reranker, "gv"),
+            **({"index": OmegaConf.to_container(cfg.index, resolve=True)} if cfg.index.mode != "exact" else {})}
+
+
+def gallery_table(cfg) -> tuple[pa.Table, FeatureStore]:
+    """The evaluated gallery's manifest (distractors left out) and its feature table, extracted where missing: the
+    images ``train.pairs=gv`` mines and trains on (the table evaluation reads, no other extraction)."""
+    from .features import benchmark_manifests, ensure_tables, extract_settings, table_paths
+
+    bench = load_benchmark(cfg.dataset, start_ray=partial(init_ray, cfg.ray))
+    init_ray(cfg.ray)
+    manifest = benchmark_manifests(bench)["gallery"]
+    options = OmegaConf.to_container(cfg.backbone.options, resolve=True)
+    settings = extract_settings(cfg.backbone)
+    path = table_paths(bench, cfg.features_dir, cfg.backbone.name, options, settings)["gallery"]
+    return manifest, ensure_tables({"gallery": manifest}, {"gallery": path}, cfg.backbone.name, options, settings,
+                                   OmegaConf.to_object(cfg.ray.extract))["gallery"]
+
+
+def gv_training(cfg) -> tuple:
+    """:func:`prepare_training` of ``train.pairs=gv``: mine the gallery's pairs (``rrt_dist.pipelines.mine``), hold
+    out ``train.gv.holdout`` of its images, choose the inlier threshold on their pairs (Otsu's, unless
+    ``train.gv.min_inliers`` sets it), and build the training rows' pair lists (held-out images in no training pair)
+    and the validation set: each held-out image's mined top-k, reranked, with GV's accepted pairs as positives."""
+    from rrt_dist.datasets.base import PositivesProtocol
+    from rrt_dist.index.core import rows_digest
+    from rrt_dist.train.gv_pairs import holdout_rows, otsu_threshold, pair_rows
+
+    from .mine import mine_pairs, mined_blocks
+    from .rerank import open_pool
+
+    gv = cfg.train.gv
+    manifest, store = gallery_table(cfg)
+    ids = np.sort(store.ids)
+    decisive = {"fingerprint": store.fingerprint, "rows": rows_digest(*store.sources()), "seed": cfg.train.seed,
+                **{k: gv[k] for k in ("neighbours", "random")}, **mining_settings(cfg)}
+    folder = Path(gv.root) / hashlib.sha1(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    search, index = neighbour_search(cfg, store, ids)
+    resources = OmegaConf.to_object(cfg.ray.rerank)
+    try:
+        mine_pairs(store, ids, search, lambda: open_pool(cfg.reranker, "gv", {"query": store, "gallery": store},
+                                                         None, resources),
+                   folder, gv.neighbours, gv.random, cfg.train.seed, gv.block_rows)
+    finally:
+        if index is not None:
+            index.close()
+    # one pass over the blocks: each pair as (anchor, candidate) positions in ids, int32 (1M x 60 pairs: 720 MB)
+    parts = [(np.searchsorted(ids, b.column("anchor").to_numpy()).astype(np.int32),
+              np.searchsorted(ids, b.column("candidate").to_numpy()).astype(np.int32),
+              b.column("inliers").to_numpy(), b.column("random").to_numpy(zero_copy_only=False),
+              b.column("global").to_numpy()) for b in mined_blocks(folder)]
+    anchor, candidate, inliers, is_random, global_score = (np.concatenate(c) for c in zip(*parts))
+    held = holdout_rows(len(ids), gv.holdout, gv.max_holdout, cfg.train.seed)
+    held_pair = held[anchor]
+    threshold = gv.min_inliers or otsu_threshold(inliers[held_pair])
+    train_row = np.full(len(ids), -1, np.int64)
+    train_row[~held] = np.arange(int((~held).sum()))
+    rows = {"ids": ids[~held], **pair_rows(train_row[anchor], train_row[candidate], inliers, threshold,
+                                           int((~held).sum()))}
+    rows["mining"] = {"folder": str(folder), "threshold": int(threshold), "pairs": int(len(anchor)),
+                      "accepted": int((inliers >= threshold).sum()), "held_out_images": int(held.sum()),
+                      "random_accepted": int((inliers[is_random] >= threshold).sum())}
+    log.info("GV-taught pairs (%s): %d mined, %d accepted at >= %d inliers (chosen on %d held-out images' pairs); "
+             "%d training images, %d anchors, %d positive pairs an epoch", folder, len(anchor),
+             rows["mining"]["accepted"], threshold, held.sum(), len(rows["ids"]), len(rows["anchors"]),
+             len(rows["units"]))
+
+    # validation: the held-out images with at least one accepted neighbour, their top-k in global order
+    top = held_pair & ~is_random
+    queries = np.unique(anchor[top & (inliers >= threshold)])
+    if len(queries) == 0:
+        raise ValueError(f"GV accepts no pair among the {held.sum()} held-out images' top-{gv.neighbours} at >= "
+                         f"{threshold} inliers: nothing to validate on (more images, train.gv.holdout, or "
+                         "train.gv.min_inliers)")
+    width = gv.neighbours
+    ranked = np.full((len(queries), width), NO_ID, np.int64)
+    scores = np.full((len(queries), width), -np.inf, np.float32)
+    positives = []
+    for q, a in enumerate(queries):
+        mine = np.flatnonzero(top & (anchor == a))
+        mine = mine[np.argsort(-global_score[mine], kind="stable")]
+        ranked[q, :len(mine)], scores[q, :len(mine)] = ids[candidate[mine]], global_score[mine]
+        positives.append(ids[candidate[mine[inliers[mine] >= threshold]]])
+    in_view = np.isin(manifest.column("id").to_numpy(), np.concatenate([ids[queries], ranked[ranked != NO_ID]]))
+    gallery = manifest.filter(pa.array(in_view))
+    query_manifest = manifest.filter(pa.array(np.isin(manifest.column("id").to_numpy(), ids[queries])))
+    query_manifest = query_manifest.take(np.argsort(query_manifest.column("id").to_numpy(), kind="stable"))
+    gallery_ids = gallery.column("id").to_numpy()
+    order = np.argsort(gallery_ids, kind="stable")
+    bench = Benchmark(name=f"{cfg.dataset.name}-gv-holdout", queries=query_manifest, gallery=gallery,
+                      protocol=PositivesProtocol([order[np.searchsorted(gallery_ids[order], p)] for p in positives]))
+    table = (store.uri, store.version)
+    val = {"bench": bench, "query_ids": ids[queries], "ranked": ranked, "scores": scores, "query": table,
+           "gallery": [table]}
+    return store, rows, val
+
+
 def prepare_training(cfg) -> tuple:
     """(training table, rows, validation set): everything the workers need, computed once on the driver."""
+    if training_pairs(cfg) == "gv":
+        store, rows, val = gv_training(cfg)
+        if len(rows["units"]) < cfg.train.num_workers * cfg.train.batch_size:
+            raise ValueError(f"GV accepts only {len(rows['units'])} pairs of training images that also have a pair it "
+                             f"rejects: too few for {cfg.train.num_workers} workers x {cfg.train.batch_size} triplets "
+                             "(a larger gallery, train.gv.neighbours, or train.gv.min_inliers)")
+        return store, rows, val
     manifest, store = training_features(cfg)
     # Rows in id order, not table order (which follows extraction): the same images give the same
     # anchors and triplets whichever way the table was filled, so seeded runs and resumes reproduce.
@@ -246,6 +358,7 @@ def train_rrt(cfg, out_dir: str | Path) -> dict:
         result, (best, metrics), history, exported = train_joint(cfg, store, rows, val, name, out_dir)
     else:
         result = fit(cfg.train, store, rows, val, name, train_settings(cfg),
+                     task="gv_pairs" if training_pairs(cfg) == "gv" else "features",
                      resources=OmegaConf.to_object(cfg.ray.train))
         (best, metrics), history = _best(result), _history(result)
     with best.as_directory() as folder:
@@ -255,7 +368,8 @@ def train_rrt(cfg, out_dir: str | Path) -> dict:
           f"-> {out_dir / 'rrt_best.pt'}")
     return {"checkpoint": str(out_dir / "rrt_best.pt"), "history": history, "best_epoch": metrics["epoch"],
             "run": f"{result.path}", "curve": str(curve), "anchors": int(len(rows["anchors"])),
-            "training_images": int(len(rows["ids"])), **({"backbone": exported} if exported else {})}
+            "training_images": int(len(rows["ids"])), **({"backbone": exported} if exported else {}),
+            **({"gv_pairs": rows["mining"]} if "mining" in rows else {})}
 
 
 def trained_reranker(cfg) -> dict | None:

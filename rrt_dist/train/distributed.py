@@ -86,6 +86,16 @@ class FeatureTask:
         model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["state"])
 
 
+class GVPairTask(FeatureTask):
+    """RRT on descriptors, its triplets drawn from pairs geometric verification accepted or rejected on the gallery
+    itself (``train.pairs=gv``, ``rrt_dist.train.gv_pairs``) instead of labels."""
+
+    def triplets(self, epoch: int) -> np.ndarray:
+        from .gv_pairs import epoch_pair_triplets
+
+        return epoch_pair_triplets(self.rows, self.settings.seed, epoch, self.rank, self.world_size)
+
+
 class JointTask(FeatureTask):
     """A dense-grid backbone + RRT trained from images (the SOP setting, one stage per run): each worker
     streams its epoch's triplets through Ray Data (decode + augment in CPU tasks beside the workers)."""
@@ -273,7 +283,7 @@ class MetricTask:
         self.objective.load_state_dict(state["objective"])
 
 
-TASKS = {"features": FeatureTask, "joint": JointTask, "metric": MetricTask}
+TASKS = {"features": FeatureTask, "gv_pairs": GVPairTask, "joint": JointTask, "metric": MetricTask}
 
 
 def _restore(task, model, optimizer, schedulers: dict) -> tuple[int, list]:
@@ -291,10 +301,11 @@ def _restore(task, model, optimizer, schedulers: dict) -> tuple[int, list]:
     return state["epoch"] + 1, state["history"]
 
 
-def _maybe_fail(config: dict, epoch: int, rank: int, world_size: int) -> None:
-    """Fault injection: the last worker dies (once per run) when ``epoch`` starts, after the previous
-    epoch's checkpoint is committed (a crash before that would, rightly, resume from the one before)."""
-    if config.get("fail_at_epoch") != epoch or rank != world_size - 1:
+def _maybe_fail(config: dict, epoch: int, rank: int, world_size: int, step: int = 0) -> None:
+    """Fault injection: the last worker dies (once per run) before step ``fail_at_step`` of epoch ``fail_at_epoch``
+    (0: as it starts), after the previous epoch's checkpoint is committed (a crash before that would, rightly,
+    resume from the one before)."""
+    if config.get("fail_at_epoch") != epoch or config.get("fail_at_step", 0) != step or rank != world_size - 1:
         return
     marker = Path(config["fail_marker"])
     if not marker.exists():
@@ -343,6 +354,8 @@ def train_worker(config: dict) -> None:
         t_epoch = time.perf_counter()
         n_steps, batches = task.epoch_batches(epoch)
         for step, (batch, waited) in enumerate(batches):
+            if step:
+                _maybe_fail(config, epoch, rank, world_size, step)      # mid-epoch (step 0: above)
             t = time.perf_counter()
             out = task.step(model, optimizer, {k: v.to(device) for k, v in batch.items()})
             if "step" in schedulers:
@@ -480,6 +493,7 @@ def fit(cfg, table: FeatureStore | None, rows: dict, val: dict | None, name: str
               "rows": ray.put(rows),
               "val": None if val is None else ray.put(val), "val_k": cfg.val_depth,
               "tensorboard_dir": f"{run_dir}/tensorboard", "fail_at_epoch": cfg.fail_at_epoch,
+              "fail_at_step": cfg.get("fail_at_step", 0),
               "fail_marker": f"{run_dir}/injected-failure", "task": task, **(task_config or {})}
     trainer = TorchTrainer(
         train_worker, train_loop_config=config,
