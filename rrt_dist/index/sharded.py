@@ -440,15 +440,16 @@ class ShardedIndex:
             self._release_retired()
 
     def _start(self, file: str, options: dict):
-        actor = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=-1, **options)
         args = (self.directory, file, options["num_gpus"] > 0, self.params, self.resources.threads)
+        options = {"max_restarts": -1, "max_task_retries": -1, **options}
         if not self.shared:
-            return actor.remote(*args)
+            return ray.remote(ShardActor).options(**options).remote(*args)
         import hashlib
 
         name = f"shard-{hashlib.sha1(self.directory.encode()).hexdigest()[:12]}-{file}"
+        actor = ray.remote(ShardActor).options(name=name, get_if_exists=True, **options)
         for attempt in range(3):      # the one found may end between getting it and counting in (its last user left)
-            handle = actor.options(name=name, get_if_exists=True).remote(*args)
+            handle = actor.remote(*args)
             try:
                 ray.get(handle.acquire.remote())
                 return handle

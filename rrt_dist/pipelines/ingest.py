@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from rrt_dist.datasets.image_list import new_images
 from rrt_dist.gallery import Gallery, Snapshot
-from rrt_dist.index.core import read_manifest
+from rrt_dist.index.core import current_manifest
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.schema import ConfigError, DatasetLayoutError, ExtractSettings, PoolResources
 from rrt_dist.store import FeatureStore, committed_ids, delete_ids, open_table
@@ -135,9 +135,7 @@ def ingest_batch(gallery: Gallery, gallery_cfg, extractor: str, options: dict, s
                                  "readable images")
     catalog_version = list_the_table(gallery, store, uri_of)
     index_start = time.perf_counter()
-    try:
-        read_manifest(index_dir)
-    except FileNotFoundError:
+    if current_manifest(index_dir) is None:
         manifest = build_index(store, index_dir, index_cfg.factory, index_cfg.n_shards, index_cfg.train_size,
                                index_cfg.memory_budget_gb * 2**30)
         update = {"action": "build", "added": manifest.ntotal, "removed": 0, "reason": manifest.history[-1]["reason"]}

@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import io
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ SERVED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", 
                   "BMP": "image/bmp"}
 # Where a gallery's images may be read from: local files and object stores (an http(s) URI is fetched server-side
 # only with serve.fetch_http_images=true: it would let the service be used to reach internal addresses).
+VERIFY_EVERY = 15          # searcher refreshes between two checks that a served snapshot's table files are all there
 STORE_SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hf", "memory")
 
 
@@ -457,6 +459,49 @@ def image_response(uri: str, max_bytes: int) -> tuple[bytes, str]:
         raise Refused(404, "the gallery's file is not an image any more") from None
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_error(host: str, token_env: str) -> str:
+    return (f"the service listens on {host}, which other machines reach: put a bearer token in the environment "
+            f"variable {token_env} (serve.token_env), e.g. export {token_env}=$(openssl rand -hex 32)")
+
+
+def service_token(cfg) -> str | None:
+    """The bearer token from the environment variable ``serve.token_env``; required to bind beyond loopback."""
+    import os
+
+    token = os.environ.get(cfg.serve.token_env) or None
+    if token is None and not is_loopback(cfg.serve.host):
+        raise ConfigError(f"serve.host={cfg.serve.host}: {token_error(cfg.serve.host, cfg.serve.token_env)}")
+    return token
+
+
+def bound_host() -> str | None:
+    """The address Serve's proxies listen on, as the running Serve controller has it (None: Serve not running)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.http_config.host
+
+
+def require_token_beyond_loopback(token: str | None, token_env: str) -> None:
+    """Refuse to serve without a token where Serve listens beyond loopback, however the application was started
+    (``rrt-dist serve``, ``serve run``, ``serve deploy``, a RayService): decided from the address Serve binds, not
+    from ``serve.host``, which those other ways do not read."""
+    host = bound_host()
+    if token is None and host is not None and not is_loopback(host):
+        raise ConfigError(token_error(host, token_env))
+
+
 @serve.deployment
 @serve.ingress(app)
 class SearchGateway:
@@ -630,7 +675,6 @@ class SearchGateway:
 
 
 PARTS = ("extractor", "searcher", "reranker", "gateway")
-VERIFY_EVERY = 15          # refreshes between two checks that a served snapshot's table files are all there
 # What each part asks for by default (``serve.<part>.num_cpus: null``), and the ongoing requests a replica takes
 # (``max_ongoing_requests: null``), in units of serve.batch_size for the batched parts: at least two batches'
 # worth, so a batch can fill while the previous one runs.
@@ -737,49 +781,6 @@ def build_app(cfg, token: str | None, cpus: float | None = None, refuse_unfit: b
                                                      token)
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def token_error(host: str, token_env: str) -> str:
-    return (f"the service listens on {host}, which other machines reach: put a bearer token in the environment "
-            f"variable {token_env} (serve.token_env), e.g. export {token_env}=$(openssl rand -hex 32)")
-
-
-def service_token(cfg) -> str | None:
-    """The bearer token from the environment variable ``serve.token_env``; required to bind beyond loopback."""
-    import os
-
-    token = os.environ.get(cfg.serve.token_env) or None
-    if token is None and not is_loopback(cfg.serve.host):
-        raise ConfigError(f"serve.host={cfg.serve.host}: {token_error(cfg.serve.host, cfg.serve.token_env)}")
-    return token
-
-
-def bound_host() -> str | None:
-    """The address Serve's proxies listen on, as the running Serve controller has it (None: Serve not running)."""
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    return None if client is None else client.http_config.host
-
-
-def require_token_beyond_loopback(token: str | None, token_env: str) -> None:
-    """Refuse to serve without a token where Serve listens beyond loopback, however the application was started
-    (``rrt-dist serve``, ``serve run``, ``serve deploy``, a RayService): decided from the address Serve binds, not
-    from ``serve.host``, which those other ways do not read."""
-    host = bound_host()
-    if token is None and host is not None and not is_loopback(host):
-        raise ConfigError(token_error(host, token_env))
-
-
 def check_port_free(host: str, port: int) -> None:
     """Refuse, before Ray starts, a ``serve.host``:``serve.port`` another program listens on (Serve's proxy would
     otherwise fail with its actor's traceback)."""
@@ -805,9 +806,11 @@ def wait_until_running(timeout_s: float, app_name: str = "rrt-dist") -> None:
             ("UNHEALTHY", "DEPLOY_FAILED"))]
         if failed or (status is not None and str(status.status).endswith("DEPLOY_FAILED")):
             name, detail = failed[0] if failed else (app_name, status)
-            message = (detail.message or str(detail.status)).strip().splitlines()
-            reason = next((line.strip() for line in reversed(message) if line.strip().startswith(
-                ("rrt_dist.schema.", "ConfigError", "ValueError", "RuntimeError"))), message[0] if message else "")
+            message = [line.strip() for line in (detail.message or str(detail.status)).splitlines() if line.strip()]
+            # a replica's constructor error arrives as its traceback: its last "SomeError: what" line says it
+            raised = [line for line in message if re.match(r"^[\w.]*(Error|Exception|NotReady)\b.*: \S", line)
+                      and not line.startswith("RuntimeError: Traceback")]
+            reason = raised[-1] if raised else (message[0] if message else "")
             raise ConfigError(f"serve: deployment {name} could not start: {reason}")
         if time.monotonic() > deadline:
             waiting = {n: d for n, d in (status.deployments.items() if status else []) if not str(d.status).endswith(
@@ -824,7 +827,10 @@ def deploy(cfg, application) -> str:
     ``application``; returns its URL once every deployment runs. Deploying again replaces the running application
     in place."""
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, proxy_location="EveryNode")
-    serve.run(application, name="rrt-dist", route_prefix="/", blocking=False)
+    # not serve.run: it waits forever for a replica that cannot be placed, and raises Serve's traceback for one that
+    # fails; wait_until_running says either in one line
+    serve.run_many([serve.RunTarget(application, name="rrt-dist", route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     wait_until_running(cfg.serve.start_timeout_s)
     return f"http://{cfg.serve.host}:{cfg.serve.port}/"
 
