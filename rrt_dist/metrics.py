@@ -21,18 +21,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "average_precision",
-    "revisitop",
-    "gldv2_map_at_k",
-    "recall_at_n",
-    "metric_learning",
-    "metric_learning_from_ranks",
-    "positive_positions",
-    "precision_at_r",
-    "topk_stable",
-]
-
 # Which ground-truth lists count as positive and as junk in each revisitop protocol.
 REVISITOP_PROTOCOLS = {
     "easy": (("easy",), ("junk", "hard")),
