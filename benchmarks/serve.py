@@ -42,7 +42,7 @@ from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.pipelines.features import extract_settings, table_folder
 from rrt_dist.pipelines.serve import start_service
 from rrt_dist.runtime import init_ray
-from rrt_dist.store import FeatureStore, commit_fragments, features_to_table, write_fragment
+from rrt_dist.store import FeatureStore, commit_fragments, write_fragment
 from rrt_dist.store.features import train_pq, write_codebook
 
 BACKBONE = ["backbone.options.scales=[1.0]", "backbone.options.global_scales=[1.0]", "backbone.options.max_local=100",
@@ -58,18 +58,28 @@ def config(overrides: list[str]):
 
 
 def add_rows(table: str, schema, extractor, codebook, ids: np.ndarray, seed: int) -> int:
-    """Random unit descriptors for ``ids`` (locals PQ-encoded), committed as one table version; returns it."""
+    """Random unit globals and random PQ codes of locals for ``ids`` (as a pq table stores them: no encoding to
+    pay for at 1M), committed as one table version; returns it."""
     rng = np.random.default_rng(seed)
     fragments = []
+    width, m = extractor.max_local, codebook.shape[0]
+
+    def fixed(values, typ):
+        flat = np.ascontiguousarray(values).reshape(len(values), -1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=typ), flat.shape[1])
+
     for start in range(0, len(ids), CHUNK):
         part = ids[start:start + CHUNK]
-        n, width = len(part), extractor.max_local
+        n = len(part)
         glob = rng.standard_normal((n, extractor.global_dim)).astype(np.float32)
-        local = rng.standard_normal((n, width, extractor.local_dim)).astype(np.float32)
-        fragments += write_fragment(table, features_to_table(
-            schema, part, glob / np.linalg.norm(glob, axis=1, keepdims=True),
-            local / np.linalg.norm(local, axis=2, keepdims=True), rng.uniform(0, 640, (n, width, 2)),
-            np.zeros((n, width), np.int64), np.full(n, width), codebook=codebook))
+        glob /= np.linalg.norm(glob, axis=1, keepdims=True)
+        rows = pa.Table.from_arrays([
+            pa.array(part, pa.int64()), fixed(glob.astype(np.float16), pa.float16()),
+            fixed(rng.integers(0, 256, (n, width * m), dtype=np.uint8), pa.uint8()),
+            fixed(rng.uniform(0, 640, (n, width * 2)).astype(np.float32), pa.float32()),
+            fixed(np.zeros((n, width), np.int8), pa.int8()), pa.array(np.full(n, width, np.int32)),
+            pa.nulls(n, pa.string())], schema=schema)
+        fragments += write_fragment(table, rows)
     return commit_fragments(table, schema, fragments).version
 
 

@@ -180,6 +180,9 @@ def test_bad_input_gets_a_4xx_with_its_reason(service):
         got_status, body = post(target, data)
         assert (got_status, reason in body.get("error", "")) == (status, True), (target, body)
         assert "\n" not in body["error"]
+    status, body = post(url + "search", b"--x\r\nContent-Disposition: form-data; name=image\r\n\r\nno end",
+                        {"Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 400 and ("multipart form" in body["error"] or "no file field" in body["error"]), body
     port = int(url.rsplit(":", 1)[1].strip("/"))
     # a declared length over the limit is refused before any of the body is read; a chunked upload (no length
     # declared) as soon as it passes the limit, not after it is read whole

@@ -136,10 +136,22 @@ class QueryExtractor:
         where = [i for i, r in enumerate(results) if not isinstance(r, Refused)]
         if where:
             self.stats.add(len(where))
-            layout = await loop.run_in_executor(self.model, self._extract, [results[i] for i in where])
-            for row, i in enumerate(where):
-                results[i] = {name: values[row:row + 1] for name, values in layout.items()}
+            try:
+                layout = await loop.run_in_executor(self.model, self._extract, [results[i] for i in where])
+            except Exception:       # noqa: BLE001 - one upload the model cannot take must not fail the others
+                for i in where:
+                    results[i] = await loop.run_in_executor(self.model, self._extract_alone, results[i])
+            else:
+                for row, i in enumerate(where):
+                    results[i] = {name: values[row:row + 1] for name, values in layout.items()}
         return results
+
+    def _extract_alone(self, prepared):
+        try:
+            return self._extract([prepared])
+        except Exception as err:  # noqa: BLE001 - the upload's own failure: a 400 naming it, not a 500
+            return Refused(400, f"the image could not be extracted ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''})")
 
     def batch_stats(self) -> dict:
         return self.stats.read()
@@ -514,6 +526,7 @@ class SearchGateway:
         self.galleries, self.rerankers, self.settings = galleries, rerankers, settings
         self.token = None if token is None else f"Bearer {token}".encode()
         self.files = ThreadPoolExecutor(4, thread_name_prefix="images")
+        self.page_html = page_text("search_page.html")     # read once: no file read on the event loop
 
     def _authorise(self, request: Request) -> None:
         if self.token is None:
@@ -561,7 +574,10 @@ class SearchGateway:
         data = await self._body(request, limit + (64 * 1024 if multipart else 0))      # a form's own bytes allowed
         if multipart:
             request._body = data                         # Starlette parses the form from the body read above
-            form = await request.form(max_files=1, max_fields=16)
+            try:
+                form = await request.form(max_files=1, max_fields=16)
+            except Exception as err:  # noqa: BLE001 - any parser error is the request's: a 400 naming it
+                raise Refused(400, f"the multipart form cannot be read ({str(err).splitlines()[0]})") from None
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise Refused(400, "the multipart form has no file field 'image'")
@@ -616,7 +632,7 @@ class SearchGateway:
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
-        return page_text("search_page.html")
+        return self.page_html
 
     @app.post("/search")
     async def search(self, request: Request) -> dict:
