@@ -14,10 +14,15 @@ verification finds them). Then runs what the evaluate job runs after extraction:
 - ``metric_ranking``: what the revisitop metric needs of the exact ranking of the whole gallery, streamed from
   Lance twice: each query's top-100 (+ its relevant ids) and its positives' and junk's places
   (``rrt_dist.eval.runner.metric_rankings``, the evaluate job's exact path);
-- ``pool_gv`` / ``pool_rrt``: a rerank pool of one actor started and warmed up on one query;
-- ``rerank_gv`` / ``rerank_rrt``: the top-100 of ``--rerank-queries`` other queries reranked by it (GV; RRT with
-  random weights): their cost is per query, not per gallery image;
+- ``pool_gv`` / ``pool_rrt`` / ``pool_superglobal``: a rerank pool of one actor started and warmed up on one query;
+- ``rerank_gv`` / ``rerank_rrt`` / ``rerank_superglobal``: ``--rerank-queries`` other queries reranked by it (GV and
+  RRT with random weights: the top-100; SuperGlobal: the top ``--superglobal-m``, 400 as its paper, from global
+  descriptors only): their cost is per query, not per gallery image; each with the bytes per gallery image the
+  reranker needs stored beyond the global descriptor (``rrt_dist.eval.costs``);
 - ``metrics``: revisitop mAP from that summary (equal to the whole ranking's: tests/test_index.py).
+
+``--skip-index`` leaves out the index build and the sharded search (the two 4.2 GB shard actors at 1M) where the
+machine's memory is needed elsewhere: the reranking rows read the exact ranking either way.
 
 Per stage: wall time, the driver's peak RSS and the largest Ray worker's peak RSS (both VmHWM, reset before the
 stage through /proc/<pid>/clear_refs), and bytes on disk. Prints each stage's log-log growth exponent of time
@@ -38,9 +43,11 @@ import pyarrow as pa
 
 from rrt_dist.config import RayConfig
 from rrt_dist.datasets.base import Benchmark, RevisitopProtocol, make_manifest
+from rrt_dist.eval.costs import stored_bytes
 from rrt_dist.eval.runner import metric_rankings
 from rrt_dist.index.sharded import ShardedIndex, build_index
 from rrt_dist.pipelines.rerank import RerankPool
+from rrt_dist.rerank.methods import get_reranker
 from rrt_dist.runtime import init_ray
 from rrt_dist.store import FeatureStore, commit_fragments, features_schema, write_fragment
 from rrt_dist.store.features import write_codebook
@@ -159,38 +166,44 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> dict:
+def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str, superglobal_m: int = 400,
+             skip_index: bool = False) -> dict:
     stages: dict = {}
     bench, qstore, gstore = measure(stages, "write_tables", lambda: write_benchmark(work, n))
     stages["write_tables"]["bytes"] = disk_bytes(work)
     q_ids, queries = qstore.globals()
     index_dir = str(work / "index")
-    measure(stages, "index_build", lambda: build_index(gstore, index_dir, factory="auto", n_shards=2,
-                                                       train_size=100_000))
-    stages["index_build"]["bytes"] = disk_bytes(work / "index")
+    if not skip_index:
+        measure(stages, "index_build", lambda: build_index(gstore, index_dir, factory="auto", n_shards=2,
+                                                           train_size=100_000))
+        stages["index_build"]["bytes"] = disk_bytes(work / "index")
 
-    def search_top100():
-        index = ShardedIndex(index_dir)
-        try:
-            return index.search(queries, 100)
-        finally:
-            index.close()
+        def search_top100():
+            index = ShardedIndex(index_dir)
+            try:
+                return index.search(queries, 100)
+            finally:
+                index.close()
 
-    measure(stages, "search_top100", search_top100)
+        measure(stages, "search_top100", search_top100)
+    depth = max(100, superglobal_m)
     ranked, scores, positions = measure(stages, "metric_ranking", lambda: metric_rankings(
-        bench, q_ids, queries, {"gallery": gstore}, None, False, depth=100))
+        bench, q_ids, queries, {"gallery": gstore}, None, False, depth=depth))
     head = slice(0, rerank_queries)
-    for method, options in (("gv", {}), ("rrt", {"checkpoint": rrt_checkpoint})):
+    schema = gstore.dataset.schema
+    for method, options, k in (("gv", {}, 100), ("rrt", {"checkpoint": rrt_checkpoint}, 100),
+                               ("superglobal", {"m": superglobal_m}, superglobal_m)):
         # the pool's start (actors opening the tables: the gallery's ids are read once) is timed apart from
         # reranking, whose cost is per query; the warm-up query is not one of the timed ones (pair cache)
         pool = measure(stages, f"pool_{method}", lambda: _warm_pool(method, options, qstore, gstore, q_ids, ranked,
-                                                                     scores, rerank_queries))
+                                                                     scores, rerank_queries, k))
         try:
             reranked = measure(stages, f"rerank_{method}",
-                               lambda: pool.rerank(q_ids[head], ranked[head, :100], scores[head, :100], 100))
+                               lambda: pool.rerank(q_ids[head], ranked[head, :k], scores[head, :k], k))
         finally:
             pool.close()
-        stages[f"rerank_{method}"]["queries"] = rerank_queries
+        stages[f"rerank_{method}"].update(queries=rerank_queries, depth=k, stored_bytes_per_image=stored_bytes(
+            get_reranker(method).inputs, schema))
         # the planted positives share locals with their query: reranking must bring them up
         stages[f"rerank_{method}"]["positives_in_top10"] = int(sum(
             np.isin(reranked[q, :10], bench.gallery.column("id").to_numpy()[bench.protocol.gnd[q]["easy"]
@@ -200,10 +213,10 @@ def run_size(work: Path, n: int, rerank_queries: int, rrt_checkpoint: str) -> di
     return {"gallery": n, "stages": stages, "global_medium_map": round(100 * metrics["medium"]["mAP"], 2)}
 
 
-def _warm_pool(method, options, qstore, gstore, q_ids, ranked, scores, warm_query: int) -> RerankPool:
+def _warm_pool(method, options, qstore, gstore, q_ids, ranked, scores, warm_query: int, k: int) -> RerankPool:
     pool = RerankPool(method, options, qstore, [gstore], num_actors=1, chunk=2)
     one = slice(warm_query, warm_query + 1)
-    pool.rerank(q_ids[one], ranked[one, :100], scores[one, :100], 100)
+    pool.rerank(q_ids[one], ranked[one, :k], scores[one, :k], k)
     return pool
 
 
@@ -249,6 +262,8 @@ def main() -> None:
     parser.add_argument("--rerank-queries", type=int, default=4, help="queries whose top-100 is reranked")
     parser.add_argument("--work", default=None, help="folder for the tables (default: a temporary one)")
     parser.add_argument("--out", default="scale.png")
+    parser.add_argument("--superglobal-m", type=int, default=400, help="the top-M SuperGlobal reranks")
+    parser.add_argument("--skip-index", action="store_true", help="no index build or sharded search")
     args = parser.parse_args()
     import torch
 
@@ -263,7 +278,8 @@ def main() -> None:
         for n in args.sizes:
             work = root / str(n)
             work.mkdir()
-            results.append(run_size(work, n, args.rerank_queries, str(root / "rrt.pth")))
+            results.append(run_size(work, n, args.rerank_queries, str(root / "rrt.pth"), args.superglobal_m,
+                                    args.skip_index))
             print(json.dumps(results[-1]))
             shutil.rmtree(work, ignore_errors=True)
     finally:
