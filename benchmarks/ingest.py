@@ -10,6 +10,12 @@ versioned index vs rebuilding it.
 2. Index: a ``--vectors`` gallery of synthetic 2048-d descriptors (a Lance table, fp16) indexed with
    ``--factory``; then +1 % and +10 % rows appended and committed as a new version (delta shards, the trained
    quantizer kept) vs a full rebuild over the same rows. ``add_speedup`` = rebuild s / add s.
+3. Storage: ``--ingests`` batches of ``--batch`` images ingested one after the other into a new gallery (4 images
+   a fragment, so the table passes 64 fragments and is compacted); after each, the bytes its feature table holds
+   on disk (every version's files) over the table's size (its newest version's data files). Once with the
+   default ``backbone.keep_versions`` (3: older versions and the files only they need are removed when a run
+   ends), once keeping every version (as before versions were removed): ``table_on_disk_ratio`` at the end and
+   the largest after any ingest (right after a compaction, until the version before it leaves the last 3).
 
 The last line is JSON.
 """
@@ -30,6 +36,7 @@ from rrt_dist.datasets import read_r1m, read_revisitop
 from rrt_dist.datasets.generate import generate_synthetic
 from rrt_dist.datasets.image_list import new_images
 from rrt_dist.datasets.options import SyntheticSpec
+from rrt_dist.gallery import Gallery
 from rrt_dist.index.sharded import build_index, update_index
 from rrt_dist.pipelines.extract import extract_to_lance
 from rrt_dist.pipelines.ingest import ingest
@@ -42,9 +49,14 @@ REPO = Path(__file__).resolve().parent.parent
 DIM = 2048
 
 
+def synthetic_images(data: str) -> None:
+    """The images both parts ingest: a synthetic benchmark of 1,020 gallery images under ``data``."""
+    generate_synthetic(SyntheticSpec(n_landmarks=20, n_val_landmarks=0, n_train_landmarks=0, n_distractors=1000),
+                       data)
+
+
 def extraction(work: Path, data: str, backbone: str, base: int, new: int) -> dict:
-    spec = SyntheticSpec(n_landmarks=20, n_val_landmarks=0, n_train_landmarks=0, n_distractors=1000)
-    generate_synthetic(spec, data)
+    synthetic_images(data)
     uris = [str(Path(u).resolve()) for u in read_revisitop(data, "synthetic", read_r1m(Path(data) / "distractors"))
             .gallery.column("uri").to_pylist()]
     if base + new > len(uris):
@@ -70,6 +82,39 @@ def extraction(work: Path, data: str, backbone: str, base: int, new: int) -> dic
             "ingest_index_s": summary["index_seconds"], "ingest_img_per_s": round(ingest_rate, 2),
             "fresh_s": round(fresh_s, 2), "fresh_img_per_s": round(fresh_rate, 2),
             "extract_ratio": round(ingest_rate / fresh_rate, 3)}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def storage(work: Path, data: str, backbone: str, ingests: int, batch: int) -> dict:
+    """Bytes on disk of a gallery's table after each of ``ingests`` ingests, over the table's size."""
+    import lance
+
+    uris = [str(Path(u).resolve()) for u in read_revisitop(data, "synthetic", read_r1m(Path(data) / "distractors"))
+            .gallery.column("uri").to_pylist()]
+    if ingests * batch > len(uris):
+        raise SystemExit(f"at most {len(uris)} images")
+    preset = yaml.safe_load((REPO / f"configs/backbone/{backbone}.yaml").read_text())
+    out = {"ingests": ingests, "batch": batch}
+    for label, keep in (("keep_3", 3), ("keep_all", 10**9)):
+        settings = ExtractSettings(batch_size=4, keep_versions=keep)
+        gallery = GalleryConfig(name=f"storage-{label}", root=str(work / "galleries"))
+        ratios = []
+        for i in range(ingests):
+            manifest = work / f"storage-{i}.csv"
+            manifest.write_text("uri\n" + "\n".join(uris[i * batch:(i + 1) * batch]) + "\n")
+            ingest(GalleryConfig(**{**vars(gallery), "manifest": str(manifest)}), preset["name"], preset["options"],
+                   settings, IndexConfig(factory="Flat"), PoolResources(intra_op_threads=available_cpus()))
+            table = Path(Gallery.open(gallery.root, gallery.name).snapshot().table)
+            newest = sum(f.file_size_bytes for fr in lance.dataset(str(table)).get_fragments() for f in fr.data_files())
+            ratios.append(folder_bytes(table) / newest)
+        out[label] = {"table_bytes": newest, "table_on_disk_bytes": folder_bytes(table),
+                      "gallery_on_disk_bytes": folder_bytes(work / "galleries" / gallery.name),
+                      "table_on_disk_ratio": round(ratios[-1], 3), "largest_ratio": round(max(ratios), 3),
+                      "ratio_after_each": [round(r, 2) for r in ratios]}
+    return out
 
 
 def vectors(n: int, seed: int) -> np.ndarray:
@@ -117,22 +162,34 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--factory", default="IVF1024,SQ8")
     parser.add_argument("--data", default="data/bench-synthetic")
+    parser.add_argument("--ingests", type=int, default=20, help="storage: ingests into one gallery")
+    parser.add_argument("--batch", type=int, default=16, help="storage: images an ingest")
+    parser.add_argument("--only-storage", action="store_true", help="run the storage part alone")
     args = parser.parse_args()
     if args.quick:
         args.backbone, args.base, args.new, args.vectors = "tiny_image", 40, 40, 20_000
     init_ray(RayConfig())
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
-        result = {"benchmark": "ingest", "extraction": extraction(work, args.data, args.backbone, args.base, args.new),
-                  "index": index_growth(work, args.vectors, args.factory)}
+        result = {"benchmark": "ingest"}
+        if not args.only_storage:
+            result["extraction"] = extraction(work, args.data, args.backbone, args.base, args.new)
+            result["index"] = index_growth(work, args.vectors, args.factory)
+        else:
+            synthetic_images(args.data)
+        result["storage"] = storage(work, args.data, args.backbone, args.ingests, args.batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    e = result["extraction"]
-    print(f"ingest {e['ingest_img_per_s']} img/s vs fresh extraction {e['fresh_img_per_s']} img/s "
-          f"(ratio {e['extract_ratio']}, index commit {e['ingest_index_s']} s)")
-    for label in ("+1%", "+10%"):
-        i = result["index"][label]
-        print(f"index {label}: add {i['add_s']} s vs rebuild {i['rebuild_s']} s ({i['add_speedup']}x)")
+    if "extraction" in result:
+        e = result["extraction"]
+        print(f"ingest {e['ingest_img_per_s']} img/s vs fresh extraction {e['fresh_img_per_s']} img/s "
+              f"(ratio {e['extract_ratio']}, index commit {e['ingest_index_s']} s)")
+        for label in ("+1%", "+10%"):
+            i = result["index"][label]
+            print(f"index {label}: add {i['add_s']} s vs rebuild {i['rebuild_s']} s ({i['add_speedup']}x)")
+    st = result["storage"]
+    print(f"storage after {st['ingests']} ingests: table on disk / table = {st['keep_3']['table_on_disk_ratio']} "
+          f"(largest {st['keep_3']['largest_ratio']}); keeping every version: {st['keep_all']['table_on_disk_ratio']}")
     print(json.dumps(result))
 
 
