@@ -560,9 +560,10 @@ def lose_a_data_file_then_restore(uri, root, capsys, cli_main, damaged_table):
 
 def test_chaos_two_writers_and_a_kill_on_one_table_equal_a_clean_run(chaos, tmp_path):
     """Two writers of one table at once, one of them killed (-9) at a random commit: whatever the order, the table
-    ends, after a rerun, with every image once and the clean run's descriptors (several seeds)."""
+    ends, after a rerun, with every image once and the clean run's descriptors. (One draw: the test above kills
+    at random commits too, and its drivers are the suite's time.)"""
     start, expected, _ = chaos
-    for seed, stop in enumerate(np.random.default_rng(1).integers(0, 6, size=2).tolist()):
+    for seed, stop in enumerate(np.random.default_rng(1).integers(0, 6, size=1).tolist()):
         uri = tmp_path / f"shared-{seed}.lance"
         killed, plain = start(uri, stop), start(uri, "none")
         # the killed one dies (-9) if it held the lock first, or finds nothing left to extract (0)
