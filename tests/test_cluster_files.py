@@ -209,6 +209,19 @@ def test_every_pod_passes_the_restricted_pod_security_standard(path):
     assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_an_evicted_ray_pod_has_time_to_drain_and_stop_before_its_sigkill(path):
+    """Kubernetes evicts with SIGTERM, then SIGKILL after the grace period (30 s unless set): a Ray node drains for
+    up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s unless set), then stops its processes and a job its driver
+    (one line, exit 143), so every Ray pod's grace period exceeds the drain it runs with."""
+    for group, template in pod_templates(yaml.safe_load(path.read_text())):
+        spec = template["spec"]
+        drains = [float(e["value"]) for c in spec["containers"] for e in c.get("env", [])
+                  if e["name"] == "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]
+        drain = max(drains, default=30.0)
+        assert spec.get("terminationGracePeriodSeconds", 30) >= drain + 10, group
+
+
 def test_the_service_spreads_uploads_over_every_nodes_proxy():
     manifest = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
     assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
