@@ -1,5 +1,9 @@
-"""RRT training with Ray Train: DDP equals a single-process step; failures and reruns resume."""
+"""RRT training with Ray Train: DDP equals a single-process step; failures, SIGTERM and reruns resume."""
+import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -106,15 +110,25 @@ def train_cfg(small_preset, tmp_path_factory):
     def make(out: str, *extra: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             return compose("config", overrides=overrides + [f"output_dir={root / out}", *extra])
+    make.overrides, make.root = overrides, root          # the same run from the command line
     return make
+
+
+# The resume tests' runs train on pairs geometric verification accepts / rejects in the gallery's own top-10
+# (train.pairs=gv, no labels): the Ray Train loop is the labelled pairs' (covered by test_jobs' main command and
+# test_selfsup's runs), and these runs show that the GV-taught recipe resumes bit for bit too. At >= 5 inliers
+# (of 16 locals) about 60 pairs train: 7 steps an epoch, as the labelled split's 8.
+GV_PAIRS = ("train.pairs=gv", "train.gv.neighbours=10", "train.gv.random=2", "train.gv.min_inliers=5")
 
 
 @pytest.fixture(scope="module")
 def faulty_run(local_ray, train_cfg) -> dict:
-    """3 epochs in which a worker dies when epoch 2 starts; the model exported for global fusion."""
+    """3 epochs in which a worker dies in the middle of epoch 2 (before its third step); the model exported for
+    global fusion."""
     from rrt_dist.pipelines.train import train_rrt
 
-    cfg = train_cfg("faulty", "train.name=faulty", "train.epochs=3", "train.fail_at_epoch=1", "train.global_fusion=true")
+    cfg = train_cfg("faulty", "train.name=faulty", "train.epochs=3", "train.fail_at_epoch=1", "train.fail_at_step=2",
+                    "train.global_fusion=true", *GV_PAIRS)
     out = train_rrt(cfg, cfg.output_dir)
     assert (Path(cfg.train.storage_path) / "faulty" / "injected-failure").exists()   # a worker did die
     return out
@@ -130,6 +144,8 @@ def test_worker_failure_at_epoch_2_resumes_from_epoch_1(faulty_run):
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
     # epoch 1 ran in the first attempt; epochs 2 and 3 in a second one that started from epoch 1's checkpoint
     assert [h["resumed_after"] for h in out["history"]] == [0, 1, 1]
+    assert out["history"][1]["steps"] > 2                 # the worker died mid-epoch, two steps into epoch 2
+    assert 0 < out["gv_pairs"]["accepted"] < out["gv_pairs"]["pairs"]     # GV accepted some mined pairs, not all
     model = load_released_checkpoint(out["checkpoint"])
     assert model.max_local == 16 and model.cfg.global_dim == 320
     assert count_parameters(model) == 2_243_201 - (2048 - 320) * 128   # the paper's model, Lite0's global size
@@ -151,14 +167,35 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
 
     from rrt_dist.pipelines.train import train_rrt
 
-    first = train_rrt(cfg := train_cfg("rerun1", "train.name=rerun", "train.epochs=2"), cfg.output_dir)
+    first = train_rrt(cfg := train_cfg("rerun1", "train.name=rerun", "train.epochs=2", *GV_PAIRS), cfg.output_dir)
     assert [h["resumed_after"] for h in first["history"]] == [0, 0]
-    longer = train_rrt(cfg := train_cfg("rerun2", "train.name=rerun", "train.epochs=3"), cfg.output_dir)
+    # A longer run of that name, as a pod runs it (`rrt-dist train_rrt` joined to the cluster's Ray), stopped by
+    # SIGTERM (an eviction) in its one new epoch: one line, exit 143, well inside Kubernetes' 30 s
+    stopped = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rrt-dist"), "train_rrt", *train_cfg.overrides, "train.name=rerun",
+         "train.epochs=3", *GV_PAIRS, f"output_dir={train_cfg.root / 'rerun-stopped'}",
+         f"ray.address={local_ray.get_runtime_context().gcs_address}"],
+        stdout=subprocess.DEVNULL, stderr=(log := open(train_cfg.root / "rerun-stopped.log", "w+")), cwd=REPO)
+    # rank 0 opens a TensorBoard event file as its epochs begin: a new one means epoch 3 is being trained
+    events = train_cfg.root / "runs" / "rerun" / "tensorboard"
+    before, deadline = len(os.listdir(events)), time.monotonic() + 600
+    while len(os.listdir(events)) == before:
+        assert stopped.poll() is None and time.monotonic() < deadline, log.name
+        time.sleep(0.1)
+    time.sleep(1)
+    signalled = time.monotonic()
+    stopped.send_signal(signal.SIGTERM)
+    stopped.wait(timeout=120)
+    err = (train_cfg.root / "rerun-stopped.log").read_text()
+    assert stopped.returncode == 143 and time.monotonic() - signalled < 15, err[-3000:]
+    assert "rrt-dist: interrupted (SIGTERM)" in err and "Traceback" not in err and "SIGTERM received" not in err
+    assert not (events.parent / "epoch_003").exists()                       # stopped before epoch 3 committed
+    longer = train_rrt(cfg := train_cfg("rerun2", "train.name=rerun", "train.epochs=3", *GV_PAIRS), cfg.output_dir)
     assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
     assert [h["resumed_after"] for h in longer["history"]] == [0, 0, 2]     # only epoch 3 was trained
     assert longer["history"][:2] == first["history"]
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", None)      # a finished run is read back, no trainer started
-    again = train_rrt(cfg := train_cfg("rerun3", "train.name=rerun", "train.epochs=3"), cfg.output_dir)
+    again = train_rrt(cfg := train_cfg("rerun3", "train.name=rerun", "train.epochs=3", *GV_PAIRS), cfg.output_dir)
     assert again["history"] == longer["history"]                            # finished: nothing retrained
     # The same recipe interrupted after epoch 1 (a dead worker) and after epoch 2 (a rerun) ends on the same
     # weights and losses, bit for bit: a resumed run is the run that was not interrupted, and two runs of one
