@@ -9,7 +9,9 @@ the snapshot) and served the way ``rrt-dist serve`` serves it: its own embedded 
 machine (no resource override). The queries are real JPEGs extracted by the service (one-scale EfficientNet-Lite0,
 100 locals). Closed-loop clients (each sends its next request when the last one is answered) at 1, 4, 8 and 16
 concurrent requests, global-only and with GV reranking of the top 100. Per row: requests/s, p50/p95/p99, non-200
-answers, each deployment's mean batch over the row, and the median time a request spends outside the index search
+answers, each deployment's mean batch over the row, the median of each stage the gateway times (reading the upload,
+extraction, search, rerank: each from the gateway's call to its answer, queueing included), and the median time a
+request spends outside the index search
 (``total_ms - index_ms``: upload, extraction, catalog paths, rerank, the hops), which must not grow with the
 gallery. On the first size also: during an ingest (new rows, a new snapshot the searcher moves to) and with a
 reranker replica killed mid-run (failed requests counted: the target is zero). Baseline: the service's own
@@ -142,6 +144,7 @@ def batch_stats() -> dict:
 def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) -> dict:
     """``clients`` threads, each sending its next request when the last one is answered, for ``seconds``."""
     latencies, outside, failures, versions, lock = [], [], [], set(), threading.Lock()
+    stages = {name: [] for name in ("read_ms", "extract_ms", "search_ms", "rerank_ms")}
     before = batch_stats()
     deadline = time.perf_counter() + seconds
 
@@ -157,6 +160,9 @@ def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) ->
                     latencies.append(time.perf_counter() - start)
                     outside.append(body["timings_ms"]["total_ms"] - body["timings_ms"]["index_ms"])
                     versions.add(body["index_version"])
+                    for name, values in stages.items():
+                        if name in body["timings_ms"]:
+                            values.append(body["timings_ms"][name])
             except (urllib.error.URLError, OSError) as err:
                 with lock:
                     failures.append(str(err))
@@ -170,14 +176,18 @@ def closed_loop(url: str, queries: list[bytes], clients: int, seconds: float) ->
         t.join()
     elapsed = time.perf_counter() - started
     after = batch_stats()
-    batches = {name: round((after[name]["items"] - before[name]["items"])
-                           / max(1, after[name]["calls"] - before[name]["calls"]), 2) for name in after}
+    # a replica replaced during the row (killed) counts from zero: its own batches only
+    start = {name: before[name] if after[name]["calls"] >= before[name]["calls"] else {"calls": 0, "items": 0}
+             for name in after}
+    batches = {name: round((after[name]["items"] - start[name]["items"])
+                           / max(1, after[name]["calls"] - start[name]["calls"]), 2) for name in after}
     ms = np.asarray(latencies) * 1e3 if latencies else np.asarray([np.nan])
     return {"clients": clients, "requests": len(latencies), "non_200": len(failures),
             "requests_per_s": round(len(latencies) / elapsed, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1),
             "outside_index_ms": round(float(np.median(outside)), 1) if outside else None,
+            "median_stage_ms": {name: round(float(np.median(v)), 1) for name, v in stages.items() if v},
             "mean_batch": batches, "index_versions": sorted(versions), "failure_samples": failures[:3]}
 
 

@@ -476,3 +476,33 @@ def test_an_image_is_served_with_the_type_its_bytes_say_or_not_at_all(tmp_path):
     assert refused.value.status == 413
     assert readable_uri("/data/a.jpg", False) and readable_uri("s3://bucket/a.jpg", False)
     assert not readable_uri("http://10.0.0.1/secret", False) and readable_uri("https://x/a.jpg", True)
+
+
+def test_requests_that_queue_while_a_batch_runs_form_the_next_batch():
+    """The deployments' batcher: the first request waits ``wait_s`` for company, then every request that arrives
+    while a batch runs goes into the next call (up to ``max_size``), where Serve's @serve.batch formed batches of
+    one or two; an error reaches that batch's callers only."""
+    import asyncio
+
+    from rrt_dist.pipelines.serve import Batcher
+
+    async def scenario():
+        calls = []
+
+        async def double(items):
+            calls.append(list(items))
+            await asyncio.sleep(0.05)                       # the model's time: requests arrive meanwhile
+            if "bad" in items:
+                raise ValueError("bad batch")
+            return [2 * i for i in items]
+
+        batcher = Batcher(double, max_size=4, wait_s=0.01)
+        first = asyncio.gather(*(batcher(i) for i in (1, 2)))
+        await asyncio.sleep(0.02)                            # the first batch runs; six more arrive
+        rest = asyncio.gather(*(batcher(i) for i in range(3, 9)))
+        assert await first == [2, 4] and await rest == [6, 8, 10, 12, 14, 16]
+        assert calls == [[1, 2], [3, 4, 5, 6], [7, 8]]
+        failed = await asyncio.gather(batcher("bad"), return_exceptions=True)
+        assert isinstance(failed[0], ValueError) and await batcher(21) == 42 and batcher.task is None
+
+    asyncio.run(scenario())

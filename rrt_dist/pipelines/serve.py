@@ -3,7 +3,7 @@
 Four deployments, each with its own resources, concurrency and autoscaling (``serve.<part>``):
 
 - the query extractor (the galleries' own extractor): a batch of concurrent uploads is decoded in a thread pool and
-  extracted in one call (``@serve.batch``), off the replica's event loop;
+  extracted in one call (a :class:`Batcher`), off the replica's event loop;
 - the gallery searcher: per gallery, the snapshot it answers from (:class:`rrt_dist.gallery.Snapshot`: index,
   feature-table and catalog versions that belong together) and its sharded index, the query vectors of concurrent
   requests searched together; every ``serve.refresh_s`` it moves to the gallery's newest committed snapshot with no
@@ -87,6 +87,44 @@ class BatchStats:
         return {"calls": self.calls, "items": self.items, "mean_batch": self.items / max(1, self.calls)}
 
 
+class Batcher:
+    """Calls an async batch function on the requests that queued while its previous call ran, up to ``max_size``
+    a call; an idle function waits ``wait_s`` after the first request for others. (Serve's ``@serve.batch`` forms
+    a batch ``batch_wait_timeout_s`` after its first request and queues formed batches behind the running one, so
+    under load its batches stay at one or two requests: 1.5 at 8 clients in ``benchmarks/serve.py``.)"""
+
+    def __init__(self, fn, max_size: int, wait_s: float):
+        self.fn, self.max_size, self.wait_s = fn, max_size, wait_s
+        self.pending: list[tuple] = []
+        self.task = None
+
+    async def __call__(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if self.task is None:
+            self.task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            if len(self.pending) < self.max_size:
+                await asyncio.sleep(self.wait_s)
+            while self.pending:
+                batch, self.pending = self.pending[:self.max_size], self.pending[self.max_size:]
+                try:
+                    results = await self.fn([item for item, _ in batch])
+                except Exception as err:  # noqa: BLE001 - the batch's callers get its error, the next batch runs
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self.task = None
+
+
 @serve.deployment
 class QueryExtractor:
     """The galleries' extractor on uploaded images, a batch of concurrent requests at a time: uploads decoded in a
@@ -108,8 +146,7 @@ class QueryExtractor:
         self.decoders = ThreadPoolExecutor(max(2, threads), thread_name_prefix="decode")
         self.model = ThreadPoolExecutor(1, thread_name_prefix="extract")
         self.stats = BatchStats()
-        self.extract.set_max_batch_size(batch_size)
-        self.extract.set_batch_wait_timeout_s(batch_wait_s)
+        self.batches = Batcher(self._extract_batch, batch_size, batch_wait_s)
 
     def _prepare(self, data: bytes):
         """The upload decoded and resized for the extractor, or the :class:`Refused` it gets."""
@@ -128,9 +165,11 @@ class QueryExtractor:
         feats = extract_batch(self.extractor, prepared, [(0.0, 0.0)] * len(prepared))
         return locals_layout(feats, self.extractor.max_local, self.extractor.local_dim)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def extract(self, uploads: list[bytes]) -> list:
-        """Per upload: its features (``take_locals`` layout, one row) or a :class:`Refused`."""
+    async def extract(self, upload: bytes):
+        """The upload's features (``take_locals`` layout, one row) or a :class:`Refused`."""
+        return await self.batches(upload)
+
+    async def _extract_batch(self, uploads: list[bytes]) -> list:
         loop = asyncio.get_running_loop()
         results = list(await asyncio.gather(*(loop.run_in_executor(self.decoders, self._prepare, u) for u in uploads)))
         where = [i for i, r in enumerate(results) if not isinstance(r, Refused)]
@@ -195,8 +234,7 @@ class GallerySearcher:
             self._refresh(name)
         self.refresh_s = refresh_s
         self.stop = threading.Event()
-        self.search.set_max_batch_size(batch_size)
-        self.search.set_batch_wait_timeout_s(batch_wait_s)
+        self.batches = Batcher(self._search_batch, batch_size, batch_wait_s)
         threading.Thread(target=self._refresh_loop, daemon=True).start()
 
     def _refresh(self, name: str) -> None:
@@ -269,8 +307,10 @@ class GallerySearcher:
         scores, ids, version = served.index.search_versioned(vectors, n)
         return scores, ids, served.by_version[version], (time.perf_counter() - start) * 1e3
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def search(self, requests: list[tuple]) -> list:
+    async def search(self, request: tuple):
+        return await self.batches(request)
+
+    async def _search_batch(self, requests: list[tuple]) -> list:
         """Per request ``(gallery, vector [1, d], n, k)``: the top ``n`` ids and scores of the gallery's snapshot,
         the paths of the first ``k``, and that snapshot; or a :class:`Refused`. The requests of one gallery are
         searched in one call."""
@@ -350,8 +390,7 @@ class GalleryReranker:
         self.scorers, self.cores = scorers, {}
         self.model = ThreadPoolExecutor(1, thread_name_prefix="rerank")
         self.stats = BatchStats()
-        self.rerank.set_max_batch_size(batch_size)
-        self.rerank.set_batch_wait_timeout_s(batch_wait_s)
+        self.batches = Batcher(self._rerank_batch, batch_size, batch_wait_s)
 
     def _core(self, method: str, snapshot):
         """The reranker over ``snapshot``'s table version (the last few kept: requests of the previous snapshot may
@@ -371,10 +410,12 @@ class GalleryReranker:
         return core.rerank_queries([m[2] for m in members], [m[3][:depth] for m in members],
                                    [m[4][:depth] for m in members], depth)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def rerank(self, requests: list[tuple]) -> list[dict]:
-        """Per request ``(method, snapshot, query features, ids, scores, depth)``: the reordered ids (the first
-        ``depth`` reranked, the rest in their global order) and the reranker's scores in that order."""
+    async def rerank(self, request: tuple):
+        """For ``(method, snapshot, query features, ids, scores, depth)``: the reordered ids (the first ``depth``
+        reranked, the rest in their global order) and the reranker's scores in that order."""
+        return await self.batches(request)
+
+    async def _rerank_batch(self, requests: list[tuple]) -> list[dict]:
         loop = asyncio.get_running_loop()
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
