@@ -62,7 +62,7 @@ def extraction(work: Path, data: str, backbone: str, base: int, new: int) -> dic
     if base + new > len(uris):
         raise SystemExit(f"at most {len(uris)} images")
     preset = yaml.safe_load((REPO / f"configs/backbone/{backbone}.yaml").read_text())
-    name, options = preset["name"], preset["options"]
+    name, options = preset["name"], preset.get("options", {})
     settings, resources = ExtractSettings(batch_size=16), PoolResources(intra_op_threads=available_cpus())
     for batch, rows in (("base", uris[:base]), ("new", uris[base:base + new])):
         (work / f"{batch}.csv").write_text("uri\n" + "\n".join(rows) + "\n")
@@ -105,7 +105,7 @@ def storage(work: Path, data: str, backbone: str, ingests: int, batch: int) -> d
         for i in range(ingests):
             manifest = work / f"storage-{i}.csv"
             manifest.write_text("uri\n" + "\n".join(uris[i * batch:(i + 1) * batch]) + "\n")
-            ingest(GalleryConfig(**{**vars(gallery), "manifest": str(manifest)}), preset["name"], preset["options"],
+            ingest(GalleryConfig(**{**vars(gallery), "manifest": str(manifest)}), preset["name"], preset.get("options", {}),
                    settings, IndexConfig(factory="Flat"), PoolResources(intra_op_threads=available_cpus()))
             table = Path(Gallery.open(gallery.root, gallery.name).snapshot().table)
             newest = sum(f.file_size_bytes for fr in lance.dataset(str(table)).get_fragments() for f in fr.data_files())
