@@ -207,7 +207,9 @@ def stopping_in_one_line():
         print(f"rrt-dist: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
-        number = err.signum if isinstance(err, Terminated) else signal.SIGINT
+        # Ray may catch the Terminated raised in a blocking get and raise a KeyboardInterrupt of its own: the
+        # signal that arrived is the one the handler recorded
+        number = err.signum if isinstance(err, Terminated) else _received.get("signum", signal.SIGINT)
         print(f"rrt-dist: interrupted ({signal.Signals(number).name}): {KEPT}", file=sys.stderr)
         raise SystemExit(128 + number) from None
 
@@ -224,8 +226,12 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: dict = {}        # the stopping signal once its handler ran
+
+
 def _terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)      # one stop: a second SIGTERM while stopping changes nothing
+    _received["signum"] = signum
     raise Terminated(signum)
 
 
