@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from rrt_dist.schema import GpuUnavailable
+from rrt_dist.schema import GpuUnavailable, first_line
 
 
 def assigned_gpus() -> list[str]:
@@ -33,7 +33,7 @@ def cuda_problem() -> str | None:
     try:
         torch.cuda.init()
     except Exception as err:          # torch raises RuntimeError / AssertionError with the driver's reason
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         return f"torch {torch.__version__} (CUDA {torch.version.cuda}): {reason}"
     if torch.cuda.device_count() == 0:
         return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device "

@@ -19,7 +19,7 @@ from typing import Optional
 
 from rrt_dist.config import available_cpus, validate_config
 from rrt_dist.devices import error_line
-from rrt_dist.schema import USER_ERRORS, RayStartError
+from rrt_dist.schema import USER_ERRORS, RayStartError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def init_ray(cfg) -> dict:
             except Exception as err:           # Ray raises plain Exceptions for a node that did not come up
                 ray.shutdown()
                 if attempt == cfg.start_attempts:
-                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    reason = first_line(err)
                     raise RayStartError(
                         f"the embedded Ray did not start in {cfg.start_attempts} attempt(s) ({reason}); on a loaded "
                         f"machine retry later, raise ray.start_attempts, set ray.dashboard=false, or start Ray once "

@@ -272,3 +272,9 @@ class MetricSettings:
     ms_base: float = 0.5
     ms_epsilon: float = bounded(0.1, ge=0)  # multi-similarity miner
     val_batch: int = bounded(32, ge=1)      # images per forward pass when validating
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line for a one-line message (its type's name when it says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
-from rrt_dist.schema import NO_ID, ConfigError, GalleryNotReady, UnreadableTable
+from rrt_dist.schema import NO_ID, ConfigError, GalleryNotReady, UnreadableTable, first_line
 
 from .pages import page_text
 
@@ -189,8 +189,7 @@ class QueryExtractor:
         try:
             return self._extract([prepared])
         except Exception as err:  # noqa: BLE001 - the upload's own failure: a 400 naming it, not a 500
-            return Refused(400, f"the image could not be extracted ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0] if str(err) else ''})")
+            return Refused(400, f"the image could not be extracted ({type(err).__name__}: {first_line(err)})")
 
     def batch_stats(self) -> dict:
         return self.stats.read()
@@ -272,7 +271,7 @@ class GallerySearcher:
             self.problems[name] = err
         except Exception as err:             # a store error, a damaged table: keep what is served, say why
             if name not in self.served:
-                self.problems[name] = GalleryNotReady(name, f"it cannot be read ({str(err).splitlines()[0]})")
+                self.problems[name] = GalleryNotReady(name, f"it cannot be read ({first_line(err)})")
             log.exception("gallery %s: moving to its newest snapshot failed; still serving %s", name,
                           self.served[name].snapshot.versions if name in self.served else "nothing")
 
@@ -286,7 +285,7 @@ class GallerySearcher:
         except (UnreadableTable, OSError, ValueError) as err:
             with self.lock:
                 self.served.pop(name, None)
-            self.problems[name] = GalleryNotReady(name, f"its table is damaged ({str(err).splitlines()[0]})")
+            self.problems[name] = GalleryNotReady(name, f"its table is damaged ({first_line(err)})")
             log.error("gallery %s: %s; not served until it is repaired", name, err)
             served.index.close()
 
@@ -618,7 +617,7 @@ class SearchGateway:
             try:
                 form = await request.form(max_files=1, max_fields=16)
             except Exception as err:  # noqa: BLE001 - any parser error is the request's: a 400 naming it
-                raise Refused(400, f"the multipart form cannot be read ({str(err).splitlines()[0]})") from None
+                raise Refused(400, f"the multipart form cannot be read ({first_line(err)})") from None
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise Refused(400, "the multipart form has no file field 'image'")
