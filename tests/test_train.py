@@ -186,6 +186,7 @@ def test_rerunning_a_job_name_continues_without_repeating_epochs(local_ray, trai
     signalled = time.monotonic()
     stopped.send_signal(signal.SIGTERM)
     stopped.wait(timeout=120)
+    log.close()
     err = (train_cfg.root / "rerun-stopped.log").read_text()
     assert stopped.returncode == 143 and time.monotonic() - signalled < 15, err[-3000:]
     assert "rrt-dist: interrupted (SIGTERM)" in err and "Traceback" not in err and "SIGTERM received" not in err
